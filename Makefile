@@ -1,0 +1,32 @@
+# Quickstart: `make demo` and `make test` on a fresh machine with Python 3.10+ and pip.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+# torch is pinned: on these machines torch==2.13.0 is a CPU build on local disk; an unpinned
+# torch would pull a multi-GB CUDA build. An existing torch in the venv is kept.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/flopwise plan --flops 1e21 --gpu a100-80gb
+	$(VENV)/bin/flopwise plan --flops 1e21 --inference-tokens 2e12
+	$(VENV)/bin/flopwise plan --dollars 500 --gpu h100 --device rpi5 --bits 4
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+bench: setup
+	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,228 @@
+"""Scaling laws as data: the parametric loss law, allocation-only power laws, a registry
+of published laws, and the JSON form that ``flopwise fit`` writes and ``flopwise plan`` reads.
+
+Every law states its parameter convention (``n_convention``): ``total`` (Chinchilla) or
+``non_embedding`` (Kaplan). FLOPs are C = 6 N D in the law's own convention.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from flopwise.errors import FlopwiseError
+from flopwise.fsutil import atomic_write_text
+
+CONVENTIONS = ("total", "non_embedding")
+
+
+def _check_convention(value: str) -> str:
+    value = value.replace("-", "_")
+    if value not in CONVENTIONS:
+        raise FlopwiseError(f"unknown n_convention {value!r}: use 'total' or 'non_embedding'")
+    return value
+
+
+@dataclass(frozen=True)
+class ParametricLaw:
+    """L(N, D) = E + A / N^alpha + B / D^beta (loss in nats/token, N params, D tokens)."""
+
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    n_convention: str = "total"
+    name: str = "custom"
+    citation: str = ""
+    extra: dict = field(default_factory=dict, compare=False)  # intervals, fit metadata
+
+    form = "chinchilla"
+
+    def __post_init__(self) -> None:
+        for key in ("E", "A", "B", "alpha", "beta"):
+            v = getattr(self, key)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise FlopwiseError(f"law {self.name}: {key} must be a finite number, got {v!r}")
+        for key in ("A", "B", "alpha", "beta"):
+            if getattr(self, key) <= 0:
+                raise FlopwiseError(f"law {self.name}: {key} must be positive, got {getattr(self, key)}")
+        object.__setattr__(self, "n_convention", _check_convention(self.n_convention))
+
+    def loss(self, n_params, n_tokens):
+        """Expected loss (nats/token) at ``n_params`` parameters and ``n_tokens`` tokens."""
+        n = np.asarray(n_params, dtype=float)
+        d = np.asarray(n_tokens, dtype=float)
+        return self.E + self.A / n**self.alpha + self.B / d**self.beta
+
+    @property
+    def a(self) -> float:
+        """Allocation exponent of N: N_opt is proportional to C^a."""
+        return self.beta / (self.alpha + self.beta)
+
+    @property
+    def b(self) -> float:
+        """Allocation exponent of D: D_opt is proportional to C^b."""
+        return self.alpha / (self.alpha + self.beta)
+
+    @property
+    def G(self) -> float:
+        """N_opt = G (C/6)^a and D_opt = (C/6)^b / G under C = 6 N D (Chinchilla eq. 4)."""
+        return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+
+    def optimal(self, flops):
+        """Compute-optimal (N, D) for ``flops`` under C = 6 N D."""
+        c6 = np.asarray(flops, dtype=float) / 6.0
+        return self.G * c6**self.a, c6**self.b / self.G
+
+    def n_opt_for_tokens(self, n_tokens):
+        """The N for which ``n_tokens`` is the compute-optimal D (inverse of ``optimal``)."""
+        c6 = (self.G * np.asarray(n_tokens, dtype=float)) ** (1.0 / self.b)
+        return self.G * c6**self.a
+
+    def to_dict(self) -> dict:
+        d = {"form": self.form, "E": self.E, "A": self.A, "B": self.B, "alpha": self.alpha,
+             "beta": self.beta, "n_convention": self.n_convention, "name": self.name}
+        if self.citation:
+            d["citation"] = self.citation
+        d.update(self.extra)
+        return d
+
+
+@dataclass(frozen=True)
+class PowerLaw:
+    """Allocation only: N_opt = n_ref (C / flops_ref)^a and D_opt = C / (6 N_opt). No loss."""
+
+    a: float
+    n_ref: float
+    flops_ref: float
+    n_convention: str = "total"
+    name: str = "custom-power"
+    citation: str = ""
+    extra: dict = field(default_factory=dict, compare=False)
+
+    form = "power"
+
+    def __post_init__(self) -> None:
+        for key in ("a", "n_ref", "flops_ref"):
+            v = getattr(self, key)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise FlopwiseError(f"law {self.name}: {key} must be a positive finite number, got {v!r}")
+        object.__setattr__(self, "n_convention", _check_convention(self.n_convention))
+
+    @property
+    def b(self) -> float:
+        return 1.0 - self.a
+
+    def optimal(self, flops):
+        c = np.asarray(flops, dtype=float)
+        n = self.n_ref * (c / self.flops_ref) ** self.a
+        return n, c / (6.0 * n)
+
+    def loss(self, n_params, n_tokens):
+        raise FlopwiseError(
+            f"law {self.name} predicts allocation only, not loss: use a parametric law "
+            "(chinchilla, epoch or one written by 'flopwise fit')"
+        )
+
+    def to_dict(self) -> dict:
+        d = {"form": self.form, "a": self.a, "n_ref": self.n_ref, "flops_ref": self.flops_ref,
+             "n_convention": self.n_convention, "name": self.name}
+        if self.citation:
+            d["citation"] = self.citation
+        d.update(self.extra)
+        return d
+
+
+Law = ParametricLaw | PowerLaw
+
+PF_DAY = 8.64e19  # FLOPs in one petaflop/s-day
+
+REGISTRY: dict[str, Law] = {
+    "chinchilla": ParametricLaw(
+        E=1.69337368, A=406.401018, B=410.722827, alpha=0.33917084, beta=0.2849083,
+        name="chinchilla",
+        citation="Hoffmann et al. 2022, Training Compute-Optimal Large Language Models, Approach 3 "
+                 "(arXiv:2203.15556); constants as published",
+    ),
+    "epoch": ParametricLaw(
+        E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658,
+        name="epoch",
+        citation="Besiroglu et al. 2024, Chinchilla Scaling: A replication attempt (arXiv:2404.10102), "
+                 "refit of Approach 3 on Chinchilla's data",
+    ),
+    "chinchilla-approach1": PowerLaw(
+        a=0.50, n_ref=1.0e9, flops_ref=1.21e20,
+        name="chinchilla-approach1",
+        citation="Hoffmann et al. 2022, Approach 1 (training-curve envelope): N_opt ~ C^0.50, "
+                 "1.21e20 FLOPs -> 1.0e9 params, 20.2e9 tokens (Table 3)",
+    ),
+    "chinchilla-approach2": PowerLaw(
+        a=0.49, n_ref=1.0e9, flops_ref=1.20e20,
+        name="chinchilla-approach2",
+        citation="Hoffmann et al. 2022, Approach 2 (IsoFLOP profiles): N_opt ~ C^0.49, "
+                 "1.20e20 FLOPs -> 1.0e9 params, 20.0e9 tokens (Table 3)",
+    ),
+    "kaplan": PowerLaw(
+        a=0.73, n_ref=1.3e9, flops_ref=PF_DAY, n_convention="non_embedding",
+        name="kaplan",
+        citation="Kaplan et al. 2020, Scaling Laws for Neural Language Models (arXiv:2001.08361): "
+                 "N_opt = 1.3e9 (C / PF-day)^0.73, non-embedding parameters",
+    ),
+}
+
+_PARAMETRIC_KEYS = ("E", "A", "B", "alpha", "beta")
+_POWER_KEYS = ("a", "n_ref", "flops_ref")
+
+
+def law_from_dict(d: dict, source: str = "law") -> Law:
+    """Build a law from its JSON form; a missing key is a one-line error naming it."""
+    if not isinstance(d, dict):
+        raise FlopwiseError(f"{source}: expected a JSON object with a 'form' key")
+    form = d.get("form", "chinchilla")
+    keys = {"chinchilla": _PARAMETRIC_KEYS, "parametric": _PARAMETRIC_KEYS, "power": _POWER_KEYS}.get(form)
+    if keys is None:
+        raise FlopwiseError(f"{source}: unknown form {form!r}: use 'chinchilla' or 'power'")
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise FlopwiseError(
+            f"{source} is missing {', '.join(missing)}: a {form}-form law needs {', '.join(keys)} and n_convention"
+        )
+    known = set(keys) | {"form", "n_convention", "name", "citation"}
+    extra = {k: v for k, v in d.items() if k not in known}
+    common = dict(n_convention=d.get("n_convention", "total"), name=d.get("name", Path(source).stem),
+                  citation=d.get("citation", ""), extra=extra)
+    try:
+        values = {k: float(d[k]) for k in keys}
+    except (TypeError, ValueError):
+        raise FlopwiseError(f"{source}: {', '.join(keys)} must be numbers") from None
+    if keys is _POWER_KEYS:
+        return PowerLaw(**values, **common)
+    return ParametricLaw(**values, **common)
+
+
+def load_law(name_or_path: str | os.PathLike) -> Law:
+    """A registry name (``flopwise laws`` lists them) or a path to a law JSON file."""
+    key = str(name_or_path)
+    if key in REGISTRY:
+        return REGISTRY[key]
+    path = Path(key)
+    if not path.exists():
+        raise FlopwiseError(
+            f"unknown law {key!r}: use one of {', '.join(REGISTRY)} or a path to a law JSON file"
+        )
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FlopwiseError(f"cannot read law file {path}: {e}; write it with 'flopwise fit' or fix the JSON") from None
+    return law_from_dict(d, source=str(path))
+
+
+def save_law(law: Law, path: str | os.PathLike) -> None:
+    """Save a law in the JSON form of DESIGN.md (atomically)."""
+    atomic_write_text(path, json.dumps(law.to_dict(), indent=2) + "\n")

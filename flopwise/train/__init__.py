@@ -1,0 +1,1 @@
+"""Training: trainer, schedules, checkpoints, distributed, and the hardware probe."""

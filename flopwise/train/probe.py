@@ -1,0 +1,72 @@
+"""Measure this machine: matmul peak FLOP/s in fp32 and bf16, and memory bandwidth.
+
+MFU is computed against these measured numbers, never against a hard-coded part.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+
+from flopwise.fsutil import atomic_write_text
+from flopwise.laws.hardware import probe_cache_path
+
+
+def _best_seconds(fn, sync, repeats: int) -> float:
+    fn()
+    sync()  # warm-up: kernel selection, page faults
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def probe(device: str | None = None, size: int | None = None, repeats: int = 5) -> dict:
+    """Peak matmul FLOP/s (fp32, bf16) and copy bandwidth of ``device`` (default: cuda if present, else cpu)."""
+    import torch
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    n = size or (8192 if dev.type == "cuda" else 2048)
+    result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+              "device_type": dev.type, "threads": torch.get_num_threads(), "matmul_size": n}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(n, n, device=dev, dtype=dtype)
+        b = torch.randn(n, n, device=dev, dtype=dtype)
+        seconds = _best_seconds(lambda a=a, b=b: a @ b, sync, repeats)
+        result[f"{name}_flops"] = 2.0 * n**3 / seconds
+    numel = (1 << 28 if dev.type == "cuda" else 1 << 26)  # 1 GiB / 256 MiB of fp32
+    src = torch.empty(numel, device=dev, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    seconds = _best_seconds(lambda: dst.copy_(src), sync, repeats)
+    result["bandwidth_bytes_per_s"] = 2.0 * src.numel() * 4 / seconds  # read + write
+    if dev.type == "cuda":
+        result["memory_bytes"] = float(torch.cuda.get_device_properties(dev).total_memory)
+    return result
+
+
+def save_probe(result: dict) -> str:
+    path = probe_cache_path()
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    return str(path)
+
+
+def load_probe() -> dict | None:
+    try:
+        return json.loads(probe_cache_path().read_text())
+    except (OSError, ValueError):
+        return None

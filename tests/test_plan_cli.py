@@ -1,0 +1,95 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from flopwise.laws.flops import Shape, n_params_total, training_flops_per_token
+from flopwise.laws.law import REGISTRY
+from flopwise.laws.plan import make_plan
+
+ENV = {**os.environ, "COLUMNS": "200"}
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "flopwise", *args], capture_output=True, text=True, env=ENV,
+                          timeout=120)
+
+
+def test_plan_json_keys_and_values():
+    p = make_plan(1e21, "chinchilla")
+    n, d = REGISTRY["chinchilla"].optimal(1e21)
+    assert p["n_params"] == pytest.approx(n) and p["n_tokens"] == pytest.approx(d)
+    assert p["tokens_per_param"] == pytest.approx(d / n)
+    assert p["loss"] == pytest.approx(float(REGISTRY["chinchilla"].loss(n, d)))
+    shape = Shape.from_dict(p["shape"])
+    assert p["shape"]["n_params_total"] == n_params_total(shape)
+    assert abs(n_params_total(shape) / n - 1) < 0.05
+    assert p["flops_exact"] == pytest.approx(training_flops_per_token(shape) * d)
+    json.dumps(p)  # JSON-ready
+
+
+def test_plan_device_caps_params():
+    p = make_plan(1e23, "chinchilla", device="rpi5", bits=4)
+    assert p["device"]["capped"] and p["n_params"] == pytest.approx(8e9 * 0.5 * 8 / 4.5)
+    assert 6 * p["n_params"] * p["n_tokens"] == pytest.approx(1e23)
+    assert p["device"]["decode_tokens_per_s"] == pytest.approx(17.1e9 / (p["n_params"] * 4.5 / 8))
+    assert any("caps" in w for w in p["warnings"])
+
+
+def test_plan_allocation_only_law_has_no_loss():
+    p = make_plan(1.21e20, "chinchilla-approach1")
+    assert p["loss"] is None and p["tradeoff"] == []
+    assert p["n_params"] == pytest.approx(1e9, rel=0.03)
+
+
+def test_cli_plan_json():
+    r = run_cli("plan", "--flops", "1e21", "--law", "epoch", "--json")
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)
+    for key in ("law", "flops", "n_params", "n_tokens", "tokens_per_param", "loss", "shape"):
+        assert key in p
+    assert p["law"] == "epoch"
+
+
+def test_cli_plan_gpu_hours_and_table():
+    r = run_cli("plan", "--gpu", "h100", "--gpus", "8", "--hours", "24", "--inference-tokens", "2e12")
+    assert r.returncode == 0, r.stderr
+    for word in ("parameters N", "tokens / parameter", "expected loss", "cost", "energy", "bigger is not better",
+                 "lifetime FLOPs"):
+        assert word in r.stdout
+
+
+def test_cli_version_and_laws():
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("flopwise ")
+    r = run_cli("laws")
+    assert r.returncode == 0 and "Hoffmann" in r.stdout and "Besiroglu" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--flops", "0"], "positive finite"),
+    (["--flops", "-1e20"], "positive finite"),
+    (["--flops", "nan"], "positive finite"),
+    (["--flops", "1e36"], "check the exponent"),
+    (["--gpu", "h1000", "--hours", "3"], "did you mean h100"),
+    (["--flops", "1e21", "--dollars", "500"], "give one budget"),
+    ([], "no budget given"),
+    (["--flops", "1e21", "--law", "nope.json"], "unknown law"),
+    (["--flops", "1e21", "--unique-tokens", "1e9", "--law", "kaplan"], "allocation only"),
+    (["--flops", "1e21", "--max-memory", "lots"], "as a size"),
+])
+def test_cli_bad_input_one_line_exit_2(args, message):
+    r = run_cli("plan", *args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_law_file_missing_keys(tmp_path):
+    path = tmp_path / "law.json"
+    path.write_text(json.dumps({"form": "chinchilla", "E": 1.7}))
+    r = run_cli("plan", "--flops", "1e21", "--law", str(path))
+    assert r.returncode == 2 and "missing A, B, alpha, beta" in r.stderr and "Traceback" not in r.stderr
