@@ -1,0 +1,517 @@
+"""Fitting scaling laws to finished runs: Chinchilla's Approaches 1-3, bootstrap intervals,
+and an extrapolation check. Pure numpy/scipy.
+
+Approach 3 follows Hoffmann et al. 2022 (Appendix D.2) with the corrections of Besiroglu et
+al. 2024: minimise sum_i Huber_delta(LSE(a - alpha log N_i, b - beta log D_i, e) - log L_i)
+with E = exp(e), A = exp(a), B = exp(b), by L-BFGS-B with an analytic gradient and
+tolerances tight enough that the optimiser does not stop early (SciPy's default ``ftol`` is
+an absolute 2.2e-9 once the objective is below 1, larger than the whole objective here).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import minimize
+
+from flopwise.errors import FlopwiseError
+from flopwise.laws.law import ParametricLaw
+from flopwise.laws.runs import Runs
+
+# Chinchilla's initialisation grid (Appendix D.2); theta = (a, b, e, alpha, beta).
+DEFAULT_GRID = {
+    "a": np.arange(0.0, 25.01, 5.0),
+    "b": np.arange(0.0, 25.01, 5.0),
+    "e": np.arange(-1.0, 1.01, 0.5),
+    "alpha": np.arange(0.0, 2.01, 0.5),
+    "beta": np.arange(0.0, 2.01, 0.5),
+}
+PARAMS = ("a", "b", "e", "alpha", "beta")
+BOUNDS = ((-20.0, 60.0), (-20.0, 60.0), (-10.0, 5.0), (1e-4, 4.0), (1e-4, 4.0))
+LBFGS_OPTIONS = {"ftol": 1e-15, "gtol": 1e-12, "maxiter": 20000, "maxfun": 40000, "maxcor": 20}
+DEFAULT_DELTA = 1e-3
+MIN_RUNS = 5
+
+
+def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Huber loss of residuals and its derivative."""
+    small = np.abs(r) <= delta
+    value = np.where(small, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta))
+    return value, np.clip(r, -delta, delta)
+
+
+def objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
+              delta: float = DEFAULT_DELTA) -> tuple[float, np.ndarray]:
+    """Approach 3's Huber objective and its exact gradient with respect to theta."""
+    a, b, e, alpha, beta = theta
+    t1 = a - alpha * log_n
+    t2 = b - beta * log_d
+    m = np.maximum(np.maximum(t1, t2), e)
+    w1, w2, w3 = np.exp(t1 - m), np.exp(t2 - m), np.exp(e - m)
+    s = w1 + w2 + w3
+    r = m + np.log(s) - log_l
+    value, dr = _huber(r, delta)
+    g1, g2, g3 = dr * w1 / s, dr * w2 / s, dr * w3 / s
+    grad = np.array([g1.sum(), g2.sum(), g3.sum(), -(g1 * log_n).sum(), -(g2 * log_d).sum()])
+    return float(value.sum()), grad
+
+
+def grid_points(grid: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    grid = grid or DEFAULT_GRID
+    mesh = np.meshgrid(*(np.asarray(grid[p], float) for p in PARAMS), indexing="ij")
+    return np.stack([m.ravel() for m in mesh], axis=1)
+
+
+def _grid_values(points: np.ndarray, log_n, log_d, log_l, delta: float) -> np.ndarray:
+    """The objective at every grid point at once (points x runs)."""
+    t1 = points[:, :1] - points[:, 3:4] * log_n
+    t2 = points[:, 1:2] - points[:, 4:5] * log_d
+    t3 = np.broadcast_to(points[:, 2:3], t1.shape)
+    lse = np.logaddexp(np.logaddexp(t1, t2), t3)
+    return _huber(lse - log_l, delta)[0].sum(axis=1)
+
+
+def _minimise(theta0, log_n, log_d, log_l, delta):
+    return minimize(objective, theta0, args=(log_n, log_d, log_l, delta), jac=True, method="L-BFGS-B",
+                    bounds=BOUNDS, options=LBFGS_OPTIONS)
+
+
+@dataclass
+class ParametricFit:
+    """The result of an Approach 3 fit."""
+
+    theta: np.ndarray  # (a, b, e, alpha, beta)
+    objective: float
+    n_runs: int
+    delta: float
+    converged: bool
+    n_starts: int
+    at_bounds: list[str] = field(default_factory=list)
+    grid_edge: list[str] = field(default_factory=list)
+    negligible: list[str] = field(default_factory=list)  # terms too small to matter for any run
+
+    @property
+    def params(self) -> dict[str, float]:
+        a, b, e, alpha, beta = (float(x) for x in self.theta)
+        return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta,
+                "a": beta / (alpha + beta), "b": alpha / (alpha + beta)}
+
+    def law(self, n_convention: str = "total", name: str = "fitted") -> ParametricLaw:
+        p = self.params
+        return ParametricLaw(E=p["E"], A=p["A"], B=p["B"], alpha=p["alpha"], beta=p["beta"],
+                             n_convention=n_convention, name=name)
+
+    @property
+    def warnings(self) -> list[str]:
+        out = []
+        if not self.converged:
+            out.append("the optimiser did not report convergence: treat the fit with suspicion")
+        if self.at_bounds:
+            out.append(f"the fit sits on a bound for {', '.join(self.at_bounds)}: the data do not pin "
+                       "these down (add runs across a wider range of N and D)")
+        for term in self.negligible:
+            which = "N" if term.startswith("A") else "D"
+            out.append(f"the fitted {term} term is negligible for every run: the data do not determine it "
+                       f"(vary {which} more widely, or check that loss really falls with {which})")
+        if self.grid_edge:
+            out.append(f"the best start lies on the edge of the grid for {', '.join(self.grid_edge)}: "
+                       "widen the grid to be sure no better fit lies beyond it")
+        return out
+
+
+def _log_data(n_params, n_tokens, loss):
+    n, d, loss = (np.asarray(x, dtype=float) for x in (n_params, n_tokens, loss))
+    for name, x in (("n_params", n), ("n_tokens", d), ("loss", loss)):
+        if not np.all(np.isfinite(x)) or np.any(x <= 0):
+            raise FlopwiseError(f"{name} must be positive and finite for every run")
+    if len(loss) < MIN_RUNS:
+        raise FlopwiseError(f"{len(loss)} runs are too few to fit 5 parameters: give at least {MIN_RUNS} "
+                            "(a sweep of 3+ budgets x 5 sizes is a good start)")
+    if np.ptp(np.log(n)) < 1e-9:
+        raise FlopwiseError("every run has the same N: a law in N and D needs runs of several model sizes")
+    if np.ptp(np.log(d)) < 1e-9:
+        raise FlopwiseError("every run has the same D: a law in N and D needs runs of several token counts")
+    return np.log(n), np.log(d), np.log(loss)
+
+
+def fit_parametric(n_params, n_tokens, loss, delta: float = DEFAULT_DELTA, grid: dict | None = None,
+                   n_starts: int = 32, init: np.ndarray | None = None) -> ParametricFit:
+    """Approach 3. Starts L-BFGS-B from the ``n_starts`` best points of Chinchilla's grid
+    (all of them when ``n_starts`` is 0) and, if given, from ``init``; keeps the best optimum."""
+    log_n, log_d, log_l = _log_data(n_params, n_tokens, loss)
+    points = grid_points(grid)
+    values = _grid_values(points, log_n, log_d, log_l, delta)
+    order = np.argsort(values, kind="stable")
+    starts = points[order if n_starts <= 0 else order[:n_starts]]
+    if init is not None:
+        starts = np.vstack([np.asarray(init, float)[None, :], starts])
+    best, best_start = None, None
+    for s in starts:
+        res = _minimise(s, log_n, log_d, log_l, delta)
+        if best is None or res.fun < best.fun:
+            best, best_start = res, s
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    theta = best.x
+    at_bounds = [p for p, v, (bl, bh) in zip(PARAMS, theta, BOUNDS, strict=True)
+                 if v <= bl + 1e-6 or v >= bh - 1e-6]
+    edge = [p for p, v, l_, h_ in zip(PARAMS, best_start, lo, hi, strict=True) if (v == l_ or v == h_) and l_ != h_]
+    # only worth a warning when the optimum also went beyond the grid's range in that parameter
+    edge = [p for p in edge if not (lo[PARAMS.index(p)] <= theta[PARAMS.index(p)] <= hi[PARAMS.index(p)])]
+    # L-BFGS-B reports an "abnormal" line search once it is at float precision; a gradient that is
+    # tiny against its natural scale (runs x delta x log N) is convergence all the same.
+    scale = len(log_l) * delta * max(1.0, float(np.abs(log_n).max()), float(np.abs(log_d).max()))
+    free = np.array([p not in at_bounds for p in PARAMS])
+    converged = bool(best.success) or float(np.max(np.abs(best.jac[free]), initial=0.0)) < 1e-6 * scale
+    a, b, _, alpha, beta = theta
+    terms = (("A/N^alpha", np.exp(a - alpha * log_n)), ("B/D^beta", np.exp(b - beta * log_d)))
+    negligible = [name for name, term in terms if float(np.max(term / np.exp(log_l))) < 1e-6]
+    return ParametricFit(theta=theta, objective=float(best.fun), n_runs=len(log_l), delta=delta,
+                         converged=converged, n_starts=len(starts), at_bounds=at_bounds, grid_edge=edge,
+                         negligible=negligible)
+
+
+def _bootstrap_chunk(args) -> np.ndarray:
+    idx, log_n, log_d, log_l, theta0, delta = args
+    out = np.empty((len(idx), 5))
+    for i, rows in enumerate(idx):
+        out[i] = _minimise(theta0, log_n[rows], log_d[rows], log_l[rows], delta).x
+    return out
+
+
+def bootstrap_thetas(n_params, n_tokens, loss, fit: ParametricFit, n_boot: int = 1000, seed: int = 0,
+                     workers: int | None = None, progress=None) -> np.ndarray:
+    """Refit on ``n_boot`` resamples of the runs (with replacement), warm-started at ``fit``.
+
+    Resamples are drawn from one seeded generator, so the result does not depend on ``workers``.
+    ``progress(n)``, if given, is called with the number of refits done as chunks finish.
+    """
+    log_n, log_d, log_l = _log_data(n_params, n_tokens, loss)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(log_l), size=(n_boot, len(log_l)))
+    workers = workers or os.cpu_count() or 1
+    chunks = [c for c in np.array_split(idx, max(1, workers * 8)) if len(c)]
+    jobs = [(c, log_n, log_d, log_l, fit.theta, fit.delta) for c in chunks]
+    results: list = [None] * len(jobs)
+    done = 0
+    if workers <= 1 or n_boot < 50:
+        for i, j in enumerate(jobs):
+            results[i] = _bootstrap_chunk(j)
+            done += len(results[i])
+            if progress:
+                progress(done)
+        return np.vstack(results)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(_bootstrap_chunk, j): i for i, j in enumerate(jobs)}
+        for fut in as_completed(futures):
+            results[futures[fut]] = fut.result()
+            done += len(results[futures[fut]])
+            if progress:
+                progress(done)
+    return np.vstack(results)
+
+
+def theta_to_params(thetas: np.ndarray) -> dict[str, np.ndarray]:
+    a, b, e, alpha, beta = thetas.T
+    return {"E": np.exp(e), "A": np.exp(a), "B": np.exp(b), "alpha": alpha, "beta": beta,
+            "a": beta / (alpha + beta), "b": alpha / (alpha + beta)}
+
+
+def optimal_from_thetas(thetas: np.ndarray, flops: float) -> tuple[np.ndarray, np.ndarray]:
+    """N_opt and D_opt at ``flops`` for each row of theta (closed form under C = 6 N D)."""
+    p = theta_to_params(np.atleast_2d(thetas))
+    g = (p["alpha"] * p["A"] / (p["beta"] * p["B"])) ** (1.0 / (p["alpha"] + p["beta"]))
+    c6 = flops / 6.0
+    return g * c6 ** p["a"], c6 ** p["b"] / g
+
+
+def interval(samples: np.ndarray, level: float) -> dict[str, float]:
+    lo, hi = np.percentile(samples, [50 * (1 - level), 50 * (1 + level)])
+    return {"lower": float(lo), "upper": float(hi), "level": level, "se": float(np.std(samples, ddof=1))}
+
+
+# ---------------------------------------------------------------- Approach 2: IsoFLOP profiles
+
+
+def _profile_minimum(x: np.ndarray, y: np.ndarray, degree: int) -> float | None:
+    """Minimiser of a polynomial fit of y on x (None when the fit has no minimum)."""
+    coef = np.polyfit(x, y, degree)
+    if degree == 2:
+        return float(-coef[1] / (2 * coef[0])) if coef[0] > 0 else None
+    deriv = np.polyder(coef)
+    roots = [r.real for r in np.roots(deriv) if abs(r.imag) < 1e-12 and np.polyval(np.polyder(deriv), r.real) > 0]
+    if not roots:
+        return None
+    return float(min(roots, key=lambda r: abs(r - np.mean(x))))
+
+
+def _powerlaw(log_c: np.ndarray, log_y: np.ndarray) -> tuple[float, float]:
+    slope, intercept = np.polyfit(log_c, log_y, 1)
+    return float(slope), float(intercept)
+
+
+def fit_isoflop(runs: Runs, degree: int = 2, n_boot: int = 1000, seed: int = 0, level: float = 0.9) -> dict:
+    """Approach 2: per budget, the minimum of loss against log N; then N_opt ~ C^a, D_opt ~ C^b.
+
+    Intervals come from resampling runs within each budget group and refitting everything.
+    """
+    if degree not in (2, 3):
+        raise FlopwiseError(f"IsoFLOP profile degree must be 2 (parabola) or 3 (cubic), got {degree}")
+    budgets = runs.budgets
+    if len(budgets) < 2:
+        raise FlopwiseError("Approach 2 needs runs at two or more FLOP budgets (IsoFLOP groups); these runs "
+                            "have one: add budgets, or use --approach 3")
+    warnings, groups = [], []
+    for c in budgets:
+        m = runs.budget == c
+        x, y, log_d = np.log(runs.n_params[m]), runs.loss[m], np.log(runs.n_tokens[m])
+        if len(x) < degree + 1 or np.ptp(x) < 1e-9:
+            warnings.append(f"budget {c:.3g}: {len(x)} run(s) of {len(np.unique(x))} size(s) cannot "
+                            f"define a degree-{degree} profile; skipped")
+            continue
+        if len(x) < 4:
+            warnings.append(f"budget {c:.3g}: only {len(x)} runs; the profile's minimum is poorly determined")
+        x_min = _profile_minimum(x, y, degree)
+        if x_min is None:
+            warnings.append(f"budget {c:.3g}: the profile has no minimum (loss does not turn up at either end); "
+                            "skipped: add smaller and larger models")
+            continue
+        bracketed = bool(x.min() <= x_min <= x.max())
+        if not bracketed:
+            warnings.append(f"budget {c:.3g}: the minimum (N = {math.exp(x_min):.3g}) lies outside the runs' "
+                            f"range [{math.exp(x.min()):.3g}, {math.exp(x.max()):.3g}]: extend the sweep there")
+        d_slope, d_icpt = np.polyfit(x, log_d, 1)
+        groups.append({"flops": float(c), "n_runs": int(m.sum()), "n_opt": math.exp(x_min),
+                       "d_opt": math.exp(d_icpt + d_slope * x_min), "bracketed": bracketed,
+                       "loss_min": float(np.polyval(np.polyfit(x, y, degree), x_min)),
+                       "coef": np.polyfit(x, y, degree).tolist()})
+    if len(groups) < 2:
+        raise FlopwiseError("Approach 2 found a usable minimum in fewer than two budgets: "
+                            "add sizes on both sides of each budget's optimum")
+    log_c = np.log([g["flops"] for g in groups])
+    a, a_icpt = _powerlaw(log_c, np.log([g["n_opt"] for g in groups]))
+    b, b_icpt = _powerlaw(log_c, np.log([g["d_opt"] for g in groups]))
+
+    rng = np.random.default_rng(seed)
+    samples = []
+    usable = [runs.budget == g["flops"] for g in groups]
+    for _ in range(n_boot):
+        pts = []
+        for m in usable:
+            idx = rng.choice(np.flatnonzero(m), size=int(m.sum()), replace=True)
+            x, y, log_d = np.log(runs.n_params[idx]), runs.loss[idx], np.log(runs.n_tokens[idx])
+            if np.unique(x).size <= degree:
+                continue
+            x_min = _profile_minimum(x, y, degree)
+            if x_min is None:
+                continue
+            ds, di = np.polyfit(x, log_d, 1)
+            pts.append((math.log(runs.budget[idx[0]]), x_min, di + ds * x_min))
+        if len(pts) >= 2:
+            p = np.array(pts)
+            samples.append((*np.polyfit(p[:, 0], p[:, 1], 1), *np.polyfit(p[:, 0], p[:, 2], 1)))
+    out = {"degree": degree, "groups": groups, "a": a, "b": b, "n_coef": math.exp(a_icpt),
+           "d_coef": math.exp(b_icpt), "warnings": warnings, "n_boot": len(samples)}
+    if len(samples) >= 10:
+        s = np.array(samples)
+        out["intervals"] = {"a": interval(s[:, 0], level), "b": interval(s[:, 2], level)}
+        out["_samples"] = s
+    return out
+
+
+def isoflop_optimal(result: dict, flops: float) -> tuple[float, float]:
+    return result["n_coef"] * flops ** result["a"], result["d_coef"] * flops ** result["b"]
+
+
+# ---------------------------------------------------------------- Approach 1: training-curve envelope
+
+
+def fit_envelope(runs: Runs, n_points: int = 40) -> dict | None:
+    """Approach 1: the lower envelope of loss against FLOPs over all loss curves, and the power
+    laws of N and D along it. None when fewer than two runs have curves."""
+    curves = {n: c for n, c in runs.curves.items() if n in runs.name}
+    if len(curves) < 2:
+        return None
+    n_of = dict(zip(runs.name, runs.n_params, strict=True))
+    lo = max(min(c["flops"][0] for c in curves.values()), 1.0)
+    hi = max(c["flops"][-1] for c in curves.values())
+    grid = np.geomspace(lo, hi, n_points)
+    env = []
+    for c in grid:
+        best = None
+        for name, cur in curves.items():
+            if not (cur["flops"][0] <= c <= cur["flops"][-1]):
+                continue
+            loss = float(np.interp(np.log(c), np.log(cur["flops"]), cur["loss"]))
+            if best is None or loss < best[0]:
+                best = (loss, n_of[name], float(np.interp(np.log(c), np.log(cur["flops"]), cur["tokens"])))
+        if best is not None:
+            env.append((c, *best))
+    env = np.array(env)
+    if len(env) < 3 or np.unique(env[:, 2]).size < 2:
+        return {"points": env.tolist(), "a": None, "b": None,
+                "warnings": ["the envelope is made by fewer than two model sizes: Approach 1 cannot fit an exponent"]}
+    a, a_icpt = _powerlaw(np.log(env[:, 0]), np.log(env[:, 2]))
+    b, b_icpt = _powerlaw(np.log(env[:, 0]), np.log(env[:, 3]))
+    return {"points": env.tolist(), "a": a, "b": b, "n_coef": math.exp(a_icpt), "d_coef": math.exp(b_icpt),
+            "warnings": []}
+
+
+# ---------------------------------------------------------------- synthetic data (tests, benchmarks)
+
+
+def synthetic_runs(law: ParametricLaw, budgets, n_per_budget: int = 7, noise: float = 0.0, seed: int = 0,
+                   spread: float = 8.0) -> Runs:
+    """IsoFLOP runs drawn from ``law``: at each budget, sizes log-spaced over [N_opt/spread, N_opt*spread],
+    D = C / (6 N), loss multiplied by lognormal noise of relative size ``noise``."""
+    rng = np.random.default_rng(seed)
+    n, d, c = [], [], []
+    for flops in budgets:
+        n_opt = float(law.optimal(flops)[0])
+        sizes = n_opt * np.geomspace(1 / spread, spread, n_per_budget)
+        n += list(sizes)
+        d += list(flops / (6 * sizes))
+        c += [float(flops)] * n_per_budget
+    n, d, c = np.array(n), np.array(d), np.array(c)
+    loss = law.loss(n, d) * np.exp(noise * rng.standard_normal(len(n)))
+    return Runs(n, d, loss, c, c.copy(), [f"run{i}" for i in range(len(n))], law.n_convention)
+
+
+# ---------------------------------------------------------------- extrapolation check and the whole fit
+
+
+def holdout_check(runs: Runs, k: int, n_boot: int = 1000, seed: int = 0, level: float = 0.9,
+                  delta: float = DEFAULT_DELTA, workers: int | None = None, progress=None) -> dict:
+    """Fit Approach 3 without the ``k`` largest budgets and predict their runs' losses.
+
+    Reports the prediction errors and how often the bootstrap interval of the prediction covers
+    the measured loss (the interval is of the law's mean, so run-to-run noise lowers coverage).
+    """
+    budgets = runs.budgets
+    if k < 1 or k >= len(budgets):
+        raise FlopwiseError(f"--holdout-largest {k} needs 1 <= K < the number of budgets ({len(budgets)})")
+    held = np.isin(runs.budget, budgets[-k:])
+    train, test = runs.subset(~held), runs.subset(held)
+    if len(train) < MIN_RUNS:
+        raise FlopwiseError(f"holding out {k} budget(s) leaves {len(train)} runs, too few to fit: hold out fewer")
+    fit = fit_parametric(train.n_params, train.n_tokens, train.loss, delta=delta)
+    law = fit.law(runs.n_convention)
+    pred = law.loss(test.n_params, test.n_tokens)
+    rel = pred / test.loss - 1.0
+    out = {"k": k, "held_out_budgets": [float(c) for c in budgets[-k:]], "n_train": len(train), "n_test": len(test),
+           "mean_abs_rel_error": float(np.mean(np.abs(rel))), "max_abs_rel_error": float(np.max(np.abs(rel))),
+           "mean_rel_error": float(np.mean(rel)), "level": level,
+           "runs": [{"name": nm, "n_params": float(n), "n_tokens": float(d), "loss": float(y), "predicted": float(p)}
+                    for nm, n, d, y, p in zip(test.name, test.n_params, test.n_tokens, test.loss, pred, strict=True)]}
+    if n_boot > 0:
+        thetas = bootstrap_thetas(train.n_params, train.n_tokens, train.loss, fit, n_boot, seed, workers, progress)
+        p = theta_to_params(thetas)
+        preds = (p["E"][:, None] + p["A"][:, None] / test.n_params[None, :] ** p["alpha"][:, None]
+                 + p["B"][:, None] / test.n_tokens[None, :] ** p["beta"][:, None])
+        lo, hi = np.percentile(preds, [50 * (1 - level), 50 * (1 + level)], axis=0)
+        out["coverage"] = float(np.mean((test.loss >= lo) & (test.loss <= hi)))
+        for r, a, b in zip(out["runs"], lo, hi, strict=True):
+            r["lower"], r["upper"] = float(a), float(b)
+    return out
+
+
+def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_largest: int = 0,
+             budgets=(), level: float = 0.9, seed: int = 0, delta: float = DEFAULT_DELTA, degree: int = 2,
+             n_starts: int = 32, workers: int | None = None, progress=None) -> dict:
+    """Everything ``flopwise fit`` reports, as one dict (private ``_``-keys hold arrays for plots).
+
+    ``progress(stage, done, total)``, if given, is told how the bootstrap refits advance.
+    """
+    def tick(stage: str):
+        return (lambda done: progress(stage, done, n_boot)) if progress else None
+
+    if approach not in ("1", "2", "3", "all"):
+        raise FlopwiseError(f"--approach must be 1, 2, 3 or all, got {approach!r}")
+    if not (0 < level < 1):
+        raise FlopwiseError(f"--level must be between 0 and 1, got {level}")
+    out: dict = {"n_runs": len(runs), "n_convention": runs.n_convention, "approach": approach,
+                 "warnings": list(runs.warnings), "level": level, "bootstrap": n_boot, "seed": seed}
+    budgets = [float(c) for c in budgets] or [float(c) for c in runs.budgets[-1:] * np.array([1.0, 10.0, 100.0])]
+    if approach in ("3", "all"):
+        fit = fit_parametric(runs.n_params, runs.n_tokens, runs.loss, delta=delta, n_starts=n_starts)
+        out.update(fit.params)
+        out.update({"objective": fit.objective, "delta": delta, "converged": fit.converged,
+                    "n_starts": fit.n_starts, "at_bounds": fit.at_bounds})
+        out["warnings"] += fit.warnings
+        out["_fit"] = fit
+        law = fit.law(runs.n_convention)
+        rows = []
+        thetas = None
+        if n_boot > 0:
+            thetas = bootstrap_thetas(runs.n_params, runs.n_tokens, runs.loss, fit, n_boot, seed, workers,
+                                      tick("bootstrap"))
+            params = theta_to_params(thetas)
+            out["intervals"] = {k: interval(v, level) for k, v in params.items()}
+            out["_thetas"] = thetas
+        for c in budgets:
+            n_opt, d_opt = (float(x) for x in law.optimal(c))
+            row = {"flops": c, "n_opt": n_opt, "d_opt": d_opt, "tokens_per_param": d_opt / n_opt,
+                   "loss": float(law.loss(n_opt, d_opt))}
+            if thetas is not None:
+                ns, ds = optimal_from_thetas(thetas, c)
+                row["n_opt_interval"] = interval(ns, level)
+                row["d_opt_interval"] = interval(ds, level)
+                row["tokens_per_param_interval"] = interval(ds / ns, level)
+            rows.append(row)
+        out["optimal"] = rows
+    if approach in ("2", "all"):
+        try:
+            a2 = fit_isoflop(runs, degree=degree, n_boot=n_boot, seed=seed, level=level)
+        except FlopwiseError as e:
+            if approach == "2":
+                raise
+            out["warnings"].append(f"Approach 2 skipped: {e}")
+        else:
+            out["warnings"] += a2.pop("warnings")
+            out["approach2"] = a2
+    if approach in ("1", "all"):
+        a1 = fit_envelope(runs)
+        if a1 is None:
+            if approach == "1":
+                raise FlopwiseError("Approach 1 needs loss curves (metrics.jsonl) of two or more runs: "
+                                    "fit a sweep directory, or use --approach 2 or 3")
+        else:
+            out["warnings"] += a1.pop("warnings")
+            out["approach1"] = a1
+    if holdout_largest:
+        out["holdout"] = holdout_check(runs, holdout_largest, n_boot, seed, level, delta, workers,
+                                       tick("holdout bootstrap"))
+    return out
+
+
+def law_json(result: dict, source: str = "") -> dict:
+    """The law file ``flopwise plan --law`` reads: DESIGN.md's form plus intervals and fit metadata."""
+    meta = {k: result[k] for k in ("n_runs", "approach", "bootstrap", "seed", "level", "warnings") if k in result}
+    meta["source"] = source
+    if "E" in result:
+        law = {"form": "chinchilla", **{k: result[k] for k in ("E", "A", "B", "alpha", "beta")},
+               "n_convention": result["n_convention"], "name": "fitted", "a": result["a"], "b": result["b"]}
+        law["objective"] = result["objective"]
+        if "intervals" in result:
+            law["intervals"] = result["intervals"]
+    else:
+        a2 = result["approach2"]
+        ref = a2["groups"][-1]["flops"]
+        law = {"form": "power", "a": a2["a"], "n_ref": isoflop_optimal(a2, ref)[0], "flops_ref": ref,
+               "n_convention": result["n_convention"], "name": "fitted-approach2"}
+        if "intervals" in a2:
+            law["intervals"] = a2["intervals"]
+    law["fit"] = meta
+    return law
+
+
+def public(result: dict) -> dict:
+    """``result`` without its private (array-valued) keys, ready for JSON."""
+    if isinstance(result, dict):
+        return {k: public(v) for k, v in result.items() if not str(k).startswith("_")}
+    if isinstance(result, list):
+        return [public(v) for v in result]
+    return result

@@ -1,0 +1,1 @@
+"""Reports: plots and a self-contained HTML report."""

@@ -1,0 +1,165 @@
+"""Plots of a scaling-law fit (matplotlib, Agg): PNG and SVG, labelled axes with units.
+
+Each function takes the runs and the dict from ``flopwise.laws.fit.fit_runs`` and writes
+``<out>/<name>.png`` and ``.svg``; ``plot_fit`` writes them all and returns the paths.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from flopwise.laws.fit import isoflop_optimal, optimal_from_thetas
+from flopwise.laws.law import REGISTRY
+from flopwise.laws.runs import Runs
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path, name: str) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "svg"):
+        path = out / f"{name}.{ext}"
+        tmp = out / f".{name}.tmp.{ext}"
+        fig.savefig(tmp, dpi=130, bbox_inches="tight")
+        tmp.replace(path)
+        paths.append(str(path))
+    _plt().close(fig)
+    return paths
+
+
+def _colors(n: int):
+    return _plt().cm.viridis(np.linspace(0.05, 0.9, max(n, 1)))
+
+
+def plot_isoflop(runs: Runs, result: dict, out: Path) -> list[str]:
+    """Loss against N at each budget, with the fitted profile and its minimum."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = {g["flops"]: g for g in result.get("approach2", {}).get("groups", [])}
+    deg = result.get("approach2", {}).get("degree", 2)
+    for color, c in zip(_colors(len(runs.budgets)), runs.budgets, strict=True):
+        m = runs.budget == c
+        ax.scatter(runs.n_params[m], runs.loss[m], color=color, s=22, label=f"{c:.2g} FLOPs", zorder=3)
+        g = groups.get(float(c))
+        if g is not None:
+            x = np.linspace(np.log(runs.n_params[m]).min() - 0.2, np.log(runs.n_params[m]).max() + 0.2, 100)
+            ax.plot(np.exp(x), np.polyval(g["coef"], x), color=color, lw=1.2)
+            ax.scatter([g["n_opt"]], [g["loss_min"]], color=color, marker="*", s=140, edgecolor="k", zorder=4)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"parameters N ({runs.n_convention})")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"IsoFLOP profiles (degree {deg}); stars: minima")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, out, "isoflop")
+
+
+def plot_optimal(runs: Runs, result: dict, out: Path) -> list[str]:
+    """N_opt and D_opt against compute: fitted laws with interval bands, minima, published laws."""
+    plt = _plt()
+    c_lo = runs.budgets.min() / 3
+    c_hi = max([runs.budgets.max() * 30] + [r["flops"] for r in result.get("optimal", [])])
+    cs = np.geomspace(c_lo, c_hi, 60)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    level = result.get("level", 0.9)
+    for ax, idx, label in ((axes[0], 0, "N_opt (parameters)"), (axes[1], 1, "D_opt (tokens)")):
+        if "_fit" in result:
+            fit_vals = np.array([optimal_from_thetas(result["_fit"].theta, c) for c in cs])[:, idx, 0]
+            ax.plot(cs, fit_vals, color="C0", lw=2, label="Approach 3 (this fit)")
+            if "_thetas" in result:
+                samples = np.array([optimal_from_thetas(result["_thetas"], c)[idx] for c in cs])
+                lo, hi = np.percentile(samples, [50 * (1 - level), 50 * (1 + level)], axis=1)
+                ax.fill_between(cs, lo, hi, color="C0", alpha=0.2, label=f"{level:.0%} bootstrap interval")
+        if "approach2" in result:
+            a2 = result["approach2"]
+            pts = np.array([[g["flops"], g["n_opt"] if idx == 0 else g["d_opt"]] for g in a2["groups"]])
+            ax.scatter(pts[:, 0], pts[:, 1], color="C1", zorder=3, label="IsoFLOP minima")
+            ax.plot(cs, np.array([isoflop_optimal(a2, c)[idx] for c in cs]), color="C1", ls="--",
+                    label=f"Approach 2 (a={a2['a']:.3f})" if idx == 0 else f"Approach 2 (b={a2['b']:.3f})")
+        for i, name in enumerate(("chinchilla", "epoch", "chinchilla-approach1")):
+            law = REGISTRY[name]
+            ax.plot(cs, law.optimal(cs)[idx], color=f"C{i + 2}", lw=1, ls=":", label=f"{name} (published)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training compute C (FLOPs)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Compute-optimal allocation")
+    return _save(fig, out, "optimal")
+
+
+def plot_contours(runs: Runs, result: dict, out: Path) -> list[str]:
+    """Loss contours over (N, D) with IsoFLOP lines and the efficient frontier (Chinchilla Fig. 4 style)."""
+    plt = _plt()
+    law = result["_fit"].law(runs.n_convention)
+    n = np.geomspace(runs.n_params.min() / 10, runs.n_params.max() * 10, 200)
+    d = np.geomspace(runs.n_tokens.min() / 10, runs.n_tokens.max() * 10, 200)
+    nn, dd = np.meshgrid(n, d)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    loss = law.loss(nn, dd)
+    levels = np.geomspace(loss.min(), np.percentile(loss, 80), 25)  # resolve the low-loss region
+    cs = ax.contourf(nn, dd, loss, levels=levels, cmap="viridis_r", extend="max")
+    fig.colorbar(cs, ax=ax, label="predicted loss (nats/token)")
+    flops = np.geomspace(6 * n[0] * d[0], 6 * n[-1] * d[-1], 60)
+    n_opt, d_opt = law.optimal(flops)
+    ax.plot(n_opt, d_opt, color="w", lw=2, label="efficient frontier")
+    for c in runs.budgets:
+        ax.plot(n, c / (6 * n), color="k", lw=0.6, ls="--")
+    ax.scatter(runs.n_params, runs.n_tokens, c="r", s=10, label="runs")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(n[0], n[-1])
+    ax.set_ylim(d[0], d[-1])
+    ax.set_xlabel(f"parameters N ({runs.n_convention})")
+    ax.set_ylabel("training tokens D")
+    ax.set_title("Loss over (N, D); dashed: IsoFLOP budgets")
+    ax.legend(fontsize=8, loc="upper right")
+    return _save(fig, out, "contours")
+
+
+def plot_residuals(runs: Runs, result: dict, out: Path) -> list[str]:
+    """log(predicted) - log(measured) loss of every run, by size and budget."""
+    plt = _plt()
+    law = result["_fit"].law(runs.n_convention)
+    resid = np.log(law.loss(runs.n_params, runs.n_tokens)) - np.log(runs.loss)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
+    for color, c in zip(_colors(len(runs.budgets)), runs.budgets, strict=True):
+        m = runs.budget == c
+        ax.scatter(runs.n_params[m], resid[m], color=color, s=18, label=f"{c:.2g} FLOPs")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.axhspan(-result.get("delta", 1e-3), result.get("delta", 1e-3), color="grey", alpha=0.2,
+               label="Huber delta")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"parameters N ({runs.n_convention})")
+    ax.set_ylabel("log predicted - log measured loss")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    bx.hist(resid, bins=min(30, max(5, len(resid) // 4)), orientation="horizontal", color="C0")
+    bx.set_xlabel("runs")
+    fig.suptitle("Approach 3 residuals")
+    return _save(fig, out, "residuals")
+
+
+def plot_fit(runs: Runs, result: dict, out: str | Path) -> list[str]:
+    """Write every plot the result supports; return the files written."""
+    out = Path(out)
+    paths = []
+    if "approach2" in result or len(runs.budgets) > 1:
+        paths += plot_isoflop(runs, result, out)
+    if "_fit" in result or "approach2" in result:
+        paths += plot_optimal(runs, result, out)
+    if "_fit" in result:
+        paths += plot_contours(runs, result, out)
+        paths += plot_residuals(runs, result, out)
+    return paths
