@@ -1,0 +1,1 @@
+"""Data: corpus preparation (text -> token files) and instruction data."""

@@ -1,0 +1,1 @@
+"""The model: ModelConfig and the LLaMA-style decoder."""

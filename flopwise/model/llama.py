@@ -1,0 +1,201 @@
+"""The LLaMA-style decoder: RMSNorm, rotary position embeddings (rotate-half convention, as
+Hugging Face's LlamaForCausalLM), grouped-query attention, SwiGLU MLP, no biases, optional
+tied embeddings. Weight names follow ``flopwise.laws.flops.weight_shapes`` so that the
+parameter count is the laws' count by construction (and a test checks it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from flopwise.errors import FlopwiseError
+from flopwise.laws.flops import Shape
+
+
+@dataclass(frozen=True)
+class ModelConfig(Shape):
+    """A Shape plus what does not change the counts."""
+
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        fields = cls.__dataclass_fields__
+        unknown = sorted(set(d) - set(fields))
+        known = {k: v for k, v in d.items() if k in fields}
+        try:
+            return cls(**known)
+        except TypeError as e:
+            raise FlopwiseError(f"model config: {e} (unknown keys: {unknown or 'none'})") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(**{k: getattr(self, k) for k in Shape.__dataclass_fields__})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 for stability under bf16 autocast
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (max_len, head_dim) for the rotate-half convention."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, hd); cos/sin: (T, hd). Rotates pairs (i, i + hd/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        kv = c.n_kv_heads * c.head_dim
+        self.attn_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.wq = nn.Linear(c.d_model, c.d_model, bias=False)
+        self.wk = nn.Linear(c.d_model, kv, bias=False)
+        self.wv = nn.Linear(c.d_model, kv, bias=False)
+        self.wo = nn.Linear(c.d_model, c.d_model, bias=False)
+        self.mlp_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.w_gate = nn.Linear(c.d_model, c.d_ff, bias=False)
+        self.w_up = nn.Linear(c.d_model, c.d_ff, bias=False)
+        self.w_down = nn.Linear(c.d_ff, c.d_model, bias=False)
+
+    def attention(self, x, cos, sin, cache=None, start: int = 0):
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_kv_heads != self.n_heads
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k_cache, v_cache = cache
+            k_cache[:b, :, start:start + t] = k.to(k_cache.dtype)
+            v_cache[:b, :, start:start + t] = v.to(v_cache.dtype)
+            k_all, v_all = k_cache[:b, :, :start + t].to(q.dtype), v_cache[:b, :, :start + t].to(q.dtype)
+            mask = None
+            if t > 1:  # query i sees keys up to start + i
+                mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+    def forward(self, x, cos, sin, cache=None, start: int = 0):
+        x = x + self.attention(self.attn_norm(x), cos, sin, cache, start)
+        h = self.mlp_norm(x)
+        return x + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        cos, sin = rope_tables(config.head_dim, config.seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, 0.02) everywhere; residual projections scaled by 1/sqrt(2 n_layers) (GPT-2)."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w_down.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def n_params(self) -> int:
+        """Unique parameters (a tied embedding counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache=None, start: int = 0,
+                loss_mask: torch.Tensor | None = None):
+        """Logits (B, T, V), or the mean cross-entropy (nats/token) over targets when given.
+
+        ``loss_mask`` (B, T) of 0/1 restricts the loss to some positions (instruction tuning).
+        """
+        t = tokens.shape[1]
+        if start + t > self.config.seq_len:
+            raise FlopwiseError(f"sequence of {start + t} tokens exceeds the model's context {self.config.seq_len}")
+        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if cache is None else cache[i], start)
+        logits = self.head(self.norm(x))
+        if targets is None:
+            return logits
+        losses = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        if loss_mask is None:
+            return losses.mean()
+        m = loss_mask.reshape(-1).to(losses.dtype)
+        return (losses * m).sum() / m.sum().clamp_min(1.0)
+
+    def new_cache(self, batch: int, dtype=None, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A preallocated KV cache for ``batch`` sequences of up to seq_len tokens."""
+        c = self.config
+        p = next(self.parameters())
+        shape = (batch, c.n_kv_heads, c.seq_len, c.head_dim)
+        return [(torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device),
+                 torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device)) for _ in range(c.n_layers)]
+
+    @torch.no_grad()
+    def generate(self, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 eos_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample continuations of ``tokens`` (B, T) with a KV cache; temperature 0 is greedy."""
+        max_new_tokens = min(max_new_tokens, self.config.seq_len - tokens.shape[1])
+        cache = self.new_cache(tokens.shape[0])
+        logits = self(tokens, cache=cache)[:, -1]
+        out, pos = tokens, tokens.shape[1]
+        done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        for i in range(max_new_tokens):
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits.float() / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            out = torch.cat([out, nxt], dim=1)
+            if eos_id is not None:
+                done |= nxt.squeeze(1) == eos_id
+                if bool(done.all()):
+                    break
+            if i == max_new_tokens - 1:
+                break
+            logits = self(nxt, cache=cache, start=pos)[:, -1]
+            pos += 1
+        return out

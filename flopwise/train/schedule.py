@@ -1,0 +1,57 @@
+"""Learning-rate schedules that end exactly at the planned token count.
+
+Steps are numbered 0 .. total_steps - 1; the last step runs at the minimum learning rate, so
+a run's loss is that of a fully decayed schedule at its own token count (Chinchilla's point).
+"""
+
+from __future__ import annotations
+
+import math
+
+from flopwise.errors import FlopwiseError
+
+
+def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int = 0, min_lr_ratio: float = 0.1,
+          kind: str = "cosine", cooldown_fraction: float = 0.2, cooldown_shape: str = "linear") -> float:
+    """Learning rate at ``step``.
+
+    cosine: linear warmup to ``peak_lr``, then cosine to ``min_lr_ratio * peak_lr`` at the last step.
+    wsd (warmup-stable-decay, Hägele et al. 2024): warmup, constant, then a cooldown over the
+    last ``cooldown_fraction`` of steps, ``linear`` or ``1-sqrt``, to the same minimum.
+    constant: warmup then ``peak_lr`` forever (the stable phase of a WSD sweep's trunk run).
+    """
+    if total_steps < 1:
+        raise FlopwiseError("a schedule needs at least one step")
+    min_lr = peak_lr * min_lr_ratio
+    last = total_steps - 1
+    warmup_steps = min(warmup_steps, last)
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    if kind == "constant":
+        return peak_lr
+    if kind == "cosine":
+        if last == warmup_steps:
+            return min_lr
+        p = min(1.0, (step - warmup_steps) / (last - warmup_steps))
+        return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
+    if kind == "wsd":
+        cooldown_steps = max(1, round(cooldown_fraction * total_steps))
+        start = max(warmup_steps, last - cooldown_steps)
+        if step <= start:
+            return peak_lr if last > start else min_lr
+        p = min(1.0, (step - start) / (last - start))
+        if cooldown_shape == "linear":
+            return peak_lr - (peak_lr - min_lr) * p
+        if cooldown_shape == "1-sqrt":
+            return min_lr + (peak_lr - min_lr) * (1.0 - math.sqrt(p))
+        raise FlopwiseError(f"unknown cooldown shape {cooldown_shape!r}: use linear or 1-sqrt")
+    raise FlopwiseError(f"unknown schedule {kind!r}: use cosine, wsd or constant")
+
+
+def default_lr_and_batch(flops: float) -> tuple[float, float]:
+    """DeepSeek LLM (2024, eq. 1) compute power laws: peak LR 0.3118 C^-0.125 and batch
+    0.2920 C^0.3271 tokens, C in FLOPs. Below ~1e15 FLOPs the LR is clipped to 3e-3 and the batch
+    floored at 4096 tokens: beyond their fitted range, larger LRs diverged here."""
+    lr = min(3e-3, 0.3118 * flops**-0.125)
+    batch_tokens = max(4096.0, 0.2920 * flops**0.3271)
+    return lr, batch_tokens
