@@ -8,8 +8,9 @@ A prepared corpus is a folder::
     meta.json          sizes, dtype, UTF-8 bytes of each split (for bits per byte), sources, content hash
 
 It is keyed by a hash of the input bytes and the options, so preparing the same data twice is
-instant. Documents are split on lines holding ``<|endoftext|>`` when a file has them, else on
-blank lines; JSONL files contribute their records' ``text`` fields.
+instant. Documents are split on lines holding ``<|endoftext|>`` when a file has them; otherwise
+a single text file is split on blank lines and each file of a collection is one document.
+JSONL files contribute their records' ``text`` fields.
 """
 
 from __future__ import annotations
@@ -107,20 +108,24 @@ def _decode(raw: bytes, path: Path, stats: dict) -> str:
     return text
 
 
-def split_documents(text: str) -> list[str]:
-    """Documents of a text: split on <|endoftext|> lines when present, else on blank lines."""
-    parts = _EOT.split(text) if _EOT.search(text) else _BLANK.split(text)
+def split_documents(text: str, on_blank_lines: bool = True) -> list[str]:
+    """Documents of a text: split on <|endoftext|> lines when present, else on blank lines
+    (or not at all when ``on_blank_lines`` is false: the whole text is one document)."""
+    if _EOT.search(text):
+        parts = _EOT.split(text)
+    else:
+        parts = _BLANK.split(text) if on_blank_lines else [text]
     return [p.strip("\n") for p in parts if p.strip()]
 
 
-def read_documents(path: Path, stats: dict) -> list[str]:
+def read_documents(path: Path, stats: dict, whole_file: bool = False) -> list[str]:
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise FlopwiseError(f"cannot read {path}: {e.strerror}") from None
     text = _decode(raw, path, stats)
     if path.suffix.lower() not in (".jsonl", ".json"):
-        return split_documents(text)
+        return split_documents(text, on_blank_lines=not whole_file)
     docs = []
     lines = text.splitlines()
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
@@ -192,9 +197,10 @@ def prepare(paths: list[str | Path] | None = None, out: str | Path | None = None
         if existing.meta.get("hash") == digest:
             return existing
     stats: dict = {}
-    docs = [d for f in files for d in read_documents(f, stats)]
+    # one text file is split into documents; in a collection of files each file is one document
+    docs = [d for f in files for d in read_documents(f, stats, whole_file=len(files) > 1)]
     if val_files:
-        val_docs = [d for f in val_files for d in read_documents(f, stats)]
+        val_docs = [d for f in val_files for d in read_documents(f, stats, whole_file=len(val_files) > 1)]
     else:
         order = np.random.default_rng(seed).permutation(len(docs))
         n_val = max(1, int(round(len(docs) * val_fraction))) if len(docs) >= 2 else 0

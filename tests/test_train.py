@@ -1,0 +1,170 @@
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flopwise.errors import FlopwiseError
+from flopwise.laws.flops import training_flops_per_token
+from flopwise.model.llama import Llama, ModelConfig
+from flopwise.train.trainer import TrainConfig, load_model, new_run, read_run_config, train
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def cli(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "flopwise", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def small(bundled, **kw):
+    mc = ModelConfig(vocab_size=bundled.vocab_size, d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=192,
+                     seq_len=64, tie_embeddings=True)
+    tc = dict(n_tokens=64 * 8 * 40, batch_tokens=64 * 8, micro_batch=4, ckpt_every=4, eval_every=10,
+              eval_windows=8, final_eval_windows=16, log_every=1)
+    tc.update(kw)
+    return mc, TrainConfig(**tc)
+
+
+def test_real_run_learns_english(bundled, tmp_path):
+    train_ids = np.asarray(bundled.tokens("train"))
+    p = np.bincount(train_ids, minlength=bundled.vocab_size) / len(train_ids)
+    unigram = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+    t0 = time.time()
+    r = cli("train", "--data", bundled.path, "--n-params", "1e6", "--tokens", "8e5", "--seq-len", "128",
+            "--out", tmp_path / "run", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert time.time() - t0 < 120
+    run = tmp_path / "run"
+    final = json.loads((run / "final.json").read_text())
+    for key in ("val_loss", "val_bpb", "n_params", "n_tokens", "flops", "epochs", "wall_seconds"):
+        assert key in final
+    assert final["val_loss"] < unigram - 1.0, (final["val_loss"], unigram)
+    assert final["epochs"] == pytest.approx(final["n_tokens"] / bundled.meta["n_tokens_train"])
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "tokens", "flops", "lr", "loss", "tok_per_s", "mfu"} <= set(lines[0])
+    assert lines[-1]["tokens"] == final["n_tokens"] and "val_loss" in lines[-1]
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt", "config.json", "final.json", "metrics.jsonl",
+                                                     "tokenizer.model"]
+    # samples are English: most generated words occur in the training stories
+    model = load_model(run)
+    sp = bundled.tokenizer()
+    prompt = torch.tensor([[1] + sp.encode("Once upon a time")])
+    out = model.generate(prompt, 80, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0))
+    text = sp.decode(out[0].tolist())
+    words = re.findall(r"[a-z]+", text.lower())
+    known = set(re.findall(r"[a-z]+", Path(bundled.meta["sources"][0]).read_text().lower()))
+    assert len(words) > 20 and np.mean([w in known for w in words]) > 0.85, text
+
+
+def _losses(run):
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [(m["step"], m["loss"], m.get("val_loss")) for m in map(json.loads, lines)]
+
+
+def _same(a, b, rel):
+    assert len(a) == len(b)
+    for (s1, l1, v1), (s2, l2, v2) in zip(a, b, strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=rel)
+        assert (v1 is None) == (v2 is None) and (v1 is None or v1 == pytest.approx(v2, rel=rel))
+
+
+def test_resume_after_kill9_matches_uninterrupted(bundled, tmp_path):
+    mc, tc = small(bundled, n_tokens=64 * 8 * 60, precision="fp32")
+    straight = new_run(tmp_path / "straight", mc, tc, bundled)
+    expected = train(straight, quiet=True)
+    killed = new_run(tmp_path / "killed", mc, tc, bundled)
+    proc = subprocess.Popen([sys.executable, "-m", "flopwise", "train", str(killed), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ckpt = killed / "ckpt" / "latest.pt"
+        if ckpt.exists() and len(_losses(killed)) >= 22:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final.json").exists(), "the run finished before it could be killed"
+    step_at_kill = torch.load(killed / "ckpt" / "latest.pt", weights_only=False)["step"]
+    assert 0 < step_at_kill < 60
+    r = cli("train", killed, "--quiet")
+    assert r.returncode == 0, r.stderr
+    _same(_losses(killed), _losses(straight), rel=1e-6)
+    final = json.loads((killed / "final.json").read_text())
+    assert final["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-6)
+
+
+def test_ddp_two_processes_match_single_process(bundled, tmp_path):
+    mc, tc = small(bundled, n_tokens=64 * 8 * 12, precision="fp32", ckpt_every=100)
+    single = new_run(tmp_path / "single", mc, tc, bundled)
+    train(single, quiet=True)
+    ddp = new_run(tmp_path / "ddp", mc, tc, bundled)
+    r = subprocess.run([str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                        "--master-port", "29561", "-m", "flopwise", "train", str(ddp), "--quiet"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(_losses(single)) == 12
+    _same(_losses(single), _losses(ddp), rel=1e-4)
+    fa = json.loads((single / "final.json").read_text())
+    fb = json.loads((ddp / "final.json").read_text())
+    assert fb["world_size"] == 2 and fa["val_loss"] == pytest.approx(fb["val_loss"], rel=1e-4)
+
+
+def test_budget_from_flops_and_plan(bundled, tmp_path):
+    r = cli("train", "--data", bundled.path, "--n-params", "2e5", "--flops", "3e11", "--seq-len", "64",
+            "--out", tmp_path / "f", "--quiet", "--json")
+    assert r.returncode == 0, r.stderr
+    mc, tc, cfg = read_run_config(tmp_path / "f")
+    assert tc.n_tokens == int(3e11 / training_flops_per_token(mc))
+    assert json.loads(r.stdout)["flops"] == pytest.approx(3e11, rel=0.05)
+    plan = json.loads(cli("plan", "--flops", "2e11", "--vocab-size", bundled.vocab_size, "--seq-len", "64",
+                          "--json").stdout)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    r = cli("train", "--data", bundled.path, "--plan", tmp_path / "plan.json", "--out", tmp_path / "p", "--quiet")
+    assert r.returncode == 0, r.stderr
+    mc, tc, _ = read_run_config(tmp_path / "p")
+    assert tc.n_tokens == int(plan["n_tokens"]) and mc.d_model == plan["shape"]["d_model"]
+
+
+def test_bad_training_input(bundled, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"plan_version": 99, "n_tokens": 1e6, "shape": {}}))
+    for args, msg in [
+        (["--plan", plan], "plan of version 99"),
+        (["--n-params", "2e5", "--tokens", "100"], "smaller than one batch"),
+        (["--n-params", "2e5"], "give the training budget once"),
+        (["--tokens", "1e5"], "no model given"),
+    ]:
+        r = cli("train", "--data", bundled.path, *args, "--out", tmp_path / "bad", "--quiet")
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    r = cli("train", "--data", tmp_path / "nope", "--n-params", "2e5", "--tokens", "1e5", "--out", tmp_path / "x")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    (empty / "b.txt").write_text("")
+    r = cli("train", "--data", empty, "--n-params", "2e5", "--tokens", "1e5", "--out", tmp_path / "y")
+    assert r.returncode == 2 and "holds no text" in r.stderr
+
+
+def test_existing_run_and_oom_are_clear(bundled, tmp_path, monkeypatch):
+    mc, tc = small(bundled)
+    run = new_run(tmp_path / "r", mc, tc, bundled)
+    with pytest.raises(FlopwiseError, match="already holds a run"):
+        new_run(run, mc, tc, bundled)
+
+    def no_memory(self, *a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1000000000 bytes")
+
+    monkeypatch.setattr(Llama, "forward", no_memory)
+    with pytest.raises(FlopwiseError, match="does not fit in memory: lower --micro-batch"):
+        train(run, quiet=True)
+    assert not (run / "final.json").exists() and (run / "config.json").exists()
