@@ -8,6 +8,7 @@ uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -237,11 +238,53 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Llama
     return model.to(device).eval()
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: Path, rank: int = 0):
+    """Hold an exclusive lock on a run while training it; released by the OS if the process dies."""
+    if rank != 0:
+        yield
+        return
+    import fcntl
+
+    fh = open(run_dir / ".lock", "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise FlopwiseError(f"{run_dir} is being trained by another process: wait for it or stop it") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def run_is_locked(run_dir: str | Path) -> bool:
+    import fcntl
+
+    path = Path(run_dir) / ".lock"
+    if not path.exists():
+        return False
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
 def train(run_dir: str | Path, quiet: bool = False, log=print) -> dict:
     """Train (or resume) the run in ``run_dir``; returns final.json's content."""
     run_dir = Path(run_dir)
     if (run_dir / "final.json").exists():
         return json.loads((run_dir / "final.json").read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    with run_lock(run_dir, rank):
+        return _train(run_dir, quiet, log)
+
+
+def _train(run_dir: Path, quiet: bool, log) -> dict:
     mc, tc, config = read_run_config(run_dir)
     corpus = open_corpus(config["data"]["path"])
     if corpus.meta["hash"] != config["data"]["hash"]:

@@ -1,0 +1,143 @@
+"""flopwise fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from flopwise.cli import app, console, fmt_count
+from flopwise.errors import FlopwiseError
+
+
+@app.command()
+def fit(
+    runs_path: str = typer.Argument(..., metavar="RUNS", help="CSV or JSONL of runs (n_params, n_tokens, loss), "
+                                    "or a sweep directory of run folders with final.json."),
+    approach: str = typer.Option("all", help="1, 2, 3 or all."),
+    bootstrap: int = typer.Option(1000, help="Bootstrap resamples for intervals (0: none)."),
+    holdout_largest: int = typer.Option(0, help="Fit without the K largest budgets and predict them."),
+    budgets: Optional[str] = typer.Option(None, help="Comma-separated budgets (FLOPs) to report N_opt, D_opt at."),
+    convention: str = typer.Option("total", help="What N in the table counts: total or non_embedding."),
+    level: float = typer.Option(0.9, help="Interval level."),
+    delta: float = typer.Option(1e-3, help="Huber delta of the Approach 3 objective."),
+    degree: int = typer.Option(2, help="IsoFLOP profile: 2 (parabola) or 3 (cubic)."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+    workers: Optional[int] = typer.Option(None, help="Processes for the bootstrap (default: all cores)."),
+    out: Optional[str] = typer.Option(None, help="Folder for law.json, fit.json and plots "
+                                      "(default: RUNS-fit/, or SWEEP_DIR/fit/)."),
+    no_plots: bool = typer.Option(False, "--no-plots", help="Skip the plots."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Fit a scaling law to finished runs (Chinchilla Approaches 1-3, bootstrap intervals)."""
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from flopwise.fsutil import atomic_write_text
+    from flopwise.laws.fit import fit_runs, law_json, public
+    from flopwise.laws.runs import load_runs
+
+    runs = load_runs(runs_path, convention.replace("-", "_"))
+    budget_list = [_float(b, "--budgets") for b in budgets.split(",")] if budgets else ()
+    src = Path(runs_path)
+    out_dir = Path(out) if out else (src / "fit" if src.is_dir() else src.with_name(src.stem + "-fit"))
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), console=Console(stderr=True), disable=quiet or as_json,
+                  transient=True) as bar:
+        tasks: dict = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done)
+
+        result = fit_runs(runs, approach=approach, n_boot=bootstrap, holdout_largest=holdout_largest,
+                          budgets=budget_list, level=level, seed=seed, delta=delta, degree=degree,
+                          workers=workers, progress=progress)
+    law = law_json(result, str(src))
+    atomic_write_text(out_dir / "law.json", json.dumps(law, indent=2) + "\n")
+    atomic_write_text(out_dir / "fit.json", json.dumps(public(result), indent=2) + "\n")
+    plots = [] if no_plots else _plots(runs, result, out_dir)
+    if as_json:
+        print(json.dumps({**public(result), "law_file": str(out_dir / "law.json"), "plots": plots}, indent=2))
+        return
+    print_fit(public(result), out_dir, plots)
+
+
+def _plots(runs, result, out_dir) -> list[str]:
+    from flopwise.report.plots import plot_fit
+
+    return plot_fit(runs, result, out_dir)
+
+
+def _float(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise FlopwiseError(f"{what}: {text!r} is not a number") from None
+
+
+def _iv(result: dict, key: str, fmt: str = ".4g") -> str:
+    iv = result.get("intervals", {}).get(key)
+    return f"[{iv['lower']:{fmt}}, {iv['upper']:{fmt}}]" if iv else "-"
+
+
+def _with_iv(x: float, iv: dict | None) -> str:
+    return fmt_count(x) + (f" [{fmt_count(iv['lower'])}, {fmt_count(iv['upper'])}]" if iv else "")
+
+
+def print_fit(r: dict, out_dir, plots: list[str]) -> None:
+    from rich.panel import Panel
+
+    console.print(f"[bold]{r['n_runs']} runs[/bold], N counted as {r['n_convention']} parameters")
+    if "E" in r:
+        level = f"{r['level']:.0%}"
+        t = Table(title=f"Approach 3: L = E + A/N^α + B/D^β  (Huber δ={r['delta']:g}, objective "
+                        f"{r['objective']:.4g})")
+        for col in ("parameter", "estimate", f"{level} interval", "s.e."):
+            t.add_column(col, justify="right")
+        for key in ("E", "A", "B", "alpha", "beta", "a", "b"):
+            se = r.get("intervals", {}).get(key, {}).get("se")
+            t.add_row(key, f"{r[key]:.4g}", _iv(r, key), "-" if se is None else f"{se:.2g}")
+        console.print(t)
+        t = Table(title="Compute-optimal allocation under this fit")
+        for col in ("budget (FLOPs)", "N_opt", "D_opt", "tokens/param", "loss"):
+            t.add_column(col, justify="right")
+        for row in r["optimal"]:
+            t.add_row(f"{row['flops']:.3g}", _with_iv(row["n_opt"], row.get("n_opt_interval")),
+                      _with_iv(row["d_opt"], row.get("d_opt_interval")), f"{row['tokens_per_param']:.3g}",
+                      f"{row['loss']:.4f}")
+        console.print(t)
+    if "approach2" in r:
+        a2 = r["approach2"]
+        t = Table(title=f"Approach 2: IsoFLOP minima (degree {a2['degree']})")
+        for col in ("budget (FLOPs)", "runs", "N_opt", "D_opt", "min loss", "bracketed"):
+            t.add_column(col, justify="right")
+        for g in a2["groups"]:
+            t.add_row(f"{g['flops']:.3g}", str(g["n_runs"]), fmt_count(g["n_opt"]), fmt_count(g["d_opt"]),
+                      f"{g['loss_min']:.4f}", "yes" if g["bracketed"] else "[red]no[/red]")
+        console.print(t)
+        console.print(f"Approach 2: N_opt ∝ C^{a2['a']:.3f} {_iv(a2, 'a', '.3f')}, "
+                      f"D_opt ∝ C^{a2['b']:.3f} {_iv(a2, 'b', '.3f')}")
+    if "approach1" in r and r["approach1"].get("a") is not None:
+        a1 = r["approach1"]
+        console.print(f"Approach 1 (curve envelope): N_opt ∝ C^{a1['a']:.3f}, D_opt ∝ C^{a1['b']:.3f}")
+    if "holdout" in r:
+        h = r["holdout"]
+        cov = f", {h['level']:.0%} interval covers {h['coverage']:.0%} of them" if "coverage" in h else ""
+        console.print(Panel(
+            f"Fitted without the {h['k']} largest budget(s) ({', '.join(f'{c:.3g}' for c in h['held_out_budgets'])} "
+            f"FLOPs), the law predicts their {h['n_test']} runs' losses with mean |error| "
+            f"[bold]{h['mean_abs_rel_error']:.2%}[/bold] (max {h['max_abs_rel_error']:.2%}, mean signed "
+            f"{h['mean_rel_error']:+.2%}){cov}.", title="Extrapolation check: the number to trust"))
+    for w in r["warnings"]:
+        console.print(f"[yellow]warning: {w}[/yellow]")
+    console.print(f"[dim]law: {out_dir / 'law.json'} (use: flopwise plan --law {out_dir / 'law.json'}); "
+                  f"details: {out_dir / 'fit.json'}; plots: {len(plots)} files[/dim]")
+
+

@@ -1,0 +1,196 @@
+"""flopwise prepare, train and eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from flopwise.cli import app, console
+from flopwise.errors import FlopwiseError
+
+
+@app.command()
+def prepare(
+    paths: Optional[list[str]] = typer.Argument(None, help="Text files, folders of them, or JSONL with a 'text' "
+                                                "field (none: the bundled TinyStories sample)."),
+    out: Optional[str] = typer.Option(None, help="Folder for the prepared corpus (default: the cache)."),
+    vocab_size: int = typer.Option(4096, help="Tokenizer vocabulary size."),
+    val: Optional[list[str]] = typer.Option(None, help="Validation text (default: split off documents)."),
+    val_fraction: float = typer.Option(0.05, help="Fraction of documents held out when --val is not given."),
+    seed: int = typer.Option(0, help="Seed of the validation split."),
+    as_json: bool = typer.Option(False, "--json", help="Print the corpus' meta.json."),
+) -> None:
+    """Text -> SentencePiece BPE tokenizer -> train/validation token files (cached by content hash)."""
+    from flopwise.data.prepare import prepare as prepare_corpus
+
+    with console.status("preparing corpus (tokenizer training, encoding)…"):
+        corpus = prepare_corpus(paths or None, out, vocab_size, val, val_fraction, seed,
+                                log=lambda m: console.print(f"[yellow]{m}[/yellow]"))
+    if as_json:
+        print(json.dumps({**corpus.meta, "path": str(corpus.path)}, indent=2))
+        return
+    m = corpus.meta
+    console.print(f"prepared {corpus.path}: {m['n_tokens_train']:,} train tokens ({m['n_docs_train']:,} documents), "
+                  f"{m['n_tokens_val']:,} validation tokens, vocab {m['vocab_size']}, "
+                  f"{m['bytes_train'] / max(1, m['n_tokens_train']):.2f} bytes/token")
+
+
+def _model_config(config: Optional[str], n_params: Optional[float], plan_doc: Optional[dict], vocab: int,
+                  seq_len: int):
+    from flopwise.laws.shape import suggest_shape
+    from flopwise.model.llama import ModelConfig
+
+    given = [x for x in (config, n_params, plan_doc) if x is not None]
+    if len(given) > 1:
+        raise FlopwiseError("give the model once: --config, --n-params or --plan")
+    if config is not None:
+        try:
+            d = json.loads(open(config).read())
+        except (OSError, json.JSONDecodeError) as e:
+            raise FlopwiseError(f"cannot read --config {config}: {e}") from None
+        d = d.get("model", d.get("shape", d))
+        mc = ModelConfig.from_dict(d)
+        if mc.vocab_size != vocab:
+            raise FlopwiseError(f"--config has vocab_size {mc.vocab_size} but the corpus has {vocab}: "
+                                "edit the config or prepare the corpus with --vocab-size")
+        return mc
+    if plan_doc is not None:
+        shape = plan_doc["shape"]
+        if shape["vocab_size"] == vocab:
+            return ModelConfig.from_dict(shape)
+        n_params = plan_doc["n_params"]
+        seq_len = shape.get("seq_len", seq_len)
+        console.print(f"[dim]note: the plan's shape has vocab {shape['vocab_size']}, the corpus {vocab}: "
+                      f"reshaping for {n_params:.3g} parameters[/dim]")
+    if n_params is None:
+        raise FlopwiseError("no model given: use --n-params 1e6, --config FILE or --plan FILE")
+    return ModelConfig(**suggest_shape(float(n_params), vocab_size=vocab, seq_len=seq_len).to_dict())
+
+
+def _read_plan(path: str) -> dict:
+    from flopwise.laws.plan import PLAN_VERSION
+
+    try:
+        doc = json.loads(open(path).read())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FlopwiseError(f"cannot read --plan {path}: {e}; "
+                            "write it with 'flopwise plan --json > plan.json'") from None
+    if not isinstance(doc, dict) or "n_tokens" not in doc or "shape" not in doc:
+        raise FlopwiseError(f"{path} is not a plan: write it with 'flopwise plan --json > plan.json'")
+    if doc.get("plan_version") != PLAN_VERSION:
+        raise FlopwiseError(f"{path} is a plan of version {doc.get('plan_version')}, this flopwise reads version "
+                            f"{PLAN_VERSION}: re-run 'flopwise plan --json'")
+    return doc
+
+
+@app.command()
+def train(
+    run: Optional[str] = typer.Argument(None, metavar="[RUN_DIR]", help="Resume this run directory."),
+    data: Optional[str] = typer.Option(None, help="Prepared corpus folder, or text to prepare (default: bundled)."),
+    n_params: Optional[float] = typer.Option(None, help="Target parameter count; the shape is suggested."),
+    config: Optional[str] = typer.Option(None, help="Model config JSON (fields of ModelConfig)."),
+    tokens: Optional[float] = typer.Option(None, help="Training tokens D."),
+    flops: Optional[float] = typer.Option(None, help="Training FLOPs (exact count); D follows."),
+    plan_file: Optional[str] = typer.Option(None, "--plan", help="A plan from 'flopwise plan --json'."),
+    out: Optional[str] = typer.Option(None, help="Run directory to create."),
+    seq_len: int = typer.Option(256, help="Context length (with --n-params)."),
+    vocab_size: int = typer.Option(4096, help="Vocabulary when --data needs preparing."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: by compute, DeepSeek LLM rule)."),
+    batch_tokens: Optional[int] = typer.Option(None, help="Global batch in tokens (default: by compute)."),
+    micro_batch: int = typer.Option(16, help="Sequences per forward pass; accumulation covers the rest."),
+    schedule: str = typer.Option("cosine", help="cosine or wsd."),
+    cooldown_fraction: float = typer.Option(0.2, help="WSD: fraction of steps in the cooldown."),
+    cooldown_shape: str = typer.Option("linear", help="WSD cooldown: linear or 1-sqrt."),
+    precision: str = typer.Option("auto", help="auto, bf16 or fp32."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    ckpt_every: int = typer.Option(0, help="Checkpoint every K steps (0: about 20 per run)."),
+    eval_every: int = typer.Option(0, help="Evaluate every K steps (0: about 10 per run)."),
+    seed: int = typer.Option(0, help="Seed for init and data order."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+    as_json: bool = typer.Option(False, "--json", help="Print final.json."),
+) -> None:
+    """Train a model with its schedule matched to its token budget; 'flopwise train RUN_DIR' resumes."""
+    from flopwise.data.prepare import resolve_corpus
+    from flopwise.laws.flops import training_flops_per_token
+    from flopwise.train import distributed as dist
+    from flopwise.train.trainer import TrainConfig, new_run
+    from flopwise.train.trainer import train as run_training
+
+    rank, _ = dist.setup()
+    if run is not None and out is None and (Path(run) / "config.json").exists():
+        run_dir = Path(run)
+    else:
+        if run is not None and out is None:
+            out = run
+        if out is None:
+            raise FlopwiseError("no run directory: give --out RUN_DIR for a new run, or RUN_DIR to resume one")
+        run_dir = Path(out)
+        if rank == 0 and not (run_dir / "config.json").exists():
+            corpus = resolve_corpus(data, vocab_size, log=lambda m: console.print(f"[yellow]{m}[/yellow]"))
+            plan_doc = _read_plan(plan_file) if plan_file else None
+            mc = _model_config(config, n_params, plan_doc, corpus.vocab_size, seq_len)
+            budgets = [x for x in (tokens, flops, plan_doc) if x is not None]
+            if len(budgets) != 1:
+                raise FlopwiseError("give the training budget once: --tokens, --flops or --plan")
+            if flops is not None:
+                n_tokens = flops / training_flops_per_token(mc)
+            else:
+                n_tokens = tokens if tokens is not None else plan_doc["n_tokens"]
+            if not (n_tokens == n_tokens and 0 < n_tokens < 1e15):
+                raise FlopwiseError(f"the token budget must be a positive number, got {n_tokens}")
+            tc = TrainConfig(n_tokens=int(n_tokens), lr=lr, batch_tokens=batch_tokens, micro_batch=micro_batch,
+                             schedule=schedule, cooldown_fraction=cooldown_fraction, cooldown_shape=cooldown_shape,
+                             precision=precision, compile=compile_model, device=device, ckpt_every=ckpt_every,
+                             eval_every=eval_every, seed=seed)
+            new_run(run_dir, mc, tc, corpus)
+        elif (run_dir / "config.json").exists() and rank == 0 and any(
+                x is not None for x in (n_params, config, tokens, flops, plan_file)):
+            raise FlopwiseError(f"{run_dir} already holds a run: resume it with 'flopwise train {run_dir}' "
+                                "(without model or budget options) or choose another --out")
+    dist.barrier()
+    final = run_training(run_dir, quiet=quiet or as_json, log=console.print)
+    if as_json:
+        print(json.dumps(final, indent=2))
+    elif rank == 0:
+        console.print(f"done: {run_dir}  val loss {final['val_loss']:.4f} nats/token, {final['val_bpb']:.4f} "
+                      f"bits/byte, {final['epochs']:.2f} epochs, {final['wall_seconds']:.0f} s")
+
+
+@app.command("eval")
+def eval_cmd(
+    run: str = typer.Argument(..., metavar="RUN_DIR", help="A run directory (its latest checkpoint)."),
+    data: Optional[str] = typer.Option(None, help="Prepared corpus (default: the run's own)."),
+    windows: int = typer.Option(256, help="Validation windows of the run's context length."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Validation loss (nats/token) and bits per byte of a run on a prepared corpus."""
+    import numpy as np
+
+    from flopwise.data.prepare import open_corpus
+    from flopwise.data.tokenizer import token_byte_lengths
+    from flopwise.train.batches import eval_windows
+    from flopwise.train.trainer import evaluate, load_model, pick_device, pick_precision, read_run_config
+
+    mc, tc, cfg = read_run_config(run)
+    corpus = open_corpus(data or cfg["data"]["path"])
+    if corpus.vocab_size != mc.vocab_size:
+        raise FlopwiseError(f"the corpus' vocab ({corpus.vocab_size}) differs from the model's ({mc.vocab_size}): "
+                            "evaluate on data prepared with the run's tokenizer")
+    device = pick_device("auto")
+    model = load_model(run, device)
+    w = eval_windows(corpus.tokens("val"), mc.seq_len, windows)
+    loss, bpb = evaluate(model, w, 16, pick_precision("auto", device), device,
+                         np.array(token_byte_lengths(corpus.tokenizer())))
+    result = {"run": run, "data": str(corpus.path), "val_loss": loss, "val_bpb": bpb,
+              "val_tokens": int(w[:, 1:].size)}
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        console.print(f"{run}: val loss {loss:.4f} nats/token, {bpb:.4f} bits/byte over {result['val_tokens']:,} "
+                      "tokens")
+
+

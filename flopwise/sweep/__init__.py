@@ -1,0 +1,1 @@
+"""IsoFLOP sweeps: design, run store, local pool / Ray runner."""

@@ -1,0 +1,120 @@
+"""IsoFLOP sweep design: budgets x model sizes, each run's tokens set so its exact FLOPs equal its budget.
+
+Sizes are log-spaced around the optimum a prior law predicts (``spread`` x either side), each
+made a concrete shape by ``flopwise.laws.shape``. A sweep folder holds ``sweep.json`` (this
+design) and one run directory per run; results come from the runs' ``final.json`` files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flopwise.errors import FlopwiseError
+from flopwise.fsutil import atomic_write_text
+from flopwise.laws.flops import Shape, n_params_total, training_flops_per_token
+from flopwise.laws.law import Law, load_law
+from flopwise.laws.shape import suggest_shape
+
+SWEEP_VERSION = 1
+
+
+@dataclass
+class RunSpec:
+    name: str
+    budget: float  # FLOPs (exact count) this run spends
+    shape: dict
+    n_params: int  # total
+    n_tokens: int
+
+    @property
+    def flops(self) -> float:
+        return float(training_flops_per_token(Shape(**self.shape))) * self.n_tokens
+
+
+def smallest_shape(vocab_size: int, seq_len: int) -> Shape:
+    return Shape(vocab_size=vocab_size, d_model=32, n_layers=1, n_heads=1, n_kv_heads=1, d_ff=96, seq_len=seq_len,
+                 tie_embeddings=True)
+
+
+def design_sweep(budgets, vocab_size: int, seq_len: int, n_sizes: int = 5, spread: float = 4.0,
+                 prior: Law | str = "chinchilla", min_tokens: int = 0) -> list[RunSpec]:
+    """Runs for each budget: ``n_sizes`` sizes log-spaced over [N_opt/spread, N_opt*spread]."""
+    prior = load_law(prior) if isinstance(prior, str) else prior
+    budgets = sorted(float(b) for b in budgets)
+    if not budgets:
+        raise FlopwiseError("a sweep needs at least one budget")
+    if n_sizes < 3:
+        raise FlopwiseError(f"--sizes must be at least 3 to locate a minimum, got {n_sizes}")
+    smallest = smallest_shape(vocab_size, seq_len)
+    n_min = n_params_total(smallest)
+    runs: list[RunSpec] = []
+    for b in budgets:
+        n_opt = float(prior.optimal(b)[0])
+        targets = n_opt * np.geomspace(1 / spread, spread, n_sizes)
+        low = targets[0]
+        if low < n_min * 1.05:  # shift the window up: sizes below the smallest model do not exist
+            targets = targets * (n_min * 1.05 / low)
+        seen = set()
+        for target in targets:
+            shape = suggest_shape(float(target), vocab_size=vocab_size, seq_len=seq_len)
+            if shape in seen:
+                continue
+            seen.add(shape)
+            tokens = int(b / training_flops_per_token(shape))
+            if tokens < max(min_tokens, 1):
+                continue
+            runs.append(RunSpec(name=f"c{b:.2e}-n{n_params_total(shape):09d}".replace("+", ""), budget=b,
+                                shape=shape.to_dict(), n_params=n_params_total(shape), n_tokens=tokens))
+    if not runs:
+        fpt = training_flops_per_token(smallest)
+        raise FlopwiseError(f"the budgets are too small to train even the smallest model ({n_min:,} params, "
+                            f"{fpt:,} FLOPs/token): give budgets of at least {fpt * 20 * 256:.2g} FLOPs")
+    return runs
+
+
+def budgets_for(total_flops: float, n_budgets: int = 3, ratio: float = 3.0, n_sizes: int = 5) -> list[float]:
+    """Budgets b, b*ratio, b*ratio^2, ... whose runs (n_sizes each) spend ``total_flops`` together."""
+    weights = ratio ** np.arange(n_budgets)
+    b = total_flops / (n_sizes * weights.sum())
+    return [float(b * w) for w in weights]
+
+
+def write_design(sweep_dir: Path, runs: list[RunSpec], meta: dict) -> None:
+    doc = {"version": SWEEP_VERSION, **meta, "runs": [asdict(r) for r in runs]}
+    atomic_write_text(sweep_dir / "sweep.json", json.dumps(doc, indent=2) + "\n")
+
+
+def read_design(sweep_dir: str | Path) -> tuple[list[RunSpec], dict]:
+    path = Path(sweep_dir) / "sweep.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise FlopwiseError(f"{sweep_dir} is not a sweep (no readable sweep.json)") from None
+    if doc.get("version") != SWEEP_VERSION:
+        raise FlopwiseError(f"{path} has version {doc.get('version')}, this flopwise reads {SWEEP_VERSION}")
+    runs = [RunSpec(**r) for r in doc.pop("runs")]
+    return runs, doc
+
+
+def total_flops(runs: list[RunSpec]) -> float:
+    return float(sum(r.flops for r in runs))
+
+
+def describe(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def eta_seconds(runs: list[RunSpec], flops_per_s) -> float:
+    """Seconds to train ``runs`` on one worker, given a FLOP/s rate as a function of the shape."""
+    return float(sum(r.flops / flops_per_s(Shape(**r.shape)) for r in runs))
+
+
+def log_spaced(lo: float, hi: float, n: int) -> list[float]:
+    if not (0 < lo < hi) or n < 1:
+        raise FlopwiseError(f"--min-flops and --max-flops must satisfy 0 < min < max, got {lo:g}, {hi:g}")
+    return [float(x) for x in np.geomspace(lo, hi, n)] if n > 1 else [math.sqrt(lo * hi)]

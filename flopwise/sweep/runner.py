@@ -1,0 +1,159 @@
+"""Running a sweep: a local process pool (or a Ray cluster) over independent run directories.
+
+Re-running a killed sweep trains only what is missing: finished runs (final.json) are skipped,
+half-done runs resume from their checkpoints, and a run still held by a live process (its
+lock) is waited for, never trained twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+
+from flopwise.errors import FlopwiseError
+from flopwise.sweep.design import RunSpec, read_design
+
+
+def _die_with_parent() -> None:
+    """Linux: ask the kernel to kill this worker when the sweep process dies (e.g. kill -9)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _init_worker(threads: int) -> None:
+    _die_with_parent()
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_one(sweep_dir: str, spec: dict, corpus_path: str, train_options: dict) -> dict:
+    """Create (if needed) and train one run of a sweep; returns its final.json."""
+    from flopwise.data.prepare import open_corpus
+    from flopwise.model.llama import ModelConfig
+    from flopwise.train.trainer import TrainConfig, new_run, train
+
+    run_dir = Path(sweep_dir) / spec["name"]
+    if not (run_dir / "config.json").exists():
+        tc = TrainConfig(n_tokens=spec["n_tokens"], extra={"budget": spec["budget"]}, **train_options)
+        try:
+            new_run(run_dir, ModelConfig(**spec["shape"]), tc, open_corpus(corpus_path))
+        except FlopwiseError:
+            if not (run_dir / "config.json").exists():
+                raise
+    return train(run_dir, quiet=True)
+
+
+def status(sweep_dir: str | Path) -> list[dict]:
+    """Each run's state: done (with its loss), running (locked by a live process), partial, or missing."""
+    from flopwise.train.trainer import run_is_locked
+
+    runs, _ = read_design(sweep_dir)
+    out = []
+    for r in runs:
+        d = Path(sweep_dir) / r.name
+        row = {"name": r.name, "budget": r.budget, "n_params": r.n_params, "n_tokens": r.n_tokens}
+        if (d / "final.json").exists():
+            f = json.loads((d / "final.json").read_text())
+            row.update(state="done", val_loss=f["val_loss"], wall_seconds=f["wall_seconds"])
+        elif run_is_locked(d):
+            row["state"] = "running"
+        elif (d / "ckpt" / "latest.pt").exists():
+            row["state"] = "partial"
+        else:
+            row["state"] = "missing"
+        out.append(row)
+    return out
+
+
+def run_sweep(sweep_dir: str | Path, workers: int = 1, threads: int | None = None, ray_address: str | None = None,
+              progress=None) -> list[dict]:
+    """Train every run of the sweep that has no final.json; ``progress(done_flops, total_flops, n_done, n)``."""
+    sweep_dir = Path(sweep_dir)
+    specs, meta = read_design(sweep_dir)
+    todo = [s for s in specs if not (sweep_dir / s.name / "final.json").exists()]
+    todo.sort(key=lambda s: -s.flops)  # largest first: better packing of the pool
+    total = sum(s.flops for s in specs)
+    done_flops = total - sum(s.flops for s in todo)
+    n_done = len(specs) - len(todo)
+    threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+    args = [(str(sweep_dir), s.__dict__, meta["corpus"], meta.get("train_options", {})) for s in todo]
+    if progress:
+        progress(done_flops, total, n_done, len(specs))
+    if ray_address is not None:
+        return _run_ray(args, todo, ray_address, threads, progress, done_flops, total, n_done, len(specs))
+    results = []
+    if workers <= 1:
+        import torch
+
+        torch.set_num_threads(threads)
+        for spec, a in zip(todo, args, strict=True):
+            results.append(_wait_if_locked(sweep_dir / spec.name, lambda a=a: run_one(*a)))
+            done_flops, n_done = done_flops + spec.flops, n_done + 1
+            if progress:
+                progress(done_flops, total, n_done, len(specs))
+        return results
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        pending = {pool.submit(_wait_if_locked_remote, *a): s for a, s in zip(args, todo, strict=True)}
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                spec = pending.pop(fut)
+                results.append(fut.result())
+                done_flops, n_done = done_flops + spec.flops, n_done + 1
+                if progress:
+                    progress(done_flops, total, n_done, len(specs))
+    return results
+
+
+def _wait_if_locked(run_dir: Path, fn, poll_seconds: float = 1.0):
+    """Wait while another live process trains this run (e.g. an orphan of a killed sweep)."""
+    from flopwise.train.trainer import run_is_locked
+
+    while run_is_locked(run_dir):
+        time.sleep(poll_seconds)
+    if (run_dir / "final.json").exists():
+        return json.loads((run_dir / "final.json").read_text())
+    return fn()
+
+
+def _wait_if_locked_remote(sweep_dir: str, spec: dict, corpus_path: str, train_options: dict) -> dict:
+    return _wait_if_locked(Path(sweep_dir) / spec["name"], lambda: run_one(sweep_dir, spec, corpus_path, train_options))
+
+
+def _run_ray(args, todo: list[RunSpec], address: str, threads: int, progress, done_flops, total, n_done, n):
+    try:
+        import ray
+    except ImportError:
+        raise FlopwiseError("--ray needs Ray: pip install 'flopwise[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False)
+    remote = ray.remote(num_cpus=threads)(_ray_task)
+    refs = {remote.remote(threads, *a): s for a, s in zip(args, todo, strict=True)}
+    results = []
+    while refs:
+        ready, _ = ray.wait(list(refs), num_returns=1)
+        for ref in ready:
+            spec = refs.pop(ref)
+            results.append(ray.get(ref))
+            done_flops, n_done = done_flops + spec.flops, n_done + 1
+            if progress:
+                progress(done_flops, total, n_done, n)
+    return results
+
+
+def _ray_task(threads: int, sweep_dir: str, spec: dict, corpus_path: str, train_options: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    return _wait_if_locked_remote(sweep_dir, spec, corpus_path, train_options)
