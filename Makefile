@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo plan-demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -16,7 +16,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# The main job: sweep -> fit -> plan -> train -> compare -> report on the bundled corpus (~10-13 min on 2 cores).
 demo: setup
+	$(VENV)/bin/flopwise autopilot --out autopilot
+
+plan-demo: setup
 	$(VENV)/bin/flopwise plan --flops 1e21 --gpu a100-80gb
 	$(VENV)/bin/flopwise plan --flops 1e21 --inference-tokens 2e12
 	$(VENV)/bin/flopwise plan --dollars 500 --gpu h100 --device rpi5 --bits 4

@@ -30,7 +30,7 @@ def test_shapes_and_loss(config):
     x = torch.randint(0, config.vocab_size, (2, config.seq_len))
     assert model(x).shape == (2, config.seq_len, config.vocab_size)
     loss = model(x, x)
-    assert loss.ndim == 0 and math.isfinite(float(loss))
+    assert loss.ndim == 0 and math.isfinite(loss.item())
     with pytest.raises(Exception, match="exceeds the model's context"):
         model(torch.zeros(1, config.seq_len + 1, dtype=torch.long))
 

@@ -291,13 +291,24 @@ def fit_isoflop(runs: Runs, degree: int = 2, n_boot: int = 1000, seed: int = 0, 
     if len(groups) < 2:
         raise FlopwiseError("Approach 2 found a usable minimum in fewer than two budgets: "
                             "add sizes on both sides of each budget's optimum")
-    log_c = np.log([g["flops"] for g in groups])
-    a, a_icpt = _powerlaw(log_c, np.log([g["n_opt"] for g in groups]))
-    b, b_icpt = _powerlaw(log_c, np.log([g["d_opt"] for g in groups]))
+    # Only bracketed minima are measurements; an extrapolated one can be off by orders of magnitude.
+    fitted = [g for g in groups if g["bracketed"]]
+    if len(fitted) >= 2:
+        if len(fitted) < len(groups):
+            warnings.append(f"Approach 2 fits the {len(fitted)} budgets whose minimum is bracketed and leaves out "
+                            f"{len(groups) - len(fitted)}")
+    else:
+        fitted = groups
+        warnings.append("fewer than two budgets have a bracketed minimum: Approach 2's exponents are unreliable")
+    for g in groups:
+        g["used"] = g in fitted
+    log_c = np.log([g["flops"] for g in fitted])
+    a, a_icpt = _powerlaw(log_c, np.log([g["n_opt"] for g in fitted]))
+    b, b_icpt = _powerlaw(log_c, np.log([g["d_opt"] for g in fitted]))
 
     rng = np.random.default_rng(seed)
     samples = []
-    usable = [runs.budget == g["flops"] for g in groups]
+    usable = [runs.budget == g["flops"] for g in fitted]
     for _ in range(n_boot):
         pts = []
         for m in usable:
@@ -313,6 +324,9 @@ def fit_isoflop(runs: Runs, degree: int = 2, n_boot: int = 1000, seed: int = 0, 
         if len(pts) >= 2:
             p = np.array(pts)
             samples.append((*np.polyfit(p[:, 0], p[:, 1], 1), *np.polyfit(p[:, 0], p[:, 2], 1)))
+    if not (abs(a) < 10 and abs(b) < 10 and abs(a_icpt) < 700 and abs(b_icpt) < 700):
+        raise FlopwiseError(f"the IsoFLOP minima give a degenerate power law (N_opt ~ C^{a:.3g}): the minima are "
+                            "not bracketed; sweep sizes on both sides of each budget's optimum")
     out = {"degree": degree, "groups": groups, "a": a, "b": b, "n_coef": math.exp(a_icpt),
            "d_coef": math.exp(b_icpt), "warnings": warnings, "n_boot": len(samples)}
     if len(samples) >= 10:

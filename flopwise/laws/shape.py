@@ -62,20 +62,25 @@ def _round_up(x: float, m: int) -> int:
     return max(m, int(math.ceil(x / m)) * m)
 
 
-def _candidates(n_target: float, vocab: int, seq_len: int, tie: bool):
+NARROW = ((0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6, 1.8, 2.0), 4)
+WIDE = ((0.25, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6, 1.8, 2.0), 6)  # when NARROW finds nothing
+
+
+def _candidates(n_target: float, vocab: int, seq_len: int, tie: bool, search=NARROW):
+    widths, ff_steps = search
     aspect = target_aspect_ratio(n_target)
     # N_non_embedding ~ 12 L d^2 with d = aspect * L gives the depth to start from.
     l0 = max(1.0, (n_target / (12.0 * aspect**2)) ** (1 / 3))
     for n_layers in range(max(1, int(l0 / 2)), int(l0 * 2) + 3):
         d_mid = aspect * n_layers
         for d_model in sorted({_round_up(d_mid * f, _granularity(int(d_mid * f))) for f in
-                               (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6, 1.8, 2.0)}):
+                               widths}):
             hd = _head_dim(d_model)
             if d_model % hd:
                 continue
             g = _granularity(d_model)
             ff0 = _round_up(8 * d_model / 3, g)
-            for step in range(-4, 5):
+            for step in range(-ff_steps, ff_steps + 1):
                 d_ff = ff0 + step * g
                 if d_ff < g:
                     continue
@@ -95,14 +100,17 @@ def suggest_shape(n_target: float, convention: str = "total", vocab_size: int | 
     tie = bool(n_target < 5e8) if tie_embeddings is None else bool(tie_embeddings)
     aspect = target_aspect_ratio(n_target)
     best, best_score = None, math.inf
-    for s in _candidates(n_target, vocab, seq_len, tie):
-        err = abs(n_params(s, convention) / n_target - 1.0)
-        if err > TOLERANCE:
-            continue
-        score = (abs(math.log(s.d_model / s.n_layers / aspect)) + 4.0 * err
-                 + 0.5 * abs(math.log(3 * s.d_ff / (8 * s.d_model))))
-        if score < best_score:
-            best, best_score = s, score
+    for search in (NARROW, WIDE):
+        for s in _candidates(n_target, vocab, seq_len, tie, search):
+            err = abs(n_params(s, convention) / n_target - 1.0)
+            if err > TOLERANCE:
+                continue
+            score = (abs(math.log(s.d_model / s.n_layers / aspect)) + 4.0 * err
+                     + 0.5 * abs(math.log(3 * s.d_ff / (8 * s.d_model))))
+            if score < best_score:
+                best, best_score = s, score
+        if best is not None:
+            break
     if best is None:
         smallest = Shape(vocab_size=vocab, d_model=32, n_layers=1, n_heads=1, n_kv_heads=1, d_ff=32,
                          seq_len=seq_len, tie_embeddings=tie)

@@ -163,3 +163,40 @@ def plot_fit(runs: Runs, result: dict, out: str | Path) -> list[str]:
         paths += plot_contours(runs, result, out)
         paths += plot_residuals(runs, result, out)
     return paths
+
+
+def plot_loss_curves(sweep_dir: str | Path, extra_runs: list[Path], out: str | Path) -> list[str]:
+    """Training loss against FLOPs for every sweep run (coloured by budget) and the final run(s)."""
+    import json
+
+    plt = _plt()
+    sweep_dir = Path(sweep_dir)
+    curves = []
+    for metrics in sorted(sweep_dir.glob("*/metrics.jsonl")):
+        final = metrics.parent / "final.json"
+        budget = json.loads(final.read_text()).get("budget") if final.exists() else None
+        pts = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        if pts and budget:
+            curves.append((budget, pts))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    budgets = sorted({b for b, _ in curves})
+    colors = dict(zip(budgets, _colors(len(budgets)), strict=True))
+    for b, pts in curves:
+        ax.plot([p["flops"] for p in pts], [p["loss"] for p in pts], color=colors[b], lw=0.8, alpha=0.8)
+    for b in budgets:
+        ax.plot([], [], color=colors[b], label=f"sweep, {b:.2g} FLOPs")
+    for i, run in enumerate(extra_runs):
+        path = Path(run) / "metrics.jsonl"
+        if path.exists():
+            pts = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            ax.plot([p["flops"] for p in pts], [p["loss"] for p in pts], color=f"C{3 + i}", lw=1.5,
+                    label=f"{Path(run).name} run")
+            val = [p for p in pts if "val_loss" in p]
+            ax.scatter([p["flops"] for p in val], [p["val_loss"] for p in val], color=f"C{3 + i}", s=14, zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute (FLOPs)")
+    ax.set_ylabel("training loss (nats/token); dots: validation")
+    ax.set_title("Loss curves of all runs")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, Path(out), "loss_curves")

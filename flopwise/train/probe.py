@@ -70,3 +70,39 @@ def load_probe() -> dict | None:
         return json.loads(probe_cache_path().read_text())
     except (OSError, ValueError):
         return None
+
+
+def training_rate(shape_dict: dict, threads: int | None = None, micro_batch: int = 16, steps: int = 3,
+                  precision: str = "auto") -> float:
+    """Measured training FLOP/s (exact count) of a model of this shape on this CPU: a few real steps."""
+    import torch
+
+    from flopwise.laws.flops import training_flops_per_token
+    from flopwise.model.llama import Llama, ModelConfig
+    from flopwise.train.trainer import pick_precision
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        mc = ModelConfig(**shape_dict)
+        bf16 = pick_precision(precision, torch.device("cpu")) == "bf16"
+        model = Llama(mc)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x = torch.randint(0, mc.vocab_size, (micro_batch, mc.seq_len))
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        seconds = (time.perf_counter() - t0) / steps
+        return training_flops_per_token(mc) * micro_batch * mc.seq_len / seconds
+    finally:
+        torch.set_num_threads(before)

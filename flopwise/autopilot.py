@@ -1,0 +1,296 @@
+"""flopwise autopilot: sweep -> fit -> plan -> train -> compare -> report, in one call.
+
+Everything here calls the library's own pieces (design_sweep, run_sweep, fit_runs, make_plan,
+new_run/train, the report); this module only decides the order and the budgets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flopwise import __version__
+from flopwise.errors import FlopwiseError
+from flopwise.fsutil import atomic_write_text
+
+DEFAULT_BUDGET = 5e13  # FLOPs: about ten minutes of training on a 2-core CPU
+
+
+@dataclass
+class AutopilotConfig:
+    budget_flops: float = DEFAULT_BUDGET
+    sweep_fraction: float = 0.4
+    n_budgets: int = 3
+    n_sizes: int = 5
+    spread: float = 4.0  # sizes span a factor spread^2 around the prior's N_opt (see design_sweep)
+    budget_ratio: float = 2.5  # between consecutive sweep budgets
+    vocab_size: int = 1024
+    seq_len: int = 128
+    workers: int = 0  # 0: one per core
+    bootstrap: int = 1000
+    seed: int = 0
+    prior: str = "chinchilla"
+    compare: bool = False  # also train a 4x larger model with the final budget
+    resume: bool = False
+
+
+def _sweep_train_options(cfg: AutopilotConfig) -> dict:
+    # one evaluation at the end on fixed windows shared by all runs, so their losses compare closely
+    return {"eval_every": 10**9, "eval_windows": 8, "final_eval_windows": 256, "seed": cfg.seed,
+            "micro_batch": 16}
+
+
+def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | None = None, log=print,
+              progress_factory=None) -> dict:
+    """Run the whole job into ``out``; returns summary.json's content."""
+    from flopwise.data.prepare import resolve_corpus
+    from flopwise.laws.allocate import check_flops
+    from flopwise.laws.fit import fit_runs, law_json, public
+    from flopwise.laws.runs import load_runs
+    from flopwise.sweep.design import budgets_for, design_sweep, read_design, total_flops, write_design
+    from flopwise.sweep.runner import run_sweep
+
+    cfg = cfg or AutopilotConfig()
+    out = Path(out)
+    check_flops(cfg.budget_flops, "--budget")
+    if not 0 < cfg.sweep_fraction < 1:
+        raise FlopwiseError(f"--sweep-fraction must be between 0 and 1, got {cfg.sweep_fraction}")
+    t_start = time.time()
+    commands = [" ".join(["flopwise", *sys.argv[1:]])] if sys.argv else []
+
+    # 1. corpus
+    corpus = resolve_corpus(data, cfg.vocab_size, log=log)
+    m = corpus.meta
+    log(f"corpus: {m['n_tokens_train']:,} training tokens ({m['n_docs_train']:,} documents), "
+        f"{m['n_tokens_val']:,} validation tokens, vocab {m['vocab_size']} ({corpus.path})")
+
+    # 2. sweep design (refuse to mix with another sweep in the same folder)
+    sweep_dir = out / "sweep"
+    budgets = budgets_for(cfg.sweep_fraction * cfg.budget_flops, cfg.n_budgets, cfg.budget_ratio, cfg.n_sizes)
+    specs = design_sweep(budgets, corpus.vocab_size, cfg.seq_len, cfg.n_sizes, cfg.spread, cfg.prior)
+    meta = {"corpus": str(corpus.path), "corpus_hash": m["hash"], "budgets": budgets, "prior": cfg.prior,
+            "train_options": _sweep_train_options(cfg), "schedule": "cosine"}
+    if (sweep_dir / "sweep.json").exists():
+        old_specs, old_meta = read_design(sweep_dir)
+        same = [s.__dict__ for s in old_specs] == [s.__dict__ for s in specs] and old_meta["corpus_hash"] == m["hash"]
+        if not same and not cfg.resume:
+            raise FlopwiseError(f"{out} holds another sweep (different budget, data or options): use --resume to "
+                                "finish that one, or choose another --out")
+        specs, meta = old_specs, old_meta
+    else:
+        write_design(sweep_dir, specs, meta)
+    sweep_flops = total_flops(specs)
+    workers = cfg.workers or min(os.cpu_count() or 1, len(specs))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    eta_sweep, rate_final = _estimate(specs, threads, workers)
+    remaining = cfg.budget_flops - sweep_flops
+    log(f"sweep: {len(specs)} runs over {len(budgets)} budgets ({', '.join(f'{b:.2g}' for b in budgets)} FLOPs), "
+        f"sizes {min(s.n_params for s in specs):,}-{max(s.n_params for s in specs):,} params, "
+        f"{sweep_flops:.3g} FLOPs on {workers} worker(s)")
+    log(f"ETA: sweep ~{eta_sweep / 60:.1f} min, final model ~{remaining / rate_final / 60:.1f} min "
+        f"(measured on this machine)")
+
+    with _bar(progress_factory, "sweep", sweep_flops) as tick:
+        run_sweep(sweep_dir, workers, threads, progress=lambda done, total, k, n: tick(done, f"{k}/{n} runs"))
+    t_sweep = time.time() - t_start
+
+    # 3. fit (Approach 2 and 3, bootstrap, extrapolation check)
+    runs = load_runs(sweep_dir)
+    with _bar(progress_factory, "fit (bootstrap)", cfg.bootstrap) as tick:
+        fit = fit_runs(runs, approach="all", n_boot=cfg.bootstrap, holdout_largest=1 if len(budgets) >= 3 else 0,
+                       budgets=[remaining], seed=cfg.seed, progress=lambda stage, done, total: tick(done, stage))
+    fit_dir = out / "fit"
+    law_doc = law_json(public(fit), str(sweep_dir))
+    atomic_write_text(fit_dir / "law.json", json.dumps(law_doc, indent=2) + "\n")
+    atomic_write_text(fit_dir / "fit.json", json.dumps(public(fit), indent=2) + "\n")
+    from flopwise.report.plots import plot_fit, plot_loss_curves
+
+    plots = plot_fit(runs, fit, fit_dir)
+
+    # 4. plan the final run with the fitted law, data-constrained
+    final_spec, plan = _plan_final(fit, remaining, corpus, cfg)
+    from flopwise.train.probe import training_rate
+
+    eta_final = final_spec["flops"] / training_rate(final_spec["shape"], os.cpu_count() or 1) * 1.15
+    log(f"plan: N = {final_spec['n_params']:,} params, D = {final_spec['n_tokens']:,} tokens "
+        f"({final_spec['epochs']:.1f} epochs of the corpus), predicted loss {final_spec['predicted_loss']:.3f} "
+        f"[{final_spec['predicted_interval'][0]:.3f}, {final_spec['predicted_interval'][1]:.3f}]; "
+        f"training it takes ~{eta_final / 60:.1f} min")
+
+    # 5. train the final model
+    final_dir = out / "final"
+    final = _train_final(final_dir, final_spec, corpus, cfg, log)
+    bigger = None
+    if cfg.compare:
+        bigger_spec = dict(final_spec, n_params_target=final_spec["n_params"] * 4)
+        bigger = _train_final(out / "bigger", bigger_spec, corpus, cfg, log, reshape=True)
+    plots += plot_loss_curves(sweep_dir, [final_dir] + ([out / "bigger"] if bigger else []), fit_dir)
+
+    # 6. compare
+    comparison = _compare(runs, fit, final, final_spec, bigger)
+    samples = _samples(final_dir, cfg.seed)
+    summary = {
+        "budget_flops": cfg.budget_flops, "sweep_flops": sweep_flops, "final_flops": final["flops"],
+        "n_params_opt": final_spec["n_params"], "n_tokens_opt": final_spec["n_tokens"],
+        "predicted_loss": final_spec["predicted_loss"], "predicted_loss_interval": final_spec["predicted_interval"],
+        "measured_loss": final["val_loss"], "measured_bpb": final["val_bpb"], **comparison,
+        "epochs": final["epochs"], "swept_n_params_min": int(min(runs.n_params)),
+        "swept_n_params_max": int(max(runs.n_params)), "fit": {k: fit.get(k) for k in ("E", "A", "B", "alpha", "beta",
+                                                                                    "a", "b")},
+        "holdout": public(fit).get("holdout"), "warnings": fit["warnings"] + plan["warnings"],
+        "wall_seconds": {"sweep": t_sweep, "total": time.time() - t_start, "final": final["wall_seconds"]},
+        "energy_kwh_estimate": _energy_kwh(time.time() - t_start),
+        "samples": samples, "config": asdict(cfg),
+        "provenance": {"flopwise": __version__, "python": platform.python_version(), "torch": _torch_version(),
+                       "numpy": np.__version__, "machine": platform.machine(), "commands": commands,
+                       "corpus": str(corpus.path), "corpus_hash": m["hash"], "seed": cfg.seed},
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    from flopwise.report.report import write_report
+
+    write_report(out, summary, public(fit), plan, plots)
+    return summary
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _energy_kwh(seconds: float, watts_per_core: float = 10.0) -> float:
+    """A rough CPU energy estimate: ~10 W per busy core (server cores draw 5-15 W each)."""
+    return seconds / 3600 * watts_per_core * (os.cpu_count() or 1) / 1000
+
+
+def _estimate(specs, threads: int, workers: int) -> tuple[float, float]:
+    """Seconds for the sweep and FLOP/s of the final run, from a few measured steps."""
+    from flopwise.train.probe import training_rate
+
+    small = min(specs, key=lambda s: s.n_params)
+    large = max(specs, key=lambda s: s.n_params)
+    r_small = training_rate(small.shape, threads)
+    r_large = training_rate(large.shape, threads)
+
+    def rate(n):  # log-linear in N between the two measurements
+        if large.n_params == small.n_params:
+            return r_small
+        t = math.log(n / small.n_params) / math.log(large.n_params / small.n_params)
+        return math.exp(math.log(r_small) + t * (math.log(r_large) - math.log(r_small)))
+
+    overhead = 1.15  # evaluation, checkpoints, process start-up
+    eta = sum(s.flops / rate(s.n_params) for s in specs) * overhead / workers
+    final_rate = training_rate(large.shape, os.cpu_count() or 1) / overhead
+    return eta, final_rate
+
+
+def _plan_final(fit: dict, flops: float, corpus, cfg: AutopilotConfig) -> tuple[dict, dict]:
+    """The final model under the fitted law, with Muennighoff's data-constrained correction."""
+    from flopwise.laws import allocate
+    from flopwise.laws.fit import theta_to_params
+    from flopwise.laws.flops import n_params_total, training_flops_per_token
+    from flopwise.laws.plan import make_plan
+
+    law = fit["_fit"].law("total")
+    unique = corpus.meta["n_tokens_train"]
+    plan = make_plan(flops, law, unique_tokens=unique, vocab_size=corpus.vocab_size, seq_len=cfg.seq_len)
+    shape = plan["shape"]
+    from flopwise.laws.flops import Shape
+
+    s = Shape.from_dict(shape)
+    n = n_params_total(s)
+    d = int(flops / training_flops_per_token(s))
+    n_eff = float(allocate.effective_params(law, n, unique))
+    d_eff = float(allocate.effective_tokens(d, unique))
+    predicted = float(law.loss(n_eff, d_eff))
+    interval = [predicted, predicted]
+    if "_thetas" in fit:
+        p = theta_to_params(fit["_thetas"])
+        # N' depends on the law too (through U_N); parameter uncertainty is propagated via D' and N' of the fit
+        losses = p["E"] + p["A"] / n_eff ** p["alpha"] + p["B"] / d_eff ** p["beta"]
+        interval = [float(np.percentile(losses, 5)), float(np.percentile(losses, 95))]
+    return {"shape": {k: shape[k] for k in Shape.__dataclass_fields__}, "n_params": n, "n_tokens": d,
+            "flops": float(training_flops_per_token(s) * d), "epochs": d / unique, "predicted_loss": predicted,
+            "predicted_interval": interval, "effective_tokens": d_eff, "effective_params": n_eff}, plan
+
+
+def _train_final(run_dir: Path, spec: dict, corpus, cfg: AutopilotConfig, log, reshape: bool = False) -> dict:
+    from flopwise.laws.flops import training_flops_per_token
+    from flopwise.laws.shape import suggest_shape
+    from flopwise.model.llama import ModelConfig
+    from flopwise.train.trainer import TrainConfig, new_run, train
+
+    shape = spec["shape"]
+    n_tokens = spec["n_tokens"]
+    if reshape:
+        s = suggest_shape(spec["n_params_target"], vocab_size=corpus.vocab_size, seq_len=cfg.seq_len)
+        shape, n_tokens = s.to_dict(), int(spec["flops"] / training_flops_per_token(s))
+    if not (run_dir / "config.json").exists():
+        new_run(run_dir, ModelConfig(**shape), TrainConfig(n_tokens=n_tokens, seed=cfg.seed), corpus)
+    return train(run_dir, log=log)
+
+
+def _compare(runs, fit: dict, final: dict, spec: dict, bigger: dict | None) -> dict:
+    """Measured vs predicted loss, and the same-compute bigger model from the sweep's largest budget."""
+    lo, hi = spec["predicted_interval"]
+    measured = final["val_loss"]
+    inside = lo <= measured <= hi
+    top = runs.budgets[-1]
+    m = runs.budget == top
+    idx = np.flatnonzero(m)
+    best = idx[np.argmin(runs.loss[m])]
+    biggest = idx[np.argmax(runs.n_params[m])]
+    out = {"measured_in_interval": bool(inside),
+           "measured_minus_predicted": measured - spec["predicted_loss"],
+           "interval_miss": 0.0 if inside else float(min(abs(measured - lo), abs(measured - hi))),
+           "bigger_model_n_params": int(runs.n_params[biggest]), "bigger_model_loss": float(runs.loss[biggest]),
+           "bigger_model_budget": float(top), "best_at_that_budget_n_params": int(runs.n_params[best]),
+           "best_at_that_budget_loss": float(runs.loss[best]),
+           "bigger_model_loss_gap": float(runs.loss[biggest] - runs.loss[best])}
+    if bigger is not None:
+        out.update({"trained_bigger_n_params": bigger["n_params"], "trained_bigger_loss": bigger["val_loss"],
+                    "trained_bigger_loss_gap": bigger["val_loss"] - measured})
+    return out
+
+
+def _samples(run_dir: Path, seed: int, n_tokens: int = 100) -> list[dict]:
+    import torch
+
+    from flopwise.data.tokenizer import BOS_ID, EOS_ID, load_tokenizer
+    from flopwise.train.trainer import load_model
+
+    model = load_model(run_dir)
+    sp = load_tokenizer(run_dir / "tokenizer.model")
+    out = []
+    for i, prompt in enumerate(("Once upon a time", "Lily wanted to", "The little dog")):
+        g = torch.Generator().manual_seed(seed + i)
+        ids = torch.tensor([[BOS_ID] + sp.encode(prompt)])
+        gen = model.generate(ids, n_tokens, temperature=0.8, top_k=40, eos_id=EOS_ID, generator=g)
+        text = sp.decode([t for t in gen[0].tolist()[1:] if t != EOS_ID])
+        out.append({"prompt": prompt, "text": text, "temperature": 0.8, "top_k": 40, "seed": seed + i})
+    return out
+
+
+class _bar:
+    """Progress through ``progress_factory(description, total)`` -> update(done, info) or nothing."""
+
+    def __init__(self, factory, description: str, total: float):
+        self.factory, self.description, self.total, self.handle = factory, description, total, None
+
+    def __enter__(self):
+        if self.factory:
+            self.handle = self.factory(self.description, self.total)
+        return (lambda done, info="": self.handle.update(done, info)) if self.handle else (lambda *a: None)
+
+    def __exit__(self, *exc):
+        if self.handle:
+            self.handle.close()
+        return False

@@ -1,0 +1,177 @@
+"""flopwise sweep and flopwise autopilot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from flopwise.cli import app, console, fmt_count
+from flopwise.errors import FlopwiseError
+
+sweep_app = typer.Typer(no_args_is_help=True, help="IsoFLOP sweeps: design, run, status.")
+app.add_typer(sweep_app, name="sweep")
+
+
+class _Bar:
+    """A rich progress bar for the library's progress callbacks."""
+
+    def __init__(self, description: str, total: float, quiet: bool = False):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = None if quiet else Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
+        if self.progress:
+            self.task = self.progress.add_task(description, total=total, info="")
+            self.progress.start()
+
+    def update(self, done: float, info: str = "") -> None:
+        if self.progress:
+            self.progress.update(self.task, completed=done, info=info)
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()
+
+
+def _budgets(budgets: Optional[str], min_flops: Optional[float], max_flops: Optional[float], n_budgets: int):
+    from flopwise.sweep.design import log_spaced
+
+    if budgets:
+        try:
+            return [float(b) for b in budgets.split(",")]
+        except ValueError:
+            raise FlopwiseError(f"--budgets must be comma-separated numbers, got {budgets!r}") from None
+    if min_flops is None or max_flops is None:
+        raise FlopwiseError("give --budgets 1e12,3e12,1e13 or --min-flops and --max-flops")
+    return log_spaced(min_flops, max_flops, n_budgets)
+
+
+@sweep_app.command("run")
+def sweep_run(
+    out: str = typer.Option(..., help="Sweep folder (sweep.json and one run directory per run)."),
+    data: Optional[str] = typer.Option(None, help="Prepared corpus or text (default: the bundled sample)."),
+    budgets: Optional[str] = typer.Option(None, help="Comma-separated FLOP budgets."),
+    min_flops: Optional[float] = typer.Option(None, help="Smallest budget (with --max-flops)."),
+    max_flops: Optional[float] = typer.Option(None, help="Largest budget."),
+    n_budgets: int = typer.Option(3, help="Budgets between --min-flops and --max-flops."),
+    sizes: int = typer.Option(5, help="Model sizes per budget."),
+    spread: float = typer.Option(4.0, help="Sizes span N_opt/spread to N_opt*spread (prior law's N_opt)."),
+    prior: str = typer.Option("chinchilla", help="Law that centres the sizes."),
+    vocab_size: int = typer.Option(1024, help="Vocabulary when --data needs preparing."),
+    seq_len: int = typer.Option(128, help="Context length of every run."),
+    workers: int = typer.Option(0, help="Parallel runs (0: one per core)."),
+    ray: Optional[str] = typer.Option(None, help="Run on Ray: 'local' or a cluster address."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the runs and an ETA; train nothing."),
+    schedule: str = typer.Option("cosine", help="cosine (independent runs); wsd is not available yet."),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """Design (or resume) an IsoFLOP sweep and train its runs."""
+    import os
+
+    from flopwise.autopilot import AutopilotConfig, _sweep_train_options
+    from flopwise.data.prepare import resolve_corpus
+    from flopwise.sweep.design import design_sweep, read_design, total_flops, write_design
+    from flopwise.sweep.runner import run_sweep
+    from flopwise.train.probe import training_rate
+
+    if schedule != "cosine":
+        raise FlopwiseError("--schedule wsd sweeps are not available yet: use --schedule cosine")
+    sweep_dir = Path(out)
+    corpus = resolve_corpus(data, vocab_size, log=lambda m: console.print(f"[yellow]{m}[/yellow]"))
+    specs = design_sweep(_budgets(budgets, min_flops, max_flops, n_budgets), corpus.vocab_size, seq_len, sizes,
+                         spread, prior)
+    meta = {"corpus": str(corpus.path), "corpus_hash": corpus.meta["hash"],
+            "budgets": sorted({s.budget for s in specs}),
+            "prior": prior, "train_options": _sweep_train_options(AutopilotConfig()), "schedule": schedule}
+    if (sweep_dir / "sweep.json").exists():
+        old, _ = read_design(sweep_dir)
+        if [s.__dict__ for s in old] != [s.__dict__ for s in specs]:
+            raise FlopwiseError(f"{sweep_dir} holds another sweep: resume it with the same options, or choose "
+                                "another --out")
+    workers = workers or min(os.cpu_count() or 1, len(specs))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    t = Table(title=f"IsoFLOP sweep: {len(specs)} runs, {total_flops(specs):.3g} FLOPs")
+    for col in ("run", "budget", "N", "D", "tokens/param", "epochs"):
+        t.add_column(col, justify="right")
+    for s in specs:
+        t.add_row(s.name, f"{s.budget:.3g}", fmt_count(s.n_params), fmt_count(s.n_tokens),
+                  f"{s.n_tokens / s.n_params:.1f}", f"{s.n_tokens / corpus.meta['n_tokens_train']:.2f}")
+    if not quiet or dry_run:
+        console.print(t)
+        rate = training_rate(specs[len(specs) // 2].shape, threads)
+        console.print(f"ETA about {total_flops(specs) / rate / workers * 1.15 / 60:.1f} min on {workers} worker(s) "
+                      f"(measured {rate / 1e9:.1f} GFLOP/s per worker)")
+    if dry_run:
+        return
+    if not (sweep_dir / "sweep.json").exists():
+        write_design(sweep_dir, specs, meta)
+    bar = _Bar("sweep", total_flops(specs), quiet)
+    try:
+        run_sweep(sweep_dir, workers, threads, ray, progress=lambda d, tot, k, n: bar.update(d, f"{k}/{n} runs"))
+    finally:
+        bar.close()
+    sweep_status(out)
+
+
+@sweep_app.command("status")
+def sweep_status(sweep_dir: str = typer.Argument(..., metavar="SWEEP_DIR")) -> None:
+    """Done / running / partial / missing runs of a sweep, with losses."""
+    from flopwise.sweep.runner import status
+
+    rows = status(sweep_dir)
+    t = Table(title=f"{sweep_dir}")
+    for col in ("run", "budget", "N", "D", "state", "val loss"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(r["name"], f"{r['budget']:.3g}", fmt_count(r["n_params"]), fmt_count(r["n_tokens"]), r["state"],
+                  f"{r['val_loss']:.4f}" if "val_loss" in r else "-")
+    console.print(t)
+    counts = {s: sum(r["state"] == s for r in rows) for s in ("done", "running", "partial", "missing")}
+    console.print(", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
+@app.command()
+def autopilot(
+    data: Optional[str] = typer.Option(None, help="Text, folder or prepared corpus (default: bundled TinyStories)."),
+    budget: Optional[float] = typer.Option(None, help="Total FLOPs (default 5e13: ~10 min on a 2-core CPU)."),
+    gpu: Optional[str] = typer.Option(None, help="Budget as GPU time: GPU type (with --hours)."),
+    gpus: int = typer.Option(1, help="Number of GPUs (with --hours)."),
+    hours: Optional[float] = typer.Option(None, help="Budget as hours on --gpus x --gpu."),
+    mfu: float = typer.Option(0.4, help="MFU assumed to turn GPU hours into FLOPs."),
+    sweep_fraction: float = typer.Option(0.4, help="Share of the budget spent on the sweep."),
+    sizes: int = typer.Option(5, help="Model sizes per sweep budget."),
+    n_budgets: int = typer.Option(3, help="Sweep budgets."),
+    vocab_size: int = typer.Option(1024, help="Tokenizer vocabulary."),
+    seq_len: int = typer.Option(128, help="Context length."),
+    bootstrap: int = typer.Option(1000, help="Bootstrap resamples of the fit."),
+    compare: bool = typer.Option(False, "--compare", help="Also train a 4x larger model with the final budget."),
+    resume: bool = typer.Option(False, "--resume", help="Finish the sweep already in --out, whatever its design."),
+    workers: int = typer.Option(0, help="Parallel sweep runs (0: one per core)."),
+    seed: int = typer.Option(0, help="Seed of everything."),
+    out: str = typer.Option("autopilot", help="Output folder."),
+) -> None:
+    """Sweep -> fit -> plan -> train -> compare -> report, on the bundled corpus by default."""
+    from flopwise.autopilot import DEFAULT_BUDGET, AutopilotConfig
+    from flopwise.autopilot import autopilot as run_autopilot
+    from flopwise.laws.plan import budget_flops
+
+    flops = DEFAULT_BUDGET if budget is None and hours is None else budget_flops(budget, gpu, gpus, hours, None, mfu)
+    cfg = AutopilotConfig(budget_flops=flops, sweep_fraction=sweep_fraction, n_budgets=n_budgets, n_sizes=sizes,
+                          vocab_size=vocab_size, seq_len=seq_len, workers=workers, bootstrap=bootstrap, seed=seed,
+                          compare=compare, resume=resume)
+    console.print(f"[bold]flopwise autopilot[/bold]: budget {flops:.3g} FLOPs, {sweep_fraction:.0%} for the sweep, "
+                  f"output {out}/")
+    s = run_autopilot(out, data, cfg, log=console.print, progress_factory=lambda d, t: _Bar(d, t))
+    lo, hi = s["predicted_loss_interval"]
+    console.print(f"\n[bold]report:[/bold] {Path(out) / 'report.html'} (and report.md, summary.json)")
+    console.print(f"  optimal for {s['final_flops']:.3g} FLOPs: N = {fmt_count(s['n_params_opt'])} params, "
+                  f"D = {fmt_count(s['n_tokens_opt'])} tokens ({s['epochs']:.1f} epochs)")
+    console.print(f"  loss: predicted {s['predicted_loss']:.3f} [{lo:.3f}, {hi:.3f}], measured {s['measured_loss']:.3f}"
+                  + ("" if s["measured_in_interval"] else f" (outside the interval by {s['interval_miss']:.3f})"))
+    console.print(f"  bigger is not better: the {fmt_count(s['bigger_model_n_params'])} model at "
+                  f"{s['bigger_model_budget']:.3g} FLOPs lost {s['bigger_model_loss_gap']:+.3f} nats/token against "
+                  f"the best size ({fmt_count(s['best_at_that_budget_n_params'])})")

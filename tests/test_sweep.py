@@ -1,0 +1,127 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flopwise.errors import FlopwiseError
+from flopwise.laws.flops import Shape, training_flops_per_token
+from flopwise.laws.law import REGISTRY
+from flopwise.laws.runs import load_runs
+from flopwise.sweep.design import budgets_for, design_sweep, read_design, total_flops, write_design
+from flopwise.sweep.runner import run_sweep, status
+from flopwise.train.trainer import run_is_locked
+
+FAST = {"eval_every": 10**9, "eval_windows": 2, "final_eval_windows": 8, "micro_batch": 8, "batch_tokens": 1024}
+
+
+def test_design_brackets_prior_optimum_and_spends_each_budget():
+    runs = design_sweep([1e12, 3e12], vocab_size=1024, seq_len=128, n_sizes=5, spread=4)
+    for b in (1e12, 3e12):
+        group = [r for r in runs if r.budget == b]
+        n_opt = float(REGISTRY["chinchilla"].optimal(b)[0])
+        assert len(group) == 5
+        assert min(r.n_params for r in group) < n_opt < max(r.n_params for r in group)
+        for r in group:
+            fpt = training_flops_per_token(Shape(**r.shape))
+            assert b - fpt < r.flops <= b  # exact FLOPs equal the budget to within one token
+    assert sum(budgets_for(1e13, 3, 3.0, 5)) * 5 == pytest.approx(1e13)
+
+
+def test_design_rejects_budget_too_small():
+    with pytest.raises(FlopwiseError, match="too small to train even the smallest model .* at least"):
+        design_sweep([1e3], vocab_size=1024, seq_len=128)
+
+
+def _make_sweep(path: Path, corpus, budgets=(2e10, 6e10), sizes=3):
+    specs = design_sweep(list(budgets), corpus.vocab_size, 64, sizes, 3.0)
+    write_design(path, specs, {"corpus": str(corpus.path), "corpus_hash": corpus.meta["hash"],
+                               "budgets": list(budgets), "train_options": FAST})
+    return specs
+
+
+def test_sweep_runs_then_does_nothing_more(bundled, tmp_path):
+    specs = _make_sweep(tmp_path / "s", bundled)
+    seen = []
+    run_sweep(tmp_path / "s", workers=2, threads=1, progress=lambda d, t, k, n: seen.append((k, n)))
+    assert seen[-1] == (len(specs), len(specs))
+    rows = status(tmp_path / "s")
+    assert all(r["state"] == "done" for r in rows)
+    runs = load_runs(tmp_path / "s")
+    assert len(runs) == len(specs) and sorted(set(runs.budget)) == pytest.approx([2e10, 6e10], rel=0.01)
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "s").glob("*/final.json")}
+    run_sweep(tmp_path / "s", workers=2, threads=1)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "s").glob("*/final.json")} == mtimes
+
+
+def test_sweep_resumes_after_kill9_of_parent(bundled, tmp_path):
+    sweep = tmp_path / "k"
+    specs = _make_sweep(sweep, bundled, budgets=(1e11, 2e11), sizes=3)
+    code = ("import sys; from flopwise.sweep.runner import run_sweep; "
+            f"run_sweep({str(sweep)!r}, workers=2, threads=1)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = list(sweep.glob("*/final.json"))
+        partial = [p for p in sweep.glob("*/ckpt/latest.pt") if not (p.parent.parent / "final.json").exists()]
+        if done and partial:
+            break
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert done and partial, "the sweep finished before it could be killed"
+    # workers die with their parent and release their runs
+    deadline = time.time() + 30
+    while any(run_is_locked(sweep / s.name) for s in specs) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(run_is_locked(sweep / s.name) for s in specs)
+    before = {p: p.stat().st_mtime_ns for p in sweep.glob("*/final.json")}
+    states = {r["name"]: r["state"] for r in status(sweep)}
+    assert "partial" in states.values() and "done" in states.values()
+    resumed = next(n for n, s in states.items() if s == "partial")
+    step_at_kill = len((sweep / resumed / "metrics.jsonl").read_text().splitlines())
+    run_sweep(sweep, workers=2, threads=1)
+    assert all(r["state"] == "done" for r in status(sweep))
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing done was re-done
+    steps = [json.loads(x)["step"] for x in (sweep / resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and len(steps) >= step_at_kill  # resumed, not restarted
+
+
+def test_sweep_cli_dry_run_and_status(bundled, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "flopwise", "sweep", "run", "--data", str(bundled.path), "--budgets",
+                        "3e10,9e10", "--sizes", "3", "--seq-len", "64", "--out", str(tmp_path / "d"), "--dry-run"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "160"})
+    assert r.returncode == 0, r.stderr
+    assert "IsoFLOP sweep: 6 runs" in r.stdout and "ETA about" in r.stdout
+    assert not (tmp_path / "d" / "sweep.json").exists()
+    r = subprocess.run([sys.executable, "-m", "flopwise", "sweep", "run", "--data", str(bundled.path), "--budgets",
+                        "1e3", "--out", str(tmp_path / "e")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "too small to train even the smallest model" in r.stderr
+
+
+def test_autopilot_end_to_end_small(bundled, tmp_path):
+    from flopwise.autopilot import AutopilotConfig, autopilot
+
+    cfg = AutopilotConfig(budget_flops=4e12, sweep_fraction=0.4, n_budgets=3, n_sizes=4, bootstrap=40,
+                          vocab_size=bundled.vocab_size, seq_len=64)
+    s = autopilot(tmp_path / "ap", str(bundled.path), cfg, log=lambda m: None)
+    for key in ("budget_flops", "sweep_flops", "n_params_opt", "n_tokens_opt", "predicted_loss",
+                "predicted_loss_interval", "measured_loss", "bigger_model_n_params", "bigger_model_loss", "epochs",
+                "swept_n_params_min", "swept_n_params_max"):
+        assert key in s
+    assert s["sweep_flops"] <= 0.4 * 4e12 * 1.01
+    assert s["sweep_flops"] + s["final_flops"] == pytest.approx(4e12, rel=0.02)
+    page = (tmp_path / "ap" / "report.html").read_text()
+    assert "data:image/png;base64," in page and "src=\"http" not in page and "Bigger is not better" in page
+    assert "Headline" in (tmp_path / "ap" / "report.md").read_text()
+    assert json.loads((tmp_path / "ap" / "summary.json").read_text())["measured_loss"] == s["measured_loss"]
+    # the same folder with another design is refused
+    other = AutopilotConfig(budget_flops=5e12, n_budgets=3, n_sizes=4, bootstrap=40,
+                            vocab_size=bundled.vocab_size, seq_len=64)
+    with pytest.raises(FlopwiseError, match="holds another sweep"):
+        autopilot(tmp_path / "ap", str(bundled.path), other, log=lambda m: None)
+    assert read_design(tmp_path / "ap" / "sweep")[0] and total_flops(read_design(tmp_path / "ap" / "sweep")[0]) > 0
