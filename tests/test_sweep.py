@@ -125,3 +125,15 @@ def test_autopilot_end_to_end_small(bundled, tmp_path):
     with pytest.raises(FlopwiseError, match="holds another sweep"):
         autopilot(tmp_path / "ap", str(bundled.path), other, log=lambda m: None)
     assert read_design(tmp_path / "ap" / "sweep")[0] and total_flops(read_design(tmp_path / "ap" / "sweep")[0]) > 0
+
+
+def test_sweep_on_a_local_ray_instance(bundled, tmp_path):
+    ray = pytest.importorskip("ray")
+    specs = _make_sweep(tmp_path / "r", bundled, budgets=(2e10, 4e10), sizes=3)
+    try:
+        results = run_sweep(tmp_path / "r", workers=2, threads=1, ray_address="local")
+    finally:
+        ray.shutdown()
+    assert len(results) == len(specs)
+    assert all(r["state"] == "done" for r in status(tmp_path / "r"))
+    assert len(load_runs(tmp_path / "r")) == len(specs)

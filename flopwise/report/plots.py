@@ -54,11 +54,13 @@ def plot_isoflop(runs: Runs, result: dict, out: Path) -> list[str]:
         if g is not None:
             x = np.linspace(np.log(runs.n_params[m]).min() - 0.2, np.log(runs.n_params[m]).max() + 0.2, 100)
             ax.plot(np.exp(x), np.polyval(g["coef"], x), color=color, lw=1.2)
-            ax.scatter([g["n_opt"]], [g["loss_min"]], color=color, marker="*", s=140, edgecolor="k", zorder=4)
+            # a hollow star is an extrapolated minimum (outside the sizes run), not a measurement
+            ax.scatter([g["n_opt"]], [g["loss_min"]], marker="*", s=140, zorder=4,
+                       color=color if g["bracketed"] else "none", edgecolor=color if not g["bracketed"] else "k")
     ax.set_xscale("log")
     ax.set_xlabel(f"parameters N ({runs.n_convention})")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(f"IsoFLOP profiles (degree {deg}); stars: minima")
+    ax.set_title(f"IsoFLOP profiles (degree {deg}); stars: minima (hollow: outside the sizes run)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3, which="both")
     return _save(fig, out, "isoflop")
