@@ -7,6 +7,12 @@ import tempfile
 from pathlib import Path
 
 
+def cache_root() -> Path:
+    """flopwise's cache folder: $FLOPWISE_CACHE, else ~/.cache/flopwise (prepared corpora, hardware probe)."""
+    root = os.environ.get("FLOPWISE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "flopwise")
+    return Path(root)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically: a temp file in the same folder, then rename."""
     path = Path(path)

@@ -29,6 +29,7 @@ import numpy as np
 
 from flopwise.data.tokenizer import BOS_ID, EOS_ID, UNK_ID, load_tokenizer, train_tokenizer
 from flopwise.errors import FlopwiseError
+from flopwise.fsutil import cache_root
 
 DEFAULT_VOCAB_SIZE = 4096
 PREPARE_VERSION = 1  # bump when the output of prepare() changes for the same input
@@ -42,11 +43,6 @@ def bundled_corpus() -> tuple[Path, Path]:
     """(train, validation) text files of the bundled TinyStories sample (CDLA-Sharing-1.0)."""
     root = Path(str(resources.files("flopwise") / "assets" / "tinystories"))
     return root / "train.txt", root / "valid.txt"
-
-
-def cache_root() -> Path:
-    root = os.environ.get("FLOPWISE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "flopwise")
-    return Path(root)
 
 
 @dataclass

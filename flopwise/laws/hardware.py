@@ -10,11 +10,11 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from flopwise.errors import FlopwiseError
+from flopwise.fsutil import cache_root
 
 DEFAULT_MFU = 0.40  # model FLOP utilisation a well-tuned LLaMA-style run reaches on large GPUs
 DEFAULT_PUE = 1.2  # data-centre power usage effectiveness (facility power / IT power)
@@ -89,8 +89,7 @@ def _closest(name: str, names) -> str:
 
 def probe_cache_path() -> Path:
     """Where ``flopwise hw probe`` stores this machine's measured peaks."""
-    root = os.environ.get("FLOPWISE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "flopwise")
-    return Path(root) / "hw.json"
+    return cache_root() / "hw.json"
 
 
 def local_gpu() -> GPU:
