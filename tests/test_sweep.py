@@ -137,3 +137,19 @@ def test_sweep_on_a_local_ray_instance(bundled, tmp_path):
     assert len(results) == len(specs)
     assert all(r["state"] == "done" for r in status(tmp_path / "r"))
     assert len(load_runs(tmp_path / "r")) == len(specs)
+
+
+def test_wsd_design_shares_trunks_and_saves_flops():
+    from flopwise.sweep.design import design_wsd_sweep, equivalent_cosine_flops
+
+    runs = design_wsd_sweep([4e11, 1e12, 2.5e12], vocab_size=1024, seq_len=128)
+    trunks = [r for r in runs if r.budget == 0]
+    branches = [r for r in runs if r.budget > 0]
+    assert trunks and all(r.phase == 0 for r in trunks) and all(r.phase == 1 for r in branches)
+    for b in branches:
+        trunk = next(t for t in trunks if t.n_params == b.n_params)
+        step = int(b.options["init_from"].split("step-")[1].split(".")[0])
+        assert step in trunk.options["save_at_steps"]
+        assert trunk.n_tokens >= b.start_tokens and b.start_tokens < b.n_tokens
+        assert b.full_flops == pytest.approx(b.budget, rel=0.02)  # each branch ends at its budget
+    assert total_flops(runs) < 0.9 * equivalent_cosine_flops(runs)

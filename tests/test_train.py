@@ -168,3 +168,23 @@ def test_existing_run_and_oom_are_clear(bundled, tmp_path, monkeypatch):
     with pytest.raises(FlopwiseError, match="does not fit in memory: lower --micro-batch"):
         train(run, quiet=True)
     assert not (run / "final.json").exists() and (run / "config.json").exists()
+
+
+def test_wsd_branch_continues_its_trunk_exactly(bundled, tmp_path):
+    """A cooldown branch started from a constant-LR trunk's checkpoint equals a WSD run from scratch."""
+    from flopwise.train.schedule import wsd_cooldown_start
+
+    steps, warmup = 30, 3
+    start = wsd_cooldown_start(steps, warmup, 0.2) + 1
+    common = dict(lr=2e-3, warmup_steps=warmup, precision="fp32", ckpt_every=100)
+    mc, straight_tc = small(bundled, n_tokens=64 * 8 * steps, schedule="wsd", cooldown_fraction=0.2, **common)
+    straight = train(new_run(tmp_path / "straight", mc, straight_tc, bundled), quiet=True)
+    _, trunk_tc = small(bundled, n_tokens=64 * 8 * (start + 5), schedule="constant", save_at_steps=[start], **common)
+    train(new_run(tmp_path / "trunk", mc, trunk_tc, bundled), quiet=True)
+    assert (tmp_path / "trunk" / "ckpt" / f"step-{start}.pt").exists()
+    _, branch_tc = small(bundled, n_tokens=64 * 8 * steps, schedule="wsd", cooldown_fraction=0.2,
+                         init_from=str(tmp_path / "trunk" / "ckpt" / f"step-{start}.pt"), **common)
+    branch = train(new_run(tmp_path / "branch", mc, branch_tc, bundled), quiet=True)
+    assert branch["val_loss"] == pytest.approx(straight["val_loss"], rel=1e-6)
+    tail = [x for x in _losses(tmp_path / "straight") if x[0] >= start]
+    _same(_losses(tmp_path / "branch"), tail, rel=1e-6)

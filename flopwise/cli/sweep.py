@@ -66,7 +66,9 @@ def sweep_run(
     workers: int = typer.Option(0, help="Parallel runs (0: one per core)."),
     ray: Optional[str] = typer.Option(None, help="Run on Ray: 'local' or a cluster address."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the runs and an ETA; train nothing."),
-    schedule: str = typer.Option("cosine", help="cosine (independent runs); wsd is not available yet."),
+    schedule: str = typer.Option("cosine", help="cosine (independent runs) or wsd (shared constant-LR trunks "
+                                 "with cooldown branches, Hägele et al. 2024)."),
+    cooldown_fraction: float = typer.Option(0.2, help="WSD: fraction of each run's steps in its cooldown."),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Design (or resume) an IsoFLOP sweep and train its runs."""
@@ -74,16 +76,25 @@ def sweep_run(
 
     from flopwise.autopilot import AutopilotConfig, _sweep_train_options
     from flopwise.data.prepare import resolve_corpus
-    from flopwise.sweep.design import design_sweep, read_design, total_flops, write_design
+    from flopwise.sweep.design import (
+        design_sweep,
+        design_wsd_sweep,
+        equivalent_cosine_flops,
+        read_design,
+        total_flops,
+        write_design,
+    )
     from flopwise.sweep.runner import run_sweep
     from flopwise.train.probe import training_rate
 
-    if schedule != "cosine":
-        raise FlopwiseError("--schedule wsd sweeps are not available yet: use --schedule cosine")
+    if schedule not in ("cosine", "wsd"):
+        raise FlopwiseError(f"--schedule must be cosine or wsd, got {schedule!r}")
     sweep_dir = Path(out)
     corpus = resolve_corpus(data, vocab_size, log=lambda m: console.print(f"[yellow]{m}[/yellow]"))
-    specs = design_sweep(_budgets(budgets, min_flops, max_flops, n_budgets), corpus.vocab_size, seq_len, sizes,
-                         spread, prior)
+    design = design_wsd_sweep if schedule == "wsd" else design_sweep
+    extra = {"cooldown_fraction": cooldown_fraction} if schedule == "wsd" else {}
+    specs = design(_budgets(budgets, min_flops, max_flops, n_budgets), corpus.vocab_size, seq_len, sizes,
+                   spread, prior, **extra)
     meta = {"corpus": str(corpus.path), "corpus_hash": corpus.meta["hash"],
             "budgets": sorted({s.budget for s in specs}),
             "prior": prior, "train_options": _sweep_train_options(AutopilotConfig()), "schedule": schedule}
@@ -98,10 +109,14 @@ def sweep_run(
     for col in ("run", "budget", "N", "D", "tokens/param", "epochs"):
         t.add_column(col, justify="right")
     for s in specs:
-        t.add_row(s.name, f"{s.budget:.3g}", fmt_count(s.n_params), fmt_count(s.n_tokens),
+        t.add_row(s.name, f"{s.budget:.3g}" if s.budget else "trunk", fmt_count(s.n_params), fmt_count(s.n_tokens),
                   f"{s.n_tokens / s.n_params:.1f}", f"{s.n_tokens / corpus.meta['n_tokens_train']:.2f}")
     if not quiet or dry_run:
         console.print(t)
+        if schedule == "wsd":
+            cos = equivalent_cosine_flops(specs)
+            console.print(f"WSD: {total_flops(specs):.3g} FLOPs for runs that cost {cos:.3g} FLOPs as independent "
+                          f"cosine runs ({1 - total_flops(specs) / cos:.0%} saved)")
         rate = training_rate(specs[len(specs) // 2].shape, threads)
         console.print(f"ETA about {total_flops(specs) / rate / workers * 1.15 / 60:.1f} min on {workers} worker(s) "
                       f"(measured {rate / 1e9:.1f} GFLOP/s per worker)")

@@ -172,6 +172,8 @@ def _load_sweep_dir(path: Path, n_convention: str) -> Runs:
         except (OSError, json.JSONDecodeError):
             skipped += 1
             continue
+        if f.get("trunk"):  # a WSD trunk: its branches are the sweep's runs
+            continue
         key = "n_params_non_embedding" if n_convention == "non_embedding" else "n_params"
         rec = {"name": final.parent.name, "n_params": f.get(key, f.get("n_params")), "n_tokens": f.get("n_tokens"),
                "loss": f.get("val_loss", f.get("loss")), "flops": f.get("flops")}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +26,22 @@ SWEEP_VERSION = 1
 @dataclass
 class RunSpec:
     name: str
-    budget: float  # FLOPs (exact count) this run spends
+    budget: float  # FLOPs (exact count) the finished run stands for (0 for a WSD trunk)
     shape: dict
     n_params: int  # total
     n_tokens: int
+    options: dict = field(default_factory=dict)  # TrainConfig fields of this run (WSD trunks and branches)
+    phase: int = 0  # runs of phase 1 start from checkpoints that phase-0 runs write
+    start_tokens: int = 0  # tokens already trained when the run starts (a WSD branch's trunk part)
 
     @property
     def flops(self) -> float:
+        """FLOPs this run itself spends."""
+        return float(training_flops_per_token(Shape(**self.shape))) * (self.n_tokens - self.start_tokens)
+
+    @property
+    def full_flops(self) -> float:
+        """FLOPs of the whole schedule the run ends (for a branch, trunk part included)."""
         return float(training_flops_per_token(Shape(**self.shape))) * self.n_tokens
 
 
@@ -60,11 +69,7 @@ def design_sweep(budgets, vocab_size: int, seq_len: int, n_sizes: int = 5, sprea
     n_min = n_params_total(smallest)
     runs: list[RunSpec] = []
     for b in budgets:
-        n_opt = float(prior.optimal(b)[0])
-        low, high = n_opt / (spread * lean), n_opt * spread / lean
-        low = max(low, n_min * 1.05)  # sizes below the smallest model do not exist
-        high = max(high, low * spread)
-        targets = np.geomspace(low, high, n_sizes)
+        targets = np.geomspace(*_window(prior, b, spread, lean, n_min), n_sizes)
         seen = set()
         for target in targets:
             shape = suggest_shape(float(target), vocab_size=vocab_size, seq_len=seq_len)
@@ -80,6 +85,66 @@ def design_sweep(budgets, vocab_size: int, seq_len: int, n_sizes: int = 5, sprea
         fpt = training_flops_per_token(smallest)
         raise FlopwiseError(f"the budgets are too small to train even the smallest model ({n_min:,} params, "
                             f"{fpt:,} FLOPs/token): give budgets of at least {fpt * 20 * 256:.2g} FLOPs")
+    return runs
+
+
+def _window(prior: Law, budget: float, spread: float, lean: float, n_min: float) -> tuple[float, float]:
+    n_opt = float(prior.optimal(budget)[0])
+    low = max(n_opt / (spread * lean), n_min * 1.05)  # sizes below the smallest model do not exist
+    return low, max(n_opt * spread / lean, low * spread)
+
+
+def design_wsd_sweep(budgets, vocab_size: int, seq_len: int, n_sizes: int = 5, spread: float = 4.0,
+                     prior: Law | str = "chinchilla", lean: float = 2.0, cooldown_fraction: float = 0.2,
+                     min_steps: int = 20) -> list[RunSpec]:
+    """A WSD sweep (Hägele et al. 2024): one constant-LR trunk per model size, and for each budget a
+    cooldown branch from the trunk's checkpoint that ends exactly at that budget's token count.
+
+    Sizes lie on one geometric grid shared by all budgets (so trunks are shared); each budget uses
+    the grid points inside its window. All runs use one batch, peak LR and warmup, so a branch
+    continues its trunk exactly (batches are a function of the step).
+    """
+    from flopwise.train.schedule import default_lr_and_batch, wsd_cooldown_start
+
+    prior = load_law(prior) if isinstance(prior, str) else prior
+    budgets = sorted(float(b) for b in budgets)
+    n_min = n_params_total(smallest_shape(vocab_size, seq_len))
+    windows = {b: _window(prior, b, spread, lean, n_min) for b in budgets}
+    ratio = (spread * spread) ** (1.0 / max(1, n_sizes - 1))
+    lo = min(w[0] for w in windows.values())
+    hi = max(w[1] for w in windows.values())
+    grid = lo * ratio ** np.arange(math.ceil(math.log(hi / lo) / math.log(ratio) - 1e-9) + 1)
+    lr, batch_tokens = default_lr_and_batch(budgets[0])
+    tokens_per_step = max(1, round(batch_tokens / seq_len)) * seq_len
+    shapes = {float(g): suggest_shape(float(g), vocab_size=vocab_size, seq_len=seq_len) for g in grid}
+    plan = []  # (budget, shape, steps)
+    for b, (w_lo, w_hi) in windows.items():
+        for g, shape in shapes.items():
+            if w_lo / math.sqrt(ratio) <= g <= w_hi * math.sqrt(ratio):
+                steps = round(b / training_flops_per_token(shape) / tokens_per_step)
+                if steps >= min_steps:
+                    plan.append((b, shape, steps))
+    if not plan:
+        raise FlopwiseError(f"the budgets are too small for a WSD sweep: each run needs {min_steps} steps of "
+                            f"{tokens_per_step} tokens")
+    warmup = min(500, max(1, round(0.05 * min(p[2] for p in plan))))
+    common = {"lr": lr, "batch_tokens": tokens_per_step, "warmup_steps": warmup}
+    runs: list[RunSpec] = []
+    for shape in dict.fromkeys(p[1] for p in plan):
+        branches = [(b, steps) for b, s, steps in plan if s == shape]
+        starts = {b: wsd_cooldown_start(steps, warmup, cooldown_fraction) + 1 for b, steps in branches}
+        n = n_params_total(shape)
+        trunk = f"trunk-n{n:09d}"
+        runs.append(RunSpec(name=trunk, budget=0.0, shape=shape.to_dict(), n_params=n,
+                            n_tokens=max(starts.values()) * tokens_per_step, phase=0,
+                            options={**common, "schedule": "constant", "save_at_steps": sorted(set(starts.values())),
+                                     "extra": {"trunk": True}}))
+        for b, steps in branches:
+            runs.append(RunSpec(
+                name=f"c{b:.2e}-n{n:09d}".replace("+", ""), budget=b, shape=shape.to_dict(), n_params=n,
+                n_tokens=steps * tokens_per_step, phase=1, start_tokens=starts[b] * tokens_per_step,
+                options={**common, "schedule": "wsd", "cooldown_fraction": cooldown_fraction,
+                         "init_from": f"{trunk}/ckpt/step-{starts[b]}.pt"}))
     return runs
 
 
@@ -108,7 +173,13 @@ def read_design(sweep_dir: str | Path) -> tuple[list[RunSpec], dict]:
 
 
 def total_flops(runs: list[RunSpec]) -> float:
+    """FLOPs the sweep spends (a WSD branch counts only its cooldown)."""
     return float(sum(r.flops for r in runs))
+
+
+def equivalent_cosine_flops(runs: list[RunSpec]) -> float:
+    """FLOPs the same finished runs would cost as independent cosine runs."""
+    return float(sum(r.full_flops for r in runs if r.budget > 0))
 
 
 def describe(n: float) -> str:

@@ -44,7 +44,11 @@ def run_one(sweep_dir: str, spec: dict, corpus_path: str, train_options: dict) -
 
     run_dir = Path(sweep_dir) / spec["name"]
     if not (run_dir / "config.json").exists():
-        tc = TrainConfig(n_tokens=spec["n_tokens"], extra={"budget": spec["budget"]}, **train_options)
+        options = {**train_options, **spec.get("options", {})}
+        if options.get("init_from"):
+            options["init_from"] = str(Path(sweep_dir) / options["init_from"])
+        options["extra"] = {"budget": spec["budget"], **options.get("extra", {})}
+        tc = TrainConfig(n_tokens=spec["n_tokens"], **options)
         try:
             new_run(run_dir, ModelConfig(**spec["shape"]), tc, open_corpus(corpus_path))
         except FlopwiseError:
@@ -80,17 +84,27 @@ def run_sweep(sweep_dir: str | Path, workers: int = 1, threads: int | None = Non
     """Train every run of the sweep that has no final.json; ``progress(done_flops, total_flops, n_done, n)``."""
     sweep_dir = Path(sweep_dir)
     specs, meta = read_design(sweep_dir)
-    todo = [s for s in specs if not (sweep_dir / s.name / "final.json").exists()]
-    todo.sort(key=lambda s: -s.flops)  # largest first: better packing of the pool
+    threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
     total = sum(s.flops for s in specs)
+    todo = [s for s in specs if not (sweep_dir / s.name / "final.json").exists()]
     done_flops = total - sum(s.flops for s in todo)
     n_done = len(specs) - len(todo)
-    threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
-    args = [(str(sweep_dir), s.__dict__, meta["corpus"], meta.get("train_options", {})) for s in todo]
     if progress:
         progress(done_flops, total, n_done, len(specs))
+    results = []
+    for phase in sorted({s.phase for s in todo}):  # WSD: trunks (phase 0) before their branches
+        batch = sorted((s for s in todo if s.phase == phase), key=lambda s: -s.flops)  # largest first
+        out, done_flops, n_done = _run_batch(sweep_dir, batch, meta, workers, threads, ray_address, progress,
+                                             done_flops, total, n_done, len(specs))
+        results += out
+    return results
+
+
+def _run_batch(sweep_dir: Path, todo: list[RunSpec], meta: dict, workers: int, threads: int, ray_address,
+               progress, done_flops: float, total: float, n_done: int, n_specs: int):
+    args = [(str(sweep_dir), s.__dict__, meta["corpus"], meta.get("train_options", {})) for s in todo]
     if ray_address is not None:
-        return _run_ray(args, todo, ray_address, threads, progress, done_flops, total, n_done, len(specs))
+        return _run_ray(args, todo, ray_address, threads, progress, done_flops, total, n_done, n_specs)
     results = []
     if workers <= 1:
         import torch
@@ -100,8 +114,8 @@ def run_sweep(sweep_dir: str | Path, workers: int = 1, threads: int | None = Non
             results.append(_wait_if_locked(sweep_dir / spec.name, lambda a=a: run_one(*a)))
             done_flops, n_done = done_flops + spec.flops, n_done + 1
             if progress:
-                progress(done_flops, total, n_done, len(specs))
-        return results
+                progress(done_flops, total, n_done, n_specs)
+        return results, done_flops, n_done
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker,
                              initargs=(threads,)) as pool:
         pending = {pool.submit(_wait_if_locked_remote, *a): s for a, s in zip(args, todo, strict=True)}
@@ -112,8 +126,8 @@ def run_sweep(sweep_dir: str | Path, workers: int = 1, threads: int | None = Non
                 results.append(fut.result())
                 done_flops, n_done = done_flops + spec.flops, n_done + 1
                 if progress:
-                    progress(done_flops, total, n_done, len(specs))
-    return results
+                    progress(done_flops, total, n_done, n_specs)
+    return results, done_flops, n_done
 
 
 def _wait_if_locked(run_dir: Path, fn, poll_seconds: float = 1.0):
@@ -149,7 +163,7 @@ def _run_ray(args, todo: list[RunSpec], address: str, threads: int, progress, do
             done_flops, n_done = done_flops + spec.flops, n_done + 1
             if progress:
                 progress(done_flops, total, n_done, n)
-    return results
+    return results, done_flops, n_done
 
 
 def _ray_task(threads: int, sweep_dir: str, spec: dict, corpus_path: str, train_options: dict) -> dict:

@@ -35,8 +35,7 @@ def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int = 0, mi
         p = min(1.0, (step - warmup_steps) / (last - warmup_steps))
         return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
     if kind == "wsd":
-        cooldown_steps = max(1, round(cooldown_fraction * total_steps))
-        start = max(warmup_steps, last - cooldown_steps)
+        start = wsd_cooldown_start(total_steps, warmup_steps, cooldown_fraction)
         if step <= start:
             return peak_lr if last > start else min_lr
         p = min(1.0, (step - start) / (last - start))
@@ -46,6 +45,13 @@ def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int = 0, mi
             return min_lr + (peak_lr - min_lr) * (1.0 - math.sqrt(p))
         raise FlopwiseError(f"unknown cooldown shape {cooldown_shape!r}: use linear or 1-sqrt")
     raise FlopwiseError(f"unknown schedule {kind!r}: use cosine, wsd or constant")
+
+
+def wsd_cooldown_start(total_steps: int, warmup_steps: int, cooldown_fraction: float) -> int:
+    """The last step of a WSD schedule at the peak rate: a branch from a constant-rate trunk starts
+    after it, i.e. from the trunk's checkpoint taken when this many + 1 steps are done."""
+    last = total_steps - 1
+    return max(min(warmup_steps, last), last - max(1, round(cooldown_fraction * total_steps)))
 
 
 def default_lr_and_batch(flops: float) -> tuple[float, float]:

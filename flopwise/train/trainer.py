@@ -43,6 +43,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_fraction: float = 0.05  # of steps, at most max_warmup_steps
     max_warmup_steps: int = 500
+    warmup_steps: int | None = None  # absolute; overrides the fraction (WSD trunks and branches share it)
     schedule: str = "cosine"  # cosine | wsd | constant
     cooldown_fraction: float = 0.2
     cooldown_shape: str = "linear"
@@ -61,6 +62,8 @@ class TrainConfig:
     precision: str = "auto"  # auto | bf16 | fp32
     compile: bool = False
     device: str = "auto"
+    save_at_steps: list[int] = field(default_factory=list)  # keep ckpt/step-K.pt when K steps are done
+    init_from: str | None = None  # start from this checkpoint (a WSD branch from its trunk)
     extra: dict = field(default_factory=dict)  # e.g. budget_flops from a sweep
 
     @classmethod
@@ -111,7 +114,8 @@ def resolve(model: ModelConfig, train: TrainConfig, world: int = 1) -> dict:
     return {"global_batch": global_batch, "micro_batch": micro, "grad_accum": accum, "world_size": world,
             "tokens_per_step": tokens_per_step, "steps": steps, "n_tokens": steps * tokens_per_step,
             "lr": train.lr or auto_lr,
-            "warmup_steps": min(train.max_warmup_steps, max(1, round(train.warmup_fraction * steps))),
+            "warmup_steps": train.warmup_steps if train.warmup_steps is not None else
+            min(train.max_warmup_steps, max(1, round(train.warmup_fraction * steps))),
             "flops_per_token": fpt, "flops": fpt * steps * tokens_per_step,
             "eval_every": train.eval_every or max(1, steps // 10),
             "ckpt_every": train.ckpt_every or max(1, steps // 20),
@@ -305,6 +309,11 @@ def _train(run_dir: Path, quiet: bool, log) -> dict:
     optimizer = make_optimizer(model, tc, r["lr"], device)
     ckpt = load_checkpoint(run_dir / "ckpt" / "latest.pt")
     start_step, wall_before = 0, 0.0
+    if ckpt is None and tc.init_from:
+        ckpt = load_checkpoint(Path(tc.init_from))
+        if ckpt is None:
+            raise FlopwiseError(f"{run_dir} starts from {tc.init_from}, which does not exist: train its trunk first")
+        ckpt = {**ckpt, "wall_seconds": 0.0}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -382,6 +391,9 @@ def _train(run_dir: Path, quiet: bool, log) -> dict:
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
                 progress.update(step + 1, loss_sum, tok_s, rec["mfu"], val_loss)
+            if rank == 0 and step + 1 in tc.save_at_steps:
+                save_checkpoint(run_dir / "ckpt" / f"step-{step + 1}.pt", model, optimizer, step + 1,
+                                wall_before + time.perf_counter() - t_start)
             if rank == 0 and ((step + 1) % r["ckpt_every"] == 0 or last):
                 save_checkpoint(run_dir / "ckpt" / "latest.pt", model, optimizer, step + 1,
                                 wall_before + time.perf_counter() - t_start)
