@@ -103,12 +103,17 @@ def test_sweep_cli_dry_run_and_status(bundled, tmp_path):
     assert r.returncode == 2 and "too small to train even the smallest model" in r.stderr
 
 
-def test_autopilot_end_to_end_small(bundled, tmp_path):
+def test_autopilot_end_to_end_on_a_folder_of_text(tmp_path):
     from flopwise.autopilot import AutopilotConfig, autopilot
+    from flopwise.data.prepare import bundled_corpus
 
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i, story in enumerate(bundled_corpus()[0].read_text().split("<|endoftext|>")[:800]):
+        (folder / f"story{i:04d}.txt").write_text(story.strip() + "\n")
     cfg = AutopilotConfig(budget_flops=4e12, sweep_fraction=0.4, n_budgets=3, n_sizes=4, bootstrap=40,
-                          vocab_size=bundled.vocab_size, seq_len=64)
-    s = autopilot(tmp_path / "ap", str(bundled.path), cfg, log=lambda m: None)
+                          vocab_size=512, seq_len=64)
+    s = autopilot(tmp_path / "ap", str(folder), cfg, log=lambda m: None)
     for key in ("budget_flops", "sweep_flops", "n_params_opt", "n_tokens_opt", "predicted_loss",
                 "predicted_loss_interval", "measured_loss", "bigger_model_n_params", "bigger_model_loss", "epochs",
                 "swept_n_params_min", "swept_n_params_max"):
@@ -117,13 +122,13 @@ def test_autopilot_end_to_end_small(bundled, tmp_path):
     assert s["sweep_flops"] + s["final_flops"] == pytest.approx(4e12, rel=0.02)
     page = (tmp_path / "ap" / "report.html").read_text()
     assert "data:image/png;base64," in page and "src=\"http" not in page and "Bigger is not better" in page
-    assert "Headline" in (tmp_path / "ap" / "report.md").read_text()
+    report = (tmp_path / "ap" / "report.md").read_text()
+    assert "Headline" in report and f"({s['epochs']:.1f} epochs of the corpus)" in report
     assert json.loads((tmp_path / "ap" / "summary.json").read_text())["measured_loss"] == s["measured_loss"]
     # the same folder with another design is refused
-    other = AutopilotConfig(budget_flops=5e12, n_budgets=3, n_sizes=4, bootstrap=40,
-                            vocab_size=bundled.vocab_size, seq_len=64)
+    other = AutopilotConfig(budget_flops=5e12, n_budgets=3, n_sizes=4, bootstrap=40, vocab_size=512, seq_len=64)
     with pytest.raises(FlopwiseError, match="holds another sweep"):
-        autopilot(tmp_path / "ap", str(bundled.path), other, log=lambda m: None)
+        autopilot(tmp_path / "ap", str(folder), other, log=lambda m: None)
     assert read_design(tmp_path / "ap" / "sweep")[0] and total_flops(read_design(tmp_path / "ap" / "sweep")[0]) > 0
 
 
