@@ -50,7 +50,11 @@ def _sweep_train_options(cfg: AutopilotConfig) -> dict:
 
 def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | None = None, log=print,
               progress_factory=None) -> dict:
-    """Run the whole job into ``out``; returns summary.json's content."""
+    """Run the whole job into ``out``; returns summary.json's content.
+
+    ``progress_factory(description, total)`` makes progress bars (None: no bars, and the final
+    training runs quietly too).
+    """
     from flopwise.data.prepare import resolve_corpus
     from flopwise.laws.allocate import check_flops
     from flopwise.laws.fit import fit_runs, law_json, public
@@ -127,11 +131,12 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
 
     # 5. train the final model
     final_dir = out / "final"
-    final = _train_final(final_dir, final_spec, corpus, cfg, log)
+    quiet = progress_factory is None
+    final = _train_final(final_dir, final_spec, corpus, cfg, log, quiet=quiet)
     bigger = None
     if cfg.compare:
         bigger_spec = dict(final_spec, n_params_target=final_spec["n_params"] * 4)
-        bigger = _train_final(out / "bigger", bigger_spec, corpus, cfg, log, reshape=True)
+        bigger = _train_final(out / "bigger", bigger_spec, corpus, cfg, log, quiet=quiet, reshape=True)
     plots += plot_loss_curves(sweep_dir, [final_dir] + ([out / "bigger"] if bigger else []), fit_dir)
 
     # 6. compare
@@ -196,15 +201,13 @@ def _plan_final(fit: dict, flops: float, corpus, cfg: AutopilotConfig) -> tuple[
     """The final model under the fitted law, with Muennighoff's data-constrained correction."""
     from flopwise.laws import allocate
     from flopwise.laws.fit import theta_to_params
-    from flopwise.laws.flops import n_params_total, training_flops_per_token
+    from flopwise.laws.flops import Shape, n_params_total, training_flops_per_token
     from flopwise.laws.plan import make_plan
 
     law = fit["_fit"].law("total")
     unique = corpus.meta["n_tokens_train"]
     plan = make_plan(flops, law, unique_tokens=unique, vocab_size=corpus.vocab_size, seq_len=cfg.seq_len)
     shape = plan["shape"]
-    from flopwise.laws.flops import Shape
-
     s = Shape.from_dict(shape)
     n = n_params_total(s)
     d = int(flops / training_flops_per_token(s))
@@ -214,7 +217,7 @@ def _plan_final(fit: dict, flops: float, corpus, cfg: AutopilotConfig) -> tuple[
     interval = [predicted, predicted]
     if "_thetas" in fit:
         p = theta_to_params(fit["_thetas"])
-        # N' depends on the law too (through U_N); parameter uncertainty is propagated via D' and N' of the fit
+        # parameter uncertainty of the law at this run's effective N' and D' (U_N is held at the fit's value)
         losses = p["E"] + p["A"] / n_eff ** p["alpha"] + p["B"] / d_eff ** p["beta"]
         interval = [float(np.percentile(losses, 5)), float(np.percentile(losses, 95))]
     return {"shape": {k: shape[k] for k in Shape.__dataclass_fields__}, "n_params": n, "n_tokens": d,
@@ -222,7 +225,8 @@ def _plan_final(fit: dict, flops: float, corpus, cfg: AutopilotConfig) -> tuple[
             "predicted_interval": interval, "effective_tokens": d_eff, "effective_params": n_eff}, plan
 
 
-def _train_final(run_dir: Path, spec: dict, corpus, cfg: AutopilotConfig, log, reshape: bool = False) -> dict:
+def _train_final(run_dir: Path, spec: dict, corpus, cfg: AutopilotConfig, log, quiet: bool = False,
+                 reshape: bool = False) -> dict:
     from flopwise.laws.flops import training_flops_per_token
     from flopwise.laws.shape import suggest_shape
     from flopwise.model.llama import ModelConfig
@@ -235,7 +239,7 @@ def _train_final(run_dir: Path, spec: dict, corpus, cfg: AutopilotConfig, log, r
         shape, n_tokens = s.to_dict(), int(spec["flops"] / training_flops_per_token(s))
     if not (run_dir / "config.json").exists():
         new_run(run_dir, ModelConfig(**shape), TrainConfig(n_tokens=n_tokens, seed=cfg.seed), corpus)
-    return train(run_dir, log=log)
+    return train(run_dir, quiet=quiet, log=log)
 
 
 def _compare(runs, fit: dict, final: dict, spec: dict, bigger: dict | None) -> dict:

@@ -168,6 +168,7 @@ def autopilot(
     workers: int = typer.Option(0, help="Parallel sweep runs (0: one per core)."),
     seed: int = typer.Option(0, help="Seed of everything."),
     out: str = typer.Option("autopilot", help="Output folder."),
+    quiet: bool = typer.Option(False, "--quiet", help="Only the closing summary."),
 ) -> None:
     """Sweep -> fit -> plan -> train -> compare -> report, on the bundled corpus by default."""
     from flopwise.autopilot import DEFAULT_BUDGET, AutopilotConfig
@@ -178,9 +179,11 @@ def autopilot(
     cfg = AutopilotConfig(budget_flops=flops, sweep_fraction=sweep_fraction, n_budgets=n_budgets, n_sizes=sizes,
                           vocab_size=vocab_size, seq_len=seq_len, workers=workers, bootstrap=bootstrap, seed=seed,
                           compare=compare, resume=resume)
-    console.print(f"[bold]flopwise autopilot[/bold]: budget {flops:.3g} FLOPs, {sweep_fraction:.0%} for the sweep, "
-                  f"output {out}/")
-    s = run_autopilot(out, data, cfg, log=console.print, progress_factory=lambda d, t: _Bar(d, t))
+    if not quiet:
+        console.print(f"[bold]flopwise autopilot[/bold]: budget {flops:.3g} FLOPs, {sweep_fraction:.0%} for the "
+                      f"sweep, output {out}/")
+    s = run_autopilot(out, data, cfg, log=(lambda m: None) if quiet else console.print,
+                      progress_factory=None if quiet else (lambda d, t: _Bar(d, t)))
     lo, hi = s["predicted_loss_interval"]
     console.print(f"\n[bold]report:[/bold] {Path(out) / 'report.html'} (and report.md, summary.json)")
     console.print(f"  optimal for {s['final_flops']:.3g} FLOPs: N = {fmt_count(s['n_params_opt'])} params, "
