@@ -2,34 +2,43 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+BASE := $(VENV)/.installed-base
+DEV := $(VENV)/.installed-dev
 
 .PHONY: setup demo plan-demo test lint bench clean
 
-setup: $(STAMP)
+setup: $(DEV)
 
 # torch is pinned: on these machines torch==2.13.0 is a CPU build on local disk; an unpinned
 # torch would pull a multi-GB CUDA build. An existing torch in the venv is kept.
-$(STAMP): pyproject.toml
+$(BASE): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]"
-	touch $(STAMP)
+	$(PY) -m pip install -q -e .
+	touch $(BASE)
 
-# The main job: sweep -> fit -> plan -> train -> compare -> report on the bundled corpus (~10-13 min on 2 cores).
-demo: setup
+# test tools (pytest, ruff, ray for the Ray sweep test) on top of the runtime
+$(DEV): $(BASE)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(DEV)
+
+# The main job: sweep -> fit -> plan -> train -> compare -> report on the bundled corpus (~13 min on 2 cores).
+demo: $(BASE)
 	$(VENV)/bin/flopwise autopilot --out autopilot
 
-plan-demo: setup
+plan-demo: $(BASE)
 	$(VENV)/bin/flopwise plan --flops 1e21 --gpu a100-80gb
 	$(VENV)/bin/flopwise plan --flops 1e21 --inference-tokens 2e12
 	$(VENV)/bin/flopwise plan --dollars 500 --gpu h100 --device rpi5 --bits 4
 
-test: setup
+test: $(DEV)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
-bench: setup
+lint: $(DEV)
+	$(PY) -m ruff check .
+
+bench: $(DEV)
 	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f; done
 
 clean:
