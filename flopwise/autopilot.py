@@ -150,7 +150,7 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
         "epochs": final["epochs"], "swept_n_params_min": int(min(runs.n_params)),
         "swept_n_params_max": int(max(runs.n_params)), "fit": {k: fit.get(k) for k in ("E", "A", "B", "alpha", "beta",
                                                                                     "a", "b")},
-        "holdout": public(fit).get("holdout"), "warnings": fit["warnings"] + plan["warnings"],
+        "holdout": public(fit).get("holdout"), "warnings": fit["warnings"] + _plan_warnings(plan, final["epochs"]),
         "wall_seconds": {"sweep": t_sweep, "total": time.time() - t_start, "final": final["wall_seconds"]},
         "energy_kwh_estimate": _energy_kwh(time.time() - t_start),
         "samples": samples, "config": asdict(cfg),
@@ -163,6 +163,18 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
 
     write_report(out, summary, public(fit), plan, plots)
     return summary
+
+
+def _plan_warnings(plan: dict, epochs: float) -> list[str]:
+    """The plan's warnings, with its 6ND-based repetition count replaced by the final run's real one."""
+    from flopwise.laws.allocate import EPOCHS_WARNING
+
+    out = [w for w in plan["warnings"] if "repeats the data" not in w]
+    if epochs > EPOCHS_WARNING:
+        out.append(f"the final run repeats the corpus {epochs:.1f} times (more than {EPOCHS_WARNING:g} epochs): "
+                   "repeated tokens are worth less, and the plan discounts them (Muennighoff et al. 2023); "
+                   "more unique text would lower the loss")
+    return out
 
 
 def _torch_version() -> str:
