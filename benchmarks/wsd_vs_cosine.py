@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from flopwise.autopilot import AutopilotConfig, _sweep_train_options
+from flopwise.autopilot import AutopilotConfig, sweep_train_options
 from flopwise.data.prepare import prepare
 from flopwise.laws.fit import fit_runs
 from flopwise.laws.runs import load_runs
@@ -35,7 +35,7 @@ def main() -> None:
         specs = design(budgets, corpus.vocab_size, 128)
         if not (sweep / "sweep.json").exists():
             write_design(sweep, specs, {"corpus": str(corpus.path), "corpus_hash": corpus.meta["hash"],
-                                        "budgets": budgets, "train_options": _sweep_train_options(AutopilotConfig())})
+                                        "budgets": budgets, "train_options": sweep_train_options(AutopilotConfig())})
         t0 = time.perf_counter()
         run_sweep(sweep, workers=2, threads=1)
         wall = time.perf_counter() - t0

@@ -42,7 +42,7 @@ class AutopilotConfig:
     resume: bool = False
 
 
-def _sweep_train_options(cfg: AutopilotConfig) -> dict:
+def sweep_train_options(cfg: AutopilotConfig) -> dict:
     # one evaluation at the end on fixed windows shared by all runs, so their losses compare closely
     return {"eval_every": 10**9, "eval_windows": 8, "final_eval_windows": 256, "seed": cfg.seed,
             "micro_batch": 16}
@@ -81,7 +81,7 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     budgets = budgets_for(cfg.sweep_fraction * cfg.budget_flops, cfg.n_budgets, cfg.budget_ratio, cfg.n_sizes)
     specs = design_sweep(budgets, corpus.vocab_size, cfg.seq_len, cfg.n_sizes, cfg.spread, cfg.prior)
     meta = {"corpus": str(corpus.path), "corpus_hash": m["hash"], "budgets": budgets, "prior": cfg.prior,
-            "train_options": _sweep_train_options(cfg), "schedule": "cosine"}
+            "train_options": sweep_train_options(cfg), "schedule": "cosine"}
     if (sweep_dir / "sweep.json").exists():
         old_specs, old_meta = read_design(sweep_dir)
         same = [s.__dict__ for s in old_specs] == [s.__dict__ for s in specs] and old_meta["corpus_hash"] == m["hash"]

@@ -74,7 +74,7 @@ def sweep_run(
     """Design (or resume) an IsoFLOP sweep and train its runs."""
     import os
 
-    from flopwise.autopilot import AutopilotConfig, _sweep_train_options
+    from flopwise.autopilot import AutopilotConfig, sweep_train_options
     from flopwise.data.prepare import resolve_corpus
     from flopwise.sweep.design import (
         design_sweep,
@@ -97,7 +97,7 @@ def sweep_run(
                    spread, prior, **extra)
     meta = {"corpus": str(corpus.path), "corpus_hash": corpus.meta["hash"],
             "budgets": sorted({s.budget for s in specs}),
-            "prior": prior, "train_options": _sweep_train_options(AutopilotConfig()), "schedule": schedule}
+            "prior": prior, "train_options": sweep_train_options(AutopilotConfig()), "schedule": schedule}
     if (sweep_dir / "sweep.json").exists():
         old, _ = read_design(sweep_dir)
         if [s.__dict__ for s in old] != [s.__dict__ for s in specs]:

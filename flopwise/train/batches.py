@@ -22,6 +22,7 @@ class Batches:
             raise FlopwiseError(f"the corpus has {len(tokens)} training tokens, fewer than two context windows of "
                                 f"{seq_len}: give more text or a shorter --seq-len")
         self._epoch, self._perm, self._offset = -1, None, 0
+        self._step, self._starts = -1, None  # the last step's starts, shared by its micro-batches
 
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray, int]:
         if epoch != self._epoch:
@@ -32,10 +33,13 @@ class Batches:
 
     def starts(self, step: int) -> np.ndarray:
         """Start offsets of the global batch of ``step``."""
+        if step == self._step:
+            return self._starts
         out = np.empty(self.global_batch, dtype=np.int64)
         for j, i in enumerate(range(step * self.global_batch, (step + 1) * self.global_batch)):
             perm, offset = self._epoch_order(i // self.n_windows)
             out[j] = offset + perm[i % self.n_windows] * self.seq_len
+        self._step, self._starts = step, out
         return out
 
     def get(self, step: int, lo: int, hi: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
