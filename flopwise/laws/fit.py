@@ -236,16 +236,16 @@ def interval(samples: np.ndarray, level: float) -> dict[str, float]:
 # ---------------------------------------------------------------- Approach 2: IsoFLOP profiles
 
 
-def _profile_minimum(x: np.ndarray, y: np.ndarray, degree: int) -> float | None:
-    """Minimiser of a polynomial fit of y on x (None when the fit has no minimum)."""
+def _profile_minimum(x: np.ndarray, y: np.ndarray, degree: int) -> tuple[float | None, np.ndarray]:
+    """Minimiser of a polynomial fit of y on x (None when the fit has no minimum), and the fit."""
     coef = np.polyfit(x, y, degree)
     if degree == 2:
-        return float(-coef[1] / (2 * coef[0])) if coef[0] > 0 else None
+        return (float(-coef[1] / (2 * coef[0])) if coef[0] > 0 else None), coef
     deriv = np.polyder(coef)
     roots = [r.real for r in np.roots(deriv) if abs(r.imag) < 1e-12 and np.polyval(np.polyder(deriv), r.real) > 0]
     if not roots:
-        return None
-    return float(min(roots, key=lambda r: abs(r - np.mean(x))))
+        return None, coef
+    return float(min(roots, key=lambda r: abs(r - np.mean(x)))), coef
 
 
 def _powerlaw(log_c: np.ndarray, log_y: np.ndarray) -> tuple[float, float]:
@@ -274,7 +274,7 @@ def fit_isoflop(runs: Runs, degree: int = 2, n_boot: int = 1000, seed: int = 0, 
             continue
         if len(x) < 4:
             warnings.append(f"budget {c:.3g}: only {len(x)} runs; the profile's minimum is poorly determined")
-        x_min = _profile_minimum(x, y, degree)
+        x_min, coef = _profile_minimum(x, y, degree)
         if x_min is None:
             warnings.append(f"budget {c:.3g}: the profile has no minimum (loss does not turn up at either end); "
                             "skipped: add smaller and larger models")
@@ -286,8 +286,7 @@ def fit_isoflop(runs: Runs, degree: int = 2, n_boot: int = 1000, seed: int = 0, 
         d_slope, d_icpt = np.polyfit(x, log_d, 1)
         groups.append({"flops": float(c), "n_runs": int(m.sum()), "n_opt": math.exp(x_min),
                        "d_opt": math.exp(d_icpt + d_slope * x_min), "bracketed": bracketed,
-                       "loss_min": float(np.polyval(np.polyfit(x, y, degree), x_min)),
-                       "coef": np.polyfit(x, y, degree).tolist()})
+                       "loss_min": float(np.polyval(coef, x_min)), "coef": coef.tolist()})
     if len(groups) < 2:
         raise FlopwiseError("Approach 2 found a usable minimum in fewer than two budgets: "
                             "add sizes on both sides of each budget's optimum")
@@ -305,6 +304,9 @@ def fit_isoflop(runs: Runs, degree: int = 2, n_boot: int = 1000, seed: int = 0, 
     log_c = np.log([g["flops"] for g in fitted])
     a, a_icpt = _powerlaw(log_c, np.log([g["n_opt"] for g in fitted]))
     b, b_icpt = _powerlaw(log_c, np.log([g["d_opt"] for g in fitted]))
+    if not (abs(a) < 10 and abs(b) < 10 and abs(a_icpt) < 700 and abs(b_icpt) < 700):
+        raise FlopwiseError(f"the IsoFLOP minima give a degenerate power law (N_opt ~ C^{a:.3g}): the minima are "
+                            "not bracketed; sweep sizes on both sides of each budget's optimum")
 
     rng = np.random.default_rng(seed)
     samples = []
@@ -316,7 +318,7 @@ def fit_isoflop(runs: Runs, degree: int = 2, n_boot: int = 1000, seed: int = 0, 
             x, y, log_d = np.log(runs.n_params[idx]), runs.loss[idx], np.log(runs.n_tokens[idx])
             if np.unique(x).size <= degree:
                 continue
-            x_min = _profile_minimum(x, y, degree)
+            x_min = _profile_minimum(x, y, degree)[0]
             if x_min is None:
                 continue
             ds, di = np.polyfit(x, log_d, 1)
@@ -324,9 +326,6 @@ def fit_isoflop(runs: Runs, degree: int = 2, n_boot: int = 1000, seed: int = 0, 
         if len(pts) >= 2:
             p = np.array(pts)
             samples.append((*np.polyfit(p[:, 0], p[:, 1], 1), *np.polyfit(p[:, 0], p[:, 2], 1)))
-    if not (abs(a) < 10 and abs(b) < 10 and abs(a_icpt) < 700 and abs(b_icpt) < 700):
-        raise FlopwiseError(f"the IsoFLOP minima give a degenerate power law (N_opt ~ C^{a:.3g}): the minima are "
-                            "not bracketed; sweep sizes on both sides of each budget's optimum")
     out = {"degree": degree, "groups": groups, "a": a, "b": b, "n_coef": math.exp(a_icpt),
            "d_coef": math.exp(b_icpt), "warnings": warnings, "n_boot": len(samples)}
     if len(samples) >= 10:

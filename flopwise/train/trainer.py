@@ -348,6 +348,10 @@ def _train(run_dir: Path, quiet: bool, log) -> dict:
     t_start = time.perf_counter()
     t_log, tokens_log = t_start, 0
     metrics = open(metrics_path, "a") if rank == 0 else None
+    # a run resumed from its final checkpoint (killed before final.json) trains no step: keep its last loss
+    kept = _read_metrics(metrics_path, start_step)
+    loss_sum = json.loads(kept[-1])["loss"] if kept else float("nan")
+    final_eval = None
     try:
         for step in range(start_step, r["steps"]):
             lr = lr_at(step, r["steps"], r["lr"], r["warmup_steps"], tc.min_lr_ratio, tc.schedule,
@@ -378,7 +382,12 @@ def _train(run_dir: Path, quiet: bool, log) -> dict:
             tokens_log += r["tokens_per_step"]
             last = step == r["steps"] - 1
             evaluate_now = (step + 1) % r["eval_every"] == 0 or last
-            val_loss = evaluate(model, val, r["micro_batch"], precision, device)[0] if evaluate_now else None
+            val_loss = None
+            if last:  # the final evaluation, once, on the larger window set
+                final_eval = evaluate(model, val_final, r["micro_batch"], precision, device, byte_lengths)
+                val_loss = final_eval[0]
+            elif evaluate_now:
+                val_loss = evaluate(model, val, r["micro_batch"], precision, device)[0]
             if rank == 0 and ((step + 1) % r["log_every"] == 0 or evaluate_now):
                 now = time.perf_counter()
                 tok_s = tokens_log / max(now - t_log, 1e-9)
@@ -404,7 +413,9 @@ def _train(run_dir: Path, quiet: bool, log) -> dict:
         if metrics:
             metrics.close()
     wall = wall_before + time.perf_counter() - t_start
-    val_loss, val_bpb = evaluate(model, val_final, r["micro_batch"], precision, device, byte_lengths)
+    if final_eval is None:
+        final_eval = evaluate(model, val_final, r["micro_batch"], precision, device, byte_lengths)
+    val_loss, val_bpb = final_eval
     final = {"val_loss": val_loss, "val_bpb": val_bpb, "train_loss": loss_sum, "n_params": n_params_total(mc),
              "n_params_non_embedding": n_params_non_embedding(mc), "n_tokens": r["n_tokens"], "flops": r["flops"],
              "flops_6nd": 6.0 * n_params_total(mc) * r["n_tokens"], "epochs": epochs, "steps": r["steps"],
