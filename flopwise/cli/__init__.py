@@ -83,6 +83,8 @@ def main() -> None:
 
 # the commands register themselves on ``app``
 from flopwise.cli import fit as _fit  # noqa: E402,F401
+from flopwise.cli import infer as _infer  # noqa: E402,F401
 from flopwise.cli import plan as _plan  # noqa: E402,F401
 from flopwise.cli import sweep as _sweep  # noqa: E402,F401
 from flopwise.cli import train as _train  # noqa: E402,F401
+from flopwise.cli import tune as _tune  # noqa: E402,F401

@@ -165,9 +165,14 @@ def eval_cmd(
     run: str = typer.Argument(..., metavar="RUN_DIR", help="A run directory (its latest checkpoint)."),
     data: Optional[str] = typer.Option(None, help="Prepared corpus (default: the run's own)."),
     windows: int = typer.Option(256, help="Validation windows of the run's context length."),
+    instructions: Optional[str] = typer.Option(None, help="Alpaca/chat file: held-out response loss, and "
+                                               "behavioural scores for records with a 'task' (the bundled set)."),
+    behaviour_n: int = typer.Option(100, help="With --instructions: generations per behavioural task."),
+    seed: int = typer.Option(0, help="With --instructions: sampling seed."),
+    temperature: float = typer.Option(0.8, help="With --instructions: sampling temperature."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Validation loss (nats/token) and bits per byte of a run on a prepared corpus."""
+    """Validation loss (nats/token) and bits per byte of a run on a prepared corpus, or its instruction following."""
     import numpy as np
 
     from flopwise.data.prepare import open_corpus
@@ -176,6 +181,26 @@ def eval_cmd(
     from flopwise.train.trainer import evaluate, load_model, pick_device, pick_precision, read_run_config
 
     mc, tc, cfg = read_run_config(run)
+    if instructions is not None:
+        from flopwise.data.tokenizer import load_tokenizer
+        from flopwise.train.tune import evaluate_instructions
+
+        sp = load_tokenizer(Path(run) / "tokenizer.model")
+        with console.status("evaluating instructions…"):
+            r = evaluate_instructions(load_model(run), sp, instructions, behaviour_n, seed, temperature)
+        if as_json:
+            print(json.dumps({"run": run, "instructions": instructions, **r}, indent=2))
+            return
+        line = f"{run}: response loss {r['response_loss']:.4f} nats/token over {r['response_tokens']:,} tokens"
+        if "words_included" in r:
+            line += f"; words included {r['words_included']:.0%} of {r['words_n']}"
+        if "continuation_ok" in r:
+            line += f"; continuation ok {r['continuation_ok']:.0%} of {r['continuation_n']}"
+        console.print(line + f" (seed {seed}, temperature {temperature})")
+        return
+    if cfg["data"].get("kind") == "instructions" and data is None:
+        raise FlopwiseError(f"{run} is a tuning run: evaluate it with --instructions FILE "
+                            f"(e.g. {Path(run) / 'instructions-heldout.jsonl'}) or --data CORPUS")
     corpus = open_corpus(data or cfg["data"]["path"])
     if corpus.vocab_size != mc.vocab_size:
         raise FlopwiseError(f"the corpus' vocab ({corpus.vocab_size}) differs from the model's ({mc.vocab_size}): "

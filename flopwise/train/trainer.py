@@ -63,7 +63,10 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"
     save_at_steps: list[int] = field(default_factory=list)  # keep ckpt/step-K.pt when K steps are done
-    init_from: str | None = None  # start from this checkpoint (a WSD branch from its trunk)
+    init_from: str | None = None  # a checkpoint to continue (a WSD branch), or a run directory's weights (tuning)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen model (tuning)
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"])
     extra: dict = field(default_factory=dict)  # e.g. budget_flops from a sweep
 
     @classmethod
@@ -123,10 +126,13 @@ def resolve(model: ModelConfig, train: TrainConfig, world: int = 1) -> dict:
 
 
 def make_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float, device: torch.device):
-    """AdamW; weight decay on matrices only (not norm gains); fused kernels where available."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW over the trainable parameters; weight decay on matrices only (not norm gains); fused kernels where
+    available."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": train.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     kwargs = dict(lr=lr, betas=(train.beta1, train.beta2), eps=1e-8)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
@@ -147,22 +153,28 @@ def measured_peak(device: torch.device, precision: str) -> float:
 
 @torch.no_grad()
 def evaluate(model: Llama, windows: np.ndarray, micro_batch: int, precision: str, device: torch.device,
-             byte_lengths: np.ndarray | None = None) -> tuple[float, float | None]:
-    """Mean loss (nats/token) over ``windows`` and bits per byte (when byte lengths are given)."""
+             byte_lengths: np.ndarray | None = None, masks: np.ndarray | None = None) -> tuple[float, float | None]:
+    """Mean loss (nats/token) over ``windows`` and bits per byte (when byte lengths are given).
+
+    With ``masks`` (n, seq_len) only the targets marked 1 count (the responses of instruction data).
+    """
     was_training = model.training
     model.eval()
     total_nats, total_tokens, total_bytes = 0.0, 0, 0
     for i in range(0, len(windows), micro_batch):
         rows = torch.from_numpy(windows[i:i + micro_batch]).to(device)
         x, y = rows[:, :-1], rows[:, 1:]
+        m = None if masks is None else torch.from_numpy(masks[i:i + micro_batch]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model(x, y)
-        total_nats += float(loss) * y.numel()
-        total_tokens += y.numel()
+            loss = model(x, y, loss_mask=m)
+        n = y.numel() if m is None else int(m.sum())
+        total_nats += float(loss) * n
+        total_tokens += n
         if byte_lengths is not None:
-            total_bytes += int(byte_lengths[y.cpu().numpy()].sum())
+            lengths = byte_lengths[y.cpu().numpy()]
+            total_bytes += int(lengths.sum() if m is None else lengths[m.cpu().numpy() > 0].sum())
     model.train(was_training)
-    loss = total_nats / total_tokens
+    loss = total_nats / max(total_tokens, 1)
     bpb = total_nats / math.log(2) / total_bytes if total_bytes else None
     return loss, bpb
 
@@ -233,12 +245,19 @@ def read_run_config(run_dir: str | Path) -> tuple[ModelConfig, TrainConfig, dict
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Llama:
     """The trained (or latest checkpointed) model of a run directory."""
     run_dir = Path(run_dir)
-    mc, _, _ = read_run_config(run_dir)
+    mc, tc, _ = read_run_config(run_dir)
     ckpt = load_checkpoint(run_dir / "ckpt" / "latest.pt")
     if ckpt is None:
         raise FlopwiseError(f"{run_dir} has no checkpoint yet: train it first")
     model = Llama(mc)
-    model.load_state_dict(ckpt["model"])
+    if tc.lora_rank:  # a LoRA run's checkpoint holds adapters: load them, then fold them into the weights
+        from flopwise.model.lora import apply_lora, merge_lora
+
+        apply_lora(model, tc.lora_rank, tc.lora_alpha, tc.lora_targets)
+        model.load_state_dict(ckpt["model"])
+        merge_lora(model)
+    else:
+        model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
 
 
@@ -288,12 +307,37 @@ def train(run_dir: str | Path, quiet: bool = False, log=print) -> dict:
         return _train(run_dir, quiet, log)
 
 
-def _train(run_dir: Path, quiet: bool, log) -> dict:
-    mc, tc, config = read_run_config(run_dir)
+@dataclass
+class TrainingData:
+    """What the loop needs of its data: batches by (seed, step), evaluation sets, bytes per token."""
+
+    batches: object  # (global_batch, seed) -> an object with .get(step, lo, hi, device) -> (x, y[, loss mask])
+    val: tuple[np.ndarray, np.ndarray | None]  # windows of seq_len + 1 tokens, target masks or None
+    val_final: tuple[np.ndarray, np.ndarray | None]
+    byte_lengths: np.ndarray
+    n_tokens_train: int
+
+
+def _training_data(run_dir: Path, config: dict, mc: ModelConfig, tc: TrainConfig) -> TrainingData:
+    if config["data"].get("kind") == "instructions":
+        from flopwise.train.tune import instruction_training_data
+
+        return instruction_training_data(run_dir, config, mc)
     corpus = open_corpus(config["data"]["path"])
     if corpus.meta["hash"] != config["data"]["hash"]:
         raise FlopwiseError(f"the prepared corpus at {corpus.path} changed since this run started: "
                             "re-prepare the original data or start a new run")
+    tokens = corpus.tokens("train")
+    return TrainingData(
+        batches=lambda global_batch, seed: Batches(tokens, mc.seq_len, global_batch, seed),
+        val=(eval_windows(corpus.tokens("val"), mc.seq_len, tc.eval_windows), None),
+        val_final=(eval_windows(corpus.tokens("val"), mc.seq_len, tc.final_eval_windows), None),
+        byte_lengths=np.array(token_byte_lengths(corpus.tokenizer())), n_tokens_train=corpus.meta["n_tokens_train"])
+
+
+def _train(run_dir: Path, quiet: bool, log) -> dict:
+    mc, tc, config = read_run_config(run_dir)
+    data = _training_data(run_dir, config, mc, tc)  # checks the data before anything starts
     rank, world = dist.setup()
     device = pick_device(tc.device) if world == 1 else dist.device_for(rank, tc.device)
     precision = pick_precision(tc.precision, device)
@@ -305,11 +349,19 @@ def _train(run_dir: Path, quiet: bool, log) -> dict:
                             "divisible by the number of processes")
 
     torch.manual_seed(tc.seed)
-    model = Llama(mc).to(device)
-    optimizer = make_optimizer(model, tc, r["lr"], device)
+    model = Llama(mc)
     ckpt = load_checkpoint(run_dir / "ckpt" / "latest.pt")
     start_step, wall_before = 0, 0.0
-    if ckpt is None and tc.init_from:
+    init_dir = tc.init_from is not None and Path(tc.init_from).is_dir()
+    if ckpt is None and init_dir:  # tuning: the base run's weights, a fresh optimizer
+        model.load_state_dict(load_model(tc.init_from).state_dict())
+    if tc.lora_rank:
+        from flopwise.model.lora import apply_lora
+
+        apply_lora(model, tc.lora_rank, tc.lora_alpha, tc.lora_targets)
+    model = model.to(device)
+    optimizer = make_optimizer(model, tc, r["lr"], device)
+    if ckpt is None and tc.init_from and not init_dir:
         ckpt = load_checkpoint(Path(tc.init_from))
         if ckpt is None:
             raise FlopwiseError(f"{run_dir} starts from {tc.init_from}, which does not exist: train its trunk first")
@@ -327,12 +379,12 @@ def _train(run_dir: Path, quiet: bool, log) -> dict:
     if tc.compile:
         net = torch.compile(net)
 
-    batches = Batches(corpus.tokens("train"), mc.seq_len, r["global_batch"], tc.seed)
-    val = eval_windows(corpus.tokens("val"), mc.seq_len, tc.eval_windows)
-    val_final = eval_windows(corpus.tokens("val"), mc.seq_len, tc.final_eval_windows)
-    byte_lengths = np.array(token_byte_lengths(corpus.tokenizer()))
+    batches = data.batches(r["global_batch"], tc.seed)
+    val, val_mask = data.val
+    val_final, val_final_mask = data.val_final
+    byte_lengths = data.byte_lengths
     peak = measured_peak(device, precision) * world
-    n_train = corpus.meta["n_tokens_train"]
+    n_train = data.n_tokens_train
     epochs = r["n_tokens"] / n_train
     if rank == 0 and not quiet:
         est = r["flops"] / (peak * 0.5)
@@ -362,10 +414,10 @@ def _train(run_dir: Path, quiet: bool, log) -> dict:
             try:
                 for micro in range(r["grad_accum"]):
                     a = lo + micro * r["micro_batch"]
-                    x, y = batches.get(step, a, a + r["micro_batch"], device)
+                    x, y, *m = batches.get(step, a, a + r["micro_batch"], device)  # m: loss mask (tuning)
                     with dist.no_sync(net, micro < r["grad_accum"] - 1), \
                             torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                        loss = net(x, y) / r["grad_accum"]
+                        loss = net(x, y, loss_mask=m[0] if m else None) / r["grad_accum"]
                     loss.backward()
                     loss_sum += float(loss.detach())
             except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -384,10 +436,11 @@ def _train(run_dir: Path, quiet: bool, log) -> dict:
             evaluate_now = (step + 1) % r["eval_every"] == 0 or last
             val_loss = None
             if last:  # the final evaluation, once, on the larger window set
-                final_eval = evaluate(model, val_final, r["micro_batch"], precision, device, byte_lengths)
+                final_eval = evaluate(model, val_final, r["micro_batch"], precision, device, byte_lengths,
+                                      val_final_mask)
                 val_loss = final_eval[0]
             elif evaluate_now:
-                val_loss = evaluate(model, val, r["micro_batch"], precision, device)[0]
+                val_loss = evaluate(model, val, r["micro_batch"], precision, device, masks=val_mask)[0]
             if rank == 0 and ((step + 1) % r["log_every"] == 0 or evaluate_now):
                 now = time.perf_counter()
                 tok_s = tokens_log / max(now - t_log, 1e-9)
@@ -414,14 +467,15 @@ def _train(run_dir: Path, quiet: bool, log) -> dict:
             metrics.close()
     wall = wall_before + time.perf_counter() - t_start
     if final_eval is None:
-        final_eval = evaluate(model, val_final, r["micro_batch"], precision, device, byte_lengths)
+        final_eval = evaluate(model, val_final, r["micro_batch"], precision, device, byte_lengths, val_final_mask)
     val_loss, val_bpb = final_eval
     final = {"val_loss": val_loss, "val_bpb": val_bpb, "train_loss": loss_sum, "n_params": n_params_total(mc),
              "n_params_non_embedding": n_params_non_embedding(mc), "n_tokens": r["n_tokens"], "flops": r["flops"],
              "flops_6nd": 6.0 * n_params_total(mc) * r["n_tokens"], "epochs": epochs, "steps": r["steps"],
              "wall_seconds": wall, "tokens_per_s": r["n_tokens"] / wall if wall > 0 else None,
              "mfu": r["flops"] / wall / peak if wall > 0 else None, "precision": precision, "device": device.type,
-             "world_size": world, "val_tokens": int(val_final[:, 1:].size), **tc.extra}
+             "world_size": world,
+             "val_tokens": int(val_final[:, 1:].size if val_final_mask is None else val_final_mask.sum()), **tc.extra}
     if rank == 0:
         atomic_write_text(run_dir / "final.json", json.dumps(final, indent=2) + "\n")
     dist.barrier()

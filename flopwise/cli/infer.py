@@ -1,0 +1,131 @@
+"""flopwise generate and chat: the CPU runtime from the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+from flopwise.cli import app, console
+from flopwise.errors import FlopwiseError
+
+
+def _engine(run: str, dtype: str):
+    from pathlib import Path
+
+    from flopwise.data.tokenizer import load_tokenizer
+    from flopwise.infer.generate import Engine
+    from flopwise.train.trainer import load_model
+
+    return Engine(load_model(run), load_tokenizer(Path(run) / "tokenizer.model"), dtype)
+
+
+@app.command()
+def generate(
+    run: str = typer.Argument(..., metavar="RUN", help="A run directory."),
+    prompt: Optional[list[str]] = typer.Option(None, help="Prompt text (repeat for a batch; none: read stdin)."),
+    max_tokens: int = typer.Option(128, help="New tokens at most."),
+    temperature: float = typer.Option(0.8, help="0 is greedy."),
+    top_k: int = typer.Option(40, help="Sample from the k most likely tokens (0: all)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1: off)."),
+    repetition_penalty: float = typer.Option(1.0, help="> 1 discourages repeats."),
+    stop: Optional[list[str]] = typer.Option(None, help="Stop string (repeatable)."),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed (same seed, same text)."),
+    dtype: str = typer.Option("fp32", help="Runtime weights: fp32, bf16 or int8."),
+    instruct: bool = typer.Option(False, "--instruct", help="Wrap the prompt in the Alpaca template."),
+    bench: bool = typer.Option(False, "--bench", help="Print prompt and decode tokens/s and peak memory."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Generate text from a run (temperature 0 is greedy); streams a single prompt."""
+    from flopwise.data.instructions import STOP_STRINGS, render_prompt
+    from flopwise.infer.generate import Sampling
+
+    eng = _engine(run, dtype)
+    if bench:
+        r = eng.bench()
+        print(json.dumps(r, indent=2)) if as_json else console.print(
+            f"{dtype}: prompt {r['prompt_tok_per_s']:,.0f} tok/s, decode {r['decode_tok_per_s']:,.1f} tok/s "
+            f"(batch {r['batch']}, {r['new_tokens']} new tokens), peak RSS {r['peak_rss_mb']:,.0f} MB")
+        return
+    prompts = prompt or [sys.stdin.read()]
+    if instruct:
+        prompts = [render_prompt(p) for p in prompts]
+    s = Sampling(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                 repetition_penalty=repetition_penalty, seed=seed,
+                 stop=list(stop or []) + (list(STOP_STRINGS) if instruct else []))
+    if not any(p.strip() for p in prompts):
+        raise FlopwiseError("empty prompt: give --prompt TEXT or text on stdin")
+    if len(prompts) == 1 and not as_json:
+        for piece in eng.stream_text(prompts[0], s):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    texts = eng.generate(prompts, s)
+    if as_json:
+        print(json.dumps([{"prompt": p, "completion": t} for p, t in zip(prompts, texts, strict=True)], indent=2))
+    else:
+        for t in texts:
+            console.print(t, highlight=False)
+            console.rule()
+
+
+@app.command()
+def chat(
+    run: str = typer.Argument(..., metavar="RUN", help="A (tuned) run directory."),
+    max_tokens: int = typer.Option(200, help="New tokens per reply at most."),
+    temperature: float = typer.Option(0.7, help="0 is greedy."),
+    top_k: int = typer.Option(40, help="Sample from the k most likely tokens."),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed."),
+    system: Optional[str] = typer.Option(None, help="Replace the Alpaca preamble."),
+    dtype: str = typer.Option("fp32", help="fp32, bf16 or int8."),
+) -> None:
+    """Chat in the terminal with the Alpaca template; replies stream token by token. Ctrl-D or /exit ends."""
+    from flopwise.data.instructions import STOP_STRINGS, render_prompt, render_turn
+    from flopwise.data.tokenizer import BOS_ID, EOS_ID
+    from flopwise.infer.generate import Sampling
+
+    eng = _engine(run, dtype)
+    ctx = eng.config.seq_len
+    console.print(f"[dim]{run}: context {ctx} tokens; /reset clears the history, /exit or Ctrl-D ends[/dim]")
+    history: list[tuple[str, str]] = []  # (user, reply) of earlier turns
+
+    def encode(turns: list[tuple[str, str]], user: str) -> list[int]:
+        ids = [BOS_ID]
+        for j, (u, r) in enumerate(turns):
+            ids += eng.sp.encode(render_prompt(u, system=system) if j == 0 else render_turn(u))
+            ids += eng.sp.encode(r) + [EOS_ID]
+        return ids + eng.sp.encode(render_prompt(user, system=system) if not turns else render_turn(user))
+
+    while True:
+        try:
+            user = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if user.strip() in ("/exit", "/quit"):
+            return
+        if user.strip() == "/reset":
+            history = []
+            continue
+        if not user.strip():
+            continue
+        ids = encode(history, user)
+        while history and len(ids) + 16 > ctx:  # forget the oldest turns to leave room for a reply
+            history.pop(0)
+            ids = encode(history, user)
+        if len(ids) >= ctx:
+            console.print(f"[red]that message is too long for the context of {ctx} tokens[/red]")
+            continue
+        s = Sampling(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                     stop=list(STOP_STRINGS))
+        sys.stdout.write("model> ")
+        reply = []
+        for piece in eng.stream_text(ids, s):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append((user, "".join(reply).strip()))

@@ -1,0 +1,91 @@
+"""flopwise tune: Alpaca-style instruction tuning of a trained run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from flopwise.cli import app, console
+from flopwise.errors import FlopwiseError
+
+
+def _report_line(name: str, r: dict) -> str:
+    parts = [f"{name:<6} response loss {r['response_loss']:.4f}"]
+    if "words_included" in r:
+        parts.append(f"words included {r['words_included']:.0%} of {r['words_n']}")
+    if "continuation_ok" in r:
+        parts.append(f"continuation ok {r['continuation_ok']:.0%} of {r['continuation_n']}")
+    return "  ".join(parts)
+
+
+@app.command()
+def tune(
+    base: Optional[str] = typer.Argument(None, metavar="BASE_RUN", help="The trained run to tune."),
+    out: str = typer.Option(..., help="Run directory for the tuned model (given alone: resume it)."),
+    data: Optional[str] = typer.Option(None, help="Alpaca JSON/JSONL or chat JSONL (default: the bundled set "
+                                       "derived from TinyStories)."),
+    eval_data: Optional[str] = typer.Option(None, help="Held-out examples (default: 5% split off --data)."),
+    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters on the frozen model (merged on export)."),
+    rank: int = typer.Option(8, help="LoRA rank."),
+    alpha: float = typer.Option(16.0, help="LoRA alpha (the update is scaled by alpha / rank)."),
+    targets: str = typer.Option("wq,wk,wv,wo,w_gate,w_up,w_down", help="LoRA target projections."),
+    epochs: float = typer.Option(3.0, help="Passes over the training examples."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides --epochs)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: base rate / 10; LoRA: base rate)."),
+    batch_size: int = typer.Option(32, help="Examples per optimizer step."),
+    seed: int = typer.Option(0, help="Seed of data order, held-out split, LoRA init and evaluation sampling."),
+    behaviour_n: int = typer.Option(100, help="Generations per behavioural task in the before/after evaluation "
+                                    "(0: response loss only)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+    as_json: bool = typer.Option(False, "--json", help="Print the before/after evaluation as JSON."),
+) -> None:
+    """Instruction-tune BASE_RUN (full or LoRA), with its evaluation before and after."""
+    from flopwise.train.trainer import load_model, read_run_config
+    from flopwise.train.trainer import train as run_training
+    from flopwise.train.tune import new_tune_run, tune_report
+
+    out_dir = Path(out)
+    log = (lambda m: None) if as_json else (lambda m: console.print(f"[yellow]{m}[/yellow]"))
+    if not (out_dir / "config.json").exists():
+        if base is None:
+            raise FlopwiseError("no base run: 'flopwise tune BASE_RUN --out RUN_DIR' (or --out alone to resume)")
+        with console.status("encoding instruction data…"):
+            new_tune_run(out_dir, base, data, eval_data, lora_rank=rank if lora else 0, lora_alpha=alpha,
+                         lora_targets=targets.split(",") if lora else None, epochs=epochs, max_steps=max_steps,
+                         lr=lr, batch_size=batch_size, seed=seed, log=log)
+    _, tc, cfg = read_run_config(out_dir)
+    if cfg["data"].get("kind") != "instructions":
+        raise FlopwiseError(f"{out_dir} is a pre-training run, not a tuning run: choose another --out")
+    report_path = out_dir / "tune_eval.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    if "base" not in report:
+        with console.status("evaluating the base model on the held-out examples…"):
+            report["base"] = tune_report(load_model(tc.init_from), out_dir, behaviour_n, seed)
+        _save(report_path, report)
+    if not as_json:
+        console.print(f"data: {cfg['data']['source']}, {cfg['data']['n_train']:,} train / "
+                      f"{cfg['data']['n_heldout']:,} held-out examples; "
+                      + (f"LoRA rank {tc.lora_rank}" if tc.lora_rank else "full fine-tuning"))
+        console.print(_report_line("base", report["base"]))
+    run_training(out_dir, quiet=quiet or as_json, log=console.print)
+    if "tuned" not in report:
+        with console.status("evaluating the tuned model…"):
+            report["tuned"] = tune_report(load_model(out_dir), out_dir, behaviour_n, seed)
+        _save(report_path, report)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    console.print(_report_line("base", report["base"]))
+    console.print(_report_line("tuned", report["tuned"]))
+    for s in report["tuned"].get("samples", [])[:2]:
+        console.print(f"[dim]{s.get('instruction', s.get('input'))}[/dim]\n  {s['response'][:300]}")
+    console.print(f"done: {out_dir} (chat with it: flopwise chat {out_dir})")
+
+
+def _save(path: Path, report: dict) -> None:
+    from flopwise.fsutil import atomic_write_text
+
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,231 @@
+"""CPU-first generation: a preallocated KV cache, sampling, stop strings, streaming, batches.
+
+A batch of prompts is left-padded and the pad keys are masked: rotary embeddings make attention
+depend only on relative positions, so a uniform shift of a row's positions changes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from flopwise.data.tokenizer import BOS_ID, EOS_ID
+from flopwise.errors import FlopwiseError
+from flopwise.model.llama import Llama, apply_rope
+
+
+@dataclass
+class Sampling:
+    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the text (CTRL's rule)
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # decode the whole budget (benchmarks)
+
+    def check(self) -> None:
+        if self.temperature < 0:
+            raise FlopwiseError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise FlopwiseError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise FlopwiseError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise FlopwiseError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_new_tokens < 1:
+            raise FlopwiseError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+
+
+def sample_next(logits: torch.Tensor, s: Sampling, history: torch.Tensor | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V); ``history`` (B, T) feeds the repetition penalty."""
+    logits = logits.float()
+    if s.ignore_eos:
+        logits[:, EOS_ID] = float("-inf")
+    if s.repetition_penalty != 1.0 and history is not None and history.numel():
+        seen = torch.gather(logits, 1, history)
+        seen = torch.where(seen > 0, seen / s.repetition_penalty, seen * s.repetition_penalty)
+        logits = logits.scatter(1, history, seen)
+    if s.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / s.temperature
+    if s.top_k and s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+class Engine:
+    """A model prepared for decoding: inference mode, one KV cache reused across calls."""
+
+    def __init__(self, model: Llama, sp, dtype: str = "fp32"):
+        self.sp, self.dtype = sp, dtype
+        self.model = prepare_model(model.eval(), dtype)
+        self.config = model.config
+        self.cache = None
+
+    # -- tokens --
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return [BOS_ID] + self.sp.encode(prompt)
+
+    def _cache(self, batch: int) -> list:
+        if self.cache is None or self.cache[0][0].shape[0] < batch:
+            act = torch.bfloat16 if self.dtype == "bf16" else torch.float32
+            self.cache = self.model.new_cache(batch, dtype=act, device=torch.device("cpu"))
+        return self.cache
+
+    @torch.inference_mode()
+    def _forward(self, tokens: torch.Tensor, start: int, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Logits of the last position; ``key_mask`` (B, start + T) marks real (non-pad) tokens."""
+        m, b, t = self.model, tokens.shape[0], tokens.shape[1]
+        cache = self._cache(b)
+        cos, sin = m.rope_cos[start:start + t], m.rope_sin[start:start + t]
+        x = m.embed(tokens)
+        causal = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)
+        mask = causal[None, None] if key_mask is None else causal[None, None] & key_mask[:, None, None, :]
+        for layer, (kc, vc) in zip(m.layers, cache, strict=False):
+            h = layer.attn_norm(x)
+            q = layer.wq(h).view(b, t, layer.n_heads, layer.head_dim).transpose(1, 2)
+            k = layer.wk(h).view(b, t, layer.n_kv_heads, layer.head_dim).transpose(1, 2)
+            v = layer.wv(h).view(b, t, layer.n_kv_heads, layer.head_dim).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            kc[:b, :, start:start + t] = k
+            vc[:b, :, start:start + t] = v
+            y = F.scaled_dot_product_attention(q, kc[:b, :, :start + t], vc[:b, :, :start + t], attn_mask=mask,
+                                               enable_gqa=layer.n_kv_heads != layer.n_heads)
+            x = x + layer.wo(y.transpose(1, 2).reshape(b, t, -1))
+            h = layer.mlp_norm(x)
+            x = x + layer.w_down(F.silu(layer.w_gate(h)) * layer.w_up(h))
+        return m.head(m.norm(x[:, -1]))
+
+    def stream_ids(self, prompts: list[list[int]], s: Sampling) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row, step by step, until all rows hit eos or the budget."""
+        s.check()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise FlopwiseError("empty prompt")
+        width = max(len(p) for p in prompts)
+        ctx = self.config.seq_len
+        if width >= ctx:
+            raise FlopwiseError(f"the prompt has {width} tokens; the model's context is {ctx}: shorten it")
+        budget = min(s.max_new_tokens, ctx - width)
+        b = len(prompts)
+        tokens = torch.full((b, width), EOS_ID, dtype=torch.long)
+        real = torch.zeros(b, ctx, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            tokens[i, width - len(p):] = torch.tensor(p)
+            real[i, width - len(p):] = True
+        real[:, width:] = True
+        gen = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
+        key_mask = None if all(len(p) == width for p in prompts) else real
+        logits = self._forward(tokens, 0, None if key_mask is None else key_mask[:, :width])
+        history = tokens
+        done = torch.zeros(b, dtype=torch.bool)
+        for i in range(budget):
+            nxt = sample_next(logits, s, history if s.repetition_penalty != 1.0 else None, gen)
+            nxt = torch.where(done, torch.full_like(nxt, EOS_ID), nxt)
+            yield nxt
+            done |= nxt == EOS_ID
+            if bool(done.all()) or i == budget - 1:
+                return
+            history = torch.cat([history, nxt[:, None]], 1)
+            pos = width + i
+            logits = self._forward(nxt[:, None], pos, None if key_mask is None else key_mask[:, :pos + 1])
+
+    def stream_text(self, prompt: str | list[int], s: Sampling) -> Iterator[str]:
+        """Decoded text pieces as they are generated; stops at eos or a stop string (not yielded).
+
+        ``prompt`` is text (encoded after a bos) or token ids.
+        """
+        ids: list[int] = []
+        sent = 0
+        hold = max((len(x) for x in s.stop), default=0)
+        prompt_ids = self.encode_prompt(prompt) if isinstance(prompt, str) else prompt
+        for nxt in self.stream_ids([prompt_ids], s):
+            if int(nxt[0]) == EOS_ID:
+                break
+            ids.append(int(nxt[0]))
+            text = self.sp.decode(ids)
+            cut = _first_stop(text, s.stop)
+            if cut is not None:
+                if cut > sent:
+                    yield text[sent:cut]
+                return
+            safe = len(text) - hold  # hold back what could be the start of a stop string
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence from byte tokens
+                safe = min(safe, len(text.rstrip("\ufffd")))
+            if safe > sent:
+                yield text[sent:safe]
+                sent = safe
+        text = self.sp.decode(ids)
+        if len(text) > sent:
+            yield text[sent:]
+
+    def generate(self, prompts: list[str], s: Sampling) -> list[str]:
+        """Completions of a batch of prompts (stop strings cut)."""
+        outs: list[list[int]] = [[] for _ in prompts]
+        finished = [False] * len(prompts)
+        for nxt in self.stream_ids([self.encode_prompt(p) for p in prompts], s):
+            for i, t in enumerate(nxt.tolist()):
+                if not finished[i]:
+                    if t == EOS_ID:
+                        finished[i] = True
+                    else:
+                        outs[i].append(t)
+        texts = [self.sp.decode(o) for o in outs]
+        return [t[:c] if (c := _first_stop(t, s.stop)) is not None else t for t in texts]
+
+    def bench(self, prompt_tokens: int = 32, new_tokens: int = 128, batch: int = 1) -> dict:
+        """Prompt and decode tokens/s (greedy, no early stop) and peak resident memory."""
+        import resource
+
+        prompt = [[BOS_ID] + [3 + (i * 7) % (self.config.vocab_size - 3) for i in range(prompt_tokens - 1)]] * batch
+        new_tokens = min(new_tokens, self.config.seq_len - prompt_tokens)
+        s = Sampling(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+        for _ in self.stream_ids(prompt, Sampling(max_new_tokens=4, temperature=0)):  # warm-up
+            pass
+        t0 = time.perf_counter()
+        self._forward(torch.tensor(prompt), 0, None)
+        t_prompt = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n = sum(1 for _ in self.stream_ids(prompt, s))
+        t_all = time.perf_counter() - t0
+        return {"prompt_tok_per_s": batch * prompt_tokens / t_prompt,
+                "decode_tok_per_s": batch * max(n - 1, 1) / max(t_all - t_prompt, 1e-9), "new_tokens": n,
+                "batch": batch, "dtype": self.dtype,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [i for i in (text.find(x) for x in stops if x) if i >= 0]
+    return min(hits) if hits else None
+
+
+def prepare_model(model: Llama, dtype: str) -> Llama:
+    """fp32 as is; bf16 weights; int8: dynamically quantized linear layers (weights int8 per channel)."""
+    if dtype == "fp32":
+        return model.float()
+    if dtype == "bf16":
+        return model.to(torch.bfloat16)
+    if dtype == "int8":
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+            return quantize_dynamic(model.float(), {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=False)
+    raise FlopwiseError(f"unknown runtime dtype {dtype!r}: choose fp32, bf16 or int8")
