@@ -118,6 +118,9 @@ def new_tune_run(out: str | Path, base_run: str | Path, data: str | Path | None 
         records = bundled_examples(sp, mc.seq_len, seed)
         train_ex = [record_to_example(r, f"bundled record {i}") for i, r in enumerate(records[0])]
         held_ex = [record_to_example(r, f"bundled held-out record {i}") for i, r in enumerate(records[1])]
+        if not train_ex or not held_ex:
+            raise FlopwiseError(f"no bundled example fits a context of {mc.seq_len} tokens (the Alpaca prompt "
+                                "alone takes about 40): tune a base trained with --seq-len 128 or more, or give --data")
         if len(train_ex) < 100:
             log(f"note: only {len(train_ex)} bundled examples fit a context of {mc.seq_len} tokens "
                 "(the Alpaca prompt alone takes about 40): a base model with --seq-len 256 gets about 2,300")
