@@ -129,3 +129,41 @@ def chat(
             sys.stdout.flush()
         sys.stdout.write("\n")
         history.append((user, "".join(reply).strip()))
+
+
+@app.command()
+def export(
+    run: str = typer.Argument(..., metavar="RUN", help="A trained or tuned run directory."),
+    fmt: str = typer.Option(..., "--format", help="hf (transformers folder) or gguf (llama.cpp / ollama file)."),
+    quant: str = typer.Option("f32", help="GGUF weights: f32, f16, q8_0 or q4_0."),
+    out: str = typer.Option(..., help="Output folder (hf) or .gguf file (gguf; a Modelfile goes beside it)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Export a run to Hugging Face (safetensors) or GGUF, written atomically."""
+    from pathlib import Path
+
+    from flopwise.infer.export import QUANTS, export_gguf, export_hf
+
+    if fmt not in ("hf", "gguf"):
+        raise FlopwiseError(f"unknown --format {fmt!r}: choose hf or gguf")
+    if quant not in QUANTS:
+        raise FlopwiseError(f"unknown --quant {quant!r}: choose one of {', '.join(QUANTS)}")
+    if fmt == "hf":
+        if quant != "f32":
+            raise FlopwiseError("--quant applies to GGUF; the Hugging Face export is f32 safetensors")
+        path = export_hf(run, out)
+        size = (path / "model.safetensors").stat().st_size
+        result = {"path": str(path), "format": "hf", "bytes": size}
+        if as_json:
+            print(json.dumps(result, indent=2))
+        else:
+            console.print(f"wrote {path}/ (model.safetensors {size / 1e6:.2f} MB, config.json, tokenizer files); "
+                          f"load with transformers.AutoModelForCausalLM.from_pretrained('{path}')")
+        return
+    result = export_gguf(run, out, quant, log=lambda m: console.print(f"[yellow]{m}[/yellow]"))
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        p = Path(result["path"])
+        console.print(f"wrote {p} ({quant}, {result['bytes'] / 1e6:.2f} MB, {result['bits_per_weight']:.2f} bits per "
+                      f"weight over {result['n_weights']:,} weights) and {p.with_name('Modelfile')}")
