@@ -167,3 +167,23 @@ def export(
         p = Path(result["path"])
         console.print(f"wrote {p} ({quant}, {result['bytes'] / 1e6:.2f} MB, {result['bits_per_weight']:.2f} bits per "
                       f"weight over {result['n_weights']:,} weights) and {p.with_name('Modelfile')}")
+
+
+@app.command()
+def serve(
+    run: str = typer.Argument(..., metavar="RUN", help="A trained or tuned run directory."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 exposes it to the network)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    dtype: str = typer.Option("fp32", help="fp32, bf16 or int8."),
+    max_queue: int = typer.Option(32, help="Requests waiting at most; more get 503."),
+    name: Optional[str] = typer.Option(None, help="Model id in the API (default: the run folder's name)."),
+) -> None:
+    """OpenAI-compatible server: /v1/completions, /v1/chat/completions (stream: true as SSE), /v1/models."""
+    from pathlib import Path
+
+    from flopwise.infer.server import serve as run_server
+
+    eng = _engine(run, dtype)
+    model_name = name or Path(run).resolve().name
+    console.print(f"serving {model_name} on http://{host}:{port}/v1 (context {eng.config.seq_len} tokens)")
+    run_server(eng, model_name, host, port, max_queue)

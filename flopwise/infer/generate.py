@@ -145,22 +145,28 @@ class Engine:
             pos = width + i
             logits = self._forward(nxt[:, None], pos, None if key_mask is None else key_mask[:, :pos + 1])
 
-    def stream_text(self, prompt: str | list[int], s: Sampling) -> Iterator[str]:
+    def stream_text(self, prompt: str | list[int], s: Sampling, info: dict | None = None) -> Iterator[str]:
         """Decoded text pieces as they are generated; stops at eos or a stop string (not yielded).
 
-        ``prompt`` is text (encoded after a bos) or token ids.
+        ``prompt`` is text (encoded after a bos) or token ids. ``info`` receives ``finish_reason``
+        ('stop' or 'length'), ``prompt_tokens`` and ``completion_tokens``.
         """
         ids: list[int] = []
         sent = 0
         hold = max((len(x) for x in s.stop), default=0)
         prompt_ids = self.encode_prompt(prompt) if isinstance(prompt, str) else prompt
+        info = {} if info is None else info
+        info.update(finish_reason="length", prompt_tokens=len(prompt_ids), completion_tokens=0)
         for nxt in self.stream_ids([prompt_ids], s):
+            info["completion_tokens"] += 1
             if int(nxt[0]) == EOS_ID:
+                info["finish_reason"] = "stop"
                 break
             ids.append(int(nxt[0]))
             text = self.sp.decode(ids)
             cut = _first_stop(text, s.stop)
             if cut is not None:
+                info["finish_reason"] = "stop"
                 if cut > sent:
                     yield text[sent:cut]
                 return
