@@ -1,0 +1,217 @@
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flopwise.errors import FlopwiseError
+from flopwise.infer.export import export_gguf, export_hf, permute_for_llama_cpp
+from flopwise.model.llama import Llama, ModelConfig
+from flopwise.train.trainer import TrainConfig, load_model, new_run
+
+transformers = pytest.importorskip("transformers")
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "flopwise", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def make_run(bundled, path: Path, n_kv_heads=4, tie=True, d_ff=96, seed=0) -> Path:
+    """A run directory holding a randomly initialised model (large init so logits are far from zero)."""
+    mc = ModelConfig(vocab_size=bundled.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads,
+                     d_ff=d_ff, seq_len=64, tie_embeddings=tie, init_std=0.25, norm_eps=1e-6, rope_theta=500.0)
+    run = new_run(path, mc, TrainConfig(n_tokens=64 * 64, batch_tokens=64 * 8), bundled)
+    torch.manual_seed(seed)
+    model = Llama(mc)
+    with torch.no_grad():  # norm gains away from one, so a wrong norm placement shows
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    (run / "ckpt").mkdir()
+    torch.save({"model": model.state_dict()}, run / "ckpt" / "latest.pt")
+    return run
+
+
+def sample_texts(n=300) -> list[str]:
+    rng = random.Random(0)
+    from flopwise.data.prepare import bundled_corpus
+
+    stories = bundled_corpus()[1].read_text().split("\n\n")
+    texts = ["", " ", "  two  spaces", " lead", "trail ", "line\nbreak\n\n### Response:\n", "tab\there",
+             "héllo wörld ✓ 日本語 🙂", "Ünïcödé", "3.14159 and 2026!"]
+    texts += [s[:rng.randint(1, 200)] for s in stories[:n // 2]]
+    texts += ["".join(chr(rng.randint(32, 0x30FF)) for _ in range(rng.randint(1, 30))) for _ in range(n // 3)]
+    return texts
+
+
+@pytest.mark.parametrize("n_kv_heads,tie", [(4, True), (4, False), (2, True), (1, False)])
+def test_hf_export_loads_in_transformers_with_matching_logits(bundled, tmp_path, n_kv_heads, tie):
+    run = make_run(bundled, tmp_path / "run", n_kv_heads, tie)
+    out = export_hf(run, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert hf.config.num_key_value_heads == n_kv_heads and hf.config.tie_word_embeddings == tie
+    ours = load_model(run)
+    x = torch.randint(0, bundled.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours(x), hf(x).logits
+    assert a.abs().max() > 1.0  # the comparison is not between near-zero logits
+    assert (a - b).abs().max() < 1e-4
+
+
+def test_hf_tokenizer_and_chat_template_match_flopwise(bundled, tmp_path):
+    run = make_run(bundled, tmp_path / "run")
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["data"] = {"kind": "instructions"}  # present it as a tuned run: the chat template is written
+    (run / "config.json").write_text(json.dumps(cfg))
+    out = export_hf(run, tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    sp = bundled.tokenizer()
+    bad = [t for t in sample_texts() if tok(t)["input_ids"] != [1] + sp.encode(t)]
+    assert not bad, f"{len(bad)} strings tokenize differently, e.g. {bad[:3]!r}"
+    ids = [1] + sp.encode("héllo  wörld 🙂")
+    assert tok.decode(ids, skip_special_tokens=True) == sp.decode(ids[1:])
+    from flopwise.infer.server import chat_prompt_ids
+
+    msgs = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once, a cat."},
+            {"role": "user", "content": "Another one."}]
+    templ = tok.apply_chat_template(msgs, tokenize=False)
+    assert tok(templ, add_special_tokens=False)["input_ids"][:1] == [1]
+    assert "### Instruction:\nTell me a story.\n\n### Response:\nOnce, a cat.</s>" in templ
+    assert templ.endswith("\n\n### Instruction:\nAnother one.\n\n### Response:\n")
+    assert len(chat_prompt_ids(sp, msgs)) > 10
+
+
+@pytest.mark.parametrize("n_kv_heads,tie", [(4, True), (2, False)])
+def test_gguf_f32_loads_back_into_transformers_with_matching_logits(bundled, tmp_path, n_kv_heads, tie):
+    run = make_run(bundled, tmp_path / "run", n_kv_heads, tie)
+    info = export_gguf(run, tmp_path / "gg" / "model.gguf", "f32", log=lambda m: None)
+    assert info["bits_per_weight"] > 32 and (tmp_path / "gg" / "Modelfile").read_text().startswith("FROM ./model.gguf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gg", gguf_file="model.gguf",
+                                                           dtype=torch.float32).eval()
+    ours = load_model(run)
+    x = torch.randint(0, bundled.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max() < 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "gg", gguf_file="model.gguf")
+    sp = bundled.tokenizer()
+    texts = [t for t in sample_texts(60) if t.strip()]
+    same = sum(tok(t)["input_ids"] == [1] + sp.encode(t) for t in texts)
+    assert same >= 0.9 * len(texts)  # transformers' own GGUF tokenizer conversion; llama.cpp is checked exactly
+
+
+def test_gguf_permutation_turns_half_rotation_into_pair_rotation():
+    """llama.cpp rotates adjacent pairs; after the permutation that equals our half rotation."""
+    from flopwise.model.llama import apply_rope, rope_tables
+
+    hd, heads = 8, 2
+    w = torch.randn(heads * hd, 16)
+    x = torch.randn(1, 16)
+    cos, sin = rope_tables(hd, 4, 10000.0)
+    q = (x @ w.t()).view(1, 1, heads, hd).transpose(1, 2)  # (B, H, T, hd)
+    ours = apply_rope(q, cos[3:4], sin[3:4]).flatten()
+    qp = torch.from_numpy(permute_for_llama_cpp(w.numpy(), heads)) @ x.t()
+    qp = qp.view(heads, hd // 2, 2)
+    theta = 3 * 1.0 / 10000.0 ** (torch.arange(0, hd, 2).float() / hd)
+    c, s = theta.cos(), theta.sin()
+    rot = torch.stack([qp[..., 0] * c - qp[..., 1] * s, qp[..., 0] * s + qp[..., 1] * c], -1)  # pair rotation
+    unperm = torch.cat([rot[..., 0], rot[..., 1]], -1).flatten()  # back to half order
+    assert torch.allclose(ours, unperm, atol=1e-5)
+
+
+def test_quantized_gguf_tensor_types_and_sizes(bundled, tmp_path):
+    import gguf
+
+    run = make_run(bundled, tmp_path / "run", d_ff=48)  # w_down rows of 48: not a multiple of 32
+    sizes = {}
+    for quant in ("f16", "q8_0", "q4_0"):
+        info = export_gguf(run, tmp_path / quant / "m.gguf", quant, log=lambda m: None)
+        sizes[quant] = info["bytes"]
+        reader = gguf.GGUFReader(info["path"])
+        types = {t.name: t.tensor_type for t in reader.tensors}
+        Q = gguf.GGMLQuantizationType
+        assert types["blk.0.attn_norm.weight"] == Q.F32 and "output.weight" not in types
+        if quant == "f16":
+            assert types["blk.0.attn_q.weight"] == Q.F16 and not info["kept_f16"]
+            continue
+        want = Q.Q8_0 if quant == "q8_0" else Q.Q4_0
+        assert types["blk.0.attn_q.weight"] == want and types["blk.1.ffn_up.weight"] == want
+        assert types["blk.0.ffn_down.weight"] == Q.F16 and "blk.0.ffn_down.weight" in info["kept_f16"]
+        t = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+        block_size, type_size = gguf.GGML_QUANT_SIZES[want]
+        assert t.n_bytes == 64 * 64 // block_size * type_size  # 34 bytes per 32 weights (q8_0), 18 (q4_0)
+        kv = reader.fields
+        assert bytes(kv["general.architecture"].parts[-1]).decode() == "llama"
+        assert int(kv["llama.attention.head_count_kv"].parts[-1][0]) == 4
+        assert float(kv["llama.attention.layer_norm_rms_epsilon"].parts[-1][0]) == pytest.approx(1e-6)
+        assert float(kv["llama.rope.freq_base"].parts[-1][0]) == pytest.approx(500.0)
+    assert sizes["q4_0"] < sizes["q8_0"] < sizes["f16"]
+
+
+def test_export_bad_input_is_clear_and_leaves_nothing(bundled, tmp_path, monkeypatch):
+    run = make_run(bundled, tmp_path / "run")
+    (run / "ckpt" / "latest.pt").unlink()
+    r = cli("export", run, "--format", "gguf", "--out", tmp_path / "x.gguf")
+    assert r.returncode == 2 and "no checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    run = make_run(bundled, tmp_path / "run2")
+    r = cli("export", run, "--format", "gguf", "--quant", "q5_k", "--out", tmp_path / "x.gguf")
+    assert r.returncode == 2 and "unknown --quant 'q5_k'" in r.stderr
+    r = cli("export", run, "--format", "onnx", "--out", tmp_path / "x")
+    assert r.returncode == 2 and "choose hf or gguf" in r.stderr
+    cfg = json.loads((run / "config.json").read_text())
+    odd = dict(cfg, model=dict(cfg["model"], d_model=36, n_heads=4, n_kv_heads=4))  # head_dim 9
+    bad_run = tmp_path / "odd"
+    bad_run.mkdir()
+    (bad_run / "config.json").write_text(json.dumps(odd))
+    with pytest.raises(FlopwiseError, match="head_dim 9 is odd"):
+        export_gguf(bad_run, tmp_path / "odd.gguf")
+    import flopwise.infer.export as ex
+
+    def boom(model):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ex, "gguf_tensors", boom)
+    with pytest.raises(RuntimeError):
+        export_gguf(run, tmp_path / "fail" / "m.gguf")
+    assert list((tmp_path / "fail").iterdir()) == []
+    monkeypatch.setattr(ex, "hf_state_dict", boom)
+    with pytest.raises(RuntimeError):
+        export_hf(run, tmp_path / "hf-fail")
+    assert not (tmp_path / "hf-fail").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".hf")]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    monkeypatch.undo()
+    with pytest.raises(FlopwiseError, match="not an earlier flopwise export"):
+        export_hf(run, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+llama_cpp = None
+try:  # the interop tests need llama-cpp-python (make test-interop builds it)
+    import llama_cpp  # noqa: F811
+except ImportError:
+    pass
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(llama_cpp is None, reason="llama_cpp is not importable (make test-interop)")
+@pytest.mark.parametrize("n_kv_heads,tie", [(4, True), (2, False)])
+def test_llama_cpp_f32_logits_and_tokens_match(bundled, tmp_path, n_kv_heads, tie):
+    run = make_run(bundled, tmp_path / "run", n_kv_heads, tie)
+    path = export_gguf(run, tmp_path / "m.gguf", "f32", log=lambda m: None)["path"]
+    llm = llama_cpp.Llama(path, n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0, n_threads=2)
+    sp = bundled.tokenizer()
+    for t in sample_texts(200):
+        assert llm.tokenize(t.encode(), add_bos=True, special=False) == [1] + sp.encode(t), t
+    ids = [1] + sp.encode("Once upon a time, there was a little cat named Tom.")
+    llm.reset()
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)])
+    with torch.no_grad():
+        ours = load_model(run)(torch.tensor([ids]))[0].numpy()
+    assert np.abs(theirs - ours).max() < 1e-3
