@@ -88,7 +88,7 @@ class Engine:
             self.cache = self.model.new_cache(batch, dtype=act, device=torch.device("cpu"))
         return self.cache
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _forward(self, tokens: torch.Tensor, start: int, key_mask: torch.Tensor | None) -> torch.Tensor:
         """Logits of the last position; ``key_mask`` (B, start + T) marks real (non-pad) tokens."""
         m, b, t = self.model, tokens.shape[0], tokens.shape[1]
