@@ -29,7 +29,7 @@ def make_run(bundled, path: Path, n_kv_heads=4, tie=True, d_ff=96, seed=0) -> Pa
     torch.manual_seed(seed)
     model = Llama(mc)
     with torch.no_grad():  # norm gains away from one, so a wrong norm placement shows
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.uniform_(0.5, 1.5)
     (run / "ckpt").mkdir()
