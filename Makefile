@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BASE := $(VENV)/.installed-base
 DEV := $(VENV)/.installed-dev
 
-.PHONY: setup demo plan-demo test lint bench clean
+.PHONY: setup demo plan-demo test test-interop lint bench clean
 
 setup: $(DEV)
 
@@ -34,6 +34,14 @@ plan-demo: $(BASE)
 test: $(DEV)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# llama.cpp parity (GGUF logits, tokenizer, q8_0 agreement): builds llama-cpp-python from source
+# (10-25 min on 2 cores). The AMX kernels are left out: on some VMs they crash quantized models
+# with SIGILL (loading with use_extra_bufts=False also avoids them).
+test-interop: $(DEV)
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+		$(PY) -m pip install --no-binary llama-cpp-python "llama-cpp-python>=0.3"
+	$(PY) -m pytest -q -m interop
 
 lint: $(DEV)
 	$(PY) -m ruff check .

@@ -191,6 +191,24 @@ def test_export_bad_input_is_clear_and_leaves_nothing(bundled, tmp_path, monkeyp
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+def test_gguf_reads_back_into_flopwise_and_generates(bundled, tmp_path):
+    from flopwise.infer.gguf_load import load_gguf
+
+    run = make_run(bundled, tmp_path / "run", n_kv_heads=2, tie=False)
+    ours = load_model(run)
+    sp = bundled.tokenizer()
+    x = torch.randint(0, bundled.vocab_size, (2, 64), generator=torch.Generator().manual_seed(3))
+    for quant, tol in (("f32", 1e-5), ("q8_0", 0.1)):
+        path = export_gguf(run, tmp_path / f"{quant}.gguf", quant, log=lambda m: None)["path"]
+        model, sp2 = load_gguf(path)
+        with torch.no_grad():
+            assert (model(x) - ours(x)).abs().max() < tol
+        assert all(sp2.encode(t) == sp.encode(t) for t in sample_texts(100))  # the embedded vocabulary
+    r = cli("generate", tmp_path / "f32.gguf", "--prompt", "Once upon a time", "--max-tokens", "8", "--seed", "1")
+    r2 = cli("generate", run, "--prompt", "Once upon a time", "--max-tokens", "8", "--seed", "1")
+    assert r.returncode == 0 and r.stdout == r2.stdout and r.stdout.strip()
+
+
 llama_cpp = None
 try:  # the interop tests need llama-cpp-python (make test-interop builds it)
     import llama_cpp  # noqa: F811

@@ -13,18 +13,24 @@ from flopwise.errors import FlopwiseError
 
 
 def _engine(run: str, dtype: str):
+    """An engine for a run directory or a .gguf file (dequantised into flopwise's model)."""
     from pathlib import Path
 
     from flopwise.data.tokenizer import load_tokenizer
     from flopwise.infer.generate import Engine
     from flopwise.train.trainer import load_model
 
+    if Path(run).is_file() and run.endswith(".gguf"):
+        from flopwise.infer.gguf_load import load_gguf
+
+        model, sp = load_gguf(run)
+        return Engine(model, sp, dtype)
     return Engine(load_model(run), load_tokenizer(Path(run) / "tokenizer.model"), dtype)
 
 
 @app.command()
 def generate(
-    run: str = typer.Argument(..., metavar="RUN", help="A run directory."),
+    run: str = typer.Argument(..., metavar="RUN|FILE", help="A run directory or a .gguf file."),
     prompt: Optional[list[str]] = typer.Option(None, help="Prompt text (repeat for a batch; none: read stdin)."),
     max_tokens: int = typer.Option(128, help="New tokens at most."),
     temperature: float = typer.Option(0.8, help="0 is greedy."),
@@ -74,7 +80,7 @@ def generate(
 
 @app.command()
 def chat(
-    run: str = typer.Argument(..., metavar="RUN", help="A (tuned) run directory."),
+    run: str = typer.Argument(..., metavar="RUN|FILE", help="A (tuned) run directory or a .gguf file."),
     max_tokens: int = typer.Option(200, help="New tokens per reply at most."),
     temperature: float = typer.Option(0.7, help="0 is greedy."),
     top_k: int = typer.Option(40, help="Sample from the k most likely tokens."),
@@ -171,7 +177,7 @@ def export(
 
 @app.command()
 def serve(
-    run: str = typer.Argument(..., metavar="RUN", help="A trained or tuned run directory."),
+    run: str = typer.Argument(..., metavar="RUN|FILE", help="A trained or tuned run directory, or a .gguf file."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 exposes it to the network)."),
     port: int = typer.Option(8000, help="TCP port."),
     dtype: str = typer.Option("fp32", help="fp32, bf16 or int8."),

@@ -110,7 +110,7 @@ def _make(sentences: list[str], task: str, rng: random.Random) -> dict | None:
         words = content_words(story)
         if len(words) < 3:
             return None
-        picked = rng.sample(words, 3)
+        picked = sorted(rng.sample(words, 3), key=words.index)  # in the story's order, as a writer would use them
         return {"instruction": f"Write a short story that uses the words {_join_and(picked)}.", "output": story,
                 "task": "words", "words": picked}
     if task == "continue":

@@ -258,21 +258,15 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str):
     return qtype if shape[-1] % block == 0 else q.F16
 
 
-def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "f32", log=print) -> dict:
-    """A GGUF file for llama.cpp/ollama (plus a Modelfile beside it); returns size and bits per weight."""
+def write_gguf(model: Llama, vocab: tuple[list[bytes], list[float], list[int]], out: Path, quant: str,
+               name: str, chat_template: str | None = None) -> tuple[list[str], int]:
+    """Write ``model`` with a llama-style vocabulary (tokens, scores, types) to ``out`` atomically.
+
+    Returns the tensors kept at f16 (rows not a multiple of the quant block) and the weight count.
+    """
     import gguf
 
-    from flopwise.train.trainer import load_model, read_run_config
-
-    if quant not in QUANTS:
-        raise FlopwiseError(f"unknown quant type {quant!r}: choose one of {', '.join(QUANTS)}")
-    run_dir, out = Path(run_dir), Path(out)
-    if out.suffix != ".gguf":
-        out = out / "model.gguf" if out.is_dir() or not out.suffix else out
-    mc, _, config = read_run_config(run_dir)
-    _check_expressible(mc)
-    model = load_model(run_dir)
-    sp = load_tokenizer(run_dir / "tokenizer.model")
+    mc = model.config
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -282,7 +276,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "f32", log=pr
     kept, n_weights = [], 0
     try:
         w = gguf.GGUFWriter(str(tmp), "llama")
-        w.add_name(run_dir.resolve().name)
+        w.add_name(name)
         w.add_context_length(mc.seq_len)
         w.add_embedding_length(mc.d_model)
         w.add_block_count(mc.n_layers)
@@ -295,7 +289,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "f32", log=pr
         w.add_vocab_size(mc.vocab_size)
         w.add_file_type(ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        tokens, scores, types = _vocab(sp)
+        tokens, scores, types = vocab
         w.add_tokenizer_model("llama")
         w.add_token_list(tokens)
         w.add_token_scores(scores)
@@ -306,19 +300,19 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "f32", log=pr
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
         w.add_add_space_prefix(True)
-        if is_tuned(config):
-            w.add_chat_template(ALPACA_CHAT_TEMPLATE)
-        for name, arr in gguf_tensors(model):
+        if chat_template:
+            w.add_chat_template(chat_template)
+        for tname, arr in gguf_tensors(model):
             n_weights += arr.size
-            qt = tensor_type(name, arr.shape, quant)
+            qt = tensor_type(tname, arr.shape, quant)
             if qt == gguf.GGMLQuantizationType.F32:
-                w.add_tensor(name, arr.astype(np.float32))
+                w.add_tensor(tname, arr.astype(np.float32))
             elif qt == gguf.GGMLQuantizationType.F16:
-                if quant not in ("f16",):
-                    kept.append(name)
-                w.add_tensor(name, arr.astype(np.float16))
+                if quant != "f16":
+                    kept.append(tname)
+                w.add_tensor(tname, arr.astype(np.float16))
             else:
-                w.add_tensor(name, gguf.quants.quantize(arr, qt), raw_dtype=qt)
+                w.add_tensor(tname, gguf.quants.quantize(arr, qt), raw_dtype=qt)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -327,6 +321,24 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "f32", log=pr
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return kept, n_weights
+
+
+def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "f32", log=print) -> dict:
+    """A GGUF file for llama.cpp/ollama (plus a Modelfile beside it); returns size and bits per weight."""
+    from flopwise.train.trainer import load_model, read_run_config
+
+    if quant not in QUANTS:
+        raise FlopwiseError(f"unknown quant type {quant!r}: choose one of {', '.join(QUANTS)}")
+    run_dir, out = Path(run_dir), Path(out)
+    if out.suffix != ".gguf":
+        out = out / "model.gguf" if out.is_dir() or not out.suffix else out
+    mc, _, config = read_run_config(run_dir)
+    _check_expressible(mc)
+    model = load_model(run_dir)
+    sp = load_tokenizer(run_dir / "tokenizer.model")
+    kept, n_weights = write_gguf(model, _vocab(sp), out, quant, run_dir.resolve().name,
+                                 ALPACA_CHAT_TEMPLATE if is_tuned(config) else None)
     if kept:
         log(f"note: {len(kept)} tensor(s) whose rows are not a multiple of the {quant} block stay f16: "
             + ", ".join(kept[:6]) + (" …" if len(kept) > 6 else ""))

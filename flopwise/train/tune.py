@@ -191,10 +191,20 @@ def _words_present(text: str, words: list[str]) -> bool:
 
 
 def continuation_ok(opening: str, continuation: str) -> bool:
-    """A continuation carries the story on: some words, no 'Once upon a time', not the opening again."""
+    """A continuation carries the story on: it does not restart ('Once upon a time', or the opening
+    again) and it stays with the story: it names one of the opening's characters, or, when the
+    opening names none, reuses one of its content words."""
+    from flopwise.data.derive import STOPWORDS, content_words
+
     text = " ".join(continuation.split()).lower()
     start = " ".join(opening.split()[:4]).lower()
-    return len(text.split()) >= 3 and "once upon a time" not in text and not text.startswith(start)
+    if len(text.split()) < 3 or "once upon a time" in text or text.startswith(start):
+        return False
+    words = set(re.findall(r"[a-z]+", text))
+    first_words = {m.group(1) for m in re.finditer(r"(?:^|[.!?]\s+)\W*([A-Z][a-z]+)", opening)}
+    names = {w.lower() for w in re.findall(r"\b[A-Z][a-z]+\b", opening)
+             if w not in first_words or opening.count(w) > 1} - STOPWORDS
+    return bool(names & words) if names else bool(set(content_words(opening)) & words)
 
 
 @torch.no_grad()
