@@ -198,11 +198,13 @@ def test_gguf_reads_back_into_flopwise_and_generates(bundled, tmp_path):
     ours = load_model(run)
     sp = bundled.tokenizer()
     x = torch.randint(0, bundled.vocab_size, (2, 64), generator=torch.Generator().manual_seed(3))
-    for quant, tol in (("f32", 1e-5), ("q8_0", 0.1)):
+    with torch.no_grad():
+        want = ours(x)
+    for quant, tol in (("f32", 1e-5), ("q8_0", 0.05)):
         path = export_gguf(run, tmp_path / f"{quant}.gguf", quant, log=lambda m: None)["path"]
         model, sp2 = load_gguf(path)
         with torch.no_grad():
-            assert (model(x) - ours(x)).abs().max() < tol
+            assert (model(x) - want).abs().max() / want.abs().max() < tol
         assert all(sp2.encode(t) == sp.encode(t) for t in sample_texts(100))  # the embedded vocabulary
     r = cli("generate", tmp_path / "f32.gguf", "--prompt", "Once upon a time", "--max-tokens", "8", "--seed", "1")
     r2 = cli("generate", run, "--prompt", "Once upon a time", "--max-tokens", "8", "--seed", "1")
