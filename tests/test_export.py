@@ -240,3 +240,27 @@ def test_llama_cpp_f32_logits_and_tokens_match(bundled, tmp_path, n_kv_heads, ti
     with torch.no_grad():
         ours = load_model(run)(torch.tensor([ids]))[0].numpy()
     assert np.abs(theirs - ours).max() < 1e-3
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(llama_cpp is None, reason="llama_cpp is not importable (make test-interop)")
+def test_llama_cpp_q8_0_argmax_agrees_on_a_trained_model(bundled, tmp_path):
+    from flopwise.train.trainer import train
+
+    mc = ModelConfig(vocab_size=bundled.vocab_size, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256,
+                     seq_len=128)
+    run = new_run(tmp_path / "run", mc, TrainConfig(n_tokens=128 * 16 * 150, batch_tokens=128 * 16), bundled)
+    train(run, quiet=True)
+    sp = bundled.tokenizer()
+    from flopwise.data.prepare import bundled_corpus
+
+    text = bundled_corpus()[1].read_text()[:4000]
+    ids = ([1] + sp.encode(text))[:128]
+    with torch.no_grad():
+        ours = load_model(run)(torch.tensor([ids]))[0].numpy()
+    path = export_gguf(run, tmp_path / "q8.gguf", "q8_0", log=lambda m: None)["path"]
+    llm = llama_cpp.Llama(path, n_ctx=128, logits_all=True, verbose=False, n_threads=2, use_extra_bufts=False)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)])
+    agree = float((theirs.argmax(-1) == ours.argmax(-1)).mean())
+    assert agree > 0.95, agree

@@ -15,7 +15,7 @@ from flopwise.errors import FlopwiseError
 def _report_line(name: str, r: dict) -> str:
     parts = [f"{name:<6} response loss {r['response_loss']:.4f}"]
     if "words_included" in r:
-        parts.append(f"words included {r['words_included']:.0%} of {r['words_n']}")
+        parts.append(f"words included {r['words_included']:.0%} of {r['words_n']} (each word {r['word_rate']:.0%})")
     if "continuation_ok" in r:
         parts.append(f"continuation ok {r['continuation_ok']:.0%} of {r['continuation_n']}")
     return "  ".join(parts)

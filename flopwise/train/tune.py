@@ -231,13 +231,15 @@ def behaviour(model: Llama, sp, records: list[dict], max_per_task: int = 100, te
     result: dict = {"seed": seed, "temperature": temperature, "top_k": top_k}
     samples = []
     if words:
-        hits = 0
+        hits, found = 0, 0
         for r in words:
             text = generate_response(model, sp, render_prompt(r["instruction"]), max_new_tokens, temperature, top_k,
                                      gen)
             hits += _words_present(text, r["words"])
+            found += sum(_words_present(text, [w]) for w in r["words"])
             samples.append({"task": "words", "instruction": r["instruction"], "response": text})
-        result.update(words_included=hits / len(words), words_n=len(words))
+        result.update(words_included=hits / len(words), words_n=len(words),
+                      word_rate=found / sum(len(r["words"]) for r in words))
     if cont:
         ok = 0
         for r in cont:
