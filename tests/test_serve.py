@@ -18,7 +18,10 @@ def engine(bundled):
     torch.manual_seed(0)
     mc = ModelConfig(vocab_size=bundled.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
                      seq_len=128, init_std=0.2)
-    return Engine(Llama(mc), bundled.tokenizer())
+    model = Llama(mc)
+    eng = Engine(model, bundled.tokenizer())
+    eng.reference = model  # the training-time module, for comparisons
+    return eng
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,7 @@ def test_engine_greedy_matches_full_forward_and_batches_agree(engine):
         seq = list(p)
         for t in out:
             with torch.no_grad():
-                logits = engine.model(torch.tensor([seq]))[0, -1]
+                logits = engine.reference(torch.tensor([seq]))[0, -1]
             logits[EOS_ID] = float("-inf")
             assert int(logits.argmax()) == t
             seq.append(t)
@@ -159,3 +162,14 @@ def test_bad_requests_get_openai_400s_and_the_server_survives(server, body, need
         r = httpx.post(f"{server}/v1/chat/completions", json=b)
         assert r.status_code == 400, (b, r.text)
     assert httpx.get(f"{server}/v1/models").status_code == 200
+
+
+@pytest.mark.parametrize("dtype,tol", [("bf16", 0.03), ("int8", 0.1)])
+def test_bf16_and_int8_runtimes_stay_close_to_fp32(engine, bundled, dtype, tol):
+    eng = Engine(engine.reference, bundled.tokenizer(), dtype)
+    ids = torch.tensor([engine.encode_prompt("Once upon a time, there was a little dog named Max.")])
+    want = engine._forward(ids, 0, None)
+    got = eng._forward(ids, 0, None).float()
+    assert (got - want).norm() / want.norm() < tol
+    assert len(eng.generate(["Once upon a time"], Sampling(max_new_tokens=5, seed=0))) == 1
+    assert eng.bench(prompt_tokens=8, new_tokens=8)["decode_tok_per_s"] > 0

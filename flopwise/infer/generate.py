@@ -6,11 +6,13 @@ depend only on relative positions, so a uniform shift of a row's positions chang
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from flopwise.data.tokenizer import BOS_ID, EOS_ID
@@ -69,13 +71,50 @@ def sample_next(logits: torch.Tensor, s: Sampling, history: torch.Tensor | None,
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
+class DecodeBlock(nn.Module):
+    """A block with Q, K, V fused into one projection and gate, up into another: fewer, larger matmuls
+    per decoded token (a batch-1 decode step is dominated by per-call overhead and weight reads)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = layer.n_heads, layer.n_kv_heads, layer.head_dim
+        self.attn_norm, self.mlp_norm, self.wo, self.w_down = layer.attn_norm, layer.mlp_norm, layer.wo, layer.w_down
+        self.qkv = _fused([layer.wq, layer.wk, layer.wv])
+        self.gate_up = _fused([layer.w_gate, layer.w_up])
+        self.d_ff = layer.w_up.weight.shape[0]
+
+
+def _fused(linears: list[nn.Linear]) -> nn.Linear:
+    w = torch.cat([lin.weight.detach() for lin in linears], 0)
+    out = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        out.weight.copy_(w)
+    return out
+
+
+class DecodeModel(nn.Module):
+    def __init__(self, model: Llama):
+        super().__init__()
+        self.config = model.config
+        self.embed, self.norm, self.head = model.embed, model.norm, model.head
+        self.layers = nn.ModuleList(DecodeBlock(layer) for layer in model.layers)
+        self.register_buffer("rope_cos", model.rope_cos, persistent=False)
+        self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+
+    def new_cache(self, batch: int, dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        c = self.config
+        shape = (batch, c.n_kv_heads, c.seq_len, c.head_dim)
+        return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(c.n_layers)]
+
+
 class Engine:
     """A model prepared for decoding: inference mode, one KV cache reused across calls."""
 
     def __init__(self, model: Llama, sp, dtype: str = "fp32"):
         self.sp, self.dtype = sp, dtype
-        self.model = prepare_model(model.eval(), dtype)
         self.config = model.config
+        # a private copy: casting or quantising must not change the caller's model
+        self.model = prepare_model(DecodeModel(copy.deepcopy(model).eval()).eval(), dtype)
         self.cache = None
 
     # -- tokens --
@@ -85,7 +124,7 @@ class Engine:
     def _cache(self, batch: int) -> list:
         if self.cache is None or self.cache[0][0].shape[0] < batch:
             act = torch.bfloat16 if self.dtype == "bf16" else torch.float32
-            self.cache = self.model.new_cache(batch, dtype=act, device=torch.device("cpu"))
+            self.cache = self.model.new_cache(batch, dtype=act)
         return self.cache
 
     @torch.no_grad()
@@ -95,21 +134,25 @@ class Engine:
         cache = self._cache(b)
         cos, sin = m.rope_cos[start:start + t], m.rope_sin[start:start + t]
         x = m.embed(tokens)
-        causal = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)
-        mask = causal[None, None] if key_mask is None else causal[None, None] & key_mask[:, None, None, :]
+        if t == 1 and key_mask is None:
+            mask = None  # one new token sees every cached key
+        else:
+            causal = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)
+            mask = causal[None, None] if key_mask is None else causal[None, None] & key_mask[:, None, None, :]
         for layer, (kc, vc) in zip(m.layers, cache, strict=False):
-            h = layer.attn_norm(x)
-            q = layer.wq(h).view(b, t, layer.n_heads, layer.head_dim).transpose(1, 2)
-            k = layer.wk(h).view(b, t, layer.n_kv_heads, layer.head_dim).transpose(1, 2)
-            v = layer.wv(h).view(b, t, layer.n_kv_heads, layer.head_dim).transpose(1, 2)
+            hd, nh, nkv = layer.head_dim, layer.n_heads, layer.n_kv_heads
+            qkv = layer.qkv(layer.attn_norm(x))
+            q = qkv[..., :nh * hd].view(b, t, nh, hd).transpose(1, 2)
+            k = qkv[..., nh * hd:(nh + nkv) * hd].view(b, t, nkv, hd).transpose(1, 2)
+            v = qkv[..., (nh + nkv) * hd:].view(b, t, nkv, hd).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             kc[:b, :, start:start + t] = k
             vc[:b, :, start:start + t] = v
             y = F.scaled_dot_product_attention(q, kc[:b, :, :start + t], vc[:b, :, :start + t], attn_mask=mask,
-                                               enable_gqa=layer.n_kv_heads != layer.n_heads)
+                                               enable_gqa=nkv != nh)
             x = x + layer.wo(y.transpose(1, 2).reshape(b, t, -1))
-            h = layer.mlp_norm(x)
-            x = x + layer.w_down(F.silu(layer.w_gate(h)) * layer.w_up(h))
+            gu = layer.gate_up(layer.mlp_norm(x))
+            x = x + layer.w_down(F.silu(gu[..., :layer.d_ff]) * gu[..., layer.d_ff:])
         return m.head(m.norm(x[:, -1]))
 
     def stream_ids(self, prompts: list[list[int]], s: Sampling) -> Iterator[torch.Tensor]:
@@ -220,7 +263,7 @@ def _first_stop(text: str, stops: list[str]) -> int | None:
     return min(hits) if hits else None
 
 
-def prepare_model(model: Llama, dtype: str) -> Llama:
+def prepare_model(model: nn.Module, dtype: str) -> nn.Module:
     """fp32 as is; bf16 weights; int8: dynamically quantized linear layers (weights int8 per channel)."""
     if dtype == "fp32":
         return model.float()
