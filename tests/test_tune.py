@@ -28,9 +28,9 @@ from flopwise.train.trainer import TrainConfig, load_model, new_run, train
 from flopwise.train.tune import continuation_ok, new_tune_run
 
 
-def cli(*args, timeout=600):
+def cli(*args, timeout=600, input=None):
     return subprocess.run([sys.executable, "-m", "flopwise", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, input=input)
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +260,10 @@ def test_lora_tune_on_bundled_set_merges_for_loading(base, tmp_path):
     r = cli("eval", out, "--instructions", out / "instructions-heldout.jsonl", "--behaviour-n", "2", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["words_n"] == 2
+    r = cli("chat", out, "--max-tokens", "5", "--seed", "0", input="Tell me a story.\nAnd another.\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("model> ") == 2 and r.stdout.count("you> ") == 3
+    r = cli("generate", out, "--instruct", "--prompt", "Write a story.", "--prompt", "Say hi.", "--max-tokens", "4",
+            "--json", "--seed", "0")
+    assert r.returncode == 0, r.stderr
+    assert [x["prompt"].endswith("### Response:\n") for x in json.loads(r.stdout)] == [True, True]
