@@ -140,6 +140,8 @@ class Engine:
         else:
             causal = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)
             mask = causal[None, None] if key_mask is None else causal[None, None] & key_mask[:, None, None, :]
+            if key_mask is not None:  # a pad query sees itself, so no row is fully masked (no NaN in the cache)
+                mask = mask | torch.eye(t, start + t, dtype=torch.bool).roll(start, 1)[None, None]
         for layer, (kc, vc) in zip(m.layers, cache, strict=False):
             hd, nh, nkv = layer.head_dim, layer.n_heads, layer.n_kv_heads
             qkv = layer.qkv(_rms(x, layer.attn_norm)).view(b, t, nh + 2 * nkv, hd).transpose(1, 2)
@@ -177,7 +179,7 @@ class Engine:
         gen = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
         key_mask = None if all(len(p) == width for p in prompts) else real
         logits = self._forward(tokens, 0, None if key_mask is None else key_mask[:, :width])
-        history = tokens
+        history = tokens.masked_fill(~real[:, :width], BOS_ID)  # pads are not text: no repetition penalty on them
         done = torch.zeros(b, dtype=torch.bool)
         for i in range(budget):
             nxt = sample_next(logits, s, history if s.repetition_penalty != 1.0 else None, gen)
