@@ -78,7 +78,7 @@ def test_sampling_filters():
     assert int(sample_next(logits, Sampling(temperature=0), hist, None)) == 1
 
 
-def test_models_and_completions(server):
+def test_models_and_completions(server, engine):
     r = httpx.get(f"{server}/v1/models")
     assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"
     body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "foo": "ignored"}
@@ -88,6 +88,11 @@ def test_models_and_completions(server):
     assert j["object"] == "text_completion" and j["choices"][0]["finish_reason"] in ("stop", "length")
     assert j["usage"]["prompt_tokens"] > 1 and 1 <= j["usage"]["completion_tokens"] <= 8
     assert httpx.post(f"{server}/v1/completions", json=body).json()["choices"][0]["text"] == j["choices"][0]["text"]
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": ["A dog", "The big red house"], "n": 2,
+                                                     "max_tokens": 3, "seed": 5})
+    j = r.json()
+    assert r.status_code == 200 and len(j["choices"]) == 4 and [c["index"] for c in j["choices"]] == [0, 1, 2, 3]
+    assert j["usage"]["prompt_tokens"] == 2 + len(engine.sp.encode("A dog")) + len(engine.sp.encode("The big red house"))
     r = httpx.post(f"{server}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
                                                            "max_tokens": 6, "seed": 1})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"

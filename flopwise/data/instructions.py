@@ -49,15 +49,6 @@ class Example:
     turns: list[tuple[str, str]]
     meta: dict = field(default_factory=dict)
 
-    @property
-    def prompt(self) -> str:
-        return self.turns[-1][0] if len(self.turns) == 1 else "".join(p + r for p, r in self.turns[:-1]) + \
-            self.turns[-1][0]
-
-    @property
-    def response(self) -> str:
-        return self.turns[-1][1]
-
 
 def _text_field(rec: dict, name: str, where: str, required: bool) -> str:
     value = rec.get(name)

@@ -139,8 +139,8 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 32):
                 out.append((text, info))
         return out
 
-    def usage(results) -> dict:
-        p = sum(info["prompt_tokens"] for _, info in results[:1]) if results else 0
+    def usage(results, prompts: list[list[int]]) -> dict:
+        p = sum(len(ids) for ids in prompts)  # each prompt once, whatever n
         c = sum(info["completion_tokens"] for _, info in results)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
@@ -217,7 +217,7 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 32):
             return error(503, "the server is busy: retry shortly", etype="server_error")
         return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                 "choices": [{"text": t, "index": i, "logprobs": None, "finish_reason": info["finish_reason"]}
-                            for i, (t, info) in enumerate(results)], "usage": usage(results)}
+                            for i, (t, info) in enumerate(results)], "usage": usage(results, ids)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
@@ -248,7 +248,7 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 32):
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": t.strip()},
                              "finish_reason": info["finish_reason"]} for i, (t, info) in enumerate(results)],
-                "usage": usage(results)}
+                "usage": usage(results, [ids])}
 
     return app
 

@@ -85,12 +85,6 @@ def split_heldout(examples: list[Example], fraction: float, seed: int) -> tuple[
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
-def bundled_examples(sp, seq_len: int, seed: int) -> tuple[list[dict], list[dict]]:
-    from flopwise.data.derive import bundled_instructions
-
-    return bundled_instructions(sp, seq_len, seed)
-
-
 def default_lr(base_config: dict, lora: bool) -> float:
     """Full tuning at a tenth of the base run's peak rate; LoRA adapters at the base rate itself."""
     base_lr = float(base_config["resolved"]["lr"])
@@ -115,7 +109,9 @@ def new_tune_run(out: str | Path, base_run: str | Path, data: str | Path | None 
     sp = load_tokenizer(base_run / "tokenizer.model")
     records: tuple[list[dict], list[dict]] | None = None
     if data is None:
-        records = bundled_examples(sp, mc.seq_len, seed)
+        from flopwise.data.derive import bundled_instructions
+
+        records = bundled_instructions(sp, mc.seq_len, seed)
         train_ex = [record_to_example(r, f"bundled record {i}") for i, r in enumerate(records[0])]
         held_ex = [record_to_example(r, f"bundled held-out record {i}") for i, r in enumerate(records[1])]
         if not train_ex or not held_ex:
