@@ -92,7 +92,8 @@ def test_models_and_completions(server, engine):
                                                      "max_tokens": 3, "seed": 5})
     j = r.json()
     assert r.status_code == 200 and len(j["choices"]) == 4 and [c["index"] for c in j["choices"]] == [0, 1, 2, 3]
-    assert j["usage"]["prompt_tokens"] == 2 + len(engine.sp.encode("A dog")) + len(engine.sp.encode("The big red house"))
+    sp = engine.sp
+    assert j["usage"]["prompt_tokens"] == 2 + len(sp.encode("A dog")) + len(sp.encode("The big red house"))
     r = httpx.post(f"{server}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
                                                            "max_tokens": 6, "seed": 1})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
