@@ -169,22 +169,18 @@ def test_behaviour_checks():
 
 def test_bad_instruction_input(tmp_path, base):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": }\n')
-    with pytest.raises(FlopwiseError, match="line 2 is not valid JSON"):
-        load_instructions(bad)
-    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
-    with pytest.raises(FlopwiseError, match="record 1 .*has no 'output' field"):
-        load_instructions(bad)
     arr = tmp_path / "bad.json"
-    arr.write_text('[{"instruction": "a", "output": "b"}, {"output": "b"}]')
-    with pytest.raises(FlopwiseError, match="record 1 has no 'instruction' field"):
-        load_instructions(arr)
-    arr.write_text('[{"instruction": "a", "output": "  "}]')
-    with pytest.raises(FlopwiseError, match="record 0 has an empty 'output'"):
-        load_instructions(arr)
-    arr.write_text('[{"instruction": "a", "output": "b"},')
-    with pytest.raises(FlopwiseError, match="not valid JSON"):
-        load_instructions(arr)
+    cases = [(bad, '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": }\n',
+              "line 2 is not valid JSON"),
+             (bad, '{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', "record 1 .*has no 'output' field"),
+             (arr, '[{"instruction": "a", "output": "b"}, {"output": "b"}]', "record 1 has no 'instruction' field"),
+             (arr, '[{"instruction": "a", "output": "  "}]', "record 0 has an empty 'output'"),
+             (arr, '[{"instruction": "a", "output": "b"},', "not valid JSON")]
+    for path, text, match in cases:
+        path.write_text(text)
+        with pytest.raises(FlopwiseError, match=match):
+            load_instructions(path)
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')  # used by the CLI check below
     out = tmp_path / "tuned"
     r = cli("tune", tmp_path / "nope", "--data", write_alpaca(tmp_path / "ok.jsonl"), "--out", out)
     assert r.returncode == 2 and "does not exist" in r.stderr and not out.exists()

@@ -203,6 +203,11 @@ def permute_for_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
+# flopwise block weights -> llama.cpp's tensor names (blk.N.<name>.weight)
+GGUF_LAYER_NAMES = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
+                    "mlp_norm": "ffn_norm", "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down"}
+
+
 def gguf_tensors(model: Llama) -> list[tuple[str, np.ndarray]]:
     mc = model.config
 
@@ -211,13 +216,11 @@ def gguf_tensors(model: Llama) -> list[tuple[str, np.ndarray]]:
 
     out = [("token_embd.weight", a(model.embed.weight))]
     for i, layer in enumerate(model.layers):
-        p = f"blk.{i}."
-        out += [(p + "attn_norm.weight", a(layer.attn_norm.weight)),
-                (p + "attn_q.weight", permute_for_llama_cpp(a(layer.wq.weight), mc.n_heads)),
-                (p + "attn_k.weight", permute_for_llama_cpp(a(layer.wk.weight), mc.n_kv_heads)),
-                (p + "attn_v.weight", a(layer.wv.weight)), (p + "attn_output.weight", a(layer.wo.weight)),
-                (p + "ffn_norm.weight", a(layer.mlp_norm.weight)), (p + "ffn_gate.weight", a(layer.w_gate.weight)),
-                (p + "ffn_up.weight", a(layer.w_up.weight)), (p + "ffn_down.weight", a(layer.w_down.weight))]
+        for ours, theirs in GGUF_LAYER_NAMES.items():
+            w = a(getattr(layer, ours).weight)
+            if ours in ("wq", "wk"):
+                w = permute_for_llama_cpp(w, mc.n_heads if ours == "wq" else mc.n_kv_heads)
+            out.append((f"blk.{i}.{theirs}.weight", w))
     out.append(("output_norm.weight", a(model.norm.weight)))
     if not mc.tie_embeddings:  # tied: llama.cpp reuses token_embd when output.weight is absent
         out.append(("output.weight", a(model.head.weight)))

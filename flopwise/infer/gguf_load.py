@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from flopwise.errors import FlopwiseError
+from flopwise.infer.export import GGUF_LAYER_NAMES
 from flopwise.model.llama import Llama, ModelConfig
 
 
@@ -95,14 +96,12 @@ def load_gguf(path: str | Path) -> tuple[Llama, object]:
 
     sd = {"embed.weight": get("token_embd.weight"), "norm.weight": get("output_norm.weight")}
     sd["head.weight"] = sd["embed.weight"] if mc.tie_embeddings else get("output.weight")
-    names = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "wv": "attn_v", "wo": "attn_output",
-             "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down"}
     for i in range(mc.n_layers):
-        for ours, theirs in names.items():
-            sd[f"layers.{i}.{ours}.weight"] = get(f"blk.{i}.{theirs}.weight")
-        for ours, theirs, heads in (("wq", "attn_q", mc.n_heads), ("wk", "attn_k", mc.n_kv_heads)):
-            w = get(f"blk.{i}.{theirs}.weight").numpy()
-            sd[f"layers.{i}.{ours}.weight"] = torch.from_numpy(unpermute_from_llama_cpp(w, heads))
+        for ours, theirs in GGUF_LAYER_NAMES.items():
+            w = get(f"blk.{i}.{theirs}.weight")
+            if ours in ("wq", "wk"):
+                w = torch.from_numpy(unpermute_from_llama_cpp(w.numpy(), mc.n_heads if ours == "wq" else mc.n_kv_heads))
+            sd[f"layers.{i}.{ours}.weight"] = w
     model = Llama(mc)
     model.load_state_dict(sd)
     return model.eval(), _tokenizer(reader)

@@ -7,6 +7,7 @@ more get 503. Bad requests get OpenAI-style 400 errors and never take the server
 """
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -133,7 +134,7 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 32):
         out = []
         for ids, s in zip(prompts, samplings, strict=True):
             for k in range(n):
-                s_k = Sampling(**{**s.__dict__, "seed": None if s.seed is None else s.seed + k})
+                s_k = dataclasses.replace(s, seed=None if s.seed is None else s.seed + k)
                 info: dict = {}
                 text = "".join(engine.stream_text(ids, s_k, info))
                 out.append((text, info))

@@ -15,8 +15,7 @@ import torch.nn as nn
 
 from flopwise.errors import FlopwiseError
 
-TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # every projection; also the default
 
 
 class LoRALinear(nn.Module):
@@ -44,7 +43,7 @@ def parse_targets(targets: str | list[str] | tuple[str, ...]) -> tuple[str, ...]
     return names
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float, targets=DEFAULT_TARGETS) -> nn.Module:
+def apply_lora(model: nn.Module, rank: int, alpha: float, targets=TARGETS) -> nn.Module:
     """Freeze every parameter of ``model`` and wrap the target projections of each block in LoRA."""
     if rank < 1:
         raise FlopwiseError(f"LoRA rank must be at least 1, got {rank}")

@@ -27,6 +27,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text
 from flopwise.laws.flops import n_params_non_embedding, n_params_total, training_flops_per_token
 from flopwise.model.llama import Llama, ModelConfig
+from flopwise.model.lora import TARGETS as LORA_TARGETS
 from flopwise.train import distributed as dist
 from flopwise.train.batches import Batches, eval_windows
 from flopwise.train.schedule import default_lr_and_batch, lr_at
@@ -66,7 +67,7 @@ class TrainConfig:
     init_from: str | None = None  # a checkpoint to continue (a WSD branch), or a run directory's weights (tuning)
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen model (tuning)
     lora_alpha: float = 16.0
-    lora_targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"])
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     extra: dict = field(default_factory=dict)  # e.g. budget_flops from a sweep
 
     @classmethod
