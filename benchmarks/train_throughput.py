@@ -26,7 +26,8 @@ from flopwise.model.llama import Llama, ModelConfig
 from flopwise.train.batches import Batches
 from flopwise.train.probe import probe
 from flopwise.train.schedule import lr_at
-from flopwise.train.trainer import TrainConfig, new_run, resolve, train
+from flopwise.run import TrainConfig, new_run, resolve
+from flopwise.train.trainer import train
 
 CONFIGS = {
     "10M": dict(d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, d_ff=1024, seq_len=256),

@@ -16,12 +16,32 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from flopwise import __version__
+from flopwise.data.prepare import resolve_corpus
+from flopwise.data.tokenizer import EOS_ID, load_tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text
+from flopwise.infer.generate import Engine, Sampling
+from flopwise.laws import allocate
+from flopwise.laws.allocate import EPOCHS_WARNING, check_flops
+from flopwise.laws.fit import fit_runs, loss_from_thetas, public, save_fit
+from flopwise.laws.flops import Shape, n_params_total, training_flops_per_token
+from flopwise.laws.plan import make_plan
+from flopwise.laws.runs import load_runs
+from flopwise.laws.shape import suggest_shape
+from flopwise.model.llama import ModelConfig
+from flopwise.report.plots import plot_fit, plot_loss_curves
+from flopwise.report.report import write_report
+from flopwise.run import TrainConfig, load_model, new_run
+from flopwise.sweep.design import budgets_for, design_sweep, eta_seconds, read_design, total_flops, write_design
+from flopwise.sweep.runner import run_sweep
+from flopwise.train.probe import training_rate
+from flopwise.train.trainer import train
 
 DEFAULT_BUDGET = 5e13  # FLOPs: about ten minutes of training on a 2-core CPU
+ETA_OVERHEAD = 1.15  # wall time over measured step time: evaluation, checkpoints, process start-up
 
 
 @dataclass
@@ -55,13 +75,6 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     ``progress_factory(description, total)`` makes progress bars (None: no bars, and the final
     training runs quietly too).
     """
-    from flopwise.data.prepare import resolve_corpus
-    from flopwise.laws.allocate import check_flops
-    from flopwise.laws.fit import fit_runs, law_json, public
-    from flopwise.laws.runs import load_runs
-    from flopwise.sweep.design import budgets_for, design_sweep, read_design, total_flops, write_design
-    from flopwise.sweep.runner import run_sweep
-
     cfg = cfg or AutopilotConfig()
     out = Path(out)
     check_flops(cfg.budget_flops, "--budget")
@@ -112,18 +125,12 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
         fit = fit_runs(runs, approach="all", n_boot=cfg.bootstrap, holdout_largest=1 if len(budgets) >= 3 else 0,
                        budgets=[remaining], seed=cfg.seed, progress=lambda stage, done, total: tick(done, stage))
     fit_dir = out / "fit"
-    law_doc = law_json(public(fit), str(sweep_dir))
-    atomic_write_text(fit_dir / "law.json", json.dumps(law_doc, indent=2) + "\n")
-    atomic_write_text(fit_dir / "fit.json", json.dumps(public(fit), indent=2) + "\n")
-    from flopwise.report.plots import plot_fit, plot_loss_curves
-
+    save_fit(fit, str(sweep_dir), fit_dir)
     plots = plot_fit(runs, fit, fit_dir)
 
     # 4. plan the final run with the fitted law, data-constrained
     final_spec, plan = _plan_final(fit, remaining, corpus, cfg)
-    from flopwise.train.probe import training_rate
-
-    eta_final = final_spec["flops"] / training_rate(final_spec["shape"], os.cpu_count() or 1) * 1.15
+    eta_final = final_spec["flops"] / training_rate(final_spec["shape"], os.cpu_count() or 1) * ETA_OVERHEAD
     log(f"plan: N = {final_spec['n_params']:,} params, D = {final_spec['n_tokens']:,} tokens "
         f"({final_spec['epochs']:.1f} epochs of the corpus), predicted loss {final_spec['predicted_loss']:.3f} "
         f"[{final_spec['predicted_interval'][0]:.3f}, {final_spec['predicted_interval'][1]:.3f}]; "
@@ -159,16 +166,12 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
                        "corpus": str(corpus.path), "corpus_hash": m["hash"], "seed": cfg.seed},
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    from flopwise.report.report import write_report
-
     write_report(out, summary, public(fit), plan, plots)
     return summary
 
 
 def _plan_warnings(plan: dict, epochs: float) -> list[str]:
     """The plan's warnings, with its 6ND-based repetition count replaced by the final run's real one."""
-    from flopwise.laws.allocate import EPOCHS_WARNING
-
     out = [w for w in plan["warnings"] if "repeats the data" not in w]
     if epochs > EPOCHS_WARNING:
         out.append(f"the final run repeats the corpus {epochs:.1f} times (more than {EPOCHS_WARNING:g} epochs): "
@@ -178,8 +181,6 @@ def _plan_warnings(plan: dict, epochs: float) -> list[str]:
 
 
 def _torch_version() -> str:
-    import torch
-
     return torch.__version__
 
 
@@ -190,8 +191,6 @@ def _energy_kwh(seconds: float, watts_per_core: float = 10.0) -> float:
 
 def _estimate(specs, threads: int, workers: int) -> tuple[float, float]:
     """Seconds for the sweep and FLOP/s of the final run, from a few measured steps."""
-    from flopwise.train.probe import training_rate
-
     small = min(specs, key=lambda s: s.n_params)
     large = max(specs, key=lambda s: s.n_params)
     r_small = training_rate(small.shape, threads)
@@ -203,19 +202,13 @@ def _estimate(specs, threads: int, workers: int) -> tuple[float, float]:
         t = math.log(n / small.n_params) / math.log(large.n_params / small.n_params)
         return math.exp(math.log(r_small) + t * (math.log(r_large) - math.log(r_small)))
 
-    overhead = 1.15  # evaluation, checkpoints, process start-up
-    eta = sum(s.flops / rate(s.n_params) for s in specs) * overhead / workers
-    final_rate = training_rate(large.shape, os.cpu_count() or 1) / overhead
+    eta = eta_seconds(specs, lambda shape: rate(n_params_total(shape))) * ETA_OVERHEAD / workers
+    final_rate = training_rate(large.shape, os.cpu_count() or 1) / ETA_OVERHEAD
     return eta, final_rate
 
 
 def _plan_final(fit: dict, flops: float, corpus, cfg: AutopilotConfig) -> tuple[dict, dict]:
     """The final model under the fitted law, with Muennighoff's data-constrained correction."""
-    from flopwise.laws import allocate
-    from flopwise.laws.fit import theta_to_params
-    from flopwise.laws.flops import Shape, n_params_total, training_flops_per_token
-    from flopwise.laws.plan import make_plan
-
     law = fit["_fit"].law("total")
     unique = corpus.meta["n_tokens_train"]
     plan = make_plan(flops, law, unique_tokens=unique, vocab_size=corpus.vocab_size, seq_len=cfg.seq_len)
@@ -228,9 +221,8 @@ def _plan_final(fit: dict, flops: float, corpus, cfg: AutopilotConfig) -> tuple[
     predicted = float(law.loss(n_eff, d_eff))
     interval = [predicted, predicted]
     if "_thetas" in fit:
-        p = theta_to_params(fit["_thetas"])
         # parameter uncertainty of the law at this run's effective N' and D' (U_N is held at the fit's value)
-        losses = p["E"] + p["A"] / n_eff ** p["alpha"] + p["B"] / d_eff ** p["beta"]
+        losses = loss_from_thetas(fit["_thetas"], n_eff, d_eff)[:, 0]
         interval = [float(np.percentile(losses, 5)), float(np.percentile(losses, 95))]
     return {"shape": {k: shape[k] for k in Shape.__dataclass_fields__}, "n_params": n, "n_tokens": d,
             "flops": float(training_flops_per_token(s) * d), "epochs": d / unique, "predicted_loss": predicted,
@@ -239,11 +231,6 @@ def _plan_final(fit: dict, flops: float, corpus, cfg: AutopilotConfig) -> tuple[
 
 def _train_final(run_dir: Path, spec: dict, corpus, cfg: AutopilotConfig, log, quiet: bool = False,
                  reshape: bool = False) -> dict:
-    from flopwise.laws.flops import training_flops_per_token
-    from flopwise.laws.shape import suggest_shape
-    from flopwise.model.llama import ModelConfig
-    from flopwise.train.trainer import TrainConfig, new_run, train
-
     shape = spec["shape"]
     n_tokens = spec["n_tokens"]
     if reshape:
@@ -278,19 +265,14 @@ def _compare(runs, fit: dict, final: dict, spec: dict, bigger: dict | None) -> d
 
 
 def _samples(run_dir: Path, seed: int, n_tokens: int = 100) -> list[dict]:
-    import torch
-
-    from flopwise.data.tokenizer import BOS_ID, EOS_ID, load_tokenizer
-    from flopwise.train.trainer import load_model
-
-    model = load_model(run_dir)
     sp = load_tokenizer(run_dir / "tokenizer.model")
+    engine = Engine(load_model(run_dir), sp)
     out = []
     for i, prompt in enumerate(("Once upon a time", "Lily wanted to", "The little dog")):
-        g = torch.Generator().manual_seed(seed + i)
-        ids = torch.tensor([[BOS_ID] + sp.encode(prompt)])
-        gen = model.generate(ids, n_tokens, temperature=0.8, top_k=40, eos_id=EOS_ID, generator=g)
-        text = sp.decode([t for t in gen[0].tolist()[1:] if t != EOS_ID])
+        ids = engine.encode_prompt(prompt)
+        s = Sampling(max_new_tokens=n_tokens, temperature=0.8, top_k=40, seed=seed + i)
+        new = [int(t[0]) for t in engine.stream_ids([ids], s)]
+        text = sp.decode(ids[1:] + new[:new.index(EOS_ID)] if EOS_ID in new else ids[1:] + new)
         out.append({"prompt": prompt, "text": text, "temperature": 0.8, "top_k": 40, "seed": seed + i})
     return out
 

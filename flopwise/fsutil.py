@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+
+from flopwise.errors import FlopwiseError
 
 
 def cache_root() -> Path:
@@ -34,3 +37,23 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def parse_records(text: str, source: str) -> list[tuple[str, object]]:
+    """Records of a JSON array or of JSONL (one value per line, blank lines skipped), each with where it
+    came from ("record 3" or "record 3 (line 5)") for error messages; a parse error names the line."""
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise FlopwiseError(f"{source} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        return [(f"record {i}", r) for i, r in enumerate(records)]
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((f"record {len(out)} (line {n})", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise FlopwiseError(f"{source}: line {n} is not valid JSON ({e.msg}); JSONL needs one record per "
+                                    "line") from None
+    return out

@@ -11,7 +11,7 @@ import torch
 from flopwise.errors import FlopwiseError
 from flopwise.infer.export import export_gguf, export_hf, permute_for_llama_cpp
 from flopwise.model.llama import Llama, ModelConfig
-from flopwise.train.trainer import TrainConfig, load_model, new_run
+from flopwise.run import TrainConfig, load_model, new_run
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,10 +81,14 @@ def test_hf_tokenizer_and_chat_template_match_flopwise(bundled, tmp_path):
     msgs = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once, a cat."},
             {"role": "user", "content": "Another one."}]
     templ = tok.apply_chat_template(msgs, tokenize=False)
-    assert tok(templ, add_special_tokens=False)["input_ids"][:1] == [1]
-    assert "### Instruction:\nTell me a story.\n\n### Response:\nOnce, a cat.</s>" in templ
+    assert "### Instruction:\nTell me a story.\n\n### Response:\n Once, a cat.</s>" in templ
     assert templ.endswith("\n\n### Instruction:\nAnother one.\n\n### Response:\n")
-    assert len(chat_prompt_ids(sp, msgs)) > 10
+    # the template tokenizes to exactly the ids flopwise tuned on and serves with
+    chats = [msgs, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi  there\n"}],
+             msgs + [{"role": "assistant", "content": " spaced  reply "}, {"role": "user", "content": "ünïcode 🙂"}]]
+    for chat in chats:
+        assert tok(tok.apply_chat_template(chat, tokenize=False), add_special_tokens=False)["input_ids"] == \
+            chat_prompt_ids(sp, chat)
 
 
 @pytest.mark.parametrize("n_kv_heads,tie", [(4, True), (2, False)])

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from flopwise.laws.flops import n_params_total
+from flopwise.laws.hyper import default_lr_and_batch
 from flopwise.model.llama import Llama, ModelConfig, apply_rope, rope_tables
-from flopwise.train.schedule import default_lr_and_batch, lr_at
+from flopwise.train.schedule import lr_at
 
 CONFIGS = [
     ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, seq_len=16),
@@ -91,28 +92,10 @@ def test_gqa_with_shared_kv_equals_mha():
     assert torch.allclose(gqa(x), mha(x), atol=1e-5)
 
 
-def test_kv_cache_matches_full_forward_and_greedy_generate():
-    torch.manual_seed(0)
-    model = Llama(CONFIGS[0]).eval()
-    x = torch.randint(0, 100, (2, 12))
-    full = model(x)
-    cache = model.new_cache(2)
-    step_logits = [model(x[:, :5], cache=cache)]
-    for t in range(5, 12):
-        step_logits.append(model(x[:, t:t + 1], cache=cache, start=t))
-    assert torch.allclose(torch.cat(step_logits, 1), full, atol=1e-5)
-    out = model.generate(x[:, :4], 6, temperature=0)
-    # greedy decoding with the cache equals argmax of a full forward pass at each step
-    seq = x[:, :4]
-    for _ in range(6):
-        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out, seq)
-
-
 def test_init_scales_residual_projections():
     model = Llama(ModelConfig(vocab_size=512, d_model=256, n_layers=8, n_heads=4, n_kv_heads=4, d_ff=512))
     assert float(model.layers[0].wq.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
-    assert float(model.layers[0].wo.weight.std()) == pytest.approx(0.02 / 4, rel=0.05)
+    assert float(model.layers[0].wo.weight.detach().std()) == pytest.approx(0.02 / 4, rel=0.05)
 
 
 def test_cosine_schedule_values():

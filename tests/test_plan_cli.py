@@ -30,6 +30,19 @@ def test_plan_json_keys_and_values():
     json.dumps(p)  # JSON-ready
 
 
+def test_plan_exact_composes_with_a_device_cap_and_refuses_the_rest():
+    from flopwise.errors import FlopwiseError
+
+    p = make_plan(1e23, "chinchilla", device="rpi5", bits=4, exact_flops=True, vocab_size=32000, seq_len=2048)
+    assert p["device"]["capped"] and p["notes"][0].startswith("N and D minimise the law under the exact FLOP count")
+    assert p["flops_exact"] == pytest.approx(1e23, rel=0.02)  # the capped model spends the budget by exact count
+    for extra in ({"unique_tokens": 1e9}, {"inference_tokens": 1e12}):
+        with pytest.raises(FlopwiseError, match="--exact and --.*-tokens cannot be combined"):
+            make_plan(1e21, exact_flops=True, **extra)
+    r = run_cli("plan", "--flops", "1e21", "--exact", "--unique-tokens", "1e9")
+    assert r.returncode == 2 and r.stderr.strip().endswith("plan with one of them") and not r.stdout
+
+
 def test_plan_device_caps_params():
     p = make_plan(1e23, "chinchilla", device="rpi5", bits=4)
     assert p["device"]["capped"] and p["n_params"] == pytest.approx(8e9 * 0.5 * 8 / 4.5)

@@ -105,7 +105,7 @@ def test_bad_corpora(tmp_path, monkeypatch):
         prepare([tmp_path / "nothing"])
     js = tmp_path / "x.jsonl"
     js.write_text('{"text": "fine"}\n{"txt": "no"}\n')
-    with pytest.raises(FlopwiseError, match="record 2 has no string 'text'"):
+    with pytest.raises(FlopwiseError, match=r"record 1 \(line 2\) has no string 'text'"):
         prepare([js])
     js.write_text('{"text": "fine"}\n{broken\n')
     with pytest.raises(FlopwiseError, match="line 2 is not valid JSON"):

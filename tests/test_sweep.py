@@ -12,9 +12,9 @@ from flopwise.errors import FlopwiseError
 from flopwise.laws.flops import Shape, training_flops_per_token
 from flopwise.laws.law import REGISTRY
 from flopwise.laws.runs import load_runs
+from flopwise.run import run_is_locked
 from flopwise.sweep.design import budgets_for, design_sweep, read_design, total_flops, write_design
 from flopwise.sweep.runner import run_sweep, status
-from flopwise.train.trainer import run_is_locked
 
 FAST = {"eval_every": 10**9, "eval_windows": 2, "final_eval_windows": 8, "micro_batch": 8, "batch_tokens": 1024}
 
@@ -153,7 +153,7 @@ def test_wsd_design_shares_trunks_and_saves_flops():
     assert trunks and all(r.phase == 0 for r in trunks) and all(r.phase == 1 for r in branches)
     for b in branches:
         trunk = next(t for t in trunks if t.n_params == b.n_params)
-        step = int(b.options["init_from"].split("step-")[1].split(".")[0])
+        step = int(b.options["branch_from"].split("step-")[1].split(".")[0])
         assert step in trunk.options["save_at_steps"]
         assert trunk.n_tokens >= b.start_tokens and b.start_tokens < b.n_tokens
         assert b.full_flops == pytest.approx(b.budget, rel=0.02)  # each branch ends at its budget

@@ -4,7 +4,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -24,8 +23,12 @@ from flopwise.data.tokenizer import BOS_ID, EOS_ID
 from flopwise.errors import FlopwiseError
 from flopwise.model.llama import Llama, ModelConfig
 from flopwise.model.lora import apply_lora, merge_lora
-from flopwise.train.trainer import TrainConfig, load_model, new_run, train
+from flopwise.run import TrainConfig, load_model, new_run
+from flopwise.train.trainer import KILL_AT_STEP_ENV, train
 from flopwise.train.tune import continuation_ok, new_tune_run
+from flopwise.train.tune_options import TuneOptions
+
+OPTS = TuneOptions(max_steps=40, batch_size=8, micro_batch=4)
 
 
 def cli(*args, timeout=600, input=None):
@@ -200,8 +203,7 @@ def test_bad_instruction_input(tmp_path, base):
 
 def test_tune_resume_after_kill9_and_truncation_count(base, tmp_path):
     data = write_alpaca(tmp_path / "add.jsonl", n=60, long=True)
-    straight = new_tune_run(tmp_path / "straight", base, data, max_steps=40, batch_size=8, micro_batch=4,
-                            log=lambda m: None)
+    straight = new_tune_run(tmp_path / "straight", base, data, opts=OPTS, log=lambda m: None)
     cfg = json.loads((straight / "config.json").read_text())
     assert cfg["data"]["kind"] == "instructions" and cfg["data"]["prompts_truncated"] == 1
     assert cfg["data"]["responses_truncated"] == 0 and cfg["data"]["n_train"] + cfg["data"]["n_heldout"] == 60
@@ -211,21 +213,16 @@ def test_tune_resume_after_kill9_and_truncation_count(base, tmp_path):
     (straight / "config.json").write_text(json.dumps(cfg))
     expected = train(straight, quiet=True)
     killed = tmp_path / "killed"
-    new_tune_run(killed, base, data, max_steps=40, batch_size=8, micro_batch=4, log=lambda m: None)
+    new_tune_run(killed, base, data, opts=OPTS, log=lambda m: None)
     cfg_k = json.loads((killed / "config.json").read_text())
     cfg_k["train"] = dict(cfg_k["train"], ckpt_every=4, log_every=1)
     (killed / "config.json").write_text(json.dumps(cfg_k))
-    proc = subprocess.Popen([sys.executable, "-m", "flopwise", "train", str(killed), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        m = killed / "metrics.jsonl"
-        if (killed / "ckpt" / "latest.pt").exists() and m.exists() and len(m.read_text().splitlines()) >= 14:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "final.json").exists(), "the run finished before it could be killed"
+    # killed (SIGKILL) after step 14: the last checkpoint is step 12, metrics run two steps past it
+    proc = subprocess.run([sys.executable, "-m", "flopwise", "train", str(killed), "--quiet"],
+                          env={**os.environ, KILL_AT_STEP_ENV: "14"}, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL and not (killed / "final.json").exists()
+    assert torch.load(killed / "ckpt" / "latest.pt", weights_only=False)["step"] == 12
+    assert len((killed / "metrics.jsonl").read_text().splitlines()) == 14
     r = cli("tune", "--out", killed, "--behaviour-n", "0", "--quiet")
     assert r.returncode == 0, r.stderr
     losses = lambda d: [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731

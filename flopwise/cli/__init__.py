@@ -1,75 +1,16 @@
 """The ``flopwise`` command: a thin Typer layer over the library.
 
 Heavy imports (torch) happen inside the commands that need them, so ``flopwise plan`` and
-``flopwise fit`` start fast.
+``flopwise fit`` start fast. Each module below registers its commands on ``app`` (cli/app.py).
 """
 
 from __future__ import annotations
 
-import re
 import sys
 
-import typer
-from rich.console import Console
-
-from flopwise import __version__
+from flopwise.cli import fit, infer, plan, sweep, train, tune  # noqa: F401  (they register their commands)
+from flopwise.cli.app import app
 from flopwise.errors import FlopwiseError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="flopwise: the best small language model a compute budget can buy.")
-hw_app = typer.Typer(no_args_is_help=True, help="Hardware presets and measurements.")
-app.add_typer(hw_app, name="hw")
-console = Console()
-
-
-def _version(value: bool) -> None:
-    if value:
-        print(f"flopwise {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
-    pass
-
-
-def fmt_count(x: float | None) -> str:
-    """1.23e9 -> '1.23B'."""
-    if x is None:
-        return "-"
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
-
-
-def fmt_hours(h: float) -> str:
-    if h < 1 / 60:
-        return f"{h * 3600:.3g} s"
-    if h < 1:
-        return f"{h * 60:.3g} min"
-    if h < 48:
-        return f"{h:.3g} h"
-    return f"{h / 24:.3g} days"
-
-
-_SIZE = re.compile(r"^\s*([0-9.eE+-]+)\s*([kmgt]i?b?)?\s*$", re.IGNORECASE)
-
-
-def parse_bytes(text: str) -> float:
-    """'4GB' / '512MiB' / '8e9' -> bytes."""
-    m = _SIZE.match(text)
-    if not m:
-        raise FlopwiseError(f"cannot read {text!r} as a size: write e.g. 4GB, 512MiB or 8e9")
-    unit = (m.group(2) or "").lower()
-    scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[unit[:1]]
-    if "i" in unit:
-        scale = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[unit[:1]]
-    try:
-        return float(m.group(1)) * scale
-    except ValueError:
-        raise FlopwiseError(f"cannot read {text!r} as a size: write e.g. 4GB, 512MiB or 8e9") from None
 
 
 def main() -> None:
@@ -78,13 +19,3 @@ def main() -> None:
     except FlopwiseError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-
-
-
-# the commands register themselves on ``app``
-from flopwise.cli import fit as _fit  # noqa: E402,F401
-from flopwise.cli import infer as _infer  # noqa: E402,F401
-from flopwise.cli import plan as _plan  # noqa: E402,F401
-from flopwise.cli import sweep as _sweep  # noqa: E402,F401
-from flopwise.cli import train as _train  # noqa: E402,F401
-from flopwise.cli import tune as _tune  # noqa: E402,F401

@@ -9,8 +9,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from flopwise.cli import app, console, fmt_count
+from flopwise.cli.app import app, console, fmt_count
 from flopwise.errors import FlopwiseError
+from flopwise.laws.fit import fit_runs, public, save_fit
+from flopwise.laws.runs import load_runs
 
 
 @app.command()
@@ -38,9 +40,6 @@ def fit(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from flopwise.fsutil import atomic_write_text
-    from flopwise.laws.fit import fit_runs, law_json, public
-    from flopwise.laws.runs import load_runs
 
     runs = load_runs(runs_path, convention.replace("-", "_"))
     budget_list = [_float(b, "--budgets") for b in budgets.split(",")] if budgets else ()
@@ -59,9 +58,7 @@ def fit(
         result = fit_runs(runs, approach=approach, n_boot=bootstrap, holdout_largest=holdout_largest,
                           budgets=budget_list, level=level, seed=seed, delta=delta, degree=degree,
                           workers=workers, progress=progress)
-    law = law_json(result, str(src))
-    atomic_write_text(out_dir / "law.json", json.dumps(law, indent=2) + "\n")
-    atomic_write_text(out_dir / "fit.json", json.dumps(public(result), indent=2) + "\n")
+    save_fit(result, str(src), out_dir)
     plots = [] if no_plots else _plots(runs, result, out_dir)
     if as_json:
         print(json.dumps({**public(result), "law_file": str(out_dir / "law.json"), "plots": plots}, indent=2))
@@ -70,7 +67,7 @@ def fit(
 
 
 def _plots(runs, result, out_dir) -> list[str]:
-    from flopwise.report.plots import plot_fit
+    from flopwise.report.plots import plot_fit  # matplotlib loads only when plots are made
 
     return plot_fit(runs, result, out_dir)
 

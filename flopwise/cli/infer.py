@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
 
-from flopwise.cli import app, console
+from flopwise.cli.app import app, console
+from flopwise.data.instructions import STOP_STRINGS, render_prompt, render_turn
+from flopwise.data.tokenizer import BOS_ID, EOS_ID, load_tokenizer
 from flopwise.errors import FlopwiseError
 
 
 def _engine(run: str, dtype: str):
     """An engine for a run directory or a .gguf file (dequantised into flopwise's model)."""
-    from pathlib import Path
-
-    from flopwise.data.tokenizer import load_tokenizer
+    # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
     from flopwise.infer.generate import Engine
-    from flopwise.train.trainer import load_model
+    from flopwise.run import load_model
 
     if Path(run).is_file() and run.endswith(".gguf"):
         from flopwise.infer.gguf_load import load_gguf
@@ -45,8 +46,7 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Generate text from a run (temperature 0 is greedy); streams a single prompt."""
-    from flopwise.data.instructions import STOP_STRINGS, render_prompt
-    from flopwise.infer.generate import Sampling
+    from flopwise.infer.generate import Sampling  # torch: loaded by the command, not at start-up
 
     eng = _engine(run, dtype)
     if bench:
@@ -89,9 +89,7 @@ def chat(
     dtype: str = typer.Option("fp32", help="fp32, bf16 or int8."),
 ) -> None:
     """Chat in the terminal with the Alpaca template; replies stream token by token. Ctrl-D or /exit ends."""
-    from flopwise.data.instructions import STOP_STRINGS, render_prompt, render_turn
-    from flopwise.data.tokenizer import BOS_ID, EOS_ID
-    from flopwise.infer.generate import Sampling
+    from flopwise.infer.generate import Sampling  # torch: loaded by the command, not at start-up
 
     eng = _engine(run, dtype)
     ctx = eng.config.seq_len
@@ -146,9 +144,7 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Export a run to Hugging Face (safetensors) or GGUF, written atomically."""
-    from pathlib import Path
-
-    from flopwise.infer.export import QUANTS, export_gguf, export_hf
+    from flopwise.infer.export import QUANTS, export_gguf, export_hf  # torch: loaded by the command
 
     if fmt not in ("hf", "gguf"):
         raise FlopwiseError(f"unknown --format {fmt!r}: choose hf or gguf")
@@ -185,9 +181,7 @@ def serve(
     name: Optional[str] = typer.Option(None, help="Model id in the API (default: the run folder's name)."),
 ) -> None:
     """OpenAI-compatible server: /v1/completions, /v1/chat/completions (stream: true as SSE), /v1/models."""
-    from pathlib import Path
-
-    from flopwise.infer.server import serve as run_server
+    from flopwise.infer.server import serve as run_server  # torch, fastapi: loaded by the command
 
     eng = _engine(run, dtype)
     model_name = name or Path(run).resolve().name

@@ -8,7 +8,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from flopwise.cli import app, console, fmt_count, fmt_hours, hw_app, parse_bytes
+from flopwise.cli.app import app, console, fmt_count, fmt_hours, hw_app, parse_bytes
+from flopwise.laws.hardware import DEVICES, GPUS
+from flopwise.laws.law import REGISTRY
+from flopwise.laws.plan import budget_flops, make_plan
 
 
 @app.command()
@@ -36,7 +39,6 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Compute-optimal N, D, shape, loss, time, cost and energy for a budget."""
-    from flopwise.laws.plan import budget_flops, make_plan
 
     budget = budget_flops(flops, gpu, gpus, hours, dollars, mfu, price_per_hour)
     p = make_plan(budget, law, inference_tokens=inference_tokens, unique_tokens=unique_tokens, device=device,
@@ -104,7 +106,6 @@ def print_plan(p: dict) -> None:
 @app.command()
 def laws(as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON.")) -> None:
     """List the published scaling laws flopwise knows, with citations."""
-    from flopwise.laws.law import REGISTRY
 
     if as_json:
         print(json.dumps({k: v.to_dict() for k, v in REGISTRY.items()}, indent=2))
@@ -125,7 +126,7 @@ def laws(as_json: bool = typer.Option(False, "--json", help="Print the registry 
 def hw_probe(device: Optional[str] = typer.Option(None, help="torch device (default: cuda if present, else cpu)."),
              as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Measure this machine's matmul peak (fp32, bf16) and memory bandwidth; saved for MFU."""
-    from flopwise.train.probe import probe, save_probe
+    from flopwise.train.probe import probe, save_probe  # torch: loaded by the command, not at start-up
 
     with console.status("measuring matmul peaks and memory bandwidth…"):
         result = probe(device)
@@ -143,7 +144,6 @@ def hw_probe(device: Optional[str] = typer.Option(None, help="torch device (defa
 @hw_app.command("list")
 def hw_list() -> None:
     """List GPU and device presets with their sources."""
-    from flopwise.laws.hardware import DEVICES, GPUS
 
     t = Table(title="GPUs")
     for col in ("name", "bf16 TFLOP/s", "memory GB", "GB/s", "W", "$/h", "source"):

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from flopwise.cli import app, console, fmt_count
+from flopwise.cli.app import app, console, fmt_count
+from flopwise.data.prepare import resolve_corpus
 from flopwise.errors import FlopwiseError
+from flopwise.laws.plan import budget_flops
+from flopwise.sweep.design import (
+    design_sweep,
+    design_wsd_sweep,
+    equivalent_cosine_flops,
+    log_spaced,
+    read_design,
+    total_flops,
+    write_design,
+)
 
 sweep_app = typer.Typer(no_args_is_help=True, help="IsoFLOP sweeps: design, run, status.")
 app.add_typer(sweep_app, name="sweep")
@@ -38,8 +50,6 @@ class _Bar:
 
 
 def _budgets(budgets: Optional[str], min_flops: Optional[float], max_flops: Optional[float], n_budgets: int):
-    from flopwise.sweep.design import log_spaced
-
     if budgets:
         try:
             return [float(b) for b in budgets.split(",")]
@@ -72,18 +82,8 @@ def sweep_run(
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Design (or resume) an IsoFLOP sweep and train its runs."""
-    import os
-
+    # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
     from flopwise.autopilot import AutopilotConfig, sweep_train_options
-    from flopwise.data.prepare import resolve_corpus
-    from flopwise.sweep.design import (
-        design_sweep,
-        design_wsd_sweep,
-        equivalent_cosine_flops,
-        read_design,
-        total_flops,
-        write_design,
-    )
     from flopwise.sweep.runner import run_sweep
     from flopwise.train.probe import training_rate
 
@@ -135,7 +135,7 @@ def sweep_run(
 @sweep_app.command("status")
 def sweep_status(sweep_dir: str = typer.Argument(..., metavar="SWEEP_DIR")) -> None:
     """Done / running / partial / missing runs of a sweep, with losses."""
-    from flopwise.sweep.runner import status
+    from flopwise.sweep.runner import status  # torch: loaded by the command, not at start-up
 
     rows = status(sweep_dir)
     t = Table(title=f"{sweep_dir}")
@@ -171,9 +171,8 @@ def autopilot(
     quiet: bool = typer.Option(False, "--quiet", help="Only the closing summary."),
 ) -> None:
     """Sweep -> fit -> plan -> train -> compare -> report, on the bundled corpus by default."""
-    from flopwise.autopilot import DEFAULT_BUDGET, AutopilotConfig
+    from flopwise.autopilot import DEFAULT_BUDGET, AutopilotConfig  # torch: loaded by the command
     from flopwise.autopilot import autopilot as run_autopilot
-    from flopwise.laws.plan import budget_flops
 
     flops = DEFAULT_BUDGET if budget is None and hours is None else budget_flops(budget, gpu, gpus, hours, None, mfu)
     cfg = AutopilotConfig(budget_flops=flops, sweep_fraction=sweep_fraction, n_budgets=n_budgets, n_sizes=sizes,

@@ -6,10 +6,17 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 
-from flopwise.cli import app, console
+from flopwise.cli.app import app, console
+from flopwise.data.prepare import open_corpus, resolve_corpus
+from flopwise.data.prepare import prepare as prepare_corpus
+from flopwise.data.tokenizer import load_tokenizer, token_byte_lengths
 from flopwise.errors import FlopwiseError
+from flopwise.laws.flops import training_flops_per_token
+from flopwise.laws.plan import PLAN_VERSION
+from flopwise.laws.shape import suggest_shape
 
 
 @app.command()
@@ -24,8 +31,6 @@ def prepare(
     as_json: bool = typer.Option(False, "--json", help="Print the corpus' meta.json."),
 ) -> None:
     """Text -> SentencePiece BPE tokenizer -> train/validation token files (cached by content hash)."""
-    from flopwise.data.prepare import prepare as prepare_corpus
-
     with console.status("preparing corpus (tokenizer training, encoding)…"):
         corpus = prepare_corpus(paths or None, out, vocab_size, val, val_fraction, seed,
                                 log=lambda m: console.print(f"[yellow]{m}[/yellow]"))
@@ -40,8 +45,7 @@ def prepare(
 
 def _model_config(config: Optional[str], n_params: Optional[float], plan_doc: Optional[dict], vocab: int,
                   seq_len: int):
-    from flopwise.laws.shape import suggest_shape
-    from flopwise.model.llama import ModelConfig
+    from flopwise.model.llama import ModelConfig  # torch: loaded by the command, not at start-up
 
     given = [x for x in (config, n_params, plan_doc) if x is not None]
     if len(given) > 1:
@@ -71,8 +75,6 @@ def _model_config(config: Optional[str], n_params: Optional[float], plan_doc: Op
 
 
 def _read_plan(path: str) -> dict:
-    from flopwise.laws.plan import PLAN_VERSION
-
     try:
         doc = json.loads(open(path).read())
     except (OSError, json.JSONDecodeError) as e:
@@ -114,10 +116,9 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print final.json."),
 ) -> None:
     """Train a model with its schedule matched to its token budget; 'flopwise train RUN_DIR' resumes."""
-    from flopwise.data.prepare import resolve_corpus
-    from flopwise.laws.flops import training_flops_per_token
+    # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
+    from flopwise.run import TrainConfig, new_run
     from flopwise.train import distributed as dist
-    from flopwise.train.trainer import TrainConfig, new_run
     from flopwise.train.trainer import train as run_training
 
     rank, _ = dist.setup()
@@ -173,18 +174,15 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Validation loss (nats/token) and bits per byte of a run on a prepared corpus, or its instruction following."""
-    import numpy as np
-
-    from flopwise.data.prepare import open_corpus
-    from flopwise.data.tokenizer import token_byte_lengths
+    # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
+    from flopwise.run import is_tuning, load_model, read_run_config
     from flopwise.train.batches import eval_windows
-    from flopwise.train.trainer import evaluate, load_model, pick_device, pick_precision, read_run_config
+    from flopwise.train.probe import pick_device, pick_precision
+    from flopwise.train.trainer import evaluate
+    from flopwise.train.tune import evaluate_instructions
 
     mc, tc, cfg = read_run_config(run)
     if instructions is not None:
-        from flopwise.data.tokenizer import load_tokenizer
-        from flopwise.train.tune import evaluate_instructions
-
         sp = load_tokenizer(Path(run) / "tokenizer.model")
         with console.status("evaluating instructions…"):
             r = evaluate_instructions(load_model(run), sp, instructions, behaviour_n, seed, temperature)
@@ -198,7 +196,7 @@ def eval_cmd(
             line += f"; continuation ok {r['continuation_ok']:.0%} of {r['continuation_n']}"
         console.print(line + f" (seed {seed}, temperature {temperature})")
         return
-    if cfg["data"].get("kind") == "instructions" and data is None:
+    if is_tuning(cfg) and data is None:
         raise FlopwiseError(f"{run} is a tuning run: evaluate it with --instructions FILE "
                             f"(e.g. {Path(run) / 'instructions-heldout.jsonl'}) or --data CORPUS")
     corpus = open_corpus(data or cfg["data"]["path"])

@@ -8,8 +8,12 @@ from typing import Optional
 
 import typer
 
-from flopwise.cli import app, console
+from flopwise.cli.app import app, console
 from flopwise.errors import FlopwiseError
+from flopwise.fsutil import atomic_write_text
+from flopwise.train.tune_options import TuneOptions
+
+D = TuneOptions()  # the defaults shown and used
 
 
 def _report_line(name: str, r: dict) -> str:
@@ -30,20 +34,21 @@ def tune(
     eval_data: Optional[str] = typer.Option(None, help="Held-out examples (default: 5% split off --data)."),
     lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters on the frozen model (merged on export)."),
     rank: int = typer.Option(8, help="LoRA rank."),
-    alpha: float = typer.Option(16.0, help="LoRA alpha (the update is scaled by alpha / rank)."),
-    targets: str = typer.Option("wq,wk,wv,wo,w_gate,w_up,w_down", help="LoRA target projections."),
-    epochs: float = typer.Option(3.0, help="Passes over the training examples."),
-    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides --epochs)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: base rate / 10; LoRA: base rate)."),
-    batch_size: int = typer.Option(32, help="Examples per optimizer step."),
-    seed: int = typer.Option(0, help="Seed of data order, held-out split, LoRA init and evaluation sampling."),
+    alpha: float = typer.Option(D.lora_alpha, help="LoRA alpha (the update is scaled by alpha / rank)."),
+    targets: str = typer.Option(",".join(D.lora_targets), help="LoRA target projections."),
+    epochs: float = typer.Option(D.epochs, help="Passes over the training examples."),
+    max_steps: Optional[int] = typer.Option(D.max_steps, help="Optimizer steps (overrides --epochs)."),
+    lr: Optional[float] = typer.Option(D.lr, help="Peak learning rate (default: base rate / 10; LoRA: base rate)."),
+    batch_size: int = typer.Option(D.batch_size, help="Examples per optimizer step."),
+    seed: int = typer.Option(D.seed, help="Seed of data order, held-out split, LoRA init and evaluation sampling."),
     behaviour_n: int = typer.Option(100, help="Generations per behavioural task in the before/after evaluation "
                                     "(0: response loss only)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
     as_json: bool = typer.Option(False, "--json", help="Print the before/after evaluation as JSON."),
 ) -> None:
     """Instruction-tune BASE_RUN (full or LoRA), with its evaluation before and after."""
-    from flopwise.train.trainer import load_model, read_run_config
+    # torch-heavy modules load when a command needs them, so 'flopwise plan' and 'fit' start fast
+    from flopwise.run import is_tuning, load_model, read_run_config
     from flopwise.train.trainer import train as run_training
     from flopwise.train.tune import new_tune_run, tune_report
 
@@ -53,17 +58,17 @@ def tune(
         if base is None:
             raise FlopwiseError("no base run: 'flopwise tune BASE_RUN --out RUN_DIR' (or --out alone to resume)")
         with console.status("encoding instruction data…"):
-            new_tune_run(out_dir, base, data, eval_data, lora_rank=rank if lora else 0, lora_alpha=alpha,
-                         lora_targets=targets.split(",") if lora else None, epochs=epochs, max_steps=max_steps,
-                         lr=lr, batch_size=batch_size, seed=seed, log=log)
+            opts = TuneOptions(lora_rank=rank if lora else 0, lora_alpha=alpha, lora_targets=targets.split(","),
+                               epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, seed=seed)
+            new_tune_run(out_dir, base, data, eval_data, opts, log=log)
     _, tc, cfg = read_run_config(out_dir)
-    if cfg["data"].get("kind") != "instructions":
+    if not is_tuning(cfg):
         raise FlopwiseError(f"{out_dir} is a pre-training run, not a tuning run: choose another --out")
     report_path = out_dir / "tune_eval.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     if "base" not in report:
         with console.status("evaluating the base model on the held-out examples…"):
-            report["base"] = tune_report(load_model(tc.init_from), out_dir, behaviour_n, seed)
+            report["base"] = tune_report(load_model(tc.init_weights), out_dir, behaviour_n, seed)
         _save(report_path, report)
     if not as_json:
         console.print(f"data: {cfg['data']['source']}, {cfg['data']['n_train']:,} train / "
@@ -86,6 +91,4 @@ def tune(
 
 
 def _save(path: Path, report: dict) -> None:
-    from flopwise.fsutil import atomic_write_text
-
     atomic_write_text(path, json.dumps(report, indent=2) + "\n")

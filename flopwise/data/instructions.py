@@ -22,6 +22,7 @@ import numpy as np
 
 from flopwise.data.tokenizer import BOS_ID, EOS_ID
 from flopwise.errors import FlopwiseError
+from flopwise.fsutil import atomic_write_text, parse_records
 
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -116,31 +117,18 @@ def load_instructions(path: str | Path) -> list[Example]:
         raise FlopwiseError(f"instruction file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise FlopwiseError(f"cannot read instruction file {path}: {e}") from None
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise FlopwiseError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-        examples = [record_to_example(r, f"{path}: record {i}") for i, r in enumerate(records)]
-    else:
-        examples = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FlopwiseError(f"{path}: line {n} is not valid JSON ({e.msg}); "
-                                    "JSONL needs one record per line") from None
-            examples.append(record_to_example(rec, f"{path}: record {len(examples)} (line {n})"))
+    examples = [record_to_example(r, f"{path}: {where}") for where, r in parse_records(text, str(path))]
     if not examples:
         raise FlopwiseError(f"{path} holds no instruction records")
     return examples
 
 
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    from flopwise.fsutil import atomic_write_text
+def read_records(path: str | Path) -> list[dict]:
+    """The raw records of an instruction file (for metadata such as the bundled set's ``task``)."""
+    return [r for _, r in parse_records(Path(path).read_text(encoding="utf-8"), str(path))]
 
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from flopwise.data.tokenizer import BOS_ID, EOS_ID, UNK_ID, load_tokenizer, train_tokenizer
 from flopwise.errors import FlopwiseError
-from flopwise.fsutil import cache_root
+from flopwise.fsutil import cache_root, parse_records
 
 DEFAULT_VOCAB_SIZE = 4096
 PREPARE_VERSION = 1  # bump when the output of prepare() changes for the same input
@@ -123,23 +123,9 @@ def read_documents(path: Path, stats: dict, whole_file: bool = False) -> list[st
     if path.suffix.lower() not in (".jsonl", ".json"):
         return split_documents(text, on_blank_lines=not whole_file)
     docs = []
-    lines = text.splitlines()
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise FlopwiseError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    else:
-        records = []
-        for i, line in enumerate(lines, start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise FlopwiseError(f"{path} line {i} is not valid JSON ({e.msg}): one object per line") from None
-    for i, r in enumerate(records, start=1):
+    for where, r in parse_records(text, str(path)):
         if not isinstance(r, dict) or not isinstance(r.get("text"), str):
-            raise FlopwiseError(f"{path} record {i} has no string 'text' field")
+            raise FlopwiseError(f"{path}: {where} has no string 'text' field")
         if r["text"].strip():
             docs.append(r["text"])
     return docs

@@ -19,14 +19,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from flopwise import __version__
 from flopwise.data.instructions import PREAMBLE
 from flopwise.data.tokenizer import BOS_ID, EOS_ID, UNK_ID, load_tokenizer
 from flopwise.errors import FlopwiseError
+from flopwise.fsutil import atomic_write_text
 from flopwise.model.llama import Llama, ModelConfig
+from flopwise.run import is_tuning, load_model, read_run_config
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
 
@@ -125,7 +129,9 @@ def hf_tokenizer_files(sp, seq_len: int, chat_template: str | None) -> dict[str,
             "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}
 
 
-# Jinja chat template for tuned runs: the Alpaca format that flopwise tunes with
+# Jinja chat template for tuned runs: the Alpaca format that flopwise tunes with. flopwise encodes each prompt and
+# each reply separately, so each starts with SentencePiece's dummy-prefix space; the tokenizer prepends one only at
+# the start and after a special token (</s>), so a reply (after '### Response:\n') gets its space written out here.
 ALPACA_CHAT_TEMPLATE = (
     "{{ bos_token }}{% set sys = namespace(text='" + PREAMBLE + "') %}"
     "{% for m in messages %}{% if m['role'] == 'system' %}{% set sys.text = m['content'] %}{% endif %}{% endfor %}"
@@ -133,7 +139,7 @@ ALPACA_CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}"
     "{% if ns.first %}{{ sys.text + '\\n\\n' }}{% set ns.first = false %}{% else %}{{ '\\n\\n' }}{% endif %}"
     "{{ '### Instruction:\\n' + m['content'] + '\\n\\n### Response:\\n' }}"
-    "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
+    "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
 
 
 def _staging(out: Path) -> Path:
@@ -161,16 +167,8 @@ def _is_hf_export(path: Path) -> bool:
         return False
 
 
-def is_tuned(config: dict) -> bool:
-    return config.get("data", {}).get("kind") == "instructions"
-
-
 def export_hf(run_dir: str | Path, out: str | Path) -> Path:
     """A folder that transformers' AutoModelForCausalLM / AutoTokenizer load as LlamaForCausalLM."""
-    from safetensors.torch import save_file
-
-    from flopwise.train.trainer import load_model, read_run_config
-
     run_dir, out = Path(run_dir), Path(out)
     mc, _, config = read_run_config(run_dir)
     _check_expressible(mc)
@@ -185,7 +183,7 @@ def export_hf(run_dir: str | Path, out: str | Path) -> Path:
             {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "max_length": mc.seq_len}, indent=2) + "\n")
         shutil.copyfile(run_dir / "tokenizer.model", tmp / "tokenizer.model")
         sp = load_tokenizer(run_dir / "tokenizer.model")
-        template = ALPACA_CHAT_TEMPLATE if is_tuned(config) else None
+        template = ALPACA_CHAT_TEMPLATE if is_tuning(config) else None
         for name, text in hf_tokenizer_files(sp, mc.seq_len, template).items():
             (tmp / name).write_text(text)
         _place(tmp, out)
@@ -228,8 +226,6 @@ def gguf_tensors(model: Llama) -> list[tuple[str, np.ndarray]]:
 
 
 def _vocab(sp) -> tuple[list[bytes], list[float], list[int]]:
-    import gguf
-
     tokens, scores, types = [], [], []
     for i in range(sp.get_piece_size()):
         tokens.append(sp.id_to_piece(i).encode("utf-8"))
@@ -249,8 +245,6 @@ def _vocab(sp) -> tuple[list[bytes], list[float], list[int]]:
 
 def tensor_type(name: str, shape: tuple[int, ...], quant: str):
     """The GGML type a tensor is stored in: norms (1-D) stay f32; rows not a multiple of the block stay f16."""
-    import gguf
-
     q = gguf.GGMLQuantizationType
     if len(shape) == 1 or quant == "f32":
         return q.F32
@@ -267,8 +261,6 @@ def write_gguf(model: Llama, vocab: tuple[list[bytes], list[float], list[int]], 
 
     Returns the tensors kept at f16 (rows not a multiple of the quant block) and the weight count.
     """
-    import gguf
-
     mc = model.config
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
@@ -329,8 +321,6 @@ def write_gguf(model: Llama, vocab: tuple[list[bytes], list[float], list[int]], 
 
 def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "f32", log=print) -> dict:
     """A GGUF file for llama.cpp/ollama (plus a Modelfile beside it); returns size and bits per weight."""
-    from flopwise.train.trainer import load_model, read_run_config
-
     if quant not in QUANTS:
         raise FlopwiseError(f"unknown quant type {quant!r}: choose one of {', '.join(QUANTS)}")
     run_dir, out = Path(run_dir), Path(out)
@@ -341,20 +331,18 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "f32", log=pr
     model = load_model(run_dir)
     sp = load_tokenizer(run_dir / "tokenizer.model")
     kept, n_weights = write_gguf(model, _vocab(sp), out, quant, run_dir.resolve().name,
-                                 ALPACA_CHAT_TEMPLATE if is_tuned(config) else None)
+                                 ALPACA_CHAT_TEMPLATE if is_tuning(config) else None)
     if kept:
         log(f"note: {len(kept)} tensor(s) whose rows are not a multiple of the {quant} block stay f16: "
             + ", ".join(kept[:6]) + (" …" if len(kept) > 6 else ""))
     size = out.stat().st_size
-    write_modelfile(out, mc, is_tuned(config))
+    write_modelfile(out, mc, is_tuning(config))
     return {"path": str(out), "quant": quant, "bytes": size, "n_weights": int(n_weights),
             "bits_per_weight": 8 * size / n_weights, "kept_f16": kept}
 
 
 def write_modelfile(gguf_path: Path, mc: ModelConfig, tuned: bool) -> Path:
     """An ollama Modelfile beside the GGUF: the Alpaca template for tuned runs, the raw prompt otherwise."""
-    from flopwise.fsutil import atomic_write_text
-
     lines = [f"FROM ./{gguf_path.name}", f"PARAMETER num_ctx {mc.seq_len}", 'PARAMETER stop "</s>"']
     if tuned:
         lines += ['PARAMETER stop "### Instruction:"',

@@ -7,6 +7,7 @@ more get 503. Bad requests get OpenAI-style 400 errors and never take the server
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import threading
@@ -81,15 +82,36 @@ class _Busy(Exception):
     pass
 
 
-def create_app(engine: Engine, model_name: str, max_queue: int = 32):
+def error(status: int, message: str, param: str | None = None, etype: str = "invalid_request_error") -> JSONResponse:
+    """An OpenAI-style error response."""
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": etype, "param": param,
+                                                               "code": None}})
+
+
+def sampling(req: _Common, prompt_len: int, ctx: int) -> Sampling:
+    """A request's sampling options; max_tokens past the context is refused as OpenAI words it."""
+    max_tokens = req.max_tokens if req.max_tokens is not None else ctx - prompt_len
+    if prompt_len + max_tokens > ctx:
+        raise FlopwiseError(f"This model's maximum context length is {ctx} tokens. However, you requested "
+                            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+                            "completion). Please reduce the prompt or max_tokens.")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return Sampling(max_new_tokens=max_tokens, temperature=float(req.temperature), top_k=req.top_k,
+                    top_p=float(req.top_p), repetition_penalty=float(req.repetition_penalty), seed=req.seed,
+                    stop=stop)
+
+
+def usage(results: list[tuple[str, dict]], prompts: list[list[int]]) -> dict:
+    p = sum(len(ids) for ids in prompts)  # each prompt once, whatever n
+    c = sum(info["completion_tokens"] for _, info in results)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def create_app(engine: Engine, model_name: str, max_queue: int = 32) -> FastAPI:
     app = FastAPI(title="flopwise", version="1")
     lock = threading.Lock()  # one generation at a time: the engine owns a single KV cache
     waiting = {"n": 0}
     ctx = engine.config.seq_len
-
-    def error(status: int, message: str, param: str | None = None, etype: str = "invalid_request_error"):
-        return JSONResponse(status_code=status, content={"error": {"message": message, "type": etype,
-                                                                   "param": param, "code": None}})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -106,29 +128,24 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 32):
     async def _crash(request: Request, exc: Exception):  # the server stays up whatever a request does
         return error(500, f"internal error: {type(exc).__name__}: {exc}", etype="server_error")
 
-    def sampling(req, prompt_len: int) -> Sampling:
-        max_tokens = req.max_tokens if req.max_tokens is not None else ctx - prompt_len
-        if prompt_len + max_tokens > ctx:
-            raise FlopwiseError(f"This model's maximum context length is {ctx} tokens. However, you requested "
-                                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
-                                "completion). Please reduce the prompt or max_tokens.")
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        return Sampling(max_new_tokens=max_tokens, temperature=float(req.temperature), top_k=req.top_k,
-                        top_p=float(req.top_p), repetition_penalty=float(req.repetition_penalty), seed=req.seed,
-                        stop=stop)
-
     def run_locked(fn):
         with lock:
             return fn()
 
-    async def serialized(fn):
+    @contextlib.contextmanager
+    def queue_slot():
+        """A place among the ``max_queue`` requests waiting for (or holding) the engine; _Busy when full."""
         if waiting["n"] >= max_queue:
             raise _Busy()
         waiting["n"] += 1
         try:
-            return await asyncio.to_thread(run_locked, fn)
+            yield
         finally:
             waiting["n"] -= 1
+
+    async def serialized(fn):
+        with queue_slot():
+            return await asyncio.to_thread(run_locked, fn)
 
     def complete_all(prompts: list[list[int]], samplings: list[Sampling], n: int) -> list[tuple[str, dict]]:
         out = []
@@ -139,11 +156,6 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 32):
                 text = "".join(engine.stream_text(ids, s_k, info))
                 out.append((text, info))
         return out
-
-    def usage(results, prompts: list[list[int]]) -> dict:
-        p = sum(len(ids) for ids in prompts)  # each prompt once, whatever n
-        c = sum(info["completion_tokens"] for _, info in results)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def streaming(ids: list[int], s: Sampling, chunk) -> StreamingResponse:
         queue: asyncio.Queue = asyncio.Queue()
@@ -159,10 +171,12 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 32):
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", str(e)))
 
         async def events():
-            if waiting["n"] >= max_queue:
+            try:
+                slot = queue_slot()
+                slot.__enter__()
+            except _Busy:
                 yield "data: " + json.dumps({"error": {"message": "server busy", "type": "server_error"}}) + "\n\n"
                 return
-            waiting["n"] += 1
             task = asyncio.create_task(asyncio.to_thread(run_locked, produce))
             try:
                 yield "data: " + json.dumps(chunk(None, None, first=True)) + "\n\n"
@@ -179,7 +193,7 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 32):
                 yield "data: [DONE]\n\n"
             finally:
                 await task
-                waiting["n"] -= 1
+                slot.__exit__(None, None, None)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -195,7 +209,7 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 32):
             return error(400, "prompt must be a non-empty string (or a list of them)", "prompt")
         try:
             ids = [engine.encode_prompt(p) for p in prompts]
-            samplings = [sampling(req, len(i)) for i in ids]
+            samplings = [sampling(req, len(i), ctx) for i in ids]
             for s in samplings:
                 s.check()
         except FlopwiseError as e:
@@ -227,7 +241,7 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 32):
             return error(400, "the user message is empty", "messages")
         try:
             ids = chat_prompt_ids(engine.sp, messages)
-            s = sampling(req, len(ids))
+            s = sampling(req, len(ids), ctx)
             s.stop = s.stop + list(STOP_STRINGS)
             s.check()
         except FlopwiseError as e:

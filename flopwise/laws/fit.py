@@ -10,16 +10,19 @@ an absolute 2.2e-9 once the objective is below 1, larger than the whole objectiv
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize
 
 from flopwise.errors import FlopwiseError
-from flopwise.laws.law import ParametricLaw
+from flopwise.fsutil import atomic_write_text
+from flopwise.laws.law import ParametricLaw, law_from_dict, save_law
 from flopwise.laws.runs import Runs
 
 # Chinchilla's initialisation grid (Appendix D.2); theta = (a, b, e, alpha, beta).
@@ -96,9 +99,7 @@ class ParametricFit:
 
     @property
     def params(self) -> dict[str, float]:
-        a, b, e, alpha, beta = (float(x) for x in self.theta)
-        return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta,
-                "a": beta / (alpha + beta), "b": alpha / (alpha + beta)}
+        return {k: float(v[0]) for k, v in theta_to_params(self.theta[None, :]).items()}
 
     def law(self, n_convention: str = "total", name: str = "fitted") -> ParametricLaw:
         p = self.params
@@ -220,6 +221,13 @@ def theta_to_params(thetas: np.ndarray) -> dict[str, np.ndarray]:
             "a": beta / (alpha + beta), "b": alpha / (alpha + beta)}
 
 
+def loss_from_thetas(thetas: np.ndarray, n_params, n_tokens) -> np.ndarray:
+    """The law's loss (nats/token) under each parameter vector: shape (len(thetas), len(n_params))."""
+    a, b, e, alpha, beta = (x[:, None] for x in np.atleast_2d(thetas).T)
+    n, d = np.atleast_1d(np.asarray(n_params, float))[None, :], np.atleast_1d(np.asarray(n_tokens, float))[None, :]
+    return np.exp(e) + np.exp(a) / n**alpha + np.exp(b) / d**beta
+
+
 def optimal_from_thetas(thetas: np.ndarray, flops: float) -> tuple[np.ndarray, np.ndarray]:
     """N_opt and D_opt at ``flops`` for each row of theta (closed form under C = 6 N D)."""
     p = theta_to_params(np.atleast_2d(thetas))
@@ -248,6 +256,17 @@ def _profile_minimum(x: np.ndarray, y: np.ndarray, degree: int) -> tuple[float |
     return float(min(roots, key=lambda r: abs(r - np.mean(x)))), coef
 
 
+def _group_optimum(n_params: np.ndarray, loss: np.ndarray, n_tokens: np.ndarray,
+                   degree: int) -> tuple[float | None, float, np.ndarray]:
+    """One IsoFLOP group: (log N at the profile's minimum or None, log D there, the profile's coefficients)."""
+    x = np.log(n_params)
+    x_min, coef = _profile_minimum(x, loss, degree)
+    if x_min is None:
+        return None, math.nan, coef
+    d_slope, d_icpt = np.polyfit(x, np.log(n_tokens), 1)
+    return x_min, float(d_icpt + d_slope * x_min), coef
+
+
 def _powerlaw(log_c: np.ndarray, log_y: np.ndarray) -> tuple[float, float]:
     slope, intercept = np.polyfit(log_c, log_y, 1)
     return float(slope), float(intercept)
@@ -267,14 +286,14 @@ def fit_isoflop(runs: Runs, degree: int = 2, n_boot: int = 1000, seed: int = 0, 
     warnings, groups = [], []
     for c in budgets:
         m = runs.budget == c
-        x, y, log_d = np.log(runs.n_params[m]), runs.loss[m], np.log(runs.n_tokens[m])
+        x = np.log(runs.n_params[m])
         if len(x) < degree + 1 or np.ptp(x) < 1e-9:
             warnings.append(f"budget {c:.3g}: {len(x)} run(s) of {len(np.unique(x))} size(s) cannot "
                             f"define a degree-{degree} profile; skipped")
             continue
         if len(x) < 4:
             warnings.append(f"budget {c:.3g}: only {len(x)} runs; the profile's minimum is poorly determined")
-        x_min, coef = _profile_minimum(x, y, degree)
+        x_min, log_d_opt, coef = _group_optimum(runs.n_params[m], runs.loss[m], runs.n_tokens[m], degree)
         if x_min is None:
             warnings.append(f"budget {c:.3g}: the profile has no minimum (loss does not turn up at either end); "
                             "skipped: add smaller and larger models")
@@ -283,9 +302,8 @@ def fit_isoflop(runs: Runs, degree: int = 2, n_boot: int = 1000, seed: int = 0, 
         if not bracketed:
             warnings.append(f"budget {c:.3g}: the minimum (N = {math.exp(x_min):.3g}) lies outside the runs' "
                             f"range [{math.exp(x.min()):.3g}, {math.exp(x.max()):.3g}]: extend the sweep there")
-        d_slope, d_icpt = np.polyfit(x, log_d, 1)
         groups.append({"flops": float(c), "n_runs": int(m.sum()), "n_opt": math.exp(x_min),
-                       "d_opt": math.exp(d_icpt + d_slope * x_min), "bracketed": bracketed,
+                       "d_opt": math.exp(log_d_opt), "bracketed": bracketed,
                        "loss_min": float(np.polyval(coef, x_min)), "coef": coef.tolist()})
     if len(groups) < 2:
         raise FlopwiseError("Approach 2 found a usable minimum in fewer than two budgets: "
@@ -315,14 +333,11 @@ def fit_isoflop(runs: Runs, degree: int = 2, n_boot: int = 1000, seed: int = 0, 
         pts = []
         for m in usable:
             idx = rng.choice(np.flatnonzero(m), size=int(m.sum()), replace=True)
-            x, y, log_d = np.log(runs.n_params[idx]), runs.loss[idx], np.log(runs.n_tokens[idx])
-            if np.unique(x).size <= degree:
+            if np.unique(runs.n_params[idx]).size <= degree:
                 continue
-            x_min = _profile_minimum(x, y, degree)[0]
-            if x_min is None:
-                continue
-            ds, di = np.polyfit(x, log_d, 1)
-            pts.append((math.log(runs.budget[idx[0]]), x_min, di + ds * x_min))
+            x_min, log_d_opt, _ = _group_optimum(runs.n_params[idx], runs.loss[idx], runs.n_tokens[idx], degree)
+            if x_min is not None:
+                pts.append((math.log(runs.budget[idx[0]]), x_min, log_d_opt))
         if len(pts) >= 2:
             p = np.array(pts)
             samples.append((*np.polyfit(p[:, 0], p[:, 1], 1), *np.polyfit(p[:, 0], p[:, 2], 1)))
@@ -421,9 +436,7 @@ def holdout_check(runs: Runs, k: int, n_boot: int = 1000, seed: int = 0, level: 
                     for nm, n, d, y, p in zip(test.name, test.n_params, test.n_tokens, test.loss, pred, strict=True)]}
     if n_boot > 0:
         thetas = bootstrap_thetas(train.n_params, train.n_tokens, train.loss, fit, n_boot, seed, workers, progress)
-        p = theta_to_params(thetas)
-        preds = (p["E"][:, None] + p["A"][:, None] / test.n_params[None, :] ** p["alpha"][:, None]
-                 + p["B"][:, None] / test.n_tokens[None, :] ** p["beta"][:, None])
+        preds = loss_from_thetas(thetas, test.n_params, test.n_tokens)
         lo, hi = np.percentile(preds, [50 * (1 - level), 50 * (1 + level)], axis=0)
         out["coverage"] = float(np.mean((test.loss >= lo) & (test.loss <= hi)))
         for r, a, b in zip(out["runs"], lo, hi, strict=True):
@@ -519,6 +532,15 @@ def law_json(result: dict, source: str = "") -> dict:
             law["intervals"] = a2["intervals"]
     law["fit"] = meta
     return law
+
+
+def save_fit(result: dict, source: str, out_dir: str | Path) -> Path:
+    """law.json (what ``plan --law`` reads) and fit.json (the whole result) in ``out_dir``; returns law.json."""
+    out_dir = Path(out_dir)
+    law_path = out_dir / "law.json"
+    save_law(law_from_dict(law_json(result, source), str(law_path)), law_path)
+    atomic_write_text(out_dir / "fit.json", json.dumps(public(result), indent=2) + "\n")
+    return law_path
 
 
 def public(result: dict) -> dict:

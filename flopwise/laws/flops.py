@@ -69,6 +69,10 @@ class Shape:
         return cls(**{k: d[k] for k in fields if k in d})
 
 
+# the projection matrices of a block, by the names weight_shapes and the model use (LoRA's default targets)
+BLOCK_PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
 def weight_shapes(s: Shape) -> dict[str, tuple[int, ...]]:
     """Every weight tensor's shape, by name (the layout the model module uses).
 

@@ -58,8 +58,10 @@ def make_plan(flops: float, law: Law | str = "chinchilla", *, inference_tokens: 
     """Plan a training run for ``flops`` FLOPs under ``law`` (a law, registry name or JSON path)."""
     law = load_law(law) if isinstance(law, str) else law
     flops = allocate.check_flops(flops)
-    if inference_tokens is not None and unique_tokens is not None:
-        raise FlopwiseError("--inference-tokens and --unique-tokens cannot be combined yet: plan with one of them")
+    given = [name for name, v in (("--exact", exact_flops or None), ("--unique-tokens", unique_tokens),
+                                  ("--inference-tokens", inference_tokens)) if v is not None]
+    if len(given) > 1:  # each re-solves the allocation under its own constraint; they do not compose yet
+        raise FlopwiseError(f"{' and '.join(given)} cannot be combined yet: plan with one of them")
     warnings: list[str] = []
     notes: list[str] = []
     out: dict = {"plan_version": PLAN_VERSION, "law": law.name, "n_convention": law.n_convention}
@@ -102,7 +104,8 @@ def make_plan(flops: float, law: Law | str = "chinchilla", *, inference_tokens: 
         capped = n > n_cap
         if capped:
             n = n_cap
-            d = train_flops / (6.0 * n)
+            d = (train_flops / _shape_flops(law, vocab_size, seq_len)(n)[1] if exact_flops
+                 else train_flops / (6.0 * n))
             loss = float(law.loss(n, d)) if isinstance(law, ParametricLaw) else None
             warnings.append(f"the device caps the model at {n_cap:.3g} parameters ({bits}-bit weights in "
                             f"{limit / 1e9:.3g} GB); the budget buys more tokens instead")

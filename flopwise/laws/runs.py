@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from flopwise.errors import FlopwiseError
+from flopwise.fsutil import parse_records
 
 ALIASES = {
     "n_params": ("n_params", "n", "params", "parameters", "num_params", "model_size"),
@@ -152,13 +153,7 @@ def load_runs(path: str | Path, n_convention: str = "total") -> Runs:
     except (OSError, UnicodeDecodeError) as e:
         raise FlopwiseError(f"cannot read {path}: {e}") from None
     if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        records = []
-        for i, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise FlopwiseError(f"{path} line {i} is not valid JSON ({e.msg}): one object per line") from None
+        records = [r for _, r in parse_records(text, str(path))]
     else:
         records = list(csv.DictReader(text.splitlines()))
     return runs_from_records(records, str(path), n_convention)

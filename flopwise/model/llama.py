@@ -85,28 +85,17 @@ class Block(nn.Module):
         self.w_up = nn.Linear(c.d_model, c.d_ff, bias=False)
         self.w_down = nn.Linear(c.d_ff, c.d_model, bias=False)
 
-    def attention(self, x, cos, sin, cache=None, start: int = 0):
+    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        gqa = self.n_kv_heads != self.n_heads
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            k_cache, v_cache = cache
-            k_cache[:b, :, start:start + t] = k.to(k_cache.dtype)
-            v_cache[:b, :, start:start + t] = v.to(v_cache.dtype)
-            k_all, v_all = k_cache[:b, :, :start + t].to(q.dtype), v_cache[:b, :, :start + t].to(q.dtype)
-            mask = None
-            if t > 1:  # query i sees keys up to start + i
-                mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
-    def forward(self, x, cos, sin, cache=None, start: int = 0):
-        x = x + self.attention(self.attn_norm(x), cos, sin, cache, start)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attn_norm(x), cos, sin)
         h = self.mlp_norm(x)
         return x + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))
 
@@ -141,19 +130,19 @@ class Llama(nn.Module):
         """Unique parameters (a tied embedding counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache=None, start: int = 0,
-                loss_mask: torch.Tensor | None = None):
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V), or the mean cross-entropy (nats/token) over targets when given.
 
         ``loss_mask`` (B, T) of 0/1 restricts the loss to some positions (instruction tuning).
+        Decoding with a KV cache is the inference engine's (flopwise.infer.generate).
         """
         t = tokens.shape[1]
-        if start + t > self.config.seq_len:
-            raise FlopwiseError(f"sequence of {start + t} tokens exceeds the model's context {self.config.seq_len}")
-        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        if t > self.config.seq_len:
+            raise FlopwiseError(f"sequence of {t} tokens exceeds the model's context {self.config.seq_len}")
         x = self.embed(tokens)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if cache is None else cache[i], start)
+        for layer in self.layers:
+            x = layer(x, self.rope_cos[:t], self.rope_sin[:t])
         logits = self.head(self.norm(x))
         if targets is None:
             return logits
@@ -162,40 +151,3 @@ class Llama(nn.Module):
             return losses.mean()
         m = loss_mask.reshape(-1).to(losses.dtype)
         return (losses * m).sum() / m.sum().clamp_min(1.0)
-
-    def new_cache(self, batch: int, dtype=None, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """A preallocated KV cache for ``batch`` sequences of up to seq_len tokens."""
-        c = self.config
-        p = next(self.parameters())
-        shape = (batch, c.n_kv_heads, c.seq_len, c.head_dim)
-        return [(torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device),
-                 torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device)) for _ in range(c.n_layers)]
-
-    @torch.no_grad()
-    def generate(self, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 eos_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample continuations of ``tokens`` (B, T) with a KV cache; temperature 0 is greedy."""
-        max_new_tokens = min(max_new_tokens, self.config.seq_len - tokens.shape[1])
-        cache = self.new_cache(tokens.shape[0])
-        logits = self(tokens, cache=cache)[:, -1]
-        out, pos = tokens, tokens.shape[1]
-        done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        for i in range(max_new_tokens):
-            if temperature <= 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits.float() / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-            out = torch.cat([out, nxt], dim=1)
-            if eos_id is not None:
-                done |= nxt.squeeze(1) == eos_id
-                if bool(done.all()):
-                    break
-            if i == max_new_tokens - 1:
-                break
-            logits = self(nxt, cache=cache, start=pos)[:, -1]
-            pos += 1
-        return out

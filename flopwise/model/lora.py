@@ -14,8 +14,7 @@ import torch
 import torch.nn as nn
 
 from flopwise.errors import FlopwiseError
-
-TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # every projection; also the default
+from flopwise.laws.flops import BLOCK_PROJECTIONS as TARGETS  # every projection; also the default
 
 
 class LoRALinear(nn.Module):

@@ -17,8 +17,10 @@ import numpy as np
 from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text
 from flopwise.laws.flops import Shape, n_params_total, training_flops_per_token
+from flopwise.laws.hyper import default_lr_and_batch
 from flopwise.laws.law import Law, load_law
 from flopwise.laws.shape import suggest_shape
+from flopwise.train.schedule import wsd_cooldown_start
 
 SWEEP_VERSION = 1
 
@@ -104,8 +106,6 @@ def design_wsd_sweep(budgets, vocab_size: int, seq_len: int, n_sizes: int = 5, s
     the grid points inside its window. All runs use one batch, peak LR and warmup, so a branch
     continues its trunk exactly (batches are a function of the step).
     """
-    from flopwise.train.schedule import default_lr_and_batch, wsd_cooldown_start
-
     prior = load_law(prior) if isinstance(prior, str) else prior
     budgets = sorted(float(b) for b in budgets)
     n_min = n_params_total(smallest_shape(vocab_size, seq_len))
@@ -144,7 +144,7 @@ def design_wsd_sweep(budgets, vocab_size: int, seq_len: int, n_sizes: int = 5, s
                 name=f"c{b:.2e}-n{n:09d}".replace("+", ""), budget=b, shape=shape.to_dict(), n_params=n,
                 n_tokens=steps * tokens_per_step, phase=1, start_tokens=starts[b] * tokens_per_step,
                 options={**common, "schedule": "wsd", "cooldown_fraction": cooldown_fraction,
-                         "init_from": f"{trunk}/ckpt/step-{starts[b]}.pt"}))
+                         "branch_from": f"{trunk}/ckpt/step-{starts[b]}.pt"}))
     return runs
 
 

@@ -7,23 +7,27 @@ lock) is waited for, never trained twice.
 
 from __future__ import annotations
 
-import json
+import ctypes
 import os
+import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 
+import torch
+
+from flopwise.data.prepare import open_corpus
 from flopwise.errors import FlopwiseError
+from flopwise.model.llama import ModelConfig
+from flopwise.run import TrainConfig, latest_checkpoint, new_run, read_final, run_is_locked
 from flopwise.sweep.design import RunSpec, read_design
+from flopwise.train.trainer import train
 
 
 def _die_with_parent() -> None:
     """Linux: ask the kernel to kill this worker when the sweep process dies (e.g. kill -9)."""
     try:
-        import ctypes
-        import signal
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
@@ -31,22 +35,17 @@ def _die_with_parent() -> None:
 
 def _init_worker(threads: int) -> None:
     _die_with_parent()
-    import torch
-
     torch.set_num_threads(threads)
 
 
 def run_one(sweep_dir: str, spec: dict, corpus_path: str, train_options: dict) -> dict:
     """Create (if needed) and train one run of a sweep; returns its final.json."""
-    from flopwise.data.prepare import open_corpus
-    from flopwise.model.llama import ModelConfig
-    from flopwise.train.trainer import TrainConfig, new_run, train
-
     run_dir = Path(sweep_dir) / spec["name"]
     if not (run_dir / "config.json").exists():
         options = {**train_options, **spec.get("options", {})}
-        if options.get("init_from"):
-            options["init_from"] = str(Path(sweep_dir) / options["init_from"])
+        branch = options.pop("init_from", None) or options.get("branch_from")  # init_from: sweeps before 0.2
+        if branch:
+            options["branch_from"] = str(Path(sweep_dir) / branch)
         options["extra"] = {"budget": spec["budget"], **options.get("extra", {})}
         tc = TrainConfig(n_tokens=spec["n_tokens"], **options)
         try:
@@ -59,19 +58,17 @@ def run_one(sweep_dir: str, spec: dict, corpus_path: str, train_options: dict) -
 
 def status(sweep_dir: str | Path) -> list[dict]:
     """Each run's state: done (with its loss), running (locked by a live process), partial, or missing."""
-    from flopwise.train.trainer import run_is_locked
-
     runs, _ = read_design(sweep_dir)
     out = []
     for r in runs:
         d = Path(sweep_dir) / r.name
         row = {"name": r.name, "budget": r.budget, "n_params": r.n_params, "n_tokens": r.n_tokens}
-        if (d / "final.json").exists():
-            f = json.loads((d / "final.json").read_text())
+        f = read_final(d)
+        if f is not None:
             row.update(state="done", val_loss=f["val_loss"], wall_seconds=f["wall_seconds"])
         elif run_is_locked(d):
             row["state"] = "running"
-        elif (d / "ckpt" / "latest.pt").exists():
+        elif latest_checkpoint(d).exists():
             row["state"] = "partial"
         else:
             row["state"] = "missing"
@@ -107,8 +104,6 @@ def _run_batch(sweep_dir: Path, todo: list[RunSpec], meta: dict, workers: int, t
         return _run_ray(args, todo, ray_address, threads, progress, done_flops, total, n_done, n_specs)
     results = []
     if workers <= 1:
-        import torch
-
         torch.set_num_threads(threads)
         for spec, a in zip(todo, args, strict=True):
             results.append(_wait_if_locked(sweep_dir / spec.name, lambda a=a: run_one(*a)))
@@ -132,13 +127,9 @@ def _run_batch(sweep_dir: Path, todo: list[RunSpec], meta: dict, workers: int, t
 
 def _wait_if_locked(run_dir: Path, fn, poll_seconds: float = 1.0):
     """Wait while another live process trains this run (e.g. an orphan of a killed sweep)."""
-    from flopwise.train.trainer import run_is_locked
-
     while run_is_locked(run_dir):
         time.sleep(poll_seconds)
-    if (run_dir / "final.json").exists():
-        return json.loads((run_dir / "final.json").read_text())
-    return fn()
+    return read_final(run_dir) or fn()
 
 
 def _wait_if_locked_remote(sweep_dir: str, spec: dict, corpus_path: str, train_options: dict) -> dict:
@@ -147,7 +138,7 @@ def _wait_if_locked_remote(sweep_dir: str, spec: dict, corpus_path: str, train_o
 
 def _run_ray(args, todo: list[RunSpec], address: str, threads: int, progress, done_flops, total, n_done, n):
     try:
-        import ray
+        import ray  # optional: only sweeps on a Ray cluster need it
     except ImportError:
         raise FlopwiseError("--ray needs Ray: pip install 'flopwise[ray]'") from None
     if not ray.is_initialized():
@@ -167,7 +158,5 @@ def _run_ray(args, todo: list[RunSpec], address: str, threads: int, progress, do
 
 
 def _ray_task(threads: int, sweep_dir: str, spec: dict, corpus_path: str, train_options: dict) -> dict:
-    import torch
-
     torch.set_num_threads(threads)
     return _wait_if_locked_remote(sweep_dir, spec, corpus_path, train_options)

@@ -8,9 +8,46 @@ from __future__ import annotations
 import json
 import platform
 import time
+from pathlib import Path
 
+import torch
+
+from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text
+from flopwise.laws.flops import training_flops_per_token
 from flopwise.laws.hardware import probe_cache_path
+from flopwise.model.llama import Llama, ModelConfig
+
+
+def pick_device(name: str) -> torch.device:
+    """auto: CUDA when this machine has it, else the CPU; a CUDA device asked for where there is none is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FlopwiseError(f"unknown device {name!r}: use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FlopwiseError("--device cuda, but this machine has no usable CUDA GPU: use --device cpu (or auto)")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    if name not in ("bf16", "fp32"):
+        raise FlopwiseError(f"--precision must be auto, bf16 or fp32, got {name!r}")
+    return name
 
 
 def _best_seconds(fn, sync, repeats: int) -> float:
@@ -37,8 +74,6 @@ def _cpu_name() -> str:
 
 def probe(device: str | None = None, size: int | None = None, repeats: int = 5) -> dict:
     """Peak matmul FLOP/s (fp32, bf16) and copy bandwidth of ``device`` (default: cuda if present, else cpu)."""
-    import torch
-
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     n = size or (8192 if dev.type == "cuda" else 2048)
@@ -72,15 +107,18 @@ def load_probe() -> dict | None:
         return None
 
 
+def measured_peak(device: torch.device, precision: str) -> float:
+    """This device's matmul peak from ``flopwise hw probe``, measured now (quickly) if never measured."""
+    p = load_probe()
+    if not p or p.get("device_type") != device.type:
+        p = probe(str(device), size=1024 if device.type == "cpu" else 4096, repeats=3)
+        save_probe(p)
+    return float(p["bf16_flops" if precision == "bf16" else "fp32_flops"])
+
+
 def training_rate(shape_dict: dict, threads: int | None = None, micro_batch: int = 16, steps: int = 3,
                   precision: str = "auto") -> float:
     """Measured training FLOP/s (exact count) of a model of this shape on this CPU: a few real steps."""
-    import torch
-
-    from flopwise.laws.flops import training_flops_per_token
-    from flopwise.model.llama import Llama, ModelConfig
-    from flopwise.train.trainer import pick_precision
-
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
