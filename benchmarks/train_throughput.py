@@ -23,10 +23,10 @@ import torch
 from flopwise.data.prepare import prepare
 from flopwise.laws.flops import n_params_total, training_flops_per_token
 from flopwise.model.llama import Llama, ModelConfig
+from flopwise.run import TrainConfig, new_run, resolve
 from flopwise.train.batches import Batches
 from flopwise.train.probe import probe
 from flopwise.train.schedule import lr_at
-from flopwise.run import TrainConfig, new_run, resolve
 from flopwise.train.trainer import train
 
 CONFIGS = {
@@ -42,24 +42,24 @@ def baseline(mc: ModelConfig, tc: TrainConfig, corpus, r: dict) -> tuple[float, 
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=r["lr"], betas=(tc.beta1, tc.beta2))
-    batches = Batches(corpus.tokens("train"), mc.seq_len, r["global_batch"], tc.seed)
+                             {"params": rest, "weight_decay": 0.0}], lr=r.lr, betas=(tc.beta1, tc.beta2))
+    batches = Batches(corpus.tokens("train"), mc.seq_len, r.global_batch, tc.seed)
     t0, loss_sum = None, 0.0
-    for step in range(r["steps"]):
+    for step in range(r.steps):
         if step == 1:
             t0 = time.perf_counter()  # the first step warms up allocators, like the trainer's
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, r["steps"], r["lr"], r["warmup_steps"], tc.min_lr_ratio)
+            g["lr"] = lr_at(step, r.steps, r.lr, r.warmup_steps, tc.min_lr_ratio)
         loss_sum = 0.0
-        for micro in range(r["grad_accum"]):
-            x, y = batches.get(step, micro * r["micro_batch"], (micro + 1) * r["micro_batch"])
-            loss = model(x, y) / r["grad_accum"]
+        for micro in range(r.grad_accum):
+            x, y = batches.get(step, micro * r.micro_batch, (micro + 1) * r.micro_batch)
+            loss = model(x, y) / r.grad_accum
             loss.backward()
             loss_sum += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    tok_s = (r["steps"] - 1) * r["tokens_per_step"] / (time.perf_counter() - t0)
+    tok_s = (r.steps - 1) * r.tokens_per_step / (time.perf_counter() - t0)
     return tok_s, loss_sum
 
 
@@ -96,7 +96,7 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         base_tok_s, base_loss = baseline(mc, tc, corpus, r)
         print(f"\n{name}: {n_params_total(mc):,} params, {mc.n_layers} layers x d_model {mc.d_model}, "
-              f"ctx {mc.seq_len}, batch {r['global_batch']} x {mc.seq_len} tokens, {r['steps']} steps")
+              f"ctx {mc.seq_len}, batch {r.global_batch} x {mc.seq_len} tokens, {r.steps} steps")
         fw_label = "flopwise (bf16 autocast, fused AdamW" + (", compiled)" if args.compile else ")")
         for label, tok_s, loss in ((fw_label, fw_tok_s, fw_loss),
                                    ("baseline (fp32 eager)", base_tok_s, base_loss)):

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from flopwise.data.instructions import render_prompt
+from flopwise.data.prepare import bundled_corpus, split_documents
 
 TASKS = ("words", "continue", "about")
 _SENTENCE = re.compile(r"(?<=[.!?])[\"']?\s+(?=[A-Z\"'])")
@@ -144,8 +145,6 @@ def derive_instructions(stories: list[str], seed: int, count: Callable[[str], in
 
 def bundled_instructions(sp, seq_len: int, seed: int = 0, max_heldout: int = 300) -> tuple[list[dict], list[dict]]:
     """(train, held-out) records from the bundled sample, sized to ``seq_len`` with tokenizer ``sp``."""
-    from flopwise.data.prepare import bundled_corpus, split_documents
-
     def count(text: str) -> int:
         return len(sp.encode(text))
 

@@ -11,21 +11,19 @@ import io
 import os
 from pathlib import Path
 
+import sentencepiece as spm
+
 from flopwise.errors import FlopwiseError
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
 def load_tokenizer(path: str | Path):
-    import sentencepiece as spm
-
     return spm.SentencePieceProcessor(model_file=str(path))
 
 
 def train_tokenizer(docs: list[str], vocab_size: int, out_path: Path, seed: int = 0) -> None:
     """SentencePiece BPE with byte fallback and Llama-2 special ids, trained on ``docs``."""
-    import sentencepiece as spm
-
     model = io.BytesIO()
     lines = (line for d in docs for line in d.split("\n") if line.strip())
     try:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import math
+import resource
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -243,8 +245,6 @@ class Engine:
 
     def bench(self, prompt_tokens: int = 32, new_tokens: int = 128, batch: int = 1) -> dict:
         """Prompt and decode tokens/s (greedy, no early stop) and peak resident memory."""
-        import resource
-
         prompt = [[BOS_ID] + [3 + (i * 7) % (self.config.vocab_size - 3) for i in range(prompt_tokens - 1)]] * batch
         new_tokens = min(new_tokens, self.config.seq_len - prompt_tokens)
         s = Sampling(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
@@ -313,10 +313,9 @@ def prepare_model(model: nn.Module, dtype: str) -> nn.Module:
     if dtype == "bf16":
         return model.to(torch.bfloat16)
     if dtype == "int8":
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # imported under the filter: torch.ao.quantization warns of its deprecation on import
             from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
             return quantize_dynamic(model.float(), {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=False)

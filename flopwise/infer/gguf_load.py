@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import numpy as np
+import sentencepiece as spm
 import torch
+from sentencepiece import sentencepiece_model_pb2 as pb
 
 from flopwise.errors import FlopwiseError
 from flopwise.infer.export import GGUF_LAYER_NAMES
@@ -31,9 +34,6 @@ def _field(reader, key: str, default=None):
 
 
 def _tokenizer(reader):
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
     if _field(reader, "tokenizer.ggml.model") != "llama":
         raise FlopwiseError("this GGUF's tokenizer is not a SentencePiece ('llama') vocabulary: flopwise reads only "
                             "its own kind")
@@ -65,7 +65,6 @@ def _tokenizer(reader):
 
 def load_gguf(path: str | Path) -> tuple[Llama, object]:
     """(model, SentencePiece tokenizer) of a llama-architecture GGUF file."""
-    import gguf
 
     path = Path(path)
     try:

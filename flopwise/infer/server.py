@@ -15,6 +15,7 @@ import time
 import uuid
 from typing import Literal, Optional, Union
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -270,6 +271,4 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 32) -> FastAPI:
 
 def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 32,
           log_level: str = "info") -> None:
-    import uvicorn
-
     uvicorn.run(create_app(engine, model_name, max_queue), host=host, port=port, log_level=log_level)

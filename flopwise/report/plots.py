@@ -6,6 +6,7 @@ Each function takes the runs and the dict from ``flopwise.laws.fit.fit_runs`` an
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from flopwise.laws.runs import Runs
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # loaded when a plot is made: it is slow to import and needs the Agg backend set first
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -169,8 +170,6 @@ def plot_fit(runs: Runs, result: dict, out: str | Path) -> list[str]:
 
 def plot_loss_curves(sweep_dir: str | Path, extra_runs: list[Path], out: str | Path) -> list[str]:
     """Training loss against FLOPs for every sweep run (coloured by budget) and the final run(s)."""
-    import json
-
     plt = _plt()
     sweep_dir = Path(sweep_dir)
     curves = []
