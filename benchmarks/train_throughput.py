@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
+from flopwise.config import TrainConfig, resolve
 from flopwise.data.prepare import prepare
 from flopwise.laws.flops import n_params_total, training_flops_per_token
 from flopwise.model.llama import Llama, ModelConfig
-from flopwise.run import TrainConfig, new_run, resolve
+from flopwise.run import new_run
 from flopwise.train.batches import Batches
 from flopwise.train.probe import probe
 from flopwise.train.schedule import lr_at

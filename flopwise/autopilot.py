@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from flopwise import __version__
+from flopwise.config import TrainConfig
 from flopwise.data.prepare import resolve_corpus
 from flopwise.data.tokenizer import EOS_ID, load_tokenizer
 from flopwise.errors import FlopwiseError
@@ -32,9 +33,10 @@ from flopwise.laws.plan import make_plan
 from flopwise.laws.runs import load_runs
 from flopwise.laws.shape import suggest_shape
 from flopwise.model.llama import ModelConfig
+from flopwise.progress import Bar
 from flopwise.report.plots import plot_fit, plot_loss_curves
 from flopwise.report.report import write_report
-from flopwise.run import TrainConfig, load_model, new_run
+from flopwise.run import load_model, new_run
 from flopwise.sweep.design import budgets_for, design_sweep, eta_seconds, read_design, total_flops, write_design
 from flopwise.sweep.runner import run_sweep
 from flopwise.train.probe import training_rate
@@ -69,11 +71,10 @@ def sweep_train_options(cfg: AutopilotConfig) -> dict:
 
 
 def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | None = None, log=print,
-              progress_factory=None) -> dict:
+              progress: bool = False) -> dict:
     """Run the whole job into ``out``; returns summary.json's content.
 
-    ``progress_factory(description, total)`` makes progress bars (None: no bars, and the final
-    training runs quietly too).
+    ``progress``: show progress bars (without them the final training runs quietly too).
     """
     cfg = cfg or AutopilotConfig()
     out = Path(out)
@@ -115,15 +116,15 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     log(f"ETA: sweep ~{eta_sweep / 60:.1f} min, final model ~{remaining / rate_final / 60:.1f} min "
         f"(measured on this machine)")
 
-    with _bar(progress_factory, "sweep", sweep_flops) as tick:
-        run_sweep(sweep_dir, workers, threads, progress=lambda done, total, k, n: tick(done, f"{k}/{n} runs"))
+    with Bar("sweep", sweep_flops, quiet=not progress) as bar:
+        run_sweep(sweep_dir, workers, threads, progress=lambda done, total, k, n: bar.update(done, f"{k}/{n} runs"))
     t_sweep = time.time() - t_start
 
     # 3. fit (Approach 2 and 3, bootstrap, extrapolation check)
     runs = load_runs(sweep_dir)
-    with _bar(progress_factory, "fit (bootstrap)", cfg.bootstrap) as tick:
+    with Bar("fit (bootstrap)", cfg.bootstrap, quiet=not progress) as bar:
         fit = fit_runs(runs, approach="all", n_boot=cfg.bootstrap, holdout_largest=1 if len(budgets) >= 3 else 0,
-                       budgets=[remaining], seed=cfg.seed, progress=lambda stage, done, total: tick(done, stage))
+                       budgets=[remaining], seed=cfg.seed, progress=lambda stage, done, total: bar.update(done, stage))
     fit_dir = out / "fit"
     save_fit(fit, str(sweep_dir), fit_dir)
     plots = plot_fit(runs, fit, fit_dir)
@@ -138,7 +139,7 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
 
     # 5. train the final model
     final_dir = out / "final"
-    quiet = progress_factory is None
+    quiet = not progress
     final = _train_final(final_dir, final_spec, corpus, cfg, log, quiet=quiet)
     bigger = None
     if cfg.compare:
@@ -275,20 +276,3 @@ def _samples(run_dir: Path, seed: int, n_tokens: int = 100) -> list[dict]:
         text = sp.decode(ids[1:] + new[:new.index(EOS_ID)] if EOS_ID in new else ids[1:] + new)
         out.append({"prompt": prompt, "text": text, "temperature": 0.8, "top_k": 40, "seed": seed + i})
     return out
-
-
-class _bar:
-    """Progress through ``progress_factory(description, total)`` -> update(done, info) or nothing."""
-
-    def __init__(self, factory, description: str, total: float):
-        self.factory, self.description, self.total, self.handle = factory, description, total, None
-
-    def __enter__(self):
-        if self.factory:
-            self.handle = self.factory(self.description, self.total)
-        return (lambda done, info="": self.handle.update(done, info)) if self.handle else (lambda *a: None)
-
-    def __exit__(self, *exc):
-        if self.handle:
-            self.handle.close()
-        return False

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from flopwise.config import TrainConfig
 from flopwise.errors import FlopwiseError
 from flopwise.infer.export import export_gguf, export_hf, permute_for_llama_cpp
 from flopwise.model.llama import Llama, ModelConfig
-from flopwise.run import TrainConfig, load_model, new_run
+from flopwise.run import load_model, new_run
 
 transformers = pytest.importorskip("transformers")
 
@@ -76,7 +77,7 @@ def test_hf_tokenizer_and_chat_template_match_flopwise(bundled, tmp_path):
     assert not bad, f"{len(bad)} strings tokenize differently, e.g. {bad[:3]!r}"
     ids = [1] + sp.encode("héllo  wörld 🙂")
     assert tok.decode(ids, skip_special_tokens=True) == sp.decode(ids[1:])
-    from flopwise.infer.server import chat_prompt_ids
+    from flopwise.data.instructions import chat_prompt_ids
 
     msgs = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once, a cat."},
             {"role": "user", "content": "Another one."}]

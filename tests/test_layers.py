@@ -13,11 +13,11 @@ ROOT = Path(__file__).resolve().parents[1] / "flopwise"
 
 # lowest first; a module may import its own layer and those before it
 LAYERS = [
-    ("base", ("flopwise", "flopwise.errors", "flopwise.fsutil")),
+    ("base", ("flopwise", "flopwise.errors", "flopwise.fsutil", "flopwise.progress")),
     ("laws", ("flopwise.laws",)),
     ("data", ("flopwise.data",)),
     ("model", ("flopwise.model",)),
-    ("run", ("flopwise.run",)),
+    ("run", ("flopwise.config", "flopwise.run")),
     ("infer", ("flopwise.infer",)),
     ("train", ("flopwise.train",)),
     ("sweep", ("flopwise.sweep",)),

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from flopwise.config import TrainConfig
 from flopwise.errors import FlopwiseError
 from flopwise.infer.generate import Engine, Sampling
 from flopwise.laws.flops import training_flops_per_token
 from flopwise.model.llama import Llama, ModelConfig
-from flopwise.run import TrainConfig, load_model, new_run, read_run_config
+from flopwise.run import load_model, new_run, read_run_config
 from flopwise.train.trainer import KILL_AT_STEP_ENV, train
 
 VENV_BIN = Path(sys.executable).parent

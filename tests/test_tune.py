@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from flopwise.config import TrainConfig, TuneOptions
 from flopwise.data.derive import content_words, derive_instructions, split_sentences
 from flopwise.data.instructions import (
     PREAMBLE,
@@ -23,10 +24,9 @@ from flopwise.data.tokenizer import BOS_ID, EOS_ID
 from flopwise.errors import FlopwiseError
 from flopwise.model.llama import Llama, ModelConfig
 from flopwise.model.lora import apply_lora, merge_lora
-from flopwise.run import TrainConfig, load_model, new_run
+from flopwise.run import load_model, new_run
 from flopwise.train.trainer import KILL_AT_STEP_ENV, train
 from flopwise.train.tune import continuation_ok, new_tune_run
-from flopwise.train.tune_options import TuneOptions
 
 OPTS = TuneOptions(max_steps=40, batch_size=8, micro_batch=4)
 

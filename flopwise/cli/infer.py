@@ -10,8 +10,8 @@ from typing import Optional
 import typer
 
 from flopwise.cli.app import app, console
-from flopwise.data.instructions import STOP_STRINGS, render_prompt, render_turn
-from flopwise.data.tokenizer import BOS_ID, EOS_ID, load_tokenizer
+from flopwise.data.instructions import STOP_STRINGS, chat_prompt_ids, render_prompt
+from flopwise.data.tokenizer import load_tokenizer
 from flopwise.errors import FlopwiseError
 
 
@@ -97,11 +97,10 @@ def chat(
     history: list[tuple[str, str]] = []  # (user, reply) of earlier turns
 
     def encode(turns: list[tuple[str, str]], user: str) -> list[int]:
-        ids = [BOS_ID]
-        for j, (u, r) in enumerate(turns):
-            ids += eng.sp.encode(render_prompt(u, system=system) if j == 0 else render_turn(u))
-            ids += eng.sp.encode(r) + [EOS_ID]
-        return ids + eng.sp.encode(render_prompt(user, system=system) if not turns else render_turn(user))
+        msgs = [{"role": "system", "content": system}] if system is not None else []
+        for u, r in turns:
+            msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": r}]
+        return chat_prompt_ids(eng.sp, msgs + [{"role": "user", "content": user}])
 
     while True:
         try:

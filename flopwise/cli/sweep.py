@@ -13,6 +13,7 @@ from flopwise.cli.app import app, console, fmt_count
 from flopwise.data.prepare import resolve_corpus
 from flopwise.errors import FlopwiseError
 from flopwise.laws.plan import budget_flops
+from flopwise.progress import Bar
 from flopwise.sweep.design import (
     design_sweep,
     design_wsd_sweep,
@@ -25,28 +26,6 @@ from flopwise.sweep.design import (
 
 sweep_app = typer.Typer(no_args_is_help=True, help="IsoFLOP sweeps: design, run, status.")
 app.add_typer(sweep_app, name="sweep")
-
-
-class _Bar:
-    """A rich progress bar for the library's progress callbacks."""
-
-    def __init__(self, description: str, total: float, quiet: bool = False):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.progress = None if quiet else Progress(
-            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
-        if self.progress:
-            self.task = self.progress.add_task(description, total=total, info="")
-            self.progress.start()
-
-    def update(self, done: float, info: str = "") -> None:
-        if self.progress:
-            self.progress.update(self.task, completed=done, info=info)
-
-    def close(self) -> None:
-        if self.progress:
-            self.progress.stop()
 
 
 def _budgets(budgets: Optional[str], min_flops: Optional[float], max_flops: Optional[float], n_budgets: int):
@@ -124,11 +103,8 @@ def sweep_run(
         return
     if not (sweep_dir / "sweep.json").exists():
         write_design(sweep_dir, specs, meta)
-    bar = _Bar("sweep", total_flops(specs), quiet)
-    try:
+    with Bar("sweep", total_flops(specs), quiet=quiet, console=console) as bar:
         run_sweep(sweep_dir, workers, threads, ray, progress=lambda d, tot, k, n: bar.update(d, f"{k}/{n} runs"))
-    finally:
-        bar.close()
     sweep_status(out)
 
 
@@ -182,7 +158,7 @@ def autopilot(
         console.print(f"[bold]flopwise autopilot[/bold]: budget {flops:.3g} FLOPs, {sweep_fraction:.0%} for the "
                       f"sweep, output {out}/")
     s = run_autopilot(out, data, cfg, log=(lambda m: None) if quiet else console.print,
-                      progress_factory=None if quiet else (lambda d, t: _Bar(d, t)))
+                      progress=not quiet)
     lo, hi = s["predicted_loss_interval"]
     console.print(f"\n[bold]report:[/bold] {Path(out) / 'report.html'} (and report.md, summary.json)")
     console.print(f"  optimal for {s['final_flops']:.3g} FLOPs: N = {fmt_count(s['n_params_opt'])} params, "

@@ -10,6 +10,7 @@ import numpy as np
 import typer
 
 from flopwise.cli.app import app, console
+from flopwise.config import TrainConfig
 from flopwise.data.prepare import open_corpus, resolve_corpus
 from flopwise.data.prepare import prepare as prepare_corpus
 from flopwise.data.tokenizer import load_tokenizer, token_byte_lengths
@@ -88,6 +89,9 @@ def _read_plan(path: str) -> dict:
     return doc
 
 
+T = TrainConfig(n_tokens=0)  # the defaults shown and used
+
+
 @app.command()
 def train(
     run: Optional[str] = typer.Argument(None, metavar="[RUN_DIR]", help="Resume this run directory."),
@@ -102,56 +106,48 @@ def train(
     vocab_size: int = typer.Option(4096, help="Vocabulary when --data needs preparing."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: by compute, DeepSeek LLM rule)."),
     batch_tokens: Optional[int] = typer.Option(None, help="Global batch in tokens (default: by compute)."),
-    micro_batch: int = typer.Option(16, help="Sequences per forward pass; accumulation covers the rest."),
-    schedule: str = typer.Option("cosine", help="cosine or wsd."),
-    cooldown_fraction: float = typer.Option(0.2, help="WSD: fraction of steps in the cooldown."),
-    cooldown_shape: str = typer.Option("linear", help="WSD cooldown: linear or 1-sqrt."),
-    precision: str = typer.Option("auto", help="auto, bf16 or fp32."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    ckpt_every: int = typer.Option(0, help="Checkpoint every K steps (0: about 20 per run)."),
-    eval_every: int = typer.Option(0, help="Evaluate every K steps (0: about 10 per run)."),
-    seed: int = typer.Option(0, help="Seed for init and data order."),
+    micro_batch: int = typer.Option(T.micro_batch, help="Sequences per forward pass; accumulation covers the rest."),
+    schedule: str = typer.Option(T.schedule, help="cosine or wsd."),
+    cooldown_fraction: float = typer.Option(T.cooldown_fraction, help="WSD: fraction of steps in the cooldown."),
+    cooldown_shape: str = typer.Option(T.cooldown_shape, help="WSD cooldown: linear or 1-sqrt."),
+    precision: str = typer.Option(T.precision, help="auto, bf16 or fp32."),
+    compile_model: bool = typer.Option(T.compile, "--compile", help="torch.compile the model."),
+    device: str = typer.Option(T.device, help="auto, cpu or cuda."),
+    ckpt_every: int = typer.Option(T.ckpt_every, help="Checkpoint every K steps (0: about 20 per run)."),
+    eval_every: int = typer.Option(T.eval_every, help="Evaluate every K steps (0: about 10 per run)."),
+    seed: int = typer.Option(T.seed, help="Seed for init and data order."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
     as_json: bool = typer.Option(False, "--json", help="Print final.json."),
 ) -> None:
     """Train a model with its schedule matched to its token budget; 'flopwise train RUN_DIR' resumes."""
     # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
-    from flopwise.run import TrainConfig, new_run
+    from flopwise.run import new_run
     from flopwise.train import distributed as dist
     from flopwise.train.trainer import train as run_training
 
     rank, _ = dist.setup()
-    if run is not None and out is None and (Path(run) / "config.json").exists():
-        run_dir = Path(run)
-    else:
-        if run is not None and out is None:
-            out = run
-        if out is None:
-            raise FlopwiseError("no run directory: give --out RUN_DIR for a new run, or RUN_DIR to resume one")
-        run_dir = Path(out)
-        if rank == 0 and not (run_dir / "config.json").exists():
-            corpus = resolve_corpus(data, vocab_size, log=lambda m: console.print(f"[yellow]{m}[/yellow]"))
-            plan_doc = _read_plan(plan_file) if plan_file else None
-            mc = _model_config(config, n_params, plan_doc, corpus.vocab_size, seq_len)
-            budgets = [x for x in (tokens, flops, plan_doc) if x is not None]
-            if len(budgets) != 1:
-                raise FlopwiseError("give the training budget once: --tokens, --flops or --plan")
-            if flops is not None:
-                n_tokens = flops / training_flops_per_token(mc)
-            else:
-                n_tokens = tokens if tokens is not None else plan_doc["n_tokens"]
-            if not (n_tokens == n_tokens and 0 < n_tokens < 1e15):
-                raise FlopwiseError(f"the token budget must be a positive number, got {n_tokens}")
-            tc = TrainConfig(n_tokens=int(n_tokens), lr=lr, batch_tokens=batch_tokens, micro_batch=micro_batch,
-                             schedule=schedule, cooldown_fraction=cooldown_fraction, cooldown_shape=cooldown_shape,
-                             precision=precision, compile=compile_model, device=device, ckpt_every=ckpt_every,
-                             eval_every=eval_every, seed=seed)
-            new_run(run_dir, mc, tc, corpus)
-        elif (run_dir / "config.json").exists() and rank == 0 and any(
-                x is not None for x in (n_params, config, tokens, flops, plan_file)):
+    if out is None and run is None:
+        raise FlopwiseError("no run directory: give --out RUN_DIR for a new run, or RUN_DIR to resume one")
+    run_dir = Path(out or run)
+    if (run_dir / "config.json").exists():
+        if any(x is not None for x in (n_params, config, tokens, flops, plan_file)):
             raise FlopwiseError(f"{run_dir} already holds a run: resume it with 'flopwise train {run_dir}' "
                                 "(without model or budget options) or choose another --out")
+    elif rank == 0:
+        corpus = resolve_corpus(data, vocab_size, log=lambda m: console.print(f"[yellow]{m}[/yellow]"))
+        plan_doc = _read_plan(plan_file) if plan_file else None
+        mc = _model_config(config, n_params, plan_doc, corpus.vocab_size, seq_len)
+        if len([x for x in (tokens, flops, plan_doc) if x is not None]) != 1:
+            raise FlopwiseError("give the training budget once: --tokens, --flops or --plan")
+        n_tokens = (flops / training_flops_per_token(mc) if flops is not None else
+                    tokens if tokens is not None else plan_doc["n_tokens"])
+        if not (n_tokens == n_tokens and 0 < n_tokens < 1e15):
+            raise FlopwiseError(f"the token budget must be a positive number, got {n_tokens}")
+        tc = TrainConfig(n_tokens=int(n_tokens), lr=lr, batch_tokens=batch_tokens, micro_batch=micro_batch,
+                         schedule=schedule, cooldown_fraction=cooldown_fraction, cooldown_shape=cooldown_shape,
+                         precision=precision, compile=compile_model, device=device, ckpt_every=ckpt_every,
+                         eval_every=eval_every, seed=seed)
+        new_run(run_dir, mc, tc, corpus)
     dist.barrier()
     final = run_training(run_dir, quiet=quiet or as_json, log=console.print)
     if as_json:

@@ -9,9 +9,9 @@ from typing import Optional
 import typer
 
 from flopwise.cli.app import app, console
+from flopwise.config import TuneOptions
 from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text
-from flopwise.train.tune_options import TuneOptions
 
 D = TuneOptions()  # the defaults shown and used
 

@@ -78,7 +78,9 @@ def record_to_example(rec, where: str) -> Example:
     return Example([(render_prompt(instruction, _text_field(rec, "input", where, False)), output)], meta)
 
 
-def _chat_example(messages, where: str) -> Example:
+def chat_turns(messages, where: str) -> tuple[list[tuple[str, str]], str | None, str | None]:
+    """A chat's (prompt, reply) turns in the Alpaca template, the prompt of a trailing user message (None when
+    the chat ends with a reply), and the system text; errors name the message."""
     if not isinstance(messages, list) or not messages:
         raise FlopwiseError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
     system, turns, pending = None, [], None
@@ -96,15 +98,33 @@ def _chat_example(messages, where: str) -> Example:
         elif role == "assistant":
             if pending is None:
                 raise FlopwiseError(f"{here}: an assistant message without a user message before it")
-            if not m["content"].strip():
-                raise FlopwiseError(f"{here} has empty 'content'")
-            prompt = render_prompt(pending, system=system) if not turns else render_turn(pending)
-            turns.append((prompt, m["content"]))
+            turns.append((render_prompt(pending, system=system) if not turns else render_turn(pending), m["content"]))
             pending = None
         else:
             raise FlopwiseError(f"{here}: role {role!r} is not user, assistant or (first) system")
+    trailing = None if pending is None else render_prompt(pending, system=system) if not turns else render_turn(pending)
+    return turns, trailing, system
+
+
+def chat_prompt_ids(sp, messages: list[dict]) -> list[int]:
+    """The ids a tuned model continues for a chat ending in a user message, encoded as flopwise tunes:
+    [bos], each earlier turn's prompt and reply (ending in eos), then the last prompt."""
+    turns, trailing, _ = chat_turns(messages, "chat")
+    if trailing is None:
+        raise FlopwiseError("the last message must be the user's")
+    ids = [BOS_ID]
+    for prompt, reply in turns:
+        ids += sp.encode(prompt) + sp.encode(reply) + [EOS_ID]
+    return ids + sp.encode(trailing)
+
+
+def _chat_example(messages, where: str) -> Example:
+    turns, _, system = chat_turns(messages, where)
     if not turns:
         raise FlopwiseError(f"{where} has no assistant message to learn from")
+    empty = [k for k, (_, reply) in enumerate(turns) if not reply.strip()]
+    if empty:
+        raise FlopwiseError(f"{where}: reply {empty[0]} has empty 'content'")
     return Example(turns, {k: v for k, v in {"system": system}.items() if v})
 
 

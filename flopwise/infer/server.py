@@ -21,8 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from flopwise.data.instructions import STOP_STRINGS, render_prompt, render_turn
-from flopwise.data.tokenizer import BOS_ID, EOS_ID
+from flopwise.data.instructions import STOP_STRINGS, chat_prompt_ids
 from flopwise.errors import FlopwiseError
 from flopwise.infer.generate import Engine, Sampling
 
@@ -55,28 +54,6 @@ class Message(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
-
-
-def chat_prompt_ids(sp, messages: list[dict]) -> list[int]:
-    """Alpaca rendering of a chat, as flopwise tunes: earlier assistant turns end with eos."""
-    system = messages[0]["content"] if messages[0]["role"] == "system" else None
-    ids, first, pending = [BOS_ID], True, None
-    for m in messages[1 if system is not None else 0:]:
-        if m["role"] == "user":
-            if pending is not None:
-                raise FlopwiseError("two user messages in a row: an assistant message must come between")
-            pending = m["content"]
-        elif m["role"] == "assistant":
-            if pending is None:
-                raise FlopwiseError("an assistant message must follow a user message")
-            ids += sp.encode(render_prompt(pending, system=system) if first else render_turn(pending))
-            ids += sp.encode(m["content"]) + [EOS_ID]
-            first, pending = False, None
-        else:
-            raise FlopwiseError("a system message may only come first")
-    if pending is None:
-        raise FlopwiseError("the last message must be the user's")
-    return ids + sp.encode(render_prompt(pending, system=system) if first else render_turn(pending))
 
 
 class _Busy(Exception):

@@ -86,12 +86,7 @@ class ParametricLaw:
         return self.G * c6**self.a
 
     def to_dict(self) -> dict:
-        d = {"form": self.form, "E": self.E, "A": self.A, "B": self.B, "alpha": self.alpha,
-             "beta": self.beta, "n_convention": self.n_convention, "name": self.name}
-        if self.citation:
-            d["citation"] = self.citation
-        d.update(self.extra)
-        return d
+        return _law_dict(self, _PARAMETRIC_KEYS)
 
 
 @dataclass(frozen=True)
@@ -131,12 +126,7 @@ class PowerLaw:
         )
 
     def to_dict(self) -> dict:
-        d = {"form": self.form, "a": self.a, "n_ref": self.n_ref, "flops_ref": self.flops_ref,
-             "n_convention": self.n_convention, "name": self.name}
-        if self.citation:
-            d["citation"] = self.citation
-        d.update(self.extra)
-        return d
+        return _law_dict(self, _POWER_KEYS)
 
 
 Law = ParametricLaw | PowerLaw
@@ -178,6 +168,12 @@ REGISTRY: dict[str, Law] = {
 
 _PARAMETRIC_KEYS = ("E", "A", "B", "alpha", "beta")
 _POWER_KEYS = ("a", "n_ref", "flops_ref")
+
+
+def _law_dict(law: Law, keys: tuple[str, ...]) -> dict:
+    """DESIGN's JSON form of a law: its form, constants, convention and name, then citation and extras."""
+    d = {"form": law.form, **{k: getattr(law, k) for k in keys}, "n_convention": law.n_convention, "name": law.name}
+    return {**d, **({"citation": law.citation} if law.citation else {}), **law.extra}
 
 
 def law_from_dict(d: dict, source: str = "law") -> Law:

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from flopwise.config import TrainConfig
 from flopwise.data.prepare import open_corpus
 from flopwise.errors import FlopwiseError
 from flopwise.model.llama import ModelConfig
-from flopwise.run import TrainConfig, latest_checkpoint, new_run, read_final, run_is_locked
+from flopwise.run import latest_checkpoint, new_run, read_final, run_is_locked
 from flopwise.sweep.design import RunSpec, read_design
 from flopwise.train.trainer import train
 

@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flopwise.config import TrainConfig
 from flopwise.data.prepare import open_corpus
 from flopwise.data.tokenizer import load_tokenizer, token_byte_lengths
 from flopwise.errors import FlopwiseError
 from flopwise.model.llama import ModelConfig
-from flopwise.run import INSTRUCTIONS_FILE, TrainConfig, is_tuning
+from flopwise.run import INSTRUCTIONS_FILE, is_tuning
 
 
 class Shuffle:

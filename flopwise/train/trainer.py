@@ -21,21 +21,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flopwise.config import Resolved, TrainConfig, resolve
 from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text
 from flopwise.laws.flops import flops_6nd, n_params_non_embedding, n_params_total
 from flopwise.model.llama import Llama
 from flopwise.model.lora import apply_lora
+from flopwise.progress import Bar
 from flopwise.run import (
-    Resolved,
-    TrainConfig,
     latest_checkpoint,
     load_checkpoint,
     load_model,
     read_final,
     read_metrics,
     read_run_config,
-    resolve,
     run_lock,
     save_checkpoint,
     write_final,
@@ -143,7 +142,7 @@ class _Run:
         # a run resumed from its final checkpoint (killed before final.json) trains no step: keep its last loss
         train_loss = json.loads(kept[-1])["loss"] if kept else float("nan")
         kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
-        progress = _Progress(self.quiet, self.r.steps, s.step)
+        progress = Bar("train", self.r.steps, s.step, quiet=self.quiet)
         t_start = time.perf_counter()
         t_log, tokens_log = t_start, 0
         final_eval = None
@@ -172,7 +171,9 @@ class _Run:
                         rec["val_loss"] = val_loss
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
-                    progress.update(step + 1, train_loss, tok_s, rec["mfu"], val_loss)
+                    progress.update(step + 1, f"step {step + 1}/{self.r.steps}  loss {train_loss:.3f}"
+                                    + (f" val {val_loss:.3f}" if val_loss is not None else "")
+                                    + f"  {tok_s:,.0f} tok/s  MFU {rec['mfu']:.0%}")
                 self._checkpoint(s, step + 1, last, time.perf_counter() - t_start)
                 if step + 1 == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -291,27 +292,3 @@ def fmt_seconds(s: float) -> str:
     if s < 5400:
         return f"{s / 60:.1f} min"
     return f"{s / 3600:.1f} h"
-
-
-class _Progress:
-    """A rich progress bar with tokens/s, ETA, loss and MFU (nothing when quiet)."""
-
-    def __init__(self, quiet: bool, total: int, done: int):
-        self.bar = None
-        if quiet:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            TextColumn("{task.fields[info]}"), transient=False)
-        self.task = self.bar.add_task("train", total=total, completed=done, info="")
-        self.bar.start()
-
-    def update(self, done: int, loss: float, tok_s: float, mfu: float, val_loss: float | None) -> None:
-        if self.bar is not None:
-            info = f"loss {loss:.3f}" + (f" val {val_loss:.3f}" if val_loss is not None else "")
-            self.bar.update(self.task, completed=done, info=f"{info}  {tok_s:,.0f} tok/s  MFU {mfu:.0%}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()

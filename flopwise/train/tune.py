@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flopwise.config import TrainConfig, TuneOptions, resolve
 from flopwise.data.derive import STOPWORDS, bundled_instructions, content_words
 from flopwise.data.instructions import (
     Encoded,
@@ -37,18 +38,9 @@ from flopwise.errors import FlopwiseError
 from flopwise.infer.generate import Engine, Sampling
 from flopwise.model.llama import Llama
 from flopwise.model.lora import parse_targets
-from flopwise.run import (
-    INSTRUCTIONS_FILE,
-    TrainConfig,
-    check_new,
-    latest_checkpoint,
-    read_run_config,
-    resolve,
-    write_config,
-)
+from flopwise.run import INSTRUCTIONS_FILE, check_new, latest_checkpoint, read_run_config, write_config
 from flopwise.train.batches import content_hash, read_instructions
 from flopwise.train.trainer import evaluate
-from flopwise.train.tune_options import TuneOptions
 
 MAX_HELDOUT = 500  # examples split off a user's file for the held-out loss
 WARMUP_FRACTION = 0.03  # of a tuning run's steps (Alpaca's recipe)

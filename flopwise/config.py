@@ -1,0 +1,120 @@
+"""What a run is asked to do (TrainConfig, TuneOptions) and what follows from it (Resolved): torch-free, so
+the CLI shows these defaults without importing torch. config.json stores them (flopwise/run.py)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from flopwise.errors import FlopwiseError
+from flopwise.laws.flops import BLOCK_PROJECTIONS, Shape, training_flops_per_token
+from flopwise.laws.hyper import default_lr_and_batch
+
+
+@dataclass
+class TrainConfig:
+    """How to train. ``n_tokens`` is the planned D; the schedule ends exactly there."""
+
+    n_tokens: int
+    lr: float | None = None  # peak learning rate; None: DeepSeek LLM's rule for this compute
+    min_lr_ratio: float = 0.1
+    warmup_fraction: float = 0.05  # of steps, at most max_warmup_steps
+    max_warmup_steps: int = 500
+    warmup_steps: int | None = None  # absolute; overrides the fraction (WSD trunks and branches share it)
+    schedule: str = "cosine"  # cosine | wsd | constant
+    cooldown_fraction: float = 0.2
+    cooldown_shape: str = "linear"
+    batch_tokens: int | None = None  # global batch in tokens; None: DeepSeek LLM's rule
+    micro_batch: int = 16  # sequences per forward pass per process (gradient accumulation covers the rest)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 0  # steps; 0: about 10 evaluations per run
+    eval_windows: int = 32
+    final_eval_windows: int = 256
+    ckpt_every: int = 0  # steps; 0: about 20 checkpoints per run
+    log_every: int = 0  # steps; 0: about 200 log lines per run
+    precision: str = "auto"  # auto | bf16 | fp32
+    compile: bool = False
+    device: str = "auto"
+    save_at_steps: list[int] = field(default_factory=list)  # keep ckpt/step-K.pt when K steps are done
+    branch_from: str | None = None  # a checkpoint to continue, optimizer and step included (a WSD branch)
+    init_weights: str | None = None  # a run directory whose trained weights start this run (tuning)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen model (tuning)
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: list(BLOCK_PROJECTIONS))
+    extra: dict = field(default_factory=dict)  # copied into final.json, e.g. a sweep run's budget
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        legacy = d.pop("init_from", None)  # runs written before the split: a directory was tuning's base
+        if legacy:
+            d.setdefault("init_weights" if Path(legacy).suffix != ".pt" else "branch_from", legacy)
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What follows from a ModelConfig and a TrainConfig: the batch layout, steps, rate and FLOPs."""
+
+    global_batch: int  # sequences per optimizer step, all processes together
+    micro_batch: int  # sequences per forward pass per process
+    grad_accum: int
+    world_size: int
+    tokens_per_step: int
+    steps: int
+    n_tokens: int  # steps * tokens_per_step: what the run really trains on
+    lr: float
+    warmup_steps: int
+    flops_per_token: float
+    flops: float
+    eval_every: int
+    ckpt_every: int
+    log_every: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve(model: Shape, train: TrainConfig, world: int = 1) -> Resolved:
+    """Steps, batch layout, learning rate and FLOPs that follow from the configs."""
+    fpt = training_flops_per_token(model)
+    auto_lr, auto_batch = default_lr_and_batch(fpt * train.n_tokens)
+    global_batch = max(1, round((train.batch_tokens or auto_batch) / model.seq_len))
+    accum = math.ceil(global_batch / (train.micro_batch * world))
+    micro = math.ceil(global_batch / (accum * world))
+    global_batch = micro * accum * world
+    tokens_per_step = global_batch * model.seq_len
+    if train.n_tokens < tokens_per_step:
+        raise FlopwiseError(f"the token budget ({train.n_tokens:,}) is smaller than one batch ({tokens_per_step:,} "
+                            "tokens): raise --tokens or lower --batch-tokens")
+    steps = max(1, round(train.n_tokens / tokens_per_step))
+    warmup = train.warmup_steps if train.warmup_steps is not None else \
+        min(train.max_warmup_steps, max(1, round(train.warmup_fraction * steps)))
+    return Resolved(global_batch=global_batch, micro_batch=micro, grad_accum=accum, world_size=world,
+                    tokens_per_step=tokens_per_step, steps=steps, n_tokens=steps * tokens_per_step,
+                    lr=train.lr or auto_lr, warmup_steps=warmup, flops_per_token=fpt,
+                    flops=fpt * steps * tokens_per_step, eval_every=train.eval_every or max(1, steps // 10),
+                    ckpt_every=train.ckpt_every or max(1, steps // 20),
+                    log_every=train.log_every or max(1, steps // 200))
+
+
+@dataclass
+class TuneOptions:
+    """How to tune; the CLI's defaults are these."""
+
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: list(BLOCK_PROJECTIONS))
+    epochs: float = 3.0
+    max_steps: int | None = None  # overrides epochs
+    lr: float | None = None  # None: default_lr
+    batch_size: int = 32  # examples per optimizer step
+    micro_batch: int = 16
+    seed: int = 0
+    heldout_fraction: float = 0.05  # of --data, when no --eval-data is given
