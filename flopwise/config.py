@@ -4,12 +4,27 @@ the CLI shows these defaults without importing torch. config.json stores them (f
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from flopwise.errors import FlopwiseError
 from flopwise.laws.flops import BLOCK_PROJECTIONS, Shape, training_flops_per_token
 from flopwise.laws.hyper import default_lr_and_batch
+
+THREADS_ENV = "FLOPWISE_THREADS"  # a fixed torch thread count for every command, like --threads
+
+
+def requested_threads(threads: int = 0) -> int:
+    """``threads`` when > 0, else $FLOPWISE_THREADS, else 0: adapt to the cores other processes leave free."""
+    if threads < 0:
+        raise FlopwiseError(f"--threads must be 0 (adapt to the free cores) or a positive count, got {threads}")
+    if threads:
+        return threads
+    env = os.environ.get(THREADS_ENV, "").strip()
+    if env and not (env.isdigit() and int(env) > 0):
+        raise FlopwiseError(f"{THREADS_ENV}={env!r}: give a positive number of threads, or unset it")
+    return int(env or 0)
 
 
 @dataclass
@@ -40,6 +55,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | bf16 | fp32
     compile: bool = False
     device: str = "auto"
+    threads: int = 0  # CPU threads; 0: all cores while the machine is idle, fewer while other processes are busy
     save_at_steps: list[int] = field(default_factory=list)  # keep ckpt/step-K.pt when K steps are done
     branch_from: str | None = None  # a checkpoint to continue, optimizer and step included (a WSD branch)
     init_weights: str | None = None  # a run directory whose trained weights start this run (tuning)

@@ -1,4 +1,7 @@
 import json
+import os
+
+import pytest
 
 from flopwise.laws.hardware import get_gpu
 from flopwise.train.probe import probe, save_probe
@@ -11,3 +14,64 @@ def test_probe_measures_and_feeds_local_preset(tmp_path, monkeypatch):
     path = save_probe(r)
     assert json.loads(open(path).read())["bf16_flops"] == r["bf16_flops"]
     assert get_gpu("local").peak_flops == r["bf16_flops"]
+
+
+def test_cpu_share_uses_the_cores_other_processes_leave(monkeypatch):
+    """The decision, on made-up /proc/stat readings: 2 cores, and other processes using 0.1, 0.9 or 2 of them."""
+    import flopwise.train.probe as pr
+
+    monkeypatch.setattr(pr.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(pr.time, "sleep", lambda s: None)
+    clock = {"t": 0.0, "busy": 0.0, "own": 0.0}
+    monkeypatch.setattr(pr, "_cpu_sample", lambda: (clock["t"], clock["busy"], clock["own"]))
+    monkeypatch.setattr(pr.torch, "set_num_threads", lambda n: clock.update(set=n))
+    share = pr.CpuShare(2)
+    chosen = []
+    for others, own in ((0.1, 1.9), (0.9, 1.0), (2.0, 0.5), (0.0, 1.0), (0.3, 1.7)):  # CPU-seconds in one second
+        clock.update(t=clock["t"] + 1.0, busy=clock["busy"] + others + own, own=clock["own"] + own)
+        chosen.append(share.update())
+    assert chosen == [2, 1, 1, 2, 1] and clock["set"] == 1  # torch follows every change
+    assert share.mean_threads == pytest.approx((2 + 2 + 1 + 1 + 2) / 5)  # each second at the count it ran with
+    fixed = pr.CpuShare(3, adapt=False)
+    clock.update(t=clock["t"] + 1.0, busy=clock["busy"] + 2.0)
+    assert fixed.update() == 3 and clock["set"] == 3
+
+
+def test_cpu_share_drops_a_thread_beside_a_busy_process():
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from flopwise.train.probe import CpuShare
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores")
+    before = torch.get_num_threads()
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        share = CpuShare(2, interval_s=0.5)
+        time.sleep(1.0)
+        assert share.update() == 1 and torch.get_num_threads() == 1
+    finally:
+        busy.kill()
+        busy.wait()
+        torch.set_num_threads(before)
+
+
+def test_threads_option_and_environment(monkeypatch):
+    from flopwise.config import requested_threads
+    from flopwise.errors import FlopwiseError
+
+    monkeypatch.delenv("FLOPWISE_THREADS", raising=False)
+    assert requested_threads(0) == 0 and requested_threads(3) == 3
+    monkeypatch.setenv("FLOPWISE_THREADS", "1")
+    assert requested_threads(0) == 1 and requested_threads(2) == 2
+    for bad_env in ("0", "two", "-1"):
+        monkeypatch.setenv("FLOPWISE_THREADS", bad_env)
+        with pytest.raises(FlopwiseError, match="FLOPWISE_THREADS"):
+            requested_threads(0)
+    with pytest.raises(FlopwiseError, match="--threads must be 0"):
+        requested_threads(-2)

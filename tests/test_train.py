@@ -109,7 +109,8 @@ def test_ddp_two_processes_match_single_process(bundled, tmp_path):
     ddp = new_run(tmp_path / "ddp", mc, tc, bundled)
     r = subprocess.run([str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                         "--master-port", str(free_port()), "-m", "flopwise", "train", str(ddp), "--quiet"],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "FLOPWISE_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(_losses(single)) == 12
     _same(_losses(single), _losses(ddp), rel=1e-4)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import typer
 from rich.console import Console
 
 from flopwise import __version__
+from flopwise.config import THREADS_ENV, requested_threads
 from flopwise.errors import FlopwiseError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -15,6 +17,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 hw_app = typer.Typer(no_args_is_help=True, help="Hardware presets and measurements.")
 app.add_typer(hw_app, name="hw")
 console = Console()
+
+
+def threads_option():
+    return typer.Option(0, "--threads", help="CPU threads, fixed (0: all cores while the machine is idle, fewer "
+                        "while other processes are busy). Also $FLOPWISE_THREADS.")
+
+
+def set_threads(threads: int) -> int:
+    """Apply --threads to this command and every process it starts (through $FLOPWISE_THREADS)."""
+    n = requested_threads(threads)
+    if n:
+        os.environ[THREADS_ENV] = str(n)
+    return n
 
 
 def _version(value: bool) -> None:

@@ -11,8 +11,6 @@ from rich.table import Table
 
 from flopwise.cli.app import app, console, fmt_count
 from flopwise.errors import FlopwiseError
-from flopwise.laws.fit import fit_runs, public, save_fit
-from flopwise.laws.runs import load_runs
 
 
 @app.command()
@@ -39,6 +37,9 @@ def fit(
 
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from flopwise.laws.fit import fit_runs, public, save_fit  # scipy: loaded by the command, not at start-up
+    from flopwise.laws.runs import load_runs
 
 
     runs = load_runs(runs_path, convention.replace("-", "_"))

@@ -9,18 +9,20 @@ from typing import Optional
 
 import typer
 
-from flopwise.cli.app import app, console
+from flopwise.cli.app import app, console, set_threads, threads_option
 from flopwise.data.instructions import STOP_STRINGS, chat_prompt_ids, render_prompt
 from flopwise.data.tokenizer import load_tokenizer
 from flopwise.errors import FlopwiseError
 
 
-def _engine(run: str, dtype: str):
-    """An engine for a run directory or a .gguf file (dequantised into flopwise's model)."""
+def _engine(run: str, dtype: str, threads: int):
+    """An engine for a run directory or a .gguf file (dequantised into flopwise's model), on --threads."""
     # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
     from flopwise.infer.generate import Engine
     from flopwise.run import load_model
+    from flopwise.train.probe import use_threads
 
+    use_threads(set_threads(threads))
     if Path(run).is_file() and run.endswith(".gguf"):
         from flopwise.infer.gguf_load import load_gguf
 
@@ -41,6 +43,7 @@ def generate(
     stop: Optional[list[str]] = typer.Option(None, help="Stop string (repeatable)."),
     seed: Optional[int] = typer.Option(None, help="Sampling seed (same seed, same text)."),
     dtype: str = typer.Option("fp32", help="Runtime weights: fp32, bf16 or int8."),
+    threads: int = threads_option(),
     instruct: bool = typer.Option(False, "--instruct", help="Wrap the prompt in the Alpaca template."),
     bench: bool = typer.Option(False, "--bench", help="Print prompt and decode tokens/s and peak memory."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -48,7 +51,7 @@ def generate(
     """Generate text from a run (temperature 0 is greedy); streams a single prompt."""
     from flopwise.infer.generate import Sampling  # torch: loaded by the command, not at start-up
 
-    eng = _engine(run, dtype)
+    eng = _engine(run, dtype, threads)
     if bench:
         r = eng.bench()
         print(json.dumps(r, indent=2)) if as_json else console.print(
@@ -87,11 +90,12 @@ def chat(
     seed: Optional[int] = typer.Option(None, help="Sampling seed."),
     system: Optional[str] = typer.Option(None, help="Replace the Alpaca preamble."),
     dtype: str = typer.Option("fp32", help="fp32, bf16 or int8."),
+    threads: int = threads_option(),
 ) -> None:
     """Chat in the terminal with the Alpaca template; replies stream token by token. Ctrl-D or /exit ends."""
     from flopwise.infer.generate import Sampling  # torch: loaded by the command, not at start-up
 
-    eng = _engine(run, dtype)
+    eng = _engine(run, dtype, threads)
     ctx = eng.config.seq_len
     console.print(f"[dim]{run}: context {ctx} tokens; /reset clears the history, /exit or Ctrl-D ends[/dim]")
     history: list[tuple[str, str]] = []  # (user, reply) of earlier turns
@@ -176,13 +180,14 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 exposes it to the network)."),
     port: int = typer.Option(8000, help="TCP port."),
     dtype: str = typer.Option("fp32", help="fp32, bf16 or int8."),
+    threads: int = threads_option(),
     max_queue: int = typer.Option(32, help="Requests waiting at most; more get 503."),
     name: Optional[str] = typer.Option(None, help="Model id in the API (default: the run folder's name)."),
 ) -> None:
     """OpenAI-compatible server: /v1/completions, /v1/chat/completions (stream: true as SSE), /v1/models."""
     from flopwise.infer.server import serve as run_server  # torch, fastapi: loaded by the command
 
-    eng = _engine(run, dtype)
+    eng = _engine(run, dtype, threads)
     model_name = name or Path(run).resolve().name
     console.print(f"serving {model_name} on http://{host}:{port}/v1 (context {eng.config.seq_len} tokens)")
     run_server(eng, model_name, host, port, max_queue)

@@ -11,7 +11,6 @@ from rich.table import Table
 from flopwise.cli.app import app, console, fmt_count, fmt_hours, hw_app, parse_bytes
 from flopwise.laws.hardware import DEVICES, GPUS
 from flopwise.laws.law import REGISTRY
-from flopwise.laws.plan import budget_flops, make_plan
 
 
 @app.command()
@@ -39,6 +38,7 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Compute-optimal N, D, shape, loss, time, cost and energy for a budget."""
+    from flopwise.laws.plan import budget_flops, make_plan  # scipy: loaded by the command, not at start-up
 
     budget = budget_flops(flops, gpu, gpus, hours, dollars, mfu, price_per_hour)
     p = make_plan(budget, law, inference_tokens=inference_tokens, unique_tokens=unique_tokens, device=device,

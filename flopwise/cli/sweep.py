@@ -9,10 +9,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from flopwise.cli.app import app, console, fmt_count
+from flopwise.cli.app import app, console, fmt_count, set_threads, threads_option
 from flopwise.data.prepare import resolve_corpus
 from flopwise.errors import FlopwiseError
-from flopwise.laws.plan import budget_flops
 from flopwise.progress import Bar
 from flopwise.sweep.design import (
     design_sweep,
@@ -53,6 +52,7 @@ def sweep_run(
     vocab_size: int = typer.Option(1024, help="Vocabulary when --data needs preparing."),
     seq_len: int = typer.Option(128, help="Context length of every run."),
     workers: int = typer.Option(0, help="Parallel runs (0: one per core)."),
+    threads: int = threads_option(),
     ray: Optional[str] = typer.Option(None, help="Run on Ray: 'local' or a cluster address."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the runs and an ETA; train nothing."),
     schedule: str = typer.Option("cosine", help="cosine (independent runs) or wsd (shared constant-LR trunks "
@@ -61,6 +61,7 @@ def sweep_run(
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Design (or resume) an IsoFLOP sweep and train its runs."""
+    set_threads(threads)
     # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
     from flopwise.autopilot import AutopilotConfig, sweep_train_options
     from flopwise.sweep.runner import run_sweep
@@ -142,13 +143,16 @@ def autopilot(
     compare: bool = typer.Option(False, "--compare", help="Also train a 4x larger model with the final budget."),
     resume: bool = typer.Option(False, "--resume", help="Finish the sweep already in --out, whatever its design."),
     workers: int = typer.Option(0, help="Parallel sweep runs (0: one per core)."),
+    threads: int = threads_option(),
     seed: int = typer.Option(0, help="Seed of everything."),
     out: str = typer.Option("autopilot", help="Output folder."),
     quiet: bool = typer.Option(False, "--quiet", help="Only the closing summary."),
 ) -> None:
     """Sweep -> fit -> plan -> train -> compare -> report, on the bundled corpus by default."""
+    set_threads(threads)
     from flopwise.autopilot import DEFAULT_BUDGET, AutopilotConfig  # torch: loaded by the command
     from flopwise.autopilot import autopilot as run_autopilot
+    from flopwise.laws.plan import budget_flops
 
     flops = DEFAULT_BUDGET if budget is None and hours is None else budget_flops(budget, gpu, gpus, hours, None, mfu)
     cfg = AutopilotConfig(budget_flops=flops, sweep_fraction=sweep_fraction, n_budgets=n_budgets, n_sizes=sizes,

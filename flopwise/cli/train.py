@@ -9,14 +9,13 @@ from typing import Optional
 import numpy as np
 import typer
 
-from flopwise.cli.app import app, console
+from flopwise.cli.app import app, console, set_threads, threads_option
 from flopwise.config import TrainConfig
 from flopwise.data.prepare import open_corpus, resolve_corpus
 from flopwise.data.prepare import prepare as prepare_corpus
 from flopwise.data.tokenizer import load_tokenizer, token_byte_lengths
 from flopwise.errors import FlopwiseError
 from flopwise.laws.flops import training_flops_per_token
-from flopwise.laws.plan import PLAN_VERSION
 from flopwise.laws.shape import suggest_shape
 
 
@@ -76,6 +75,8 @@ def _model_config(config: Optional[str], n_params: Optional[float], plan_doc: Op
 
 
 def _read_plan(path: str) -> dict:
+    from flopwise.laws.plan import PLAN_VERSION  # scipy: loaded by the command, not at start-up
+
     try:
         doc = json.loads(open(path).read())
     except (OSError, json.JSONDecodeError) as e:
@@ -116,6 +117,7 @@ def train(
     ckpt_every: int = typer.Option(T.ckpt_every, help="Checkpoint every K steps (0: about 20 per run)."),
     eval_every: int = typer.Option(T.eval_every, help="Evaluate every K steps (0: about 10 per run)."),
     seed: int = typer.Option(T.seed, help="Seed for init and data order."),
+    threads: int = threads_option(),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
     as_json: bool = typer.Option(False, "--json", help="Print final.json."),
 ) -> None:
@@ -125,6 +127,7 @@ def train(
     from flopwise.train import distributed as dist
     from flopwise.train.trainer import train as run_training
 
+    threads = set_threads(threads)
     rank, _ = dist.setup()
     if out is None and run is None:
         raise FlopwiseError("no run directory: give --out RUN_DIR for a new run, or RUN_DIR to resume one")
@@ -146,7 +149,7 @@ def train(
         tc = TrainConfig(n_tokens=int(n_tokens), lr=lr, batch_tokens=batch_tokens, micro_batch=micro_batch,
                          schedule=schedule, cooldown_fraction=cooldown_fraction, cooldown_shape=cooldown_shape,
                          precision=precision, compile=compile_model, device=device, ckpt_every=ckpt_every,
-                         eval_every=eval_every, seed=seed)
+                         eval_every=eval_every, seed=seed, threads=threads)
         new_run(run_dir, mc, tc, corpus)
     dist.barrier()
     final = run_training(run_dir, quiet=quiet or as_json, log=console.print)
@@ -168,15 +171,17 @@ def eval_cmd(
     seed: int = typer.Option(0, help="With --instructions: sampling seed."),
     temperature: float = typer.Option(0.8, help="With --instructions: sampling temperature."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    threads: int = threads_option(),
 ) -> None:
     """Validation loss (nats/token) and bits per byte of a run on a prepared corpus, or its instruction following."""
     # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
     from flopwise.run import is_tuning, load_model, read_run_config
     from flopwise.train.batches import eval_windows
-    from flopwise.train.probe import pick_device, pick_precision
+    from flopwise.train.probe import pick_device, pick_precision, use_threads
     from flopwise.train.trainer import evaluate
     from flopwise.train.tune import evaluate_instructions
 
+    use_threads(set_threads(threads))
     mc, tc, cfg = read_run_config(run)
     if instructions is not None:
         sp = load_tokenizer(Path(run) / "tokenizer.model")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from flopwise.cli.app import app, console
+from flopwise.cli.app import app, console, set_threads, threads_option
 from flopwise.config import TuneOptions
 from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text
@@ -41,6 +41,7 @@ def tune(
     lr: Optional[float] = typer.Option(D.lr, help="Peak learning rate (default: base rate / 10; LoRA: base rate)."),
     batch_size: int = typer.Option(D.batch_size, help="Examples per optimizer step."),
     seed: int = typer.Option(D.seed, help="Seed of data order, held-out split, LoRA init and evaluation sampling."),
+    threads: int = threads_option(),
     behaviour_n: int = typer.Option(100, help="Generations per behavioural task in the before/after evaluation "
                                     "(0: response loss only)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
@@ -52,6 +53,7 @@ def tune(
     from flopwise.train.trainer import train as run_training
     from flopwise.train.tune import new_tune_run, tune_report
 
+    set_threads(threads)
     out_dir = Path(out)
     log = (lambda m: None) if as_json else (lambda m: console.print(f"[yellow]{m}[/yellow]"))
     if not (out_dir / "config.json").exists():

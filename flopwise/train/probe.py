@@ -6,17 +6,85 @@ MFU is computed against these measured numbers, never against a hard-coded part.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
 
 import torch
 
+from flopwise.config import requested_threads
 from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text
 from flopwise.laws.flops import training_flops_per_token
 from flopwise.laws.hardware import probe_cache_path
 from flopwise.model.llama import Llama, ModelConfig
+
+
+def use_threads(threads: int = 0) -> int:
+    """Set torch's thread count for a command that computes (inference, evaluation); returns the count."""
+    n = requested_threads(threads)
+    if n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def _cpu_sample() -> tuple[float, float, float] | None:
+    """(wall seconds, CPU seconds all processes have used, CPU seconds this process has used), Linux only."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return time.monotonic(), busy, time.process_time()
+
+
+class CpuShare:
+    """Keeps torch's thread count at the cores this process can have: ``max_threads`` while the machine is
+    otherwise idle, fewer while other processes are busy (checked every ``interval_s`` seconds).
+
+    Why: an OpenMP parallel region ends when its slowest thread does, and the threads that finish first spin
+    waiting for it. When another process holds one of two cores, a 2-thread training spends most of its time
+    waiting for the descheduled thread (measured: 18% of its idle speed beside one busy process, 3% for two
+    trainings at once), while one thread keeps ~58% of the 2-thread idle speed. benchmarks/shared_cpu.py.
+    """
+
+    def __init__(self, max_threads: int, adapt: bool = True, interval_s: float = 1.0):
+        self.max_threads, self.interval_s = max(1, max_threads), interval_s
+        self.cores = os.cpu_count() or 1
+        self._last = _cpu_sample()
+        self.adapt = adapt and self.max_threads > 1 and self._last is not None
+        self.threads = self.max_threads
+        self._thread_seconds, self._seconds = 0.0, 0.0
+        if self.adapt:  # a short first look, so a run started on a busy machine does not start oversubscribed
+            time.sleep(0.2)
+            self.update(force=True)
+        torch.set_num_threads(self.threads)
+
+    def update(self, force: bool = False) -> int:
+        """The thread count to use now (set in torch when it changes)."""
+        if not self.adapt:
+            return self.threads
+        now = time.monotonic()
+        if not force and now - self._last[0] < self.interval_s:
+            return self.threads
+        sample = _cpu_sample()
+        wall = sample[0] - self._last[0]
+        others = max(0.0, (sample[1] - self._last[1]) - (sample[2] - self._last[2])) / max(wall, 1e-9)
+        self._thread_seconds += self.threads * wall
+        self._seconds += wall
+        target = min(self.max_threads, max(1, int(self.cores - others + 0.25)))  # 0.25: noise is not a process
+        if target != self.threads:
+            self.threads = target
+            torch.set_num_threads(target)
+        self._last = sample
+        return self.threads
+
+    @property
+    def mean_threads(self) -> float:
+        return self._thread_seconds / self._seconds if self._seconds else float(self.threads)
 
 
 def pick_device(name: str) -> torch.device:

@@ -41,7 +41,7 @@ from flopwise.run import (
 )
 from flopwise.train import distributed as dist
 from flopwise.train.batches import TrainingData, training_data
-from flopwise.train.probe import measured_peak, pick_device, pick_precision
+from flopwise.train.probe import CpuShare, measured_peak, pick_device, pick_precision, requested_threads
 from flopwise.train.schedule import lr_at
 
 # Testing hook: the process kills itself (SIGKILL, as `kill -9`) once this many steps are done and logged,
@@ -126,6 +126,8 @@ class _Run:
                                 "choose --batch-tokens divisible by the number of processes")
         self.data: TrainingData = training_data(run_dir, config, self.mc, self.tc, self.r.global_batch)
         self.quiet = quiet or self.rank != 0
+        fixed = requested_threads(self.tc.threads)
+        self.cpu = CpuShare(fixed or torch.get_num_threads(), adapt=not fixed and self.device.type == "cpu")
         self.peak = measured_peak(self.device, self.precision) * self.world
 
     def train(self) -> dict:
@@ -149,6 +151,7 @@ class _Run:
         metrics = open(metrics_path, "a") if self.rank == 0 else None
         try:
             for step in range(s.step, self.r.steps):
+                self.cpu.update()
                 lr = lr_at(step, self.r.steps, self.r.lr, self.r.warmup_steps, self.tc.min_lr_ratio,
                            self.tc.schedule, self.tc.cooldown_fraction, self.tc.cooldown_shape)
                 train_loss = self._step(net, s, step, lr)
@@ -164,7 +167,7 @@ class _Run:
                     now = time.perf_counter()
                     tok_s = tokens_log / max(now - t_log, 1e-9)
                     t_log, tokens_log = now, 0
-                    rec = {"step": step, "tokens": (step + 1) * self.r.tokens_per_step,
+                    rec = {"step": step, "time": time.time(), "tokens": (step + 1) * self.r.tokens_per_step,
                            "flops": (step + 1) * self.r.tokens_per_step * self.r.flops_per_token, "lr": lr,
                            "loss": train_loss, "tok_per_s": tok_s, "mfu": tok_s * self.r.flops_per_token / self.peak}
                     if val_loss is not None:
@@ -262,10 +265,16 @@ class _Run:
         self.log(f"training {n_params_total(mc):,} params on {r.n_tokens:,} tokens ({epochs:.2f} epochs of "
                  f"{self.data.n_tokens_train:,}), {r.flops:.3g} FLOPs, {r.steps} steps of {r.tokens_per_step:,} "
                  f"tokens, lr {r.lr:.2g}, {self.precision} on {self.device.type}"
-                 f"{f' x{self.world}' if self.world > 1 else ''}; about {fmt_seconds(est)}"
+                 f"{f' x{self.world}' if self.world > 1 else ''}{self._threads_note()}; about {fmt_seconds(est)}"
                  + (f"; resuming at step {start_step}" if start_step else ""))
         if epochs > 1:
             self.log(f"note: the run repeats its {self.data.n_tokens_train:,} training tokens {epochs:.1f} times")
+
+    def _threads_note(self) -> str:
+        if self.device.type != "cpu":
+            return ""
+        return f" with {self.cpu.threads} thread(s)" + (f" (up to {self.cpu.max_threads}: fewer while other processes "
+                                                        "are busy)" if self.cpu.adapt else "")
 
     def _finish(self, final_eval: tuple[float, float | None], train_loss: float, wall: float) -> dict:
         r, mc = self.r, self.mc
@@ -276,7 +285,7 @@ class _Run:
                  "epochs": r.n_tokens / self.data.n_tokens_train, "steps": r.steps, "wall_seconds": wall,
                  "tokens_per_s": r.n_tokens / wall if wall > 0 else None,
                  "mfu": r.flops / wall / self.peak if wall > 0 else None, "precision": self.precision,
-                 "device": self.device.type, "world_size": self.world,
+                 "device": self.device.type, "world_size": self.world, "threads_mean": self.cpu.mean_threads,
                  "val_tokens": int(val_final[:, 1:].size if val_final_mask is None else val_final_mask.sum()),
                  **self.tc.extra}
         if self.rank == 0:
