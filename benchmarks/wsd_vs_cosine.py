@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from flopwise.autopilot import AutopilotConfig, sweep_train_options
+from flopwise.config import AutopilotConfig, sweep_train_options
 from flopwise.data.prepare import prepare
 from flopwise.laws.fit import fit_runs
 from flopwise.laws.runs import load_runs

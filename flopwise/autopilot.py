@@ -7,19 +7,18 @@ new_run/train, the report); this module only decides the order and the budgets.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from flopwise import __version__
-from flopwise.config import TrainConfig
+from flopwise.config import AutopilotConfig, TrainConfig, sweep_train_options
 from flopwise.data.prepare import resolve_corpus
 from flopwise.data.tokenizer import EOS_ID, load_tokenizer
 from flopwise.errors import FlopwiseError
@@ -37,37 +36,10 @@ from flopwise.progress import Bar
 from flopwise.report.plots import plot_fit, plot_loss_curves
 from flopwise.report.report import write_report
 from flopwise.run import load_model, new_run
-from flopwise.sweep.design import budgets_for, design_sweep, eta_seconds, read_design, total_flops, write_design
-from flopwise.sweep.runner import run_sweep
+from flopwise.sweep.design import budgets_for, design_sweep, read_design, total_flops, write_design
+from flopwise.sweep.runner import ETA_OVERHEAD, run_sweep, sweep_seconds
 from flopwise.train.probe import training_rate
 from flopwise.train.trainer import train
-
-DEFAULT_BUDGET = 5e13  # FLOPs: about ten minutes of training on a 2-core CPU
-ETA_OVERHEAD = 1.15  # wall time over measured step time: evaluation, checkpoints, process start-up
-
-
-@dataclass
-class AutopilotConfig:
-    budget_flops: float = DEFAULT_BUDGET
-    sweep_fraction: float = 0.4
-    n_budgets: int = 3
-    n_sizes: int = 5
-    spread: float = 4.0  # sizes span a factor spread^2 around the prior's N_opt (see design_sweep)
-    budget_ratio: float = 2.5  # between consecutive sweep budgets
-    vocab_size: int = 1024
-    seq_len: int = 128
-    workers: int = 0  # 0: one per core
-    bootstrap: int = 1000
-    seed: int = 0
-    prior: str = "chinchilla"
-    compare: bool = False  # also train a 4x larger model with the final budget
-    resume: bool = False
-
-
-def sweep_train_options(cfg: AutopilotConfig) -> dict:
-    # one evaluation at the end on fixed windows shared by all runs, so their losses compare closely
-    return {"eval_every": 10**9, "eval_windows": 8, "final_eval_windows": 256, "seed": cfg.seed,
-            "micro_batch": 16}
 
 
 def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | None = None, log=print,
@@ -108,7 +80,8 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     sweep_flops = total_flops(specs)
     workers = cfg.workers or min(os.cpu_count() or 1, len(specs))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    eta_sweep, rate_final = _estimate(specs, threads, workers)
+    eta_sweep = sweep_seconds(specs, workers, threads)
+    rate_final = training_rate(max(specs, key=lambda s: s.n_params).shape, os.cpu_count() or 1) / ETA_OVERHEAD
     remaining = cfg.budget_flops - sweep_flops
     log(f"sweep: {len(specs)} runs over {len(budgets)} budgets ({', '.join(f'{b:.2g}' for b in budgets)} FLOPs), "
         f"sizes {min(s.n_params for s in specs):,}-{max(s.n_params for s in specs):,} params, "
@@ -188,24 +161,6 @@ def _torch_version() -> str:
 def _energy_kwh(seconds: float, watts_per_core: float = 10.0) -> float:
     """A rough CPU energy estimate: ~10 W per busy core (server cores draw 5-15 W each)."""
     return seconds / 3600 * watts_per_core * (os.cpu_count() or 1) / 1000
-
-
-def _estimate(specs, threads: int, workers: int) -> tuple[float, float]:
-    """Seconds for the sweep and FLOP/s of the final run, from a few measured steps."""
-    small = min(specs, key=lambda s: s.n_params)
-    large = max(specs, key=lambda s: s.n_params)
-    r_small = training_rate(small.shape, threads)
-    r_large = training_rate(large.shape, threads)
-
-    def rate(n):  # log-linear in N between the two measurements
-        if large.n_params == small.n_params:
-            return r_small
-        t = math.log(n / small.n_params) / math.log(large.n_params / small.n_params)
-        return math.exp(math.log(r_small) + t * (math.log(r_large) - math.log(r_small)))
-
-    eta = eta_seconds(specs, lambda shape: rate(n_params_total(shape))) * ETA_OVERHEAD / workers
-    final_rate = training_rate(large.shape, os.cpu_count() or 1) / ETA_OVERHEAD
-    return eta, final_rate
 
 
 def _plan_final(fit: dict, flops: float, corpus, cfg: AutopilotConfig) -> tuple[dict, dict]:

@@ -1,5 +1,5 @@
-"""What a run is asked to do (TrainConfig, TuneOptions) and what follows from it (Resolved): torch-free, so
-the CLI shows these defaults without importing torch. config.json stores them (flopwise/run.py)."""
+"""What a run is asked to do (TrainConfig, TuneOptions, AutopilotConfig) and what follows from it (Resolved):
+torch-free, so the CLI shows these defaults without importing torch. config.json stores them (flopwise/run.py)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,28 @@ class TrainConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(BLOCK_PROJECTIONS))
     extra: dict = field(default_factory=dict)  # copied into final.json, e.g. a sweep run's budget
 
+    def check(self) -> None:
+        """Every option in range, before anything is written or trained (one line naming the option)."""
+        bad = [(f"--{name.replace('_', '-')}", value, rule) for name, value, ok, rule in (
+            ("micro_batch", self.micro_batch, self.micro_batch >= 1, "at least 1"),
+            ("lr", self.lr, self.lr is None or 0 < self.lr < 10, "a positive number below 10"),
+            ("batch_tokens", self.batch_tokens, self.batch_tokens is None or self.batch_tokens >= 1, "at least 1"),
+            ("schedule", self.schedule, self.schedule in ("cosine", "wsd", "constant"), "cosine, wsd or constant"),
+            ("cooldown_fraction", self.cooldown_fraction, 0 < self.cooldown_fraction <= 1, "in (0, 1]"),
+            ("cooldown_shape", self.cooldown_shape, self.cooldown_shape in ("linear", "1-sqrt"), "linear or 1-sqrt"),
+            ("precision", self.precision, self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
+            ("device", self.device, self.device in ("auto", "cpu") or self.device.split(":")[0] == "cuda",
+             "auto, cpu or cuda"),
+            ("weight_decay", self.weight_decay, self.weight_decay >= 0, "at least 0"),
+            ("grad_clip", self.grad_clip, self.grad_clip >= 0, "at least 0 (0: off)"),
+            ("eval_every", self.eval_every, self.eval_every >= 0, "at least 0 (0: automatic)"),
+            ("ckpt_every", self.ckpt_every, self.ckpt_every >= 0, "at least 0 (0: automatic)"),
+            ("threads", self.threads, self.threads >= 0, "at least 0 (0: adapt to the free cores)"),
+        ) if not ok]
+        if bad:
+            option, value, rule = bad[0]
+            raise FlopwiseError(f"{option} must be {rule}, got {value!r}")
+
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
@@ -98,7 +120,8 @@ class Resolved:
 
 
 def resolve(model: Shape, train: TrainConfig, world: int = 1) -> Resolved:
-    """Steps, batch layout, learning rate and FLOPs that follow from the configs."""
+    """Steps, batch layout, learning rate and FLOPs that follow from the configs (checked first)."""
+    train.check()
     fpt = training_flops_per_token(model)
     auto_lr, auto_batch = default_lr_and_batch(fpt * train.n_tokens)
     global_batch = max(1, round((train.batch_tokens or auto_batch) / model.seq_len))
@@ -134,3 +157,30 @@ class TuneOptions:
     micro_batch: int = 16
     seed: int = 0
     heldout_fraction: float = 0.05  # of --data, when no --eval-data is given
+
+
+DEFAULT_BUDGET = 5e13  # FLOPs: about ten minutes of training on a 2-core CPU
+
+
+@dataclass
+class AutopilotConfig:
+    budget_flops: float = DEFAULT_BUDGET
+    sweep_fraction: float = 0.4
+    n_budgets: int = 3
+    n_sizes: int = 5
+    spread: float = 4.0  # sizes span a factor spread^2 around the prior's N_opt (see design_sweep)
+    budget_ratio: float = 2.5  # between consecutive sweep budgets
+    vocab_size: int = 1024
+    seq_len: int = 128
+    workers: int = 0  # 0: one per core
+    bootstrap: int = 1000
+    seed: int = 0
+    prior: str = "chinchilla"
+    compare: bool = False  # also train a 4x larger model with the final budget
+    resume: bool = False
+
+
+def sweep_train_options(cfg: AutopilotConfig) -> dict:
+    # one evaluation at the end on fixed windows shared by all runs, so their losses compare closely
+    return {"eval_every": 10**9, "eval_windows": 8, "final_eval_windows": 256, "seed": cfg.seed,
+            "micro_batch": 16}

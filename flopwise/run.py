@@ -61,7 +61,9 @@ def new_run(run_dir: str | Path, model: ModelConfig, train: TrainConfig, corpus:
     check_new(run_dir, f"'flopwise train {run_dir}'")
     if model.vocab_size != corpus.vocab_size:
         raise FlopwiseError(f"the model's vocab_size {model.vocab_size} differs from the corpus' {corpus.vocab_size}")
-    resolve(model, train)  # validates the budget before anything is written
+    resolve(model, train)  # validates the options and the budget before anything is written
+    if train.device.startswith("cuda") and not torch.cuda.is_available():
+        raise FlopwiseError("--device cuda, but this machine has no usable CUDA GPU: use --device cpu (or auto)")
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(corpus.tokenizer_path, run_dir / "tokenizer.model")
     write_config(run_dir, model, train, {"path": str(corpus.path.resolve()), "hash": corpus.meta["hash"],

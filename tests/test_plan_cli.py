@@ -106,3 +106,14 @@ def test_cli_law_file_missing_keys(tmp_path):
     path.write_text(json.dumps({"form": "chinchilla", "E": 1.7}))
     r = run_cli("plan", "--flops", "1e21", "--law", str(path))
     assert r.returncode == 2 and "missing A, B, alpha, beta" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["serve", "any-run", "--port", "70000"], "--port must be between 1 and 65535, got 70000"),
+    (["serve", "any-run", "--max-queue", "0"], "--max-queue must be at least 1"),
+    (["generate", "any-run", "--threads", "-2"], "--threads must be 0"),
+])
+def test_serving_options_are_checked_before_loading(args, msg):
+    r = run_cli(*args)
+    assert r.returncode == 2 and msg in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -104,7 +104,8 @@ def test_sweep_cli_dry_run_and_status(bundled, tmp_path):
 
 
 def test_autopilot_end_to_end_on_a_folder_of_text(tmp_path):
-    from flopwise.autopilot import AutopilotConfig, autopilot
+    from flopwise.autopilot import autopilot
+    from flopwise.config import AutopilotConfig
     from flopwise.data.prepare import bundled_corpus
 
     folder = tmp_path / "texts"

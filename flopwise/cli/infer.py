@@ -187,6 +187,10 @@ def serve(
     """OpenAI-compatible server: /v1/completions, /v1/chat/completions (stream: true as SSE), /v1/models."""
     from flopwise.infer.server import serve as run_server  # torch, fastapi: loaded by the command
 
+    if not 0 < port < 65536:
+        raise FlopwiseError(f"--port must be between 1 and 65535, got {port}")
+    if max_queue < 1:
+        raise FlopwiseError(f"--max-queue must be at least 1, got {max_queue}")
     eng = _engine(run, dtype, threads)
     model_name = name or Path(run).resolve().name
     console.print(f"serving {model_name} on http://{host}:{port}/v1 (context {eng.config.seq_len} tokens)")

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from flopwise.cli.app import app, console, fmt_count, set_threads, threads_option
+from flopwise.config import AutopilotConfig, sweep_train_options
 from flopwise.data.prepare import resolve_corpus
 from flopwise.errors import FlopwiseError
 from flopwise.progress import Bar
@@ -23,6 +24,7 @@ from flopwise.sweep.design import (
     write_design,
 )
 
+A = AutopilotConfig()  # the defaults shown and used
 sweep_app = typer.Typer(no_args_is_help=True, help="IsoFLOP sweeps: design, run, status.")
 app.add_typer(sweep_app, name="sweep")
 
@@ -45,13 +47,13 @@ def sweep_run(
     budgets: Optional[str] = typer.Option(None, help="Comma-separated FLOP budgets."),
     min_flops: Optional[float] = typer.Option(None, help="Smallest budget (with --max-flops)."),
     max_flops: Optional[float] = typer.Option(None, help="Largest budget."),
-    n_budgets: int = typer.Option(3, help="Budgets between --min-flops and --max-flops."),
-    sizes: int = typer.Option(5, help="Model sizes per budget."),
-    spread: float = typer.Option(4.0, help="Sizes span N_opt/spread to N_opt*spread (prior law's N_opt)."),
-    prior: str = typer.Option("chinchilla", help="Law that centres the sizes."),
-    vocab_size: int = typer.Option(1024, help="Vocabulary when --data needs preparing."),
-    seq_len: int = typer.Option(128, help="Context length of every run."),
-    workers: int = typer.Option(0, help="Parallel runs (0: one per core)."),
+    n_budgets: int = typer.Option(A.n_budgets, help="Budgets between --min-flops and --max-flops."),
+    sizes: int = typer.Option(A.n_sizes, help="Model sizes per budget."),
+    spread: float = typer.Option(A.spread, help="Sizes span N_opt/spread to N_opt*spread (prior law's N_opt)."),
+    prior: str = typer.Option(A.prior, help="Law that centres the sizes."),
+    vocab_size: int = typer.Option(A.vocab_size, help="Vocabulary when --data needs preparing."),
+    seq_len: int = typer.Option(A.seq_len, help="Context length of every run."),
+    workers: int = typer.Option(A.workers, help="Parallel runs (0: one per core)."),
     threads: int = threads_option(),
     ray: Optional[str] = typer.Option(None, help="Run on Ray: 'local' or a cluster address."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the runs and an ETA; train nothing."),
@@ -63,9 +65,7 @@ def sweep_run(
     """Design (or resume) an IsoFLOP sweep and train its runs."""
     set_threads(threads)
     # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
-    from flopwise.autopilot import AutopilotConfig, sweep_train_options
-    from flopwise.sweep.runner import run_sweep
-    from flopwise.train.probe import training_rate
+    from flopwise.sweep.runner import run_sweep, sweep_seconds
 
     if schedule not in ("cosine", "wsd"):
         raise FlopwiseError(f"--schedule must be cosine or wsd, got {schedule!r}")
@@ -97,9 +97,8 @@ def sweep_run(
             cos = equivalent_cosine_flops(specs)
             console.print(f"WSD: {total_flops(specs):.3g} FLOPs for runs that cost {cos:.3g} FLOPs as independent "
                           f"cosine runs ({1 - total_flops(specs) / cos:.0%} saved)")
-        rate = training_rate(specs[len(specs) // 2].shape, threads)
-        console.print(f"ETA about {total_flops(specs) / rate / workers * 1.15 / 60:.1f} min on {workers} worker(s) "
-                      f"(measured {rate / 1e9:.1f} GFLOP/s per worker)")
+        console.print(f"ETA about {sweep_seconds(specs, workers, threads) / 60:.1f} min on {workers} worker(s) "
+                      "(measured on this machine)")
     if dry_run:
         return
     if not (sweep_dir / "sweep.json").exists():
@@ -129,32 +128,32 @@ def sweep_status(sweep_dir: str = typer.Argument(..., metavar="SWEEP_DIR")) -> N
 @app.command()
 def autopilot(
     data: Optional[str] = typer.Option(None, help="Text, folder or prepared corpus (default: bundled TinyStories)."),
-    budget: Optional[float] = typer.Option(None, help="Total FLOPs (default 5e13: ~10 min on a 2-core CPU)."),
+    budget: Optional[float] = typer.Option(None, help=f"Total FLOPs (default {A.budget_flops:g}: ~10 min on a 2-core "
+                                           "CPU)."),
     gpu: Optional[str] = typer.Option(None, help="Budget as GPU time: GPU type (with --hours)."),
     gpus: int = typer.Option(1, help="Number of GPUs (with --hours)."),
     hours: Optional[float] = typer.Option(None, help="Budget as hours on --gpus x --gpu."),
     mfu: float = typer.Option(0.4, help="MFU assumed to turn GPU hours into FLOPs."),
-    sweep_fraction: float = typer.Option(0.4, help="Share of the budget spent on the sweep."),
-    sizes: int = typer.Option(5, help="Model sizes per sweep budget."),
-    n_budgets: int = typer.Option(3, help="Sweep budgets."),
-    vocab_size: int = typer.Option(1024, help="Tokenizer vocabulary."),
-    seq_len: int = typer.Option(128, help="Context length."),
-    bootstrap: int = typer.Option(1000, help="Bootstrap resamples of the fit."),
+    sweep_fraction: float = typer.Option(A.sweep_fraction, help="Share of the budget spent on the sweep."),
+    sizes: int = typer.Option(A.n_sizes, help="Model sizes per sweep budget."),
+    n_budgets: int = typer.Option(A.n_budgets, help="Sweep budgets."),
+    vocab_size: int = typer.Option(A.vocab_size, help="Tokenizer vocabulary."),
+    seq_len: int = typer.Option(A.seq_len, help="Context length."),
+    bootstrap: int = typer.Option(A.bootstrap, help="Bootstrap resamples of the fit."),
     compare: bool = typer.Option(False, "--compare", help="Also train a 4x larger model with the final budget."),
     resume: bool = typer.Option(False, "--resume", help="Finish the sweep already in --out, whatever its design."),
-    workers: int = typer.Option(0, help="Parallel sweep runs (0: one per core)."),
+    workers: int = typer.Option(A.workers, help="Parallel sweep runs (0: one per core)."),
     threads: int = threads_option(),
-    seed: int = typer.Option(0, help="Seed of everything."),
+    seed: int = typer.Option(A.seed, help="Seed of everything."),
     out: str = typer.Option("autopilot", help="Output folder."),
     quiet: bool = typer.Option(False, "--quiet", help="Only the closing summary."),
 ) -> None:
     """Sweep -> fit -> plan -> train -> compare -> report, on the bundled corpus by default."""
     set_threads(threads)
-    from flopwise.autopilot import DEFAULT_BUDGET, AutopilotConfig  # torch: loaded by the command
-    from flopwise.autopilot import autopilot as run_autopilot
+    from flopwise.autopilot import autopilot as run_autopilot  # torch: loaded by the command
     from flopwise.laws.plan import budget_flops
 
-    flops = DEFAULT_BUDGET if budget is None and hours is None else budget_flops(budget, gpu, gpus, hours, None, mfu)
+    flops = A.budget_flops if budget is None and hours is None else budget_flops(budget, gpu, gpus, hours, None, mfu)
     cfg = AutopilotConfig(budget_flops=flops, sweep_fraction=sweep_fraction, n_budgets=n_budgets, n_sizes=sizes,
                           vocab_size=vocab_size, seq_len=seq_len, workers=workers, bootstrap=bootstrap, seed=seed,
                           compare=compare, resume=resume)

@@ -61,7 +61,12 @@ class Corpus:
         return self.path / "tokenizer.model"
 
     def tokens(self, split: str) -> np.memmap:
-        return np.memmap(self.path / f"tokens-{split}.bin", dtype=self.meta["dtype"], mode="r")
+        path = self.path / f"tokens-{split}.bin"
+        try:
+            return np.memmap(path, dtype=self.meta["dtype"], mode="r")
+        except (OSError, ValueError) as e:  # missing, or a size that is not whole tokens: damaged
+            raise FlopwiseError(f"{path} cannot be read as {self.meta['dtype']} tokens ({e}): prepare the corpus "
+                                "again (delete the folder, then 'flopwise prepare')") from None
 
     def tokenizer(self):
         return load_tokenizer(self.tokenizer_path)

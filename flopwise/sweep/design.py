@@ -186,11 +186,6 @@ def describe(n: float) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
-def eta_seconds(runs: list[RunSpec], flops_per_s) -> float:
-    """Seconds to train ``runs`` on one worker, given a FLOP/s rate as a function of the shape."""
-    return float(sum(r.flops / flops_per_s(Shape(**r.shape)) for r in runs))
-
-
 def log_spaced(lo: float, hi: float, n: int) -> list[float]:
     if not (0 < lo < hi) or n < 1:
         raise FlopwiseError(f"--min-flops and --max-flops must satisfy 0 < min < max, got {lo:g}, {hi:g}")

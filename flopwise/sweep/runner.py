@@ -8,6 +8,7 @@ lock) is waited for, never trained twice.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import signal
 import time
@@ -23,7 +24,25 @@ from flopwise.errors import FlopwiseError
 from flopwise.model.llama import ModelConfig
 from flopwise.run import latest_checkpoint, new_run, read_final, run_is_locked
 from flopwise.sweep.design import RunSpec, read_design
+from flopwise.train.probe import training_rate
 from flopwise.train.trainer import train
+
+ETA_OVERHEAD = 1.15  # wall time over measured step time: evaluation, checkpoints, process start-up
+
+
+def sweep_seconds(specs: list[RunSpec], workers: int, threads: int) -> float:
+    """Wall seconds to train ``specs`` on ``workers`` workers of ``threads`` threads each, from a few measured
+    steps of the smallest and the largest shape (the rate log-linear in N between them)."""
+    small = min(specs, key=lambda s: s.n_params)
+    large = max(specs, key=lambda s: s.n_params)
+    r_small = training_rate(small.shape, threads)
+    r_large = training_rate(large.shape, threads) if large.n_params != small.n_params else r_small
+
+    def rate(n: float) -> float:
+        t = math.log(n / small.n_params) / math.log(large.n_params / small.n_params) if r_large != r_small else 0.0
+        return math.exp(math.log(r_small) + t * (math.log(r_large) - math.log(r_small)))
+
+    return sum(s.flops / rate(s.n_params) for s in specs) * ETA_OVERHEAD / workers
 
 
 def _die_with_parent() -> None:
