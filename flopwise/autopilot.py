@@ -37,7 +37,7 @@ from flopwise.report.plots import plot_fit, plot_loss_curves
 from flopwise.report.report import write_report
 from flopwise.run import load_model, new_run
 from flopwise.sweep.design import budgets_for, design_sweep, read_design, total_flops, write_design
-from flopwise.sweep.runner import ETA_OVERHEAD, run_sweep, sweep_seconds
+from flopwise.sweep.runner import ETA_OVERHEAD, run_sweep, sweep_seconds, worker_threads
 from flopwise.train.probe import training_rate
 from flopwise.train.trainer import train
 
@@ -79,7 +79,7 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
         write_design(sweep_dir, specs, meta)
     sweep_flops = total_flops(specs)
     workers = cfg.workers or min(os.cpu_count() or 1, len(specs))
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads, _ = worker_threads(workers)
     eta_sweep = sweep_seconds(specs, workers, threads)
     rate_final = training_rate(max(specs, key=lambda s: s.n_params).shape, os.cpu_count() or 1) / ETA_OVERHEAD
     remaining = cfg.budget_flops - sweep_flops
@@ -90,7 +90,7 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
         f"(measured on this machine)")
 
     with Bar("sweep", sweep_flops, quiet=not progress) as bar:
-        run_sweep(sweep_dir, workers, threads, progress=lambda done, total, k, n: bar.update(done, f"{k}/{n} runs"))
+        run_sweep(sweep_dir, workers, progress=lambda done, total, k, n: bar.update(done, f"{k}/{n} runs"))
     t_sweep = time.time() - t_start
 
     # 3. fit (Approach 2 and 3, bootstrap, extrapolation check)

@@ -159,3 +159,14 @@ def test_wsd_design_shares_trunks_and_saves_flops():
         assert trunk.n_tokens >= b.start_tokens and b.start_tokens < b.n_tokens
         assert b.full_flops == pytest.approx(b.budget, rel=0.02)  # each branch ends at its budget
     assert total_flops(runs) < 0.9 * equivalent_cosine_flops(runs)
+
+
+def test_sweep_workers_share_the_threads_out(monkeypatch):
+    """The workers' threads together never exceed --threads (or every core): no oversubscribed pool."""
+    from flopwise.sweep import runner
+
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 4)
+    monkeypatch.delenv("FLOPWISE_THREADS", raising=False)
+    assert [runner.worker_threads(w) for w in (1, 2, 3, 8)] == [(4, False), (2, False), (1, False), (1, False)]
+    monkeypatch.setenv("FLOPWISE_THREADS", "6")
+    assert [runner.worker_threads(w) for w in (1, 2, 4)] == [(6, True), (3, True), (1, True)]

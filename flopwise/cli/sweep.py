@@ -65,7 +65,7 @@ def sweep_run(
     """Design (or resume) an IsoFLOP sweep and train its runs."""
     set_threads(threads)
     # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
-    from flopwise.sweep.runner import run_sweep, sweep_seconds
+    from flopwise.sweep.runner import run_sweep, sweep_seconds, worker_threads
 
     if schedule not in ("cosine", "wsd"):
         raise FlopwiseError(f"--schedule must be cosine or wsd, got {schedule!r}")
@@ -84,7 +84,7 @@ def sweep_run(
             raise FlopwiseError(f"{sweep_dir} holds another sweep: resume it with the same options, or choose "
                                 "another --out")
     workers = workers or min(os.cpu_count() or 1, len(specs))
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads, _ = worker_threads(workers)
     t = Table(title=f"IsoFLOP sweep: {len(specs)} runs, {total_flops(specs):.3g} FLOPs")
     for col in ("run", "budget", "N", "D", "tokens/param", "epochs"):
         t.add_column(col, justify="right")
@@ -104,7 +104,7 @@ def sweep_run(
     if not (sweep_dir / "sweep.json").exists():
         write_design(sweep_dir, specs, meta)
     with Bar("sweep", total_flops(specs), quiet=quiet, console=console) as bar:
-        run_sweep(sweep_dir, workers, threads, ray, progress=lambda d, tot, k, n: bar.update(d, f"{k}/{n} runs"))
+        run_sweep(sweep_dir, workers, ray_address=ray, progress=lambda d, tot, k, n: bar.update(d, f"{k}/{n} runs"))
     sweep_status(out)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from flopwise.config import TrainConfig
+from flopwise.config import THREADS_ENV, TrainConfig, requested_threads
 from flopwise.data.prepare import open_corpus
 from flopwise.errors import FlopwiseError
 from flopwise.model.llama import ModelConfig
@@ -53,9 +53,25 @@ def _die_with_parent() -> None:
         pass
 
 
-def _init_worker(threads: int) -> None:
-    _die_with_parent()
+def worker_threads(workers: int) -> tuple[int, bool]:
+    """(threads per worker, whether fixed): --threads / $FLOPWISE_THREADS (else every core) shared out among the
+    workers, so the sweep's processes together never ask for more threads than that."""
+    fixed = requested_threads(0)
+    return max(1, (fixed or os.cpu_count() or 1) // max(1, workers)), bool(fixed)
+
+
+def _use_threads(threads: int, fixed: bool) -> None:
+    """In a worker: train with ``threads`` (the trainer adapts below it to the free cores unless ``fixed``)."""
     torch.set_num_threads(threads)
+    if fixed:
+        os.environ[THREADS_ENV] = str(threads)
+    else:
+        os.environ.pop(THREADS_ENV, None)
+
+
+def _init_worker(threads: int, fixed: bool) -> None:
+    _die_with_parent()
+    _use_threads(threads, fixed)
 
 
 def run_one(sweep_dir: str, spec: dict, corpus_path: str, train_options: dict) -> dict:
@@ -101,7 +117,7 @@ def run_sweep(sweep_dir: str | Path, workers: int = 1, threads: int | None = Non
     """Train every run of the sweep that has no final.json; ``progress(done_flops, total_flops, n_done, n)``."""
     sweep_dir = Path(sweep_dir)
     specs, meta = read_design(sweep_dir)
-    threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+    threads, fixed = (threads, True) if threads else worker_threads(workers)
     total = sum(s.flops for s in specs)
     todo = [s for s in specs if not (sweep_dir / s.name / "final.json").exists()]
     done_flops = total - sum(s.flops for s in todo)
@@ -111,28 +127,35 @@ def run_sweep(sweep_dir: str | Path, workers: int = 1, threads: int | None = Non
     results = []
     for phase in sorted({s.phase for s in todo}):  # WSD: trunks (phase 0) before their branches
         batch = sorted((s for s in todo if s.phase == phase), key=lambda s: -s.flops)  # largest first
-        out, done_flops, n_done = _run_batch(sweep_dir, batch, meta, workers, threads, ray_address, progress,
-                                             done_flops, total, n_done, len(specs))
+        out, done_flops, n_done = _run_batch(sweep_dir, batch, meta, workers, (threads, fixed), ray_address,
+                                             progress, done_flops, total, n_done, len(specs))
         results += out
     return results
 
 
-def _run_batch(sweep_dir: Path, todo: list[RunSpec], meta: dict, workers: int, threads: int, ray_address,
+def _run_batch(sweep_dir: Path, todo: list[RunSpec], meta: dict, workers: int, threads: tuple[int, bool], ray_address,
                progress, done_flops: float, total: float, n_done: int, n_specs: int):
     args = [(str(sweep_dir), s.__dict__, meta["corpus"], meta.get("train_options", {})) for s in todo]
     if ray_address is not None:
         return _run_ray(args, todo, ray_address, threads, progress, done_flops, total, n_done, n_specs)
     results = []
     if workers <= 1:
-        torch.set_num_threads(threads)
-        for spec, a in zip(todo, args, strict=True):
-            results.append(_wait_if_locked(sweep_dir / spec.name, lambda a=a: run_one(*a)))
-            done_flops, n_done = done_flops + spec.flops, n_done + 1
-            if progress:
-                progress(done_flops, total, n_done, n_specs)
+        before = os.environ.get(THREADS_ENV)
+        _use_threads(*threads)
+        try:
+            for spec, a in zip(todo, args, strict=True):
+                results.append(_wait_if_locked(sweep_dir / spec.name, lambda a=a: run_one(*a)))
+                done_flops, n_done = done_flops + spec.flops, n_done + 1
+                if progress:
+                    progress(done_flops, total, n_done, n_specs)
+        finally:  # this process goes on: its own setting comes back
+            if before is None:
+                os.environ.pop(THREADS_ENV, None)
+            else:
+                os.environ[THREADS_ENV] = before
         return results, done_flops, n_done
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=(threads,)) as pool:
+                             initargs=threads) as pool:
         pending = {pool.submit(_wait_if_locked_remote, *a): s for a, s in zip(args, todo, strict=True)}
         while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -156,14 +179,15 @@ def _wait_if_locked_remote(sweep_dir: str, spec: dict, corpus_path: str, train_o
     return _wait_if_locked(Path(sweep_dir) / spec["name"], lambda: run_one(sweep_dir, spec, corpus_path, train_options))
 
 
-def _run_ray(args, todo: list[RunSpec], address: str, threads: int, progress, done_flops, total, n_done, n):
+def _run_ray(args, todo: list[RunSpec], address: str, threads: tuple[int, bool], progress, done_flops, total, n_done,
+             n):
     try:
         import ray  # optional: only sweeps on a Ray cluster need it
     except ImportError:
         raise FlopwiseError("--ray needs Ray: pip install 'flopwise[ray]'") from None
     if not ray.is_initialized():
         ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False)
-    remote = ray.remote(num_cpus=threads)(_ray_task)
+    remote = ray.remote(num_cpus=threads[0])(_ray_task)
     refs = {remote.remote(threads, *a): s for a, s in zip(args, todo, strict=True)}
     results = []
     while refs:
@@ -177,6 +201,6 @@ def _run_ray(args, todo: list[RunSpec], address: str, threads: int, progress, do
     return results, done_flops, n_done
 
 
-def _ray_task(threads: int, sweep_dir: str, spec: dict, corpus_path: str, train_options: dict) -> dict:
-    torch.set_num_threads(threads)
+def _ray_task(threads: tuple[int, bool], sweep_dir: str, spec: dict, corpus_path: str, train_options: dict) -> dict:
+    _use_threads(*threads)
     return _wait_if_locked_remote(sweep_dir, spec, corpus_path, train_options)
