@@ -169,7 +169,8 @@ class _Run:
                     t_log, tokens_log = now, 0
                     rec = {"step": step, "time": time.time(), "tokens": (step + 1) * self.r.tokens_per_step,
                            "flops": (step + 1) * self.r.tokens_per_step * self.r.flops_per_token, "lr": lr,
-                           "loss": train_loss, "tok_per_s": tok_s, "mfu": tok_s * self.r.flops_per_token / self.peak}
+                           "loss": train_loss, "tok_per_s": tok_s, "mfu": tok_s * self.r.flops_per_token / self.peak,
+                           "threads": self.cpu.threads}
                     if val_loss is not None:
                         rec["val_loss"] = val_loss
                     metrics.write(json.dumps(rec) + "\n")
