@@ -37,7 +37,7 @@ from flopwise.report.plots import plot_fit, plot_loss_curves
 from flopwise.report.report import write_report
 from flopwise.run import load_model, new_run
 from flopwise.sweep.design import budgets_for, design_sweep, read_design, total_flops, write_design
-from flopwise.sweep.runner import ETA_OVERHEAD, run_sweep, sweep_seconds, worker_threads
+from flopwise.sweep.runner import ETA_OVERHEAD, default_workers, run_sweep, sweep_seconds, worker_threads
 from flopwise.train.probe import training_rate
 from flopwise.train.trainer import train
 
@@ -78,7 +78,7 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     else:
         write_design(sweep_dir, specs, meta)
     sweep_flops = total_flops(specs)
-    workers = cfg.workers or min(os.cpu_count() or 1, len(specs))
+    workers = cfg.workers or default_workers(len(specs))
     threads, _ = worker_threads(workers)
     eta_sweep = sweep_seconds(specs, workers, threads)
     rate_final = training_rate(max(specs, key=lambda s: s.n_params).shape, os.cpu_count() or 1) / ETA_OVERHEAD

@@ -20,7 +20,7 @@ def test_cpu_share_uses_the_cores_other_processes_leave(monkeypatch):
     """The decision, on made-up /proc/stat readings: 2 cores, and other processes using 0.1, 0.9 or 2 of them."""
     import flopwise.train.probe as pr
 
-    monkeypatch.setattr(pr.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(pr, "_allowed_cpus", lambda: {0, 1})
     monkeypatch.setattr(pr.time, "sleep", lambda s: None)
     clock = {"t": 0.0, "busy": 0.0, "own": 0.0}
     monkeypatch.setattr(pr, "_cpu_sample", lambda: (clock["t"], clock["busy"], clock["own"]))

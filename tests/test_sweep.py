@@ -161,6 +161,21 @@ def test_wsd_design_shares_trunks_and_saves_flops():
     assert total_flops(runs) < 0.9 * equivalent_cosine_flops(runs)
 
 
+def test_a_wsd_sweep_written_before_branch_from_reads_the_same(tmp_path):
+    """Older sweep.json files name a branch's trunk checkpoint init_from: they resume as the same design."""
+    from dataclasses import asdict
+
+    from flopwise.sweep.design import SWEEP_VERSION, design_wsd_sweep
+
+    runs = design_wsd_sweep([4e11, 1e12], vocab_size=1024, seq_len=128)
+    old = [asdict(r) for r in runs]
+    for r in old:
+        if "branch_from" in r["options"]:
+            r["options"]["init_from"] = r["options"].pop("branch_from")
+    (tmp_path / "sweep.json").write_text(json.dumps({"version": SWEEP_VERSION, "runs": old}))
+    assert [r.__dict__ for r in read_design(tmp_path)[0]] == [r.__dict__ for r in runs]
+
+
 def test_sweep_workers_share_the_threads_out(monkeypatch):
     """The workers' threads together never exceed --threads (or every core): no oversubscribed pool."""
     from flopwise.sweep import runner

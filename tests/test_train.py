@@ -136,6 +136,19 @@ def test_budget_from_flops_and_plan(bundled, tmp_path):
     assert tc.n_tokens == int(plan["n_tokens"]) and mc.d_model == plan["shape"]["d_model"]
 
 
+def test_a_run_gives_the_process_its_thread_count_back(bundled, tmp_path, monkeypatch):
+    """The next run in the same process (a sweep worker, the autopilot's --compare run) starts from the same count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        monkeypatch.setenv("FLOPWISE_THREADS", "2")
+        mc, tc = small(bundled, n_tokens=64 * 8 * 2)
+        final = train(new_run(tmp_path / "r", mc, tc, bundled), quiet=True)
+        assert final["threads_mean"] == 2 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bad_training_input(bundled, tmp_path):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"plan_version": 99, "n_tokens": 1e6, "shape": {}}))
@@ -148,7 +161,7 @@ def test_bad_training_input(bundled, tmp_path):
         (["--n-params", "2e5", "--tokens", "1e5", "--lr", "-1"], "--lr must be a positive number"),
         (["--n-params", "2e5", "--tokens", "1e5", "--precision", "foo"], "--precision must be auto, bf16 or fp32"),
         (["--n-params", "2e5", "--tokens", "1e5", "--schedule", "foo"], "--schedule must be cosine, wsd or"),
-        (["--n-params", "2e5", "--tokens", "1e5", "--device", "tpu"], "--device must be auto, cpu or cuda"),
+        (["--n-params", "2e5", "--tokens", "1e5", "--device", "tpu"], "--device must be auto, cpu, cuda or mps"),
         (["--n-params", "2e5", "--tokens", "1e5", "--threads", "-1"], "--threads must be 0"),
     ] + ([] if torch.cuda.is_available() else
          [(["--n-params", "2e5", "--tokens", "1e5", "--device", "cuda"], "no usable CUDA GPU: use --device cpu")]):

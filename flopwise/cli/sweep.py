@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -65,7 +64,7 @@ def sweep_run(
     """Design (or resume) an IsoFLOP sweep and train its runs."""
     set_threads(threads)
     # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
-    from flopwise.sweep.runner import run_sweep, sweep_seconds, worker_threads
+    from flopwise.sweep.runner import default_workers, run_sweep, sweep_seconds, worker_threads
 
     if schedule not in ("cosine", "wsd"):
         raise FlopwiseError(f"--schedule must be cosine or wsd, got {schedule!r}")
@@ -83,7 +82,7 @@ def sweep_run(
         if [s.__dict__ for s in old] != [s.__dict__ for s in specs]:
             raise FlopwiseError(f"{sweep_dir} holds another sweep: resume it with the same options, or choose "
                                 "another --out")
-    workers = workers or min(os.cpu_count() or 1, len(specs))
+    workers = workers or default_workers(len(specs))
     threads, _ = worker_threads(workers)
     t = Table(title=f"IsoFLOP sweep: {len(specs)} runs, {total_flops(specs):.3g} FLOPs")
     for col in ("run", "budget", "N", "D", "tokens/param", "epochs"):

@@ -127,12 +127,12 @@ def train(
     from flopwise.train import distributed as dist
     from flopwise.train.trainer import train as run_training
 
-    threads = set_threads(threads)
+    set_threads(threads)
     rank, _ = dist.setup()
     if out is None and run is None:
         raise FlopwiseError("no run directory: give --out RUN_DIR for a new run, or RUN_DIR to resume one")
     run_dir = Path(out or run)
-    if (run_dir / "config.json").exists():
+    if rank == 0 and (run_dir / "config.json").exists():
         if any(x is not None for x in (n_params, config, tokens, flops, plan_file)):
             raise FlopwiseError(f"{run_dir} already holds a run: resume it with 'flopwise train {run_dir}' "
                                 "(without model or budget options) or choose another --out")

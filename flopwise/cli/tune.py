@@ -60,8 +60,9 @@ def tune(
         if base is None:
             raise FlopwiseError("no base run: 'flopwise tune BASE_RUN --out RUN_DIR' (or --out alone to resume)")
         with console.status("encoding instruction data…"):
-            opts = TuneOptions(lora_rank=rank if lora else 0, lora_alpha=alpha, lora_targets=targets.split(","),
-                               epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, seed=seed)
+            opts = TuneOptions(lora_rank=rank if lora else 0, lora_alpha=alpha,
+                               lora_targets=targets.split(",") if lora else D.lora_targets, epochs=epochs,
+                               max_steps=max_steps, lr=lr, batch_size=batch_size, seed=seed)
             new_tune_run(out_dir, base, data, eval_data, opts, log=log)
     _, tc, cfg = read_run_config(out_dir)
     if not is_tuning(cfg):

@@ -169,6 +169,9 @@ def read_design(sweep_dir: str | Path) -> tuple[list[RunSpec], dict]:
     if doc.get("version") != SWEEP_VERSION:
         raise FlopwiseError(f"{path} has version {doc.get('version')}, this flopwise reads {SWEEP_VERSION}")
     runs = [RunSpec(**r) for r in doc.pop("runs")]
+    for r in runs:  # sweeps written before branch_from named a WSD branch's trunk checkpoint init_from
+        if "init_from" in r.options:
+            r.options["branch_from"] = r.options.pop("init_from")
     return runs, doc
 
 

@@ -53,6 +53,11 @@ def _die_with_parent() -> None:
         pass
 
 
+def default_workers(n_runs: int) -> int:
+    """One worker per core (per --threads when it is fixed), never more than there are runs."""
+    return max(1, min(requested_threads(0) or os.cpu_count() or 1, n_runs))
+
+
 def worker_threads(workers: int) -> tuple[int, bool]:
     """(threads per worker, whether fixed): --threads / $FLOPWISE_THREADS (else every core) shared out among the
     workers, so the sweep's processes together never ask for more threads than that."""
@@ -79,9 +84,8 @@ def run_one(sweep_dir: str, spec: dict, corpus_path: str, train_options: dict) -
     run_dir = Path(sweep_dir) / spec["name"]
     if not (run_dir / "config.json").exists():
         options = {**train_options, **spec.get("options", {})}
-        branch = options.pop("init_from", None) or options.get("branch_from")  # init_from: sweeps before 0.2
-        if branch:
-            options["branch_from"] = str(Path(sweep_dir) / branch)
+        if options.get("branch_from"):
+            options["branch_from"] = str(Path(sweep_dir) / options["branch_from"])
         options["extra"] = {"budget": spec["budget"], **options.get("extra", {})}
         tc = TrainConfig(n_tokens=spec["n_tokens"], **options)
         try:

@@ -29,16 +29,27 @@ def use_threads(threads: int = 0) -> int:
     return torch.get_num_threads()
 
 
+def _allowed_cpus() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))  # taskset / cpusets: the cores this process may run on
+    except AttributeError:
+        return set(range(os.cpu_count() or 1))
+
+
 def _cpu_sample() -> tuple[float, float, float] | None:
-    """(wall seconds, CPU seconds all processes have used, CPU seconds this process has used), Linux only."""
+    """(wall seconds, CPU seconds all processes have used on this process' cores, CPU seconds this process has
+    used), Linux only."""
+    allowed, busy = _allowed_cpus(), 0
     try:
         with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in allowed:
+                    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+                    busy += user + nice + system + irq + softirq + steal
     except (OSError, ValueError):
         return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    return time.monotonic(), busy, time.process_time()
+    return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), time.process_time()
 
 
 class CpuShare:
@@ -53,7 +64,8 @@ class CpuShare:
 
     def __init__(self, max_threads: int, adapt: bool = True, interval_s: float = 1.0):
         self.max_threads, self.interval_s = max(1, max_threads), interval_s
-        self.cores = os.cpu_count() or 1
+        self.before = torch.get_num_threads()  # restored by close(): the next run in this process starts from it
+        self.cores = len(_allowed_cpus())
         self._last = _cpu_sample()
         self.adapt = adapt and self.max_threads > 1 and self._last is not None
         self.threads = self.max_threads
@@ -81,6 +93,9 @@ class CpuShare:
             torch.set_num_threads(target)
         self._last = sample
         return self.threads
+
+    def close(self) -> None:
+        torch.set_num_threads(self.before)
 
     @property
     def mean_threads(self) -> float:

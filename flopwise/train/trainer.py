@@ -126,7 +126,7 @@ class _Run:
                                 "choose --batch-tokens divisible by the number of processes")
         self.data: TrainingData = training_data(run_dir, config, self.mc, self.tc, self.r.global_batch)
         self.quiet = quiet or self.rank != 0
-        fixed = requested_threads(self.tc.threads)
+        fixed = requested_threads(0) or self.tc.threads  # --threads / $FLOPWISE_THREADS now, else the run's own
         self.cpu = CpuShare(fixed or torch.get_num_threads(), adapt=not fixed and self.device.type == "cpu")
         self.peak = measured_peak(self.device, self.precision) * self.world
 
@@ -143,7 +143,7 @@ class _Run:
         dist.barrier()
         # a run resumed from its final checkpoint (killed before final.json) trains no step: keep its last loss
         train_loss = json.loads(kept[-1])["loss"] if kept else float("nan")
-        kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
+        kill_at = int(os.environ.get(KILL_AT_STEP_ENV) or 0)
         progress = Bar("train", self.r.steps, s.step, quiet=self.quiet)
         t_start = time.perf_counter()
         t_log, tokens_log = t_start, 0
@@ -183,6 +183,7 @@ class _Run:
                     os.kill(os.getpid(), signal.SIGKILL)
         finally:
             progress.close()
+            self.cpu.close()
             if metrics:
                 metrics.close()
         if final_eval is None:
