@@ -33,6 +33,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def usual_mode(path: str | os.PathLike) -> None:
+    """Give a temp file (mkstemp: 0600) or folder (mkdtemp: 0700) the mode the user's umask gives new ones."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_umask())
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -1,4 +1,5 @@
 import json
+import os
 import random
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def test_hf_tokenizer_and_chat_template_match_flopwise(bundled, tmp_path):
 def test_gguf_f32_loads_back_into_transformers_with_matching_logits(bundled, tmp_path, n_kv_heads, tie):
     run = make_run(bundled, tmp_path / "run", n_kv_heads, tie)
     info = export_gguf(run, tmp_path / "gg" / "model.gguf", "f32", log=lambda m: None)
-    assert info["bits_per_weight"] > 32 and (tmp_path / "gg" / "Modelfile").read_text().startswith("FROM ./model.gguf")
+    assert info["bits_per_weight"] > 32 and "\nFROM ./model.gguf\n" in (tmp_path / "gg" / "Modelfile").read_text()
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gg", gguf_file="model.gguf",
                                                            dtype=torch.float32).eval()
     ours = load_model(run)
@@ -194,6 +195,20 @@ def test_export_bad_input_is_clear_and_leaves_nothing(bundled, tmp_path, monkeyp
     with pytest.raises(FlopwiseError, match="not an earlier flopwise export"):
         export_hf(run, tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    # a GGUF export never overwrites the user's files: a non-.gguf file as --out, or their own Modelfile
+    r = cli("export", run, "--format", "gguf", "--out", tmp_path / "mine" / "notes.txt")
+    assert r.returncode == 2 and "is not a .gguf path" in r.stderr
+    (tmp_path / "mine" / "Modelfile").write_text("FROM llama3\n")
+    r = cli("export", run, "--format", "gguf", "--out", tmp_path / "mine" / "model.gguf")
+    assert r.returncode == 2 and "was not written by flopwise" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["Modelfile", "notes.txt"]
+    assert (tmp_path / "mine" / "Modelfile").read_text() == "FROM llama3\n"
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    out = export_gguf(run, tmp_path / "ours" / "m.gguf", log=lambda m: None)["path"]  # ours: replaced on re-export
+    assert export_gguf(run, out, log=lambda m: None)["path"] == out
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (Path(out).stat().st_mode & 0o777) == 0o666 & ~umask  # the user's umask, not mkstemp's 0600
 
 
 def test_gguf_reads_back_into_flopwise_and_generates(bundled, tmp_path):

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -121,3 +122,28 @@ def test_bad_corpora(tmp_path, monkeypatch):
         prepare([unreadable], out=tmp_path / "u")
     with pytest.raises(FlopwiseError, match="not a prepared corpus"):
         open_corpus(tmp_path)
+
+
+def test_prepare_never_deletes_or_overwrites_what_the_user_had(tmp_path):
+    """--out that holds the user's files, or is a file, is refused before any work; the user's bytes stay."""
+    text = tmp_path / "small.txt"
+    text.write_text("\n\n".join(f"Story {i}: the cat sat on the mat and looked at the {i} birds." for i in range(300)))
+    mine = tmp_path / "v"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "a.md").write_text("my notes")
+    (mine / "sub" / "b.txt").write_text("more")
+    with pytest.raises(FlopwiseError, match="holds other files: give a new or empty folder"):
+        prepare([text], out=mine, vocab_size=300)
+    assert (mine / "a.md").read_text() == "my notes" and (mine / "sub" / "b.txt").read_text() == "more"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.txt", "v"]  # no temp folder left either
+    a_file = tmp_path / "file"
+    a_file.write_text("mine")
+    with pytest.raises(FlopwiseError, match="is a file: give a folder"):
+        prepare([text], out=a_file, vocab_size=300)
+    assert a_file.read_text() == "mine"
+    corpus = prepare([text], out=tmp_path / "c", vocab_size=300)  # a corpus of ours is replaced when re-prepared
+    again = prepare([text], out=tmp_path / "c", vocab_size=320)
+    assert again.vocab_size == 320 and corpus.path == again.path
+    umask = os.umask(0)
+    os.umask(umask)
+    assert ((tmp_path / "c").stat().st_mode & 0o777) == 0o777 & ~umask  # not mkdtemp's 0700

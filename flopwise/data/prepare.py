@@ -29,7 +29,7 @@ import numpy as np
 
 from flopwise.data.tokenizer import BOS_ID, EOS_ID, UNK_ID, load_tokenizer, train_tokenizer
 from flopwise.errors import FlopwiseError
-from flopwise.fsutil import cache_root, parse_records
+from flopwise.fsutil import cache_root, parse_records, usual_mode
 
 DEFAULT_VOCAB_SIZE = 4096
 PREPARE_VERSION = 1  # bump when the output of prepare() changes for the same input
@@ -179,6 +179,11 @@ def prepare(paths: list[str | Path] | None = None, out: str | Path | None = None
     options = {"vocab_size": vocab_size, "val_fraction": val_fraction if not val_files else None, "seed": seed}
     digest = _content_hash(files, val_files, options)
     out = Path(out) if out else cache_root() / "corpora" / digest[:16]
+    if out.exists() and not out.is_dir():
+        raise FlopwiseError(f"--out {out} is a file: give a folder for the prepared corpus (a new or empty one)")
+    if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").exists():
+        raise FlopwiseError(f"--out {out} holds other files: give a new or empty folder (flopwise replaces only a "
+                            "corpus it prepared there)")
     if (out / "meta.json").exists():
         existing = open_corpus(out)
         if existing.meta.get("hash") == digest:
@@ -204,6 +209,7 @@ def prepare(paths: list[str | Path] | None = None, out: str | Path | None = None
             f"{len(stats['files_with_bad_bytes'])} file(s), e.g. {stats['files_with_bad_bytes'][0]}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    usual_mode(tmp)
     try:
         train_tokenizer(docs, vocab_size, tmp / "tokenizer.model", seed)
         sp = load_tokenizer(tmp / "tokenizer.model")

@@ -28,7 +28,7 @@ from flopwise import __version__
 from flopwise.data.instructions import PREAMBLE
 from flopwise.data.tokenizer import BOS_ID, EOS_ID, UNK_ID, load_tokenizer
 from flopwise.errors import FlopwiseError
-from flopwise.fsutil import atomic_write_text
+from flopwise.fsutil import atomic_write_text, usual_mode
 from flopwise.model.llama import Llama, ModelConfig
 from flopwise.run import is_tuning, load_model, read_run_config
 
@@ -144,7 +144,9 @@ ALPACA_CHAT_TEMPLATE = (
 
 def _staging(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    usual_mode(tmp)
+    return tmp
 
 
 def _place(tmp: Path, out: Path) -> None:
@@ -268,6 +270,7 @@ def write_gguf(model: Llama, vocab: tuple[list[bytes], list[float], list[int]], 
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
+    usual_mode(tmp)
     kept, n_weights = [], 0
     try:
         w = gguf.GGUFWriter(str(tmp), "llama")
@@ -324,8 +327,13 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "f32", log=pr
     if quant not in QUANTS:
         raise FlopwiseError(f"unknown quant type {quant!r}: choose one of {', '.join(QUANTS)}")
     run_dir, out = Path(run_dir), Path(out)
-    if out.suffix != ".gguf":
-        out = out / "model.gguf" if out.is_dir() or not out.suffix else out
+    if out.is_dir() or (not out.exists() and not out.suffix):
+        out = out / "model.gguf"
+    elif out.suffix != ".gguf":
+        raise FlopwiseError(f"--out {out} is not a .gguf path: give FILE.gguf, or a folder for model.gguf")
+    modelfile = out.with_name("Modelfile")
+    if modelfile.exists() and not modelfile.read_text(errors="replace").startswith(MODELFILE_MARK):
+        raise FlopwiseError(f"{modelfile} exists and was not written by flopwise: export into another folder")
     mc, _, config = read_run_config(run_dir)
     _check_expressible(mc)
     model = load_model(run_dir)
@@ -341,9 +349,13 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "f32", log=pr
             "bits_per_weight": 8 * size / n_weights, "kept_f16": kept}
 
 
+MODELFILE_MARK = "# written by flopwise export"  # an existing Modelfile without it is the user's: never replaced
+
+
 def write_modelfile(gguf_path: Path, mc: ModelConfig, tuned: bool) -> Path:
     """An ollama Modelfile beside the GGUF: the Alpaca template for tuned runs, the raw prompt otherwise."""
-    lines = [f"FROM ./{gguf_path.name}", f"PARAMETER num_ctx {mc.seq_len}", 'PARAMETER stop "</s>"']
+    lines = [MODELFILE_MARK, f"FROM ./{gguf_path.name}", f"PARAMETER num_ctx {mc.seq_len}",
+             'PARAMETER stop "</s>"']
     if tuned:
         lines += ['PARAMETER stop "### Instruction:"',
                   'TEMPLATE """{{ if .System }}{{ .System }}{{ else }}' + PREAMBLE + '{{ end }}\n\n'
