@@ -36,7 +36,7 @@ from flopwise.progress import Bar
 from flopwise.report.plots import plot_fit, plot_loss_curves
 from flopwise.report.report import write_report
 from flopwise.run import load_model, new_run
-from flopwise.sweep.design import budgets_for, design_sweep, read_design, total_flops, write_design
+from flopwise.sweep.design import budgets_for, check_feasible, design_sweep, read_design, total_flops, write_design
 from flopwise.sweep.runner import ETA_OVERHEAD, default_workers, run_sweep, sweep_seconds, worker_threads
 from flopwise.train.probe import training_rate
 from flopwise.train.trainer import train
@@ -66,6 +66,7 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     sweep_dir = out / "sweep"
     budgets = budgets_for(cfg.sweep_fraction * cfg.budget_flops, cfg.n_budgets, cfg.budget_ratio, cfg.n_sizes)
     specs = design_sweep(budgets, corpus.vocab_size, cfg.seq_len, cfg.n_sizes, cfg.spread, cfg.prior)
+    check_feasible(specs, m["n_tokens_train"])
     meta = {"corpus": str(corpus.path), "corpus_hash": m["hash"], "budgets": budgets, "prior": cfg.prior,
             "train_options": sweep_train_options(cfg), "schedule": "cosine"}
     if (sweep_dir / "sweep.json").exists():

@@ -185,3 +185,20 @@ def test_sweep_workers_share_the_threads_out(monkeypatch):
     assert [runner.worker_threads(w) for w in (1, 2, 3, 8)] == [(4, False), (2, False), (1, False), (1, False)]
     monkeypatch.setenv("FLOPWISE_THREADS", "6")
     assert [runner.worker_threads(w) for w in (1, 2, 4)] == [(6, True), (3, True), (1, True)]
+
+
+def test_absurd_sweeps_are_refused_before_any_model_is_built(bundled, tmp_path):
+    from flopwise.sweep.design import check_feasible
+
+    specs = design_sweep([1e12, 3e12], bundled.vocab_size, 128, 3)
+    check_feasible(specs, bundled.meta["n_tokens_train"], memory_bytes=24e9)  # the default-sized sweep passes
+    with pytest.raises(FlopwiseError, match="needs ~.* GB for weights and optimizer state, more than this machine"):
+        check_feasible(specs, bundled.meta["n_tokens_train"], memory_bytes=1e6)
+    with pytest.raises(FlopwiseError, match="repeats the corpus .* times"):
+        check_feasible(specs, 1000, memory_bytes=24e9)
+    out = tmp_path / "s"
+    r = subprocess.run([sys.executable, "-m", "flopwise", "sweep", "run", "--budgets", "1e25", "--out", str(out),
+                        "--data", str(bundled.path), "--workers", "1", "--dry-run"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "lower the budgets" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()

@@ -14,6 +14,7 @@ from flopwise.data.prepare import resolve_corpus
 from flopwise.errors import FlopwiseError
 from flopwise.progress import Bar
 from flopwise.sweep.design import (
+    check_feasible,
     design_sweep,
     design_wsd_sweep,
     equivalent_cosine_flops,
@@ -74,6 +75,7 @@ def sweep_run(
     extra = {"cooldown_fraction": cooldown_fraction} if schedule == "wsd" else {}
     specs = design(_budgets(budgets, min_flops, max_flops, n_budgets), corpus.vocab_size, seq_len, sizes,
                    spread, prior, **extra)
+    check_feasible(specs, corpus.meta["n_tokens_train"])
     meta = {"corpus": str(corpus.path), "corpus_hash": corpus.meta["hash"],
             "budgets": sorted({s.budget for s in specs}),
             "prior": prior, "train_options": sweep_train_options(AutopilotConfig()), "schedule": schedule}

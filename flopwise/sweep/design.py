@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -173,6 +174,26 @@ def read_design(sweep_dir: str | Path) -> tuple[list[RunSpec], dict]:
         if "init_from" in r.options:
             r.options["branch_from"] = r.options.pop("init_from")
     return runs, doc
+
+
+MAX_EPOCHS = 1000  # beyond this a run memorises its corpus: the budget is absurd for the data
+TRAINING_BYTES_PER_PARAM = 16  # fp32 weights, gradients and AdamW's two moments
+
+
+def check_feasible(runs: list[RunSpec], n_tokens_train: int, memory_bytes: float | None = None) -> None:
+    """Refuse, before any model is built, a sweep this corpus and machine cannot sensibly run."""
+    if memory_bytes is None:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    big = max(runs, key=lambda r: r.n_params)
+    need = big.n_params * TRAINING_BYTES_PER_PARAM
+    if need > 0.8 * memory_bytes:
+        raise FlopwiseError(f"the sweep's largest model ({big.n_params:.3g} params) needs ~{need / 1e9:.3g} GB for "
+                            f"weights and optimizer state, more than this machine's {memory_bytes / 1e9:.3g} GB: "
+                            "lower the budgets")
+    epochs = max(r.n_tokens for r in runs) / max(1, n_tokens_train)
+    if epochs > MAX_EPOCHS:
+        raise FlopwiseError(f"the sweep's longest run repeats the corpus {epochs:.3g} times (more than {MAX_EPOCHS}): "
+                            "lower the budgets or give more text")
 
 
 def total_flops(runs: list[RunSpec]) -> float:
