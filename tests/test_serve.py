@@ -81,6 +81,11 @@ def test_sampling_filters():
 def test_models_and_completions(server, engine):
     r = httpx.get(f"{server}/v1/models")
     assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"
+    for path, body in (("completions", {"model": "gpt-4", "prompt": "Hi"}),
+                       ("chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "Hi"}]})):
+        r = httpx.post(f"{server}/v1/{path}", json=body)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+        assert r.json()["error"]["param"] == "model" and "'tiny'" in r.json()["error"]["message"]
     body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "foo": "ignored"}
     r = httpx.post(f"{server}/v1/completions", json=body)
     assert r.status_code == 200, r.text

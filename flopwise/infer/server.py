@@ -60,10 +60,11 @@ class _Busy(Exception):
     pass
 
 
-def error(status: int, message: str, param: str | None = None, etype: str = "invalid_request_error") -> JSONResponse:
+def error(status: int, message: str, param: str | None = None, etype: str = "invalid_request_error",
+          code: str | None = None) -> JSONResponse:
     """An OpenAI-style error response."""
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": etype, "param": param,
-                                                               "code": None}})
+                                                               "code": code}})
 
 
 def sampling(req: _Common, prompt_len: int, ctx: int) -> Sampling:
@@ -180,8 +181,17 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 32) -> FastAPI:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
                                             "owned_by": "flopwise"}]}
 
+    def unknown_model(req: _Common) -> JSONResponse | None:
+        """OpenAI's 404 for a model this server does not serve (no model given: this one)."""
+        if req.model is None or req.model == model_name:
+            return None
+        return error(404, f"The model '{req.model}' does not exist: this server serves '{model_name}'", "model",
+                     code="model_not_found")
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
+        if (e := unknown_model(req)) is not None:
+            return e
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts or any(not p for p in prompts):
             return error(400, "prompt must be a non-empty string (or a list of them)", "prompt")
@@ -214,6 +224,8 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 32) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
+        if (e := unknown_model(req)) is not None:
+            return e
         messages = [m.model_dump() for m in req.messages]
         if not any(m["content"].strip() for m in messages if m["role"] == "user"):
             return error(400, "the user message is empty", "messages")
