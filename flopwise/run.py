@@ -62,14 +62,19 @@ def new_run(run_dir: str | Path, model: ModelConfig, train: TrainConfig, corpus:
     if model.vocab_size != corpus.vocab_size:
         raise FlopwiseError(f"the model's vocab_size {model.vocab_size} differs from the corpus' {corpus.vocab_size}")
     resolve(model, train)  # validates the options and the budget before anything is written
-    if train.device.startswith("cuda") and not torch.cuda.is_available():
-        raise FlopwiseError("--device cuda, but this machine has no usable CUDA GPU: use --device cpu (or auto)")
+    require_device(train.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(corpus.tokenizer_path, run_dir / "tokenizer.model")
     write_config(run_dir, model, train, {"path": str(corpus.path.resolve()), "hash": corpus.meta["hash"],
                                          "n_tokens_train": corpus.meta["n_tokens_train"],
                                          "n_tokens_val": corpus.meta["n_tokens_val"]})
     return run_dir
+
+
+def require_device(name: str) -> None:
+    """Refuse a CUDA device on a machine without one (before a run is written, and when it trains)."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FlopwiseError("--device cuda, but this machine has no usable CUDA GPU: use --device cpu (or auto)")
 
 
 def read_run_config(run_dir: str | Path) -> tuple[ModelConfig, TrainConfig, dict]:

@@ -19,6 +19,7 @@ from flopwise.fsutil import atomic_write_text
 from flopwise.laws.flops import training_flops_per_token
 from flopwise.laws.hardware import probe_cache_path
 from flopwise.model.llama import Llama, ModelConfig
+from flopwise.run import require_device
 
 
 def use_threads(threads: int = 0) -> int:
@@ -110,8 +111,7 @@ def pick_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise FlopwiseError(f"unknown device {name!r}: use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FlopwiseError("--device cuda, but this machine has no usable CUDA GPU: use --device cpu (or auto)")
+    require_device(device.type)
     return device
 
 

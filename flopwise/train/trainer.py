@@ -98,7 +98,11 @@ def train(run_dir: str | Path, quiet: bool = False, log=print) -> dict:
         return done
     rank = int(os.environ.get("RANK", "0"))
     with run_lock(run_dir, rank):
-        return _Run(run_dir, quiet, log).train()
+        run = _Run(run_dir, quiet, log)
+        try:
+            return run.train()
+        finally:
+            run.cpu.close()  # the next run in this process starts from the thread count this one found
 
 
 @dataclass
@@ -126,9 +130,9 @@ class _Run:
                                 "choose --batch-tokens divisible by the number of processes")
         self.data: TrainingData = training_data(run_dir, config, self.mc, self.tc, self.r.global_batch)
         self.quiet = quiet or self.rank != 0
+        self.peak = measured_peak(self.device, self.precision) * self.world
         fixed = requested_threads(0) or self.tc.threads  # --threads / $FLOPWISE_THREADS now, else the run's own
         self.cpu = CpuShare(fixed or torch.get_num_threads(), adapt=not fixed and self.device.type == "cpu")
-        self.peak = measured_peak(self.device, self.precision) * self.world
 
     def train(self) -> dict:
         s = self._restore()
@@ -183,7 +187,6 @@ class _Run:
                     os.kill(os.getpid(), signal.SIGKILL)
         finally:
             progress.close()
-            self.cpu.close()
             if metrics:
                 metrics.close()
         if final_eval is None:
