@@ -11,7 +11,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +26,35 @@ from flopwise.fsutil import atomic_write_text
 from flopwise.infer.generate import Engine, Sampling
 from flopwise.laws import allocate
 from flopwise.laws.allocate import EPOCHS_WARNING, check_flops
-from flopwise.laws.fit import fit_runs, loss_from_thetas, public, save_fit
-from flopwise.laws.flops import Shape, n_params_total, training_flops_per_token
+from flopwise.laws.fit import (
+    fit_runs,
+    loss_from_thetas,
+    predictive_sigma,
+    public,
+    save_fit,
+    widen,
+    with_effective_tokens,
+)
+from flopwise.laws.flops import n_params_total, training_flops_per_token
+from flopwise.laws.law import load_law
 from flopwise.laws.plan import make_plan
 from flopwise.laws.runs import load_runs
-from flopwise.laws.shape import suggest_shape
+from flopwise.laws.shape import family_shape
+from flopwise.laws.trust import CAVEATS, NOT_INFORMATIVE, failed
 from flopwise.model.llama import ModelConfig
 from flopwise.progress import Bar
 from flopwise.report.plots import plot_fit, plot_loss_curves
 from flopwise.report.report import write_report
 from flopwise.run import load_model, new_run
-from flopwise.sweep.design import budgets_for, check_feasible, design_sweep, read_design, total_flops, write_design
+from flopwise.sweep.design import (
+    budgets_for,
+    check_feasible,
+    design_sweep,
+    read_design,
+    smallest_budget,
+    total_flops,
+    write_design,
+)
 from flopwise.sweep.runner import ETA_OVERHEAD, default_workers, run_sweep, sweep_seconds, worker_threads
 from flopwise.train.probe import training_rate
 from flopwise.train.trainer import train
@@ -50,7 +68,8 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     """
     cfg = cfg or AutopilotConfig()
     out = Path(out)
-    check_flops(cfg.budget_flops, "--budget")
+    if cfg.budget_flops is not None:
+        check_flops(cfg.budget_flops, "--budget")
     if not 0 < cfg.sweep_fraction < 1:
         raise FlopwiseError(f"--sweep-fraction must be between 0 and 1, got {cfg.sweep_fraction}")
     t_start = time.time()
@@ -62,13 +81,21 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     log(f"corpus: {m['n_tokens_train']:,} training tokens ({m['n_docs_train']:,} documents), "
         f"{m['n_tokens_val']:,} validation tokens, vocab {m['vocab_size']} ({corpus.path})")
 
-    # 2. sweep design (refuse to mix with another sweep in the same folder)
-    sweep_dir = out / "sweep"
-    budgets = budgets_for(cfg.sweep_fraction * cfg.budget_flops, cfg.n_budgets, cfg.budget_ratio, cfg.n_sizes)
-    specs = design_sweep(budgets, corpus.vocab_size, cfg.seq_len, cfg.n_sizes, cfg.spread, cfg.prior)
+    # 2. sweep design, refused before anything is written when the budget cannot buy an informative sweep
+    least = smallest_autopilot_budget(cfg, corpus.vocab_size)
+    if cfg.budget_flops is None:
+        cfg = replace(cfg, budget_flops=least)
+        log(f"budget: {least:.2g} FLOPs, the smallest whose sweep is informative on this corpus (--budget auto)")
+    specs = _design(cfg, cfg.budget_flops, corpus.vocab_size)
+    if specs is None:
+        raise FlopwiseError(f"--budget {cfg.budget_flops:.3g} is too small for an informative sweep (vocab "
+                            f"{corpus.vocab_size}, context {cfg.seq_len}, {cfg.min_steps}+ steps per run): the "
+                            f"smallest that works is {least:.2g} FLOPs (--budget auto picks it)")
     check_feasible(specs, m["n_tokens_train"])
+    sweep_dir = out / "sweep"
+    budgets = sorted({s.budget for s in specs})
     meta = {"corpus": str(corpus.path), "corpus_hash": m["hash"], "budgets": budgets, "prior": cfg.prior,
-            "train_options": sweep_train_options(cfg), "schedule": "cosine"}
+            "train_options": sweep_train_options(cfg), "schedule": "cosine", "min_steps": cfg.min_steps}
     if (sweep_dir / "sweep.json").exists():
         old_specs, old_meta = read_design(sweep_dir)
         same = [s.__dict__ for s in old_specs] == [s.__dict__ for s in specs] and old_meta["corpus_hash"] == m["hash"]
@@ -81,35 +108,46 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     sweep_flops = total_flops(specs)
     workers = cfg.workers or default_workers(len(specs))
     threads, _ = worker_threads(workers)
-    eta_sweep = sweep_seconds(specs, workers, threads)
-    rate_final = training_rate(max(specs, key=lambda s: s.n_params).shape, os.cpu_count() or 1) / ETA_OVERHEAD
     remaining = cfg.budget_flops - sweep_flops
     log(f"sweep: {len(specs)} runs over {len(budgets)} budgets ({', '.join(f'{b:.2g}' for b in budgets)} FLOPs), "
-        f"sizes {min(s.n_params for s in specs):,}-{max(s.n_params for s in specs):,} params, "
-        f"{sweep_flops:.3g} FLOPs on {workers} worker(s)")
-    log(f"ETA: sweep ~{eta_sweep / 60:.1f} min, final model ~{remaining / rate_final / 60:.1f} min "
-        f"(measured on this machine)")
+        f"sizes {min(s.n_params for s in specs):,}-{max(s.n_params for s in specs):,} params "
+        f"({specs[0].shape['n_layers']} layers, width the one dial), at least "
+        f"{min(s.n_tokens // s.options.get('batch_tokens', 1) for s in specs)} steps per run, "
+        f"{sweep_flops:.3g} FLOPs on {workers} worker(s); ETA ~{sweep_seconds(specs, workers, threads) / 60:.1f} min "
+        "(measured on this machine)")
 
     with Bar("sweep", sweep_flops, quiet=not progress) as bar:
         run_sweep(sweep_dir, workers, progress=lambda done, total, k, n: bar.update(done, f"{k}/{n} runs"))
     t_sweep = time.time() - t_start
 
-    # 3. fit (Approach 2 and 3, bootstrap, extrapolation check)
+    # 3. fit (Approach 2 and 3, bootstrap, extrapolation check), the trust checks, and a fallback when they fail
     runs = load_runs(sweep_dir)
+    holdout = 1 if len(budgets) >= 3 else 0
     with Bar("fit (bootstrap)", cfg.bootstrap, quiet=not progress) as bar:
-        fit = fit_runs(runs, approach="all", n_boot=cfg.bootstrap, holdout_largest=1 if len(budgets) >= 3 else 0,
-                       budgets=[remaining], seed=cfg.seed, progress=lambda stage, done, total: bar.update(done, stage))
-    fit_dir = out / "fit"
-    save_fit(fit, str(sweep_dir), fit_dir)
-    plots = plot_fit(runs, fit, fit_dir)
+        def tick(stage: str, done: int, total: int) -> None:
+            bar.update(done, stage)
 
-    # 4. plan the final run with the fitted law, data-constrained
-    final_spec, plan = _plan_final(fit, remaining, corpus, cfg)
+        free = fit_runs(runs, approach="all", n_boot=cfg.bootstrap, holdout_largest=holdout, budgets=[remaining],
+                        seed=cfg.seed, progress=tick, min_steps=cfg.min_steps, effective_data=True)
+        fit, law_used = free, {"law": "fitted", "why": "the free fit passed the critical checks"}
+        if free["verdict"] == NOT_INFORMATIVE:
+            fit, law_used = _fallback_fit(runs, free, cfg, holdout, remaining, tick)
+    fit_dir = out / "fit"
+    save_fit(free, str(sweep_dir), fit_dir)
+    if fit is not free:
+        save_fit(fit, str(sweep_dir), fit_dir / "fallback")
+    plots = plot_fit(with_effective_tokens(runs), free, fit_dir)  # the law's D is D'; so are the plots' axes
+    checks, verdict = _plan_checks(free, fit, law_used)
+    log(f"fit: {verdict}" + (f" ({'; '.join(c['why'] for c in failed(checks))})" if failed(checks) else "")
+        + f"; planning with the {law_used['law']} law")
+
+    # 4. plan the final run with the law, data-constrained, in the sweep's shape family
+    final_spec, plan = _plan_final(fit, remaining, corpus, cfg, depth=specs[0].shape["n_layers"])
     eta_final = final_spec["flops"] / training_rate(final_spec["shape"], os.cpu_count() or 1) * ETA_OVERHEAD
     log(f"plan: N = {final_spec['n_params']:,} params, D = {final_spec['n_tokens']:,} tokens "
         f"({final_spec['epochs']:.1f} epochs of the corpus), predicted loss {final_spec['predicted_loss']:.3f} "
         f"[{final_spec['predicted_interval'][0]:.3f}, {final_spec['predicted_interval'][1]:.3f}]; "
-        f"training it takes ~{eta_final / 60:.1f} min")
+        f"ETA ~{eta_final / 60:.1f} min (measured on this machine)")
 
     # 5. train the final model
     final_dir = out / "final"
@@ -125,14 +163,16 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     comparison = _compare(runs, fit, final, final_spec, bigger)
     samples = _samples(final_dir, cfg.seed)
     summary = {
-        "budget_flops": cfg.budget_flops, "sweep_flops": sweep_flops, "final_flops": final["flops"],
+        "verdict": verdict, "budget_flops": cfg.budget_flops, "sweep_flops": sweep_flops, "final_flops": final["flops"],
         "n_params_opt": final_spec["n_params"], "n_tokens_opt": final_spec["n_tokens"],
         "predicted_loss": final_spec["predicted_loss"], "predicted_loss_interval": final_spec["predicted_interval"],
+        "predictive_sigma": final_spec["predictive_sigma"],
         "measured_loss": final["val_loss"], "measured_bpb": final["val_bpb"], **comparison,
         "epochs": final["epochs"], "swept_n_params_min": int(min(runs.n_params)),
         "swept_n_params_max": int(max(runs.n_params)), "fit": {k: fit.get(k) for k in ("E", "A", "B", "alpha", "beta",
                                                                                     "a", "b")},
         "holdout": public(fit).get("holdout"), "warnings": fit["warnings"] + _plan_warnings(plan, final["epochs"]),
+        "checks": checks, "law_used": law_used,
         "wall_seconds": {"sweep": t_sweep, "total": time.time() - t_start, "final": final["wall_seconds"]},
         "energy_kwh_estimate": _energy_kwh(time.time() - t_start),
         "samples": samples, "config": asdict(cfg),
@@ -164,26 +204,71 @@ def _energy_kwh(seconds: float, watts_per_core: float = 10.0) -> float:
     return seconds / 3600 * watts_per_core * (os.cpu_count() or 1) / 1000
 
 
-def _plan_final(fit: dict, flops: float, corpus, cfg: AutopilotConfig) -> tuple[dict, dict]:
-    """The final model under the fitted law, with Muennighoff's data-constrained correction."""
+def _design(cfg: AutopilotConfig, budget_flops: float, vocab_size: int) -> list | None:
+    """The autopilot's sweep for a total budget, or None when that budget cannot buy an informative one."""
+    budgets = budgets_for(cfg.sweep_fraction * budget_flops, cfg.n_budgets, cfg.budget_ratio, cfg.n_sizes)
+    try:
+        return design_sweep(budgets, vocab_size, cfg.seq_len, cfg.n_sizes, cfg.spread, cfg.prior,
+                            min_steps=cfg.min_steps)
+    except FlopwiseError:
+        return None
+
+
+def smallest_autopilot_budget(cfg: AutopilotConfig, vocab_size: int) -> float:
+    """The smallest total budget (2 significant digits) whose sweep meets the step floor and brackets the prior."""
+    return smallest_budget(lambda b: _design(cfg, b, vocab_size) is not None)
+
+
+PRIOR_EXPONENT_SD = 0.05  # stated uncertainty of the prior's alpha and beta in the fallback fit
+
+
+def _fallback_fit(runs, free: dict, cfg: AutopilotConfig, holdout: int, flops: float, tick) -> tuple[dict, dict]:
+    """Approach 3 with the prior's exponents held (drawn around them in the bootstrap): only E, A and B come from
+    the sweep. Used when the free fit cannot be identified."""
+    prior = allocate.require_parametric(load_law(cfg.prior), "the fallback fit")
+    fixed, sd = {"alpha": prior.alpha, "beta": prior.beta}, {"alpha": PRIOR_EXPONENT_SD, "beta": PRIOR_EXPONENT_SD}
+    fit = fit_runs(runs, approach="3", n_boot=cfg.bootstrap, holdout_largest=holdout, budgets=[flops], seed=cfg.seed,
+                   progress=tick, fixed=fixed, fixed_sd=sd, min_steps=cfg.min_steps, effective_data=True)
+    why = "; ".join(c["why"] for c in failed(free["checks"], "critical"))
+    return fit, {"law": f"fallback ({prior.name} exponents ± {PRIOR_EXPONENT_SD}, E, A, B fitted)",
+                 "why": f"the free fit is not identifiable: {why}", "fixed": fixed, "fixed_sd": sd}
+
+
+def _plan_checks(free: dict, used: dict, law_used: dict) -> tuple[list[dict], str]:
+    """The checks the verdict rests on: the free fit's, and when the fallback law plans, the fallback's own too."""
+    if used is free:
+        return free["checks"], free["verdict"]
+    checks = [dict(c, name=f"free_fit.{c['name']}") for c in free["checks"]] + used["checks"]
+    checks.append({"name": "law", "value": "fallback", "threshold": "fitted", "passed": False, "severity": "caveat",
+                   "why": f"planned with the {law_used['law']} law, because {law_used['why'].split(': ', 1)[-1]}"})
+    # the free fit's critical failures are why the fallback exists; the fallback's own checks decide the verdict
+    return checks, NOT_INFORMATIVE if used["verdict"] == NOT_INFORMATIVE else CAVEATS
+
+
+def _plan_final(fit: dict, flops: float, corpus, cfg: AutopilotConfig, depth: int) -> tuple[dict, dict]:
+    """The final model under the law, with Muennighoff's data-constrained correction, in the sweep's family
+    (the law was measured on that family); the interval adds the runs' scatter and the measured extrapolation
+    error to the parameters' bootstrap spread (fit.predictive_sigma)."""
     law = fit["_fit"].law("total")
     unique = corpus.meta["n_tokens_train"]
     plan = make_plan(flops, law, unique_tokens=unique, vocab_size=corpus.vocab_size, seq_len=cfg.seq_len)
-    shape = plan["shape"]
-    s = Shape.from_dict(shape)
+    s = family_shape(plan["n_params"], depth, corpus.vocab_size, cfg.seq_len, step=32)
+    plan["shape"] = {**s.to_dict(), "n_params_total": n_params_total(s)}
     n = n_params_total(s)
     d = int(flops / training_flops_per_token(s))
     n_eff = float(allocate.effective_params(law, n, unique))
     d_eff = float(allocate.effective_tokens(d, unique))
     predicted = float(law.loss(n_eff, d_eff))
-    interval = [predicted, predicted]
+    lo, hi = predicted, predicted
     if "_thetas" in fit:
         # parameter uncertainty of the law at this run's effective N' and D' (U_N is held at the fit's value)
         losses = loss_from_thetas(fit["_thetas"], n_eff, d_eff)[:, 0]
-        interval = [float(np.percentile(losses, 5)), float(np.percentile(losses, 95))]
-    return {"shape": {k: shape[k] for k in Shape.__dataclass_fields__}, "n_params": n, "n_tokens": d,
-            "flops": float(training_flops_per_token(s) * d), "epochs": d / unique, "predicted_loss": predicted,
-            "predicted_interval": interval, "effective_tokens": d_eff, "effective_params": n_eff}, plan
+        lo, hi = np.percentile(losses, [50 * (1 - fit["level"]), 50 * (1 + fit["level"])])
+    sigma = predictive_sigma(fit, flops)
+    lo, hi = widen(predicted, lo, hi, sigma, fit["level"])
+    return {"shape": s.to_dict(), "n_params": n, "n_tokens": d, "flops": float(training_flops_per_token(s) * d),
+            "epochs": d / unique, "predicted_loss": predicted, "predicted_interval": [float(lo), float(hi)],
+            "predictive_sigma": sigma, "effective_tokens": d_eff, "effective_params": n_eff}, plan
 
 
 def _train_final(run_dir: Path, spec: dict, corpus, cfg: AutopilotConfig, log, quiet: bool = False,
@@ -191,7 +276,7 @@ def _train_final(run_dir: Path, spec: dict, corpus, cfg: AutopilotConfig, log, q
     shape = spec["shape"]
     n_tokens = spec["n_tokens"]
     if reshape:
-        s = suggest_shape(spec["n_params_target"], vocab_size=corpus.vocab_size, seq_len=cfg.seq_len)
+        s = family_shape(spec["n_params_target"], spec["shape"]["n_layers"], corpus.vocab_size, cfg.seq_len, step=32)
         shape, n_tokens = s.to_dict(), int(spec["flops"] / training_flops_per_token(s))
     if not (run_dir / "config.json").exists():
         new_run(run_dir, ModelConfig(**shape), TrainConfig(n_tokens=n_tokens, seed=cfg.seed), corpus)

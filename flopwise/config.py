@@ -11,6 +11,7 @@ from pathlib import Path
 from flopwise.errors import FlopwiseError
 from flopwise.laws.flops import BLOCK_PROJECTIONS, Shape, training_flops_per_token
 from flopwise.laws.hyper import default_lr_and_batch
+from flopwise.laws.trust import MIN_STEPS
 
 THREADS_ENV = "FLOPWISE_THREADS"  # a fixed torch thread count for every command, like --threads
 
@@ -164,7 +165,8 @@ DEFAULT_BUDGET = 5e13  # FLOPs: about ten minutes of training on a 2-core CPU
 
 @dataclass
 class AutopilotConfig:
-    budget_flops: float = DEFAULT_BUDGET
+    budget_flops: float | None = DEFAULT_BUDGET  # None: the smallest budget whose sweep is informative
+    min_steps: int = MIN_STEPS  # optimizer steps every sweep run gets at least
     sweep_fraction: float = 0.4
     n_budgets: int = 3
     n_sizes: int = 5

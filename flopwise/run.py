@@ -96,6 +96,21 @@ def is_tuning(config: dict) -> bool:
 
 # ---- checkpoints, metrics, final.json ----
 
+PRECISION_FILE = "precision.txt"  # what --precision auto chose at the run's first start; a resumed run keeps it
+
+
+def read_precision(run_dir: str | Path) -> str | None:
+    try:
+        value = (Path(run_dir) / PRECISION_FILE).read_text().strip()
+    except OSError:
+        return None
+    return value if value in ("bf16", "fp32") else None
+
+
+def write_precision(run_dir: str | Path, precision: str) -> None:
+    atomic_write_text(Path(run_dir) / PRECISION_FILE, precision + "\n")
+
+
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, step: int, wall_seconds: float) -> None:
     """Atomically write the state needed to continue at ``step``."""
     path.parent.mkdir(parents=True, exist_ok=True)

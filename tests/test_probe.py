@@ -75,3 +75,29 @@ def test_threads_option_and_environment(monkeypatch):
             requested_threads(0)
     with pytest.raises(FlopwiseError, match="--threads must be 0"):
         requested_threads(-2)
+
+
+def test_auto_precision_is_the_faster_one_measured_per_shape(monkeypatch):
+    import torch
+
+    from flopwise.train import probe
+
+    measured = []
+
+    def fake_rate(shape, threads, micro_batch, steps, precision):
+        measured.append((shape["d_model"], precision))
+        return {("fp32", 16): 2.0, ("bf16", 16): 1.0, ("fp32", 512): 1.0, ("bf16", 512): 3.0}[precision,
+                                                                                           shape["d_model"]]
+
+    monkeypatch.setattr(probe, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(probe, "training_rate", fake_rate)
+    probe.faster_precision.cache_clear()
+    cpu = torch.device("cpu")
+    tiny, wide = ({"d_model": d, "n_layers": 2} for d in (16, 512))
+    assert probe.pick_precision("auto", cpu, tiny) == "fp32"
+    assert probe.pick_precision("auto", cpu, wide) == "bf16"
+    assert probe.pick_precision("auto", cpu, tiny) == "fp32" and len(measured) == 4  # measured once per shape
+    assert probe.pick_precision("bf16", cpu, tiny) == "bf16"  # an explicit choice is kept
+    monkeypatch.setattr(probe, "cpu_has_fast_bf16", lambda: False)
+    assert probe.pick_precision("auto", cpu, wide) == "fp32"  # no bf16 instructions: nothing to measure
+    probe.faster_precision.cache_clear()

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from flopwise.errors import FlopwiseError
-from flopwise.laws.flops import Shape, training_flops_per_token
+from flopwise.laws.flops import Shape, n_params_total, training_flops_per_token
 from flopwise.laws.law import REGISTRY
 from flopwise.laws.runs import load_runs
+from flopwise.laws.shape import family_shape_at
 from flopwise.run import run_is_locked
-from flopwise.sweep.design import budgets_for, design_sweep, read_design, total_flops, write_design
+from flopwise.sweep.design import RunSpec, budgets_for, design_sweep, read_design, total_flops, write_design
 from flopwise.sweep.runner import run_sweep, status
 
 FAST = {"eval_every": 10**9, "eval_windows": 2, "final_eval_windows": 8, "micro_batch": 8, "batch_tokens": 1024}
@@ -33,12 +34,20 @@ def test_design_brackets_prior_optimum_and_spends_each_budget():
 
 
 def test_design_rejects_budget_too_small():
-    with pytest.raises(FlopwiseError, match="too small to train even the smallest model .* at least"):
+    with pytest.raises(FlopwiseError, match="too small for an informative sweep .* the smallest budget that works"):
         design_sweep([1e3], vocab_size=1024, seq_len=128)
 
 
 def _make_sweep(path: Path, corpus, budgets=(2e10, 6e10), sizes=3):
-    specs = design_sweep(list(budgets), corpus.vocab_size, 64, sizes, 3.0)
+    """A tiny sweep for the runner's mechanics (resume, locks, Ray): sizes of the family at widths 16, 32, ...,
+    too short to be informative, so written by hand rather than by design_sweep (which refuses them)."""
+    specs = []
+    for b in budgets:
+        for d in range(16, 16 * (sizes + 1), 16):
+            shape = family_shape_at(d, 2, corpus.vocab_size, 64)
+            n = n_params_total(shape)
+            specs.append(RunSpec(name=f"c{b:.2e}-n{n:09d}".replace("+", ""), budget=b, shape=shape.to_dict(),
+                                 n_params=n, n_tokens=int(b / training_flops_per_token(shape))))
     write_design(path, specs, {"corpus": str(corpus.path), "corpus_hash": corpus.meta["hash"],
                                "budgets": list(budgets), "train_options": FAST})
     return specs
@@ -93,14 +102,15 @@ def test_sweep_resumes_after_kill9_of_parent(bundled, tmp_path):
 
 def test_sweep_cli_dry_run_and_status(bundled, tmp_path):
     r = subprocess.run([sys.executable, "-m", "flopwise", "sweep", "run", "--data", str(bundled.path), "--budgets",
-                        "3e10,9e10", "--sizes", "3", "--seq-len", "64", "--out", str(tmp_path / "d"), "--dry-run"],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "160"})
+                        "auto", "--n-budgets", "2", "--sizes", "3", "--seq-len", "64", "--out", str(tmp_path / "d"),
+                        "--dry-run"], capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
     assert r.returncode == 0, r.stderr
-    assert "IsoFLOP sweep: 6 runs" in r.stdout and "ETA about" in r.stdout
+    assert "IsoFLOP sweep: 6 runs" in r.stdout and "ETA about" in r.stdout and "steps" in r.stdout
     assert not (tmp_path / "d" / "sweep.json").exists()
     r = subprocess.run([sys.executable, "-m", "flopwise", "sweep", "run", "--data", str(bundled.path), "--budgets",
                         "1e3", "--out", str(tmp_path / "e")], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "too small to train even the smallest model" in r.stderr
+    assert r.returncode == 2 and "too small for an informative sweep" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "e").exists()
 
 
 def test_autopilot_end_to_end_on_a_folder_of_text(tmp_path):
@@ -112,22 +122,29 @@ def test_autopilot_end_to_end_on_a_folder_of_text(tmp_path):
     folder.mkdir()
     for i, story in enumerate(bundled_corpus()[0].read_text().split("<|endoftext|>")[:800]):
         (folder / f"story{i:04d}.txt").write_text(story.strip() + "\n")
-    cfg = AutopilotConfig(budget_flops=4e12, sweep_fraction=0.4, n_budgets=3, n_sizes=4, bootstrap=40,
-                          vocab_size=512, seq_len=64)
+    cfg = AutopilotConfig(budget_flops=None, sweep_fraction=0.6, n_budgets=3, n_sizes=4, budget_ratio=1.7,
+                          bootstrap=40, vocab_size=384, seq_len=64)  # --budget auto: the smallest informative one
     s = autopilot(tmp_path / "ap", str(folder), cfg, log=lambda m: None)
     for key in ("budget_flops", "sweep_flops", "n_params_opt", "n_tokens_opt", "predicted_loss",
                 "predicted_loss_interval", "measured_loss", "bigger_model_n_params", "bigger_model_loss", "epochs",
-                "swept_n_params_min", "swept_n_params_max"):
+                "swept_n_params_min", "swept_n_params_max", "verdict", "checks", "law_used"):
         assert key in s
-    assert s["sweep_flops"] <= 0.4 * 4e12 * 1.01
-    assert s["sweep_flops"] + s["final_flops"] == pytest.approx(4e12, rel=0.02)
+    assert list(s)[0] == "verdict" and s["verdict"] in ("sound", "usable with caveats", "not informative")
+    assert {c["name"] for c in s["checks"]} >= {"min_steps", "exponent_a", "holdout_error", "smoothness"}
+    assert s["budget_flops"] == 2.7e12  # the smallest whose sweep brackets the prior for vocab 384, context 64
+    assert s["sweep_flops"] <= 0.6 * 2.7e12 * 1.01
+    assert s["sweep_flops"] + s["final_flops"] == pytest.approx(2.7e12, rel=0.02)
+    lo, hi = s["predicted_loss_interval"]
+    assert lo < s["predicted_loss"] < hi
     page = (tmp_path / "ap" / "report.html").read_text()
     assert "data:image/png;base64," in page and "src=\"http" not in page and "Bigger is not better" in page
     report = (tmp_path / "ap" / "report.md").read_text()
+    assert report.split("\n## ")[1].startswith(f"Verdict: {s['verdict']}")  # the verdict opens the report
     assert "Headline" in report and f"({s['epochs']:.1f} epochs of the corpus)" in report
     assert json.loads((tmp_path / "ap" / "summary.json").read_text())["measured_loss"] == s["measured_loss"]
     # the same folder with another design is refused
-    other = AutopilotConfig(budget_flops=5e12, n_budgets=3, n_sizes=4, bootstrap=40, vocab_size=512, seq_len=64)
+    other = AutopilotConfig(budget_flops=3e12, sweep_fraction=0.6, n_budgets=3, n_sizes=4, budget_ratio=1.7,
+                            bootstrap=40, vocab_size=384, seq_len=64)
     with pytest.raises(FlopwiseError, match="holds another sweep"):
         autopilot(tmp_path / "ap", str(folder), other, log=lambda m: None)
     assert read_design(tmp_path / "ap" / "sweep")[0] and total_flops(read_design(tmp_path / "ap" / "sweep")[0]) > 0

@@ -57,11 +57,13 @@ def test_real_run_learns_english(bundled, tmp_path):
         assert key in final
     assert final["val_loss"] < unigram - 1.0, (final["val_loss"], unigram)
     assert final["epochs"] == pytest.approx(final["n_tokens"] / bundled.meta["n_tokens_train"])
+    # --precision auto was measured at the first start and is what the run used (and a resume would use)
+    assert (run / "precision.txt").read_text().strip() == final["precision"] in ("bf16", "fp32")
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "tokens", "flops", "lr", "loss", "tok_per_s", "mfu"} <= set(lines[0])
     assert lines[-1]["tokens"] == final["n_tokens"] and "val_loss" in lines[-1]
     assert sorted(p.name for p in run.iterdir() if p.name != ".lock") == [
-        "ckpt", "config.json", "final.json", "metrics.jsonl", "tokenizer.model"]
+        "ckpt", "config.json", "final.json", "metrics.jsonl", "precision.txt", "tokenizer.model"]
     # samples are English: most generated words occur in the training stories
     model = load_model(run)
     sp = bundled.tokenizer()

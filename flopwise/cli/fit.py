@@ -29,6 +29,8 @@ def fit(
     workers: Optional[int] = typer.Option(None, help="Processes for the bootstrap (default: all cores)."),
     out: Optional[str] = typer.Option(None, help="Folder for law.json, fit.json and plots "
                                       "(default: RUNS-fit/, or SWEEP_DIR/fit/)."),
+    effective_tokens: bool = typer.Option(False, "--effective-tokens", help="Fit on Muennighoff's effective tokens "
+                                          "D' where runs repeated their data (needs an epochs column or a sweep)."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the plots."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
@@ -58,7 +60,7 @@ def fit(
 
         result = fit_runs(runs, approach=approach, n_boot=bootstrap, holdout_largest=holdout_largest,
                           budgets=budget_list, level=level, seed=seed, delta=delta, degree=degree,
-                          workers=workers, progress=progress)
+                          workers=workers, progress=progress, effective_data=effective_tokens)
     save_fit(result, str(src), out_dir)
     plots = [] if no_plots else _plots(runs, result, out_dir)
     if as_json:
@@ -127,7 +129,8 @@ def print_fit(r: dict, out_dir, plots: list[str]) -> None:
         console.print(f"Approach 1 (curve envelope): N_opt ∝ C^{a1['a']:.3f}, D_opt ∝ C^{a1['b']:.3f}")
     if "holdout" in r:
         h = r["holdout"]
-        cov = f", {h['level']:.0%} interval covers {h['coverage']:.0%} of them" if "coverage" in h else ""
+        cov = (f"; the {h['level']:.0%} interval of the law covers {h['coverage']:.0%} of them, the predictive "
+               f"interval (with the runs' scatter) {h['predictive_coverage']:.0%}" if "coverage" in h else "")
         console.print(Panel(
             f"Fitted without the {h['k']} largest budget(s) ({', '.join(f'{c:.3g}' for c in h['held_out_budgets'])} "
             f"FLOPs), the law predicts their {h['n_test']} runs' losses with mean |error| "
@@ -135,7 +138,22 @@ def print_fit(r: dict, out_dir, plots: list[str]) -> None:
             f"{h['mean_rel_error']:+.2%}){cov}.", title="Extrapolation check: the number to trust"))
     for w in r["warnings"]:
         console.print(f"[yellow]warning: {w}[/yellow]")
+    print_verdict(r["verdict"], r["checks"])
     console.print(f"[dim]law: {out_dir / 'law.json'} (use: flopwise plan --law {out_dir / 'law.json'}); "
                   f"details: {out_dir / 'fit.json'}; plots: {len(plots)} files[/dim]")
 
 
+
+
+def print_verdict(verdict: str, checks: list[dict]) -> None:
+    """The trust verdict and every check behind it (flopwise.laws.trust)."""
+    colour = {"sound": "green", "usable with caveats": "yellow"}.get(verdict, "red")
+    t = Table(title=f"Verdict: [bold {colour}]{verdict}[/bold {colour}]")
+    for col in ("check", "value", "threshold", "", "what it saw"):
+        t.add_column(col)
+    for c in checks:
+        mark = "[green]pass[/green]" if c["passed"] else \
+            ("[red]FAIL[/red]" if c["severity"] == "critical" else "[yellow]caveat[/yellow]")
+        value = ", ".join(map(str, c["value"])) or "none" if isinstance(c["value"], list) else str(c["value"])
+        t.add_row(c["name"], value, c["threshold"], mark, c["why"])
+    console.print(t)

@@ -20,6 +20,7 @@ from flopwise.sweep.design import (
     equivalent_cosine_flops,
     log_spaced,
     read_design,
+    smallest_budget,
     total_flops,
     write_design,
 )
@@ -29,7 +30,12 @@ sweep_app = typer.Typer(no_args_is_help=True, help="IsoFLOP sweeps: design, run,
 app.add_typer(sweep_app, name="sweep")
 
 
-def _budgets(budgets: Optional[str], min_flops: Optional[float], max_flops: Optional[float], n_budgets: int):
+def _budgets(budgets: Optional[str], min_flops: Optional[float], max_flops: Optional[float], n_budgets: int,
+             works=None):
+    if budgets and budgets.strip().lower() == "auto":  # the smallest informative sweep: b, 2.5b, 6.25b, ...
+        def ladder(b: float) -> list[float]:
+            return [b * A.budget_ratio**k for k in range(n_budgets)]
+        return ladder(smallest_budget(lambda b: works(ladder(b))))
     if budgets:
         try:
             return [float(b) for b in budgets.split(",")]
@@ -44,7 +50,8 @@ def _budgets(budgets: Optional[str], min_flops: Optional[float], max_flops: Opti
 def sweep_run(
     out: str = typer.Option(..., help="Sweep folder (sweep.json and one run directory per run)."),
     data: Optional[str] = typer.Option(None, help="Prepared corpus or text (default: the bundled sample)."),
-    budgets: Optional[str] = typer.Option(None, help="Comma-separated FLOP budgets."),
+    budgets: Optional[str] = typer.Option(None, help="Comma-separated FLOP budgets, or 'auto': the smallest "
+                                          "informative sweep (--n-budgets budgets 2.5x apart)."),
     min_flops: Optional[float] = typer.Option(None, help="Smallest budget (with --max-flops)."),
     max_flops: Optional[float] = typer.Option(None, help="Largest budget."),
     n_budgets: int = typer.Option(A.n_budgets, help="Budgets between --min-flops and --max-flops."),
@@ -60,6 +67,8 @@ def sweep_run(
     schedule: str = typer.Option("cosine", help="cosine (independent runs) or wsd (shared constant-LR trunks "
                                  "with cooldown branches, Hägele et al. 2024)."),
     cooldown_fraction: float = typer.Option(0.2, help="WSD: fraction of each run's steps in its cooldown."),
+    min_steps: int = typer.Option(A.min_steps, help="Optimizer steps every run gets at least (small budgets shrink "
+                                  "the batch for it; a budget that still falls short is refused)."),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Design (or resume) an IsoFLOP sweep and train its runs."""
@@ -73,12 +82,22 @@ def sweep_run(
     corpus = resolve_corpus(data, vocab_size, log=lambda m: console.print(f"[yellow]{m}[/yellow]"))
     design = design_wsd_sweep if schedule == "wsd" else design_sweep
     extra = {"cooldown_fraction": cooldown_fraction} if schedule == "wsd" else {}
-    specs = design(_budgets(budgets, min_flops, max_flops, n_budgets), corpus.vocab_size, seq_len, sizes,
-                   spread, prior, **extra)
+
+    def make(bs: list[float]):
+        return design(bs, corpus.vocab_size, seq_len, sizes, spread, prior, min_steps=min_steps, **extra)
+
+    def works(bs: list[float]) -> bool:
+        try:
+            return bool(make(bs))
+        except FlopwiseError:
+            return False
+
+    specs = make(_budgets(budgets, min_flops, max_flops, n_budgets, works))
     check_feasible(specs, corpus.meta["n_tokens_train"])
     meta = {"corpus": str(corpus.path), "corpus_hash": corpus.meta["hash"],
             "budgets": sorted({s.budget for s in specs}),
-            "prior": prior, "train_options": sweep_train_options(AutopilotConfig()), "schedule": schedule}
+            "prior": prior, "train_options": sweep_train_options(AutopilotConfig()), "schedule": schedule,
+            "min_steps": min_steps}
     if (sweep_dir / "sweep.json").exists():
         old, _ = read_design(sweep_dir)
         if [s.__dict__ for s in old] != [s.__dict__ for s in specs]:
@@ -87,11 +106,14 @@ def sweep_run(
     workers = workers or default_workers(len(specs))
     threads, _ = worker_threads(workers)
     t = Table(title=f"IsoFLOP sweep: {len(specs)} runs, {total_flops(specs):.3g} FLOPs")
-    for col in ("run", "budget", "N", "D", "tokens/param", "epochs"):
+    for col in ("run", "budget", "N", "shape", "D", "batch", "steps", "tokens/param", "epochs"):
         t.add_column(col, justify="right")
     for s in specs:
-        t.add_row(s.name, f"{s.budget:.3g}" if s.budget else "trunk", fmt_count(s.n_params), fmt_count(s.n_tokens),
-                  f"{s.n_tokens / s.n_params:.1f}", f"{s.n_tokens / corpus.meta['n_tokens_train']:.2f}")
+        batch = s.options.get("batch_tokens", 0)
+        t.add_row(s.name, f"{s.budget:.3g}" if s.budget else "trunk", fmt_count(s.n_params),
+                  f"d{s.shape['d_model']} L{s.shape['n_layers']}", fmt_count(s.n_tokens), fmt_count(batch),
+                  str((s.n_tokens - s.start_tokens) // batch) if batch else "-", f"{s.n_tokens / s.n_params:.1f}",
+                  f"{s.n_tokens / corpus.meta['n_tokens_train']:.2f}")
     if not quiet or dry_run:
         console.print(t)
         if schedule == "wsd":
@@ -129,8 +151,8 @@ def sweep_status(sweep_dir: str = typer.Argument(..., metavar="SWEEP_DIR")) -> N
 @app.command()
 def autopilot(
     data: Optional[str] = typer.Option(None, help="Text, folder or prepared corpus (default: bundled TinyStories)."),
-    budget: Optional[float] = typer.Option(None, help=f"Total FLOPs (default {A.budget_flops:g}: ~10 min on a 2-core "
-                                           "CPU)."),
+    budget: Optional[str] = typer.Option(None, help=f"Total FLOPs (default {A.budget_flops:g}: ~10 min on a 2-core "
+                                         "CPU), or 'auto': the smallest whose sweep is informative on this corpus."),
     gpu: Optional[str] = typer.Option(None, help="Budget as GPU time: GPU type (with --hours)."),
     gpus: int = typer.Option(1, help="Number of GPUs (with --hours)."),
     hours: Optional[float] = typer.Option(None, help="Budget as hours on --gpus x --gpu."),
@@ -141,6 +163,7 @@ def autopilot(
     vocab_size: int = typer.Option(A.vocab_size, help="Tokenizer vocabulary."),
     seq_len: int = typer.Option(A.seq_len, help="Context length."),
     bootstrap: int = typer.Option(A.bootstrap, help="Bootstrap resamples of the fit."),
+    min_steps: int = typer.Option(A.min_steps, help="Optimizer steps every sweep run gets at least."),
     compare: bool = typer.Option(False, "--compare", help="Also train a 4x larger model with the final budget."),
     resume: bool = typer.Option(False, "--resume", help="Finish the sweep already in --out, whatever its design."),
     workers: int = typer.Option(A.workers, help="Parallel sweep runs (0: one per core)."),
@@ -154,21 +177,35 @@ def autopilot(
     from flopwise.autopilot import autopilot as run_autopilot  # torch: loaded by the command
     from flopwise.laws.plan import budget_flops
 
-    flops = A.budget_flops if budget is None and hours is None else budget_flops(budget, gpu, gpus, hours, None, mfu)
+    auto = budget is not None and budget.strip().lower() == "auto"
+    if auto and hours is not None:
+        raise FlopwiseError("give --budget auto or --hours, not both")
+    flops = None if auto else A.budget_flops if budget is None and hours is None else \
+        budget_flops(_number(budget, "--budget") if budget is not None else None, gpu, gpus, hours, None, mfu)
     cfg = AutopilotConfig(budget_flops=flops, sweep_fraction=sweep_fraction, n_budgets=n_budgets, n_sizes=sizes,
+                          min_steps=min_steps,
                           vocab_size=vocab_size, seq_len=seq_len, workers=workers, bootstrap=bootstrap, seed=seed,
                           compare=compare, resume=resume)
     if not quiet:
-        console.print(f"[bold]flopwise autopilot[/bold]: budget {flops:.3g} FLOPs, {sweep_fraction:.0%} for the "
-                      f"sweep, output {out}/")
+        console.print(f"[bold]flopwise autopilot[/bold]: budget {'auto' if auto else f'{flops:.3g} FLOPs'}, "
+                      f"{sweep_fraction:.0%} for the sweep, output {out}/")
     s = run_autopilot(out, data, cfg, log=(lambda m: None) if quiet else console.print,
                       progress=not quiet)
     lo, hi = s["predicted_loss_interval"]
     console.print(f"\n[bold]report:[/bold] {Path(out) / 'report.html'} (and report.md, summary.json)")
-    console.print(f"  optimal for {s['final_flops']:.3g} FLOPs: N = {fmt_count(s['n_params_opt'])} params, "
+    console.print(f"  verdict: [bold]{s['verdict']}[/bold]; planned with the {s['law_used']['law']} law")
+    word = "optimal" if s["verdict"] == "sound" else "planned"
+    console.print(f"  {word} for {s['final_flops']:.3g} FLOPs: N = {fmt_count(s['n_params_opt'])} params, "
                   f"D = {fmt_count(s['n_tokens_opt'])} tokens ({s['epochs']:.1f} epochs)")
     console.print(f"  loss: predicted {s['predicted_loss']:.3f} [{lo:.3f}, {hi:.3f}], measured {s['measured_loss']:.3f}"
                   + ("" if s["measured_in_interval"] else f" (outside the interval by {s['interval_miss']:.3f})"))
     console.print(f"  bigger is not better: the {fmt_count(s['bigger_model_n_params'])} model at "
                   f"{s['bigger_model_budget']:.3g} FLOPs lost {s['bigger_model_loss_gap']:+.3f} nats/token against "
                   f"the best size ({fmt_count(s['best_at_that_budget_n_params'])})")
+
+
+def _number(text: str, option: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise FlopwiseError(f"{option} must be a number of FLOPs (e.g. 5e13) or 'auto', got {text!r}") from None

@@ -14,7 +14,7 @@ import json
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +22,10 @@ from scipy.optimize import minimize
 
 from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text
+from flopwise.laws.allocate import effective_tokens
 from flopwise.laws.law import ParametricLaw, law_from_dict, save_law
 from flopwise.laws.runs import Runs
+from flopwise.laws.trust import MIN_STEPS, trust_checks, verdict
 
 # Chinchilla's initialisation grid (Appendix D.2); theta = (a, b, e, alpha, beta).
 DEFAULT_GRID = {
@@ -78,9 +80,27 @@ def _grid_values(points: np.ndarray, log_n, log_d, log_l, delta: float) -> np.nd
     return _huber(lse - log_l, delta)[0].sum(axis=1)
 
 
-def _minimise(theta0, log_n, log_d, log_l, delta):
-    return minimize(objective, theta0, args=(log_n, log_d, log_l, delta), jac=True, method="L-BFGS-B",
-                    bounds=BOUNDS, options=LBFGS_OPTIONS)
+def _minimise(theta0, log_n, log_d, log_l, delta, free=None):
+    """L-BFGS-B from theta0; parameters outside ``free`` (a boolean mask) stay at theta0's values."""
+    if free is None or free.all():
+        return minimize(objective, theta0, args=(log_n, log_d, log_l, delta), jac=True, method="L-BFGS-B",
+                        bounds=BOUNDS, options=LBFGS_OPTIONS)
+    theta0 = np.asarray(theta0, float)
+
+    def sub(x):
+        theta = theta0.copy()
+        theta[free] = x
+        value, grad = objective(theta, log_n, log_d, log_l, delta)
+        return value, grad[free]
+
+    res = minimize(sub, theta0[free], jac=True, method="L-BFGS-B",
+                   bounds=[b for b, f in zip(BOUNDS, free, strict=True) if f], options=LBFGS_OPTIONS)
+    full = theta0.copy()
+    full[free] = res.x
+    jac = np.zeros(len(theta0))
+    jac[free] = res.jac
+    res.x, res.jac = full, jac
+    return res
 
 
 @dataclass
@@ -96,6 +116,7 @@ class ParametricFit:
     at_bounds: list[str] = field(default_factory=list)
     grid_edge: list[str] = field(default_factory=list)
     negligible: list[str] = field(default_factory=list)  # terms too small to matter for any run
+    fixed: dict[str, float] = field(default_factory=dict)  # parameters held, not fitted
 
     @property
     def params(self) -> dict[str, float]:
@@ -140,10 +161,17 @@ def _log_data(n_params, n_tokens, loss):
 
 
 def fit_parametric(n_params, n_tokens, loss, delta: float = DEFAULT_DELTA, grid: dict | None = None,
-                   n_starts: int = 32, init: np.ndarray | None = None) -> ParametricFit:
+                   n_starts: int = 32, init: np.ndarray | None = None,
+                   fixed: dict[str, float] | None = None) -> ParametricFit:
     """Approach 3. Starts L-BFGS-B from the ``n_starts`` best points of Chinchilla's grid
-    (all of them when ``n_starts`` is 0) and, if given, from ``init``; keeps the best optimum."""
+    (all of them when ``n_starts`` is 0) and, if given, from ``init``; keeps the best optimum.
+    ``fixed`` holds parameters (by name in PARAMS, e.g. alpha and beta) at given values."""
     log_n, log_d, log_l = _log_data(n_params, n_tokens, loss)
+    fixed = fixed or {}
+    grid = dict(grid or DEFAULT_GRID)
+    for k, v in fixed.items():
+        grid[k] = np.array([float(v)])
+    free = np.array([p not in fixed for p in PARAMS])
     points = grid_points(grid)
     values = _grid_values(points, log_n, log_d, log_l, delta)
     order = np.argsort(values, kind="stable")
@@ -152,50 +180,57 @@ def fit_parametric(n_params, n_tokens, loss, delta: float = DEFAULT_DELTA, grid:
         starts = np.vstack([np.asarray(init, float)[None, :], starts])
     best, best_start = None, None
     for s in starts:
-        res = _minimise(s, log_n, log_d, log_l, delta)
+        res = _minimise(s, log_n, log_d, log_l, delta, free)
         if best is None or res.fun < best.fun:
             best, best_start = res, s
     lo, hi = points.min(axis=0), points.max(axis=0)
     theta = best.x
     at_bounds = [p for p, v, (bl, bh) in zip(PARAMS, theta, BOUNDS, strict=True)
-                 if v <= bl + 1e-6 or v >= bh - 1e-6]
+                 if p not in fixed and (v <= bl + 1e-6 or v >= bh - 1e-6)]
     edge = [p for p, v, l_, h_ in zip(PARAMS, best_start, lo, hi, strict=True) if (v == l_ or v == h_) and l_ != h_]
     # only worth a warning when the optimum also went beyond the grid's range in that parameter
     edge = [p for p in edge if not (lo[PARAMS.index(p)] <= theta[PARAMS.index(p)] <= hi[PARAMS.index(p)])]
     # L-BFGS-B reports an "abnormal" line search once it is at float precision; a gradient that is
     # tiny against its natural scale (runs x delta x log N) is convergence all the same.
     scale = len(log_l) * delta * max(1.0, float(np.abs(log_n).max()), float(np.abs(log_d).max()))
-    free = np.array([p not in at_bounds for p in PARAMS])
+    free = free & np.array([p not in at_bounds for p in PARAMS])
     converged = bool(best.success) or float(np.max(np.abs(best.jac[free]), initial=0.0)) < 1e-6 * scale
     a, b, _, alpha, beta = theta
     terms = (("A/N^alpha", np.exp(a - alpha * log_n)), ("B/D^beta", np.exp(b - beta * log_d)))
     negligible = [name for name, term in terms if float(np.max(term / np.exp(log_l))) < 1e-6]
     return ParametricFit(theta=theta, objective=float(best.fun), n_runs=len(log_l), delta=delta,
                          converged=converged, n_starts=len(starts), at_bounds=at_bounds, grid_edge=edge,
-                         negligible=negligible)
+                         negligible=negligible, fixed=dict(fixed))
 
 
 def _bootstrap_chunk(args) -> np.ndarray:
-    idx, log_n, log_d, log_l, theta0, delta = args
+    idx, log_n, log_d, log_l, starts, free, delta = args
     out = np.empty((len(idx), 5))
-    for i, rows in enumerate(idx):
-        out[i] = _minimise(theta0, log_n[rows], log_d[rows], log_l[rows], delta).x
+    for i, (rows, theta0) in enumerate(zip(idx, starts, strict=True)):
+        out[i] = _minimise(theta0, log_n[rows], log_d[rows], log_l[rows], delta, free).x
     return out
 
 
 def bootstrap_thetas(n_params, n_tokens, loss, fit: ParametricFit, n_boot: int = 1000, seed: int = 0,
-                     workers: int | None = None, progress=None) -> np.ndarray:
+                     workers: int | None = None, progress=None, fixed_sd: dict[str, float] | None = None) -> np.ndarray:
     """Refit on ``n_boot`` resamples of the runs (with replacement), warm-started at ``fit``.
 
+    Parameters the fit held (``fit.fixed``) stay held; with ``fixed_sd`` each resample draws them
+    from a normal of that standard deviation around the held value (a prior's stated uncertainty).
     Resamples are drawn from one seeded generator, so the result does not depend on ``workers``.
     ``progress(n)``, if given, is called with the number of refits done as chunks finish.
     """
     log_n, log_d, log_l = _log_data(n_params, n_tokens, loss)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(log_l), size=(n_boot, len(log_l)))
+    starts = np.tile(fit.theta, (n_boot, 1))
+    for name, sd in (fixed_sd or {}).items():
+        k = PARAMS.index(name)
+        starts[:, k] = np.clip(fit.theta[k] + sd * rng.standard_normal(n_boot), *BOUNDS[k])
+    free = np.array([p not in fit.fixed for p in PARAMS])
     workers = workers or os.cpu_count() or 1
-    chunks = [c for c in np.array_split(idx, max(1, workers * 8)) if len(c)]
-    jobs = [(c, log_n, log_d, log_l, fit.theta, fit.delta) for c in chunks]
+    parts = np.array_split(np.arange(n_boot), max(1, workers * 8))
+    jobs = [(idx[c], log_n, log_d, log_l, starts[c], free, fit.delta) for c in parts if len(c)]
     results: list = [None] * len(jobs)
     done = 0
     if workers <= 1 or n_boot < 50:
@@ -411,12 +446,49 @@ def synthetic_runs(law: ParametricLaw, budgets, n_per_budget: int = 7, noise: fl
 # ---------------------------------------------------------------- extrapolation check and the whole fit
 
 
+def residual_rms(law: ParametricLaw, runs: Runs) -> float:
+    """Root-mean-square relative error of the law on these runs: misfit plus run-to-run scatter."""
+    return float(np.sqrt(np.mean((law.loss(runs.n_params, runs.n_tokens) / runs.loss - 1.0) ** 2)))
+
+
+def z_score(level: float) -> float:
+    """Two-sided normal quantile: 1.645 at 90%."""
+    from scipy.stats import norm
+
+    return float(norm.ppf(0.5 + level / 2))
+
+
+def widen(predicted, lower, upper, rel_sigma: float, level: float):
+    """An interval of the law's mean widened, in quadrature, by a relative error of ``rel_sigma`` at ``level``."""
+    predicted = np.asarray(predicted, float)
+    extra = z_score(level) * rel_sigma * predicted
+    return (predicted - np.hypot(predicted - np.asarray(lower, float), extra),
+            predicted + np.hypot(np.asarray(upper, float) - predicted, extra))
+
+
+def predictive_sigma(result: dict, flops: float) -> float:
+    """Relative error (one standard deviation) of the law's prediction for one new run at ``flops``, beyond the
+    parameters' bootstrap spread: the runs' own scatter about the law (``residual_rms``) and, where a hold-out
+    check exists, the extrapolation error it measured beyond that scatter, grown in proportion to how much
+    further (in log compute) ``flops`` lies beyond the sweep than the held-out budget lay beyond its fit."""
+    noise = float(result.get("residual_rms", 0.0))
+    h = result.get("holdout")
+    if not h:
+        return noise
+    extra = math.sqrt(max(0.0, h["rms_rel_error"] ** 2 - h["train_residual_rms"] ** 2))
+    held, fit_top = max(h["held_out_budgets"]), h["fit_max_budget"]
+    reach = math.log(max(flops, held) / held) / math.log(held / fit_top)  # the full fit's reach beyond the sweep
+    return math.hypot(noise, extra * max(1.0, reach))
+
+
 def holdout_check(runs: Runs, k: int, n_boot: int = 1000, seed: int = 0, level: float = 0.9,
-                  delta: float = DEFAULT_DELTA, workers: int | None = None, progress=None) -> dict:
+                  delta: float = DEFAULT_DELTA, workers: int | None = None, progress=None,
+                  fixed: dict[str, float] | None = None, fixed_sd: dict[str, float] | None = None) -> dict:
     """Fit Approach 3 without the ``k`` largest budgets and predict their runs' losses.
 
-    Reports the prediction errors and how often the bootstrap interval of the prediction covers
-    the measured loss (the interval is of the law's mean, so run-to-run noise lowers coverage).
+    Reports the prediction errors and how often two intervals cover the measured loss: the bootstrap
+    interval of the law's mean (``coverage``; run-to-run noise alone lowers it), and that interval
+    widened by the training runs' residual scatter (``predictive_coverage``), the one users are shown.
     """
     budgets = runs.budgets
     if k < 1 or k >= len(budgets):
@@ -425,31 +497,52 @@ def holdout_check(runs: Runs, k: int, n_boot: int = 1000, seed: int = 0, level: 
     train, test = runs.subset(~held), runs.subset(held)
     if len(train) < MIN_RUNS:
         raise FlopwiseError(f"holding out {k} budget(s) leaves {len(train)} runs, too few to fit: hold out fewer")
-    fit = fit_parametric(train.n_params, train.n_tokens, train.loss, delta=delta)
+    fit = fit_parametric(train.n_params, train.n_tokens, train.loss, delta=delta, fixed=fixed)
     law = fit.law(runs.n_convention)
     pred = law.loss(test.n_params, test.n_tokens)
     rel = pred / test.loss - 1.0
+    noise = residual_rms(law, train)
     out = {"k": k, "held_out_budgets": [float(c) for c in budgets[-k:]], "n_train": len(train), "n_test": len(test),
+           "fit_max_budget": float(budgets[-k - 1]),
            "mean_abs_rel_error": float(np.mean(np.abs(rel))), "max_abs_rel_error": float(np.max(np.abs(rel))),
+           "rms_rel_error": float(np.sqrt(np.mean(rel**2))), "train_residual_rms": noise,
            "mean_rel_error": float(np.mean(rel)), "level": level,
            "runs": [{"name": nm, "n_params": float(n), "n_tokens": float(d), "loss": float(y), "predicted": float(p)}
                     for nm, n, d, y, p in zip(test.name, test.n_params, test.n_tokens, test.loss, pred, strict=True)]}
     if n_boot > 0:
-        thetas = bootstrap_thetas(train.n_params, train.n_tokens, train.loss, fit, n_boot, seed, workers, progress)
+        thetas = bootstrap_thetas(train.n_params, train.n_tokens, train.loss, fit, n_boot, seed, workers, progress,
+                                  fixed_sd)
         preds = loss_from_thetas(thetas, test.n_params, test.n_tokens)
         lo, hi = np.percentile(preds, [50 * (1 - level), 50 * (1 + level)], axis=0)
         out["coverage"] = float(np.mean((test.loss >= lo) & (test.loss <= hi)))
-        for r, a, b in zip(out["runs"], lo, hi, strict=True):
-            r["lower"], r["upper"] = float(a), float(b)
+        # the interval a user is shown for one new run: the law's uncertainty and one run's own scatter
+        plo, phi = widen(pred, lo, hi, noise, level)
+        out["predictive_coverage"] = float(np.mean((test.loss >= plo) & (test.loss <= phi)))
+        for r, a, b, c, d in zip(out["runs"], lo, hi, plo, phi, strict=True):
+            r.update(lower=float(a), upper=float(b), predictive_lower=float(c), predictive_upper=float(d))
     return out
+
+
+def with_effective_tokens(runs: Runs) -> Runs:
+    """The runs with D replaced by Muennighoff's effective tokens D' (needs ``runs.epochs``)."""
+    if runs.epochs is None:
+        return runs
+    return replace(runs, n_tokens=effective_tokens(runs.n_tokens, runs.n_tokens / runs.epochs))
 
 
 def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_largest: int = 0,
              budgets=(), level: float = 0.9, seed: int = 0, delta: float = DEFAULT_DELTA, degree: int = 2,
-             n_starts: int = 32, workers: int | None = None, progress=None) -> dict:
-    """Everything ``flopwise fit`` reports, as one dict (private ``_``-keys hold arrays for plots).
+             n_starts: int = 32, workers: int | None = None, progress=None, fixed: dict[str, float] | None = None,
+             fixed_sd: dict[str, float] | None = None, min_steps: int = MIN_STEPS,
+             effective_data: bool = False) -> dict:
+    """Everything ``flopwise fit`` reports, as one dict (private ``_``-keys hold arrays for plots),
+    ending with the trust checks and their verdict (``checks``, ``verdict``; see flopwise.laws.trust).
 
-    ``progress(stage, done, total)``, if given, is told how the bootstrap refits advance.
+    ``fixed`` holds Approach 3 parameters (e.g. alpha and beta from a prior) instead of fitting
+    them, ``fixed_sd`` their stated uncertainty (drawn in the bootstrap). ``effective_data``: where
+    runs repeated their data (``runs.epochs`` > 1), fit on Muennighoff's effective tokens D' instead
+    of D, so the law's D means what the data-constrained plan feeds it. ``progress(stage, done,
+    total)``, if given, is told how the bootstrap refits advance.
     """
     def tick(stage: str):
         return (lambda done: progress(stage, done, n_boot)) if progress else None
@@ -459,13 +552,19 @@ def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_larg
     if not (0 < level < 1):
         raise FlopwiseError(f"--level must be between 0 and 1, got {level}")
     out: dict = {"n_runs": len(runs), "n_convention": runs.n_convention, "approach": approach,
-                 "warnings": list(runs.warnings), "level": level, "bootstrap": n_boot, "seed": seed}
+                 "warnings": list(runs.warnings), "level": level, "bootstrap": n_boot, "seed": seed,
+                 "tokens": "raw"}
+    if effective_data and runs.epochs is not None and np.all(np.isfinite(runs.epochs)):
+        runs = with_effective_tokens(runs)
+        out["tokens"] = "effective"
     budgets = [float(c) for c in budgets] or [float(c) for c in runs.budgets[-1:] * np.array([1.0, 10.0, 100.0])]
     if approach in ("3", "all"):
-        fit = fit_parametric(runs.n_params, runs.n_tokens, runs.loss, delta=delta, n_starts=n_starts)
+        fit = fit_parametric(runs.n_params, runs.n_tokens, runs.loss, delta=delta, n_starts=n_starts, fixed=fixed)
         out.update(fit.params)
         out.update({"objective": fit.objective, "delta": delta, "converged": fit.converged,
-                    "n_starts": fit.n_starts, "at_bounds": fit.at_bounds})
+                    "n_starts": fit.n_starts, "at_bounds": fit.at_bounds, "grid_edge": fit.grid_edge,
+                    "negligible": fit.negligible, "fixed": fit.fixed, "fixed_sd": dict(fixed_sd or {}),
+                    "residual_rms": residual_rms(fit.law(runs.n_convention), runs)})
         out["warnings"] += fit.warnings
         out["_fit"] = fit
         law = fit.law(runs.n_convention)
@@ -473,7 +572,7 @@ def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_larg
         thetas = None
         if n_boot > 0:
             thetas = bootstrap_thetas(runs.n_params, runs.n_tokens, runs.loss, fit, n_boot, seed, workers,
-                                      tick("bootstrap"))
+                                      tick("bootstrap"), fixed_sd)
             params = theta_to_params(thetas)
             out["intervals"] = {k: interval(v, level) for k, v in params.items()}
             out["_thetas"] = thetas
@@ -509,7 +608,9 @@ def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_larg
             out["approach1"] = a1
     if holdout_largest:
         out["holdout"] = holdout_check(runs, holdout_largest, n_boot, seed, level, delta, workers,
-                                       tick("holdout bootstrap"))
+                                       tick("holdout bootstrap"), fixed, fixed_sd)
+    out["checks"] = trust_checks(out, runs, min_steps)
+    out["verdict"] = verdict(out["checks"])
     return out
 
 

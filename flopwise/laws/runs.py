@@ -41,6 +41,8 @@ class Runs:
     n_convention: str = "total"
     curves: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # name -> tokens, flops, loss
     warnings: list[str] = field(default_factory=list)
+    steps: np.ndarray | None = None  # optimizer steps of each run, where known (NaN where not)
+    epochs: np.ndarray | None = None  # passes over the run's unique training tokens, where known (NaN where not)
 
     def __len__(self) -> int:
         return len(self.loss)
@@ -51,7 +53,8 @@ class Runs:
         return Runs(self.n_params[idx], self.n_tokens[idx], self.loss[idx], self.flops[idx], self.budget[idx],
                     [self.name[i] for i in idx], self.n_convention,
                     {self.name[i]: self.curves[self.name[i]] for i in idx if self.name[i] in self.curves},
-                    list(self.warnings))
+                    list(self.warnings), None if self.steps is None else self.steps[idx],
+                    None if self.epochs is None else self.epochs[idx])
 
     @property
     def budgets(self) -> np.ndarray:
@@ -111,6 +114,7 @@ def runs_from_records(records: list[dict], source: str = "runs", n_convention: s
             v = r.get(cols[key]) if key in cols else None
             data[key].append(_number(v, i, cols[key], source) if v not in (None, "") else math.nan)
         names.append(str(r.get(cols["name"], f"run{i}")) if "name" in cols else f"run{i}")
+    steps, epochs = (_optional(records, key, source) for key in ("steps", "epochs"))
     n, d, loss = (np.array(data[k]) for k in REQUIRED)
     flops = np.array(data["flops"])
     flops = np.where(np.isnan(flops), 6.0 * n * d, flops)
@@ -122,7 +126,15 @@ def runs_from_records(records: list[dict], source: str = "runs", n_convention: s
     dupes = len(keys) - len(set(keys))
     if dupes:
         warnings.append(f"{dupes} duplicated run(s) (same N, D and loss) in {source}: each counts as a separate run")
-    return Runs(n, d, loss, flops, budget, names, n_convention, {}, warnings)
+    return Runs(n, d, loss, flops, budget, names, n_convention, {}, warnings, steps, epochs)
+
+
+def _optional(records: list[dict], key: str, source: str) -> np.ndarray | None:
+    """An optional numeric column (NaN where a row lacks it), or None when no row has it."""
+    if not any(r.get(key) not in (None, "") for r in records):
+        return None
+    return np.array([_number(r[key], i, key, source) if r.get(key) not in (None, "") else math.nan
+                     for i, r in enumerate(records, start=1)])
 
 
 def _read_curve(path: Path) -> dict[str, np.ndarray] | None:
@@ -171,7 +183,8 @@ def _load_sweep_dir(path: Path, n_convention: str) -> Runs:
             continue
         key = "n_params_non_embedding" if n_convention == "non_embedding" else "n_params"
         rec = {"name": final.parent.name, "n_params": f.get(key, f.get("n_params")), "n_tokens": f.get("n_tokens"),
-               "loss": f.get("val_loss", f.get("loss")), "flops": f.get("flops")}
+               "loss": f.get("val_loss", f.get("loss")), "flops": f.get("flops"), "steps": f.get("steps"),
+               "epochs": f.get("epochs")}
         if "budget" in f:
             rec["budget"] = f["budget"]
         records.append(rec)

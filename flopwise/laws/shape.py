@@ -119,3 +119,39 @@ def suggest_shape(n_target: float, convention: str = "total", vocab_size: int | 
             f"(the smallest has {n_params(smallest, convention):,}): use a smaller --vocab-size or a larger target"
         )
     return best
+
+
+# ---------------------------------------------------------------- the sweep family: one dial
+
+FAMILY_HEAD_DIM = 16
+FAMILY_MIN_LAYERS = 2  # one block is attention-only-like; its loss does not follow deeper models
+
+
+def family_depth(n: float) -> int:
+    """The depth a sweep around ``n`` parameters keeps for every size: the aspect rule's depth at ``n``."""
+    aspect = target_aspect_ratio(n)
+    return max(FAMILY_MIN_LAYERS, round((n / (12.0 * aspect**2)) ** (1 / 3)))
+
+
+def family_shape_at(d_model: int, n_layers: int, vocab_size: int, seq_len: int) -> Shape:
+    """The family member of width ``d_model``: head size 16, SwiGLU d_ff near 8/3 d_model, no grouped KV."""
+    step = 32 if d_model % 32 == 0 else 16
+    n_heads = d_model // FAMILY_HEAD_DIM
+    return Shape(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads,
+                 d_ff=_round_up(8 * d_model / 3, step), seq_len=seq_len, tie_embeddings=True)
+
+
+def family_shape(n_target: float, n_layers: int, vocab_size: int, seq_len: int, step: int = 16) -> Shape:
+    """The family member nearest ``n_target`` total parameters (in log N) at fixed depth: width is the one dial.
+
+    Sweeps use this family so that loss against N moves smoothly (suggest_shape jumps between depths and
+    widths, which shows up as zig-zags in IsoFLOP profiles). Widths are multiples of ``step`` (16 in sweeps;
+    32 for a model to be exported with 32-blocked quantisation).
+    """
+    if step % FAMILY_HEAD_DIM:
+        raise FlopwiseError(f"the family's width step must be a multiple of {FAMILY_HEAD_DIM}, got {step}")
+    # N ~ V d + 12 L d^2 (tied embeddings, SwiGLU at 8/3): solve for d, then look at the widths around it
+    d0 = (-vocab_size + math.sqrt(vocab_size**2 + 48.0 * n_layers * max(n_target, 1.0))) / (24.0 * n_layers)
+    widths = range(max(step, (int(d0) // step - 2) * step), (int(d0) // step + 4) * step, step)
+    return min((family_shape_at(d, n_layers, vocab_size, seq_len) for d in widths),
+               key=lambda s: abs(math.log(n_params(s, "total") / n_target)))

@@ -21,13 +21,29 @@ def _sections(s: dict, fit: dict, plan: dict) -> list[tuple[str, list[str], list
     lo, hi = s["predicted_loss_interval"]
     verdict = ("inside the fitted law's 90% interval" if s["measured_in_interval"] else
                f"outside the fitted law's 90% interval, by {s['interval_miss']:.3f} nats/token")
-    out = [("What this is", [
+    checks = s.get("checks", [])
+    rows = [["check", "value", "threshold", "result", "what it saw"]] + [
+        [c["name"], (", ".join(map(str, c["value"])) or "none") if isinstance(c["value"], list) else str(c["value"]),
+         c["threshold"], "pass" if c["passed"] else ("FAIL" if c["severity"] == "critical" else "caveat"), c["why"]]
+        for c in checks]
+    law = s.get("law_used", {})
+    out = [(f"Verdict: {s.get('verdict', 'unchecked')}", [
+        {"sound": "Every check passed: the sweep pins the law down and the plan below can be trusted to its interval.",
+         "usable with caveats": "The plan is usable, but the checks marked 'caveat' or 'FAIL' below say where it is "
+                                "less certain than it looks.",
+         "not informative": "The sweep cannot tell which model is best for this budget: treat the plan below as a "
+                            "guess, and give a larger budget (or more sizes) to get an informative sweep."}.get(
+            s.get("verdict"), ""),
+        f"Law used for the plan: {law.get('law', 'fitted')} ({law.get('why', '')})."], rows if checks else None)]
+    out.append(("What this is", [
         f"flopwise spent {s['sweep_flops']:.3g} of a {s['budget_flops']:.3g}-FLOP budget on an IsoFLOP sweep of small "
         "LLaMA-style models on this corpus, fitted a scaling law L(N, D) = E + A/N^α + B/D^β to the results, and used "
         f"the law to choose the model for the remaining {s['final_flops']:.3g} FLOPs. Loss is the cross-entropy of the "
-        "next token on held-out text, in nats per token: lower is better."], None)]
+        "next token on held-out text, in nats per token: lower is better."], None))
     out.append(("Headline", [
-        f"Compute-optimal model for the final budget: {_n(s['n_params_opt'])} parameters trained on "
+        ("Compute-optimal model" if s.get("verdict", "sound") == "sound" else
+         f"Planned model (verdict: {s.get('verdict')}; see above)") +
+        f" for the final budget: {_n(s['n_params_opt'])} parameters trained on "
         f"{_n(s['n_tokens_opt'])} tokens ({s['epochs']:.1f} epochs of the corpus).",
         f"Predicted validation loss {s['predicted_loss']:.3f} (90% interval {lo:.3f}-{hi:.3f}); measured "
         f"{s['measured_loss']:.3f} ({s['measured_bpb']:.3f} bits per byte), {verdict}.",
@@ -43,6 +59,10 @@ def _sections(s: dict, fit: dict, plan: dict) -> list[tuple[str, list[str], list
         iv = fit.get("intervals", {}).get(k)
         rows.append([k, f"{fit[k]:.4g}", f"{iv['lower']:.4g} - {iv['upper']:.4g}" if iv else "-"])
     notes = ["a and b are the allocation exponents: N_opt grows as C^a and D_opt as C^b."]
+    if fit.get("fixed"):
+        notes.append("This is the fallback law: " + ", ".join(
+            f"{k} held at {v:.4g} ± {fit.get('fixed_sd', {}).get(k, 0):g}" for k, v in fit["fixed"].items())
+            + " (the prior's values, drawn with that spread in the bootstrap); E, A and B fitted to the sweep.")
     if "approach2" in fit:
         a2 = fit["approach2"]
         notes.append(f"Approach 2 (IsoFLOP minima): N_opt ∝ C^{a2['a']:.3f}, D_opt ∝ C^{a2['b']:.3f}.")
@@ -50,7 +70,11 @@ def _sections(s: dict, fit: dict, plan: dict) -> list[tuple[str, list[str], list
     if h:
         notes.append(f"Extrapolation check: fitted without the largest budget, the law predicted its runs with a mean "
                      f"error of {h['mean_abs_rel_error']:.2%} (max {h['max_abs_rel_error']:.2%})"
-                     + (f"; its 90% interval covered {h['coverage']:.0%} of them." if "coverage" in h else "."))
+                     + (f"; the 90% interval of the law covered {h['coverage']:.0%} of them, the predictive interval "
+                        f"(with the runs' own scatter) {h['predictive_coverage']:.0%}." if "coverage" in h else "."))
+    notes.append(f"The final run's interval adds to the law's bootstrap interval a relative error of "
+                 f"{s.get('predictive_sigma', 0):.2%} (one s.d.): the runs' scatter about the law and the hold-out "
+                 "check's extrapolation error, grown with how far the final budget lies beyond the sweep.")
     out.append(("The fitted law (Approach 3, bootstrap intervals)", notes, rows))
     out.append(("The plan for the final run", [
         f"Data-constrained correction (Muennighoff et al. 2023) applied: the corpus has "

@@ -20,7 +20,7 @@ from flopwise.fsutil import atomic_write_text
 from flopwise.laws.flops import Shape, n_params_total, training_flops_per_token
 from flopwise.laws.hyper import default_lr_and_batch
 from flopwise.laws.law import Law, load_law
-from flopwise.laws.shape import suggest_shape
+from flopwise.laws.shape import FAMILY_HEAD_DIM, family_depth, family_shape, family_shape_at
 from flopwise.train.schedule import wsd_cooldown_start
 
 SWEEP_VERSION = 1
@@ -48,19 +48,66 @@ class RunSpec:
         return float(training_flops_per_token(Shape(**self.shape))) * self.n_tokens
 
 
-def smallest_shape(vocab_size: int, seq_len: int) -> Shape:
-    return Shape(vocab_size=vocab_size, d_model=32, n_layers=1, n_heads=1, n_kv_heads=1, d_ff=96, seq_len=seq_len,
-                 tie_embeddings=True)
+MIN_STEPS = 100  # optimizer steps every sweep run gets at least: fewer, and its loss says little about its size
+MIN_BATCH_SEQS = 8  # the smallest batch (sequences) a small budget's runs shrink to, to reach their steps
+TARGET_STEPS = 300  # steps the batch aims to give a budget's largest model: at 100-200 steps models of 0.2-0.5M
+# params lost 0.3-0.6 nats against their neighbours on the bundled corpus (optimisation, not size, set the loss)
+BRACKET = 2.0  # the sizes must reach this factor below and above the prior's optimum to bracket it
+
+
+def sweep_depth(prior: Law, budgets, spread: float, lean: float) -> int:
+    """One depth for every run of a sweep: the family's depth at the largest budget's centre."""
+    return family_depth(_centre(prior, max(budgets), lean))
+
+
+def _centre(prior: Law, budget: float, lean: float) -> float:
+    return float(prior.optimal(budget)[0]) / lean
+
+
+def sweep_batch(budget: float, fewest_tokens: int, seq_len: int, min_steps: int) -> int:
+    """Tokens per step for one budget's runs: DeepSeek's batch for the budget, shrunk (down to MIN_BATCH_SEQS
+    sequences) until the run with the fewest tokens gets TARGET_STEPS steps (at least ``min_steps``)."""
+    seqs = max(1, round(default_lr_and_batch(budget)[1] / seq_len))
+    fit = fewest_tokens // (max(min_steps, TARGET_STEPS) * seq_len)
+    return max(MIN_BATCH_SEQS, min(seqs, fit)) * seq_len
+
+
+def _budget_runs(b: float, vocab_size: int, seq_len: int, n_sizes: int, spread: float, prior: Law, lean: float,
+                 min_steps: int, depth: int) -> tuple[list[RunSpec], str]:
+    """One budget's runs, or ([], why the budget cannot give an informative IsoFLOP profile)."""
+    centre = _centre(prior, b, lean)
+    n_min = n_params_total(family_shape_at(FAMILY_HEAD_DIM, depth, vocab_size, seq_len))
+    low, high = max(centre / spread, n_min), centre * spread
+    if low > centre / BRACKET or high <= low:
+        return [], (f"its optimum (about {describe(centre)} params by the {prior.name} prior) is too close to the "
+                    f"smallest model this vocabulary allows ({describe(n_min)}) to be bracketed")
+    shapes = list(dict.fromkeys(family_shape(float(t), depth, vocab_size, seq_len)
+                                for t in np.geomspace(low, high, n_sizes)))
+    if len(shapes) < 3:
+        return [], "fewer than 3 distinct model sizes fit its window"
+    tokens = [int(b / training_flops_per_token(s)) for s in shapes]
+    batch = sweep_batch(b, min(tokens), seq_len, min_steps)
+    steps = min(tokens) // batch
+    if steps < min_steps:
+        return [], (f"its largest model would get {steps} optimizer steps of {batch:,} tokens, fewer than "
+                    f"--min-steps {min_steps}")
+    return [RunSpec(name=f"c{b:.2e}-n{n_params_total(s):09d}".replace("+", ""), budget=b, shape=s.to_dict(),
+                    n_params=n_params_total(s), n_tokens=t, options={"batch_tokens": batch})
+            for s, t in zip(shapes, tokens, strict=True)], ""
 
 
 def design_sweep(budgets, vocab_size: int, seq_len: int, n_sizes: int = 5, spread: float = 4.0,
-                 prior: Law | str = "chinchilla", min_tokens: int = 0, lean: float = 2.0) -> list[RunSpec]:
-    """Runs for each budget: ``n_sizes`` sizes log-spaced over [N_opt/(spread*lean), N_opt*spread/lean].
+                 prior: Law | str = "chinchilla", lean: float = 2.0, min_steps: int = MIN_STEPS) -> list[RunSpec]:
+    """Runs for each budget: ``n_sizes`` sizes log-spaced over [N_c/spread, N_c*spread], N_c = N_opt/lean.
 
-    ``lean`` > 1 tilts the window toward small models: published laws, fitted on large models,
-    overestimate N_opt for tiny ones whose parameters are mostly embeddings (seen on the bundled
-    corpus, where the optimum at 3e11-3e12 FLOPs sat 2-3x below Chinchilla's). Where the window
-    reaches below the smallest model, it starts at the smallest model instead.
+    Every size is a member of one family (``family_shape``: fixed depth, width the one dial), so loss
+    moves smoothly with N. ``lean`` > 1 centres the window below the prior's N_opt: published laws,
+    fitted on large models, overestimate N_opt for tiny ones whose parameters are mostly embeddings
+    (on the bundled corpus the optimum at 3e11-3e12 FLOPs sat 2-3x below Chinchilla's). Where the
+    window reaches below the smallest model it starts there, as long as the prior's optimum stays
+    bracketed (a factor BRACKET inside). Each budget's runs share one batch, shrunk for small budgets
+    so every run gets ``min_steps`` optimizer steps (``options.batch_tokens``). A budget that cannot
+    meet both is refused, naming the smallest that can.
     """
     prior = load_law(prior) if isinstance(prior, str) else prior
     budgets = sorted(float(b) for b in budgets)
@@ -68,66 +115,55 @@ def design_sweep(budgets, vocab_size: int, seq_len: int, n_sizes: int = 5, sprea
         raise FlopwiseError("a sweep needs at least one budget")
     if n_sizes < 3:
         raise FlopwiseError(f"--sizes must be at least 3 to locate a minimum, got {n_sizes}")
-    smallest = smallest_shape(vocab_size, seq_len)
-    n_min = n_params_total(smallest)
+    if min_steps < 1:
+        raise FlopwiseError(f"--min-steps must be at least 1, got {min_steps}")
+    depth = sweep_depth(prior, budgets, spread, lean)
     runs: list[RunSpec] = []
     for b in budgets:
-        targets = np.geomspace(*_window(prior, b, spread, lean, n_min), n_sizes)
-        seen = set()
-        for target in targets:
-            shape = suggest_shape(float(target), vocab_size=vocab_size, seq_len=seq_len)
-            if shape in seen:
-                continue
-            seen.add(shape)
-            tokens = int(b / training_flops_per_token(shape))
-            if tokens < max(min_tokens, 1):
-                continue
-            runs.append(RunSpec(name=f"c{b:.2e}-n{n_params_total(shape):09d}".replace("+", ""), budget=b,
-                                shape=shape.to_dict(), n_params=n_params_total(shape), n_tokens=tokens))
-    if not runs:
-        fpt = training_flops_per_token(smallest)
-        raise FlopwiseError(f"the budgets are too small to train even the smallest model ({n_min:,} params, "
-                            f"{fpt:,} FLOPs/token): give budgets of at least {fpt * 20 * 256:.2g} FLOPs")
+        group, why = _budget_runs(b, vocab_size, seq_len, n_sizes, spread, prior, lean, min_steps, depth)
+        if not group:
+            least = smallest_budget(lambda c: bool(_budget_runs(c, vocab_size, seq_len, n_sizes, spread, prior, lean,
+                                                                  min_steps, depth)[0]))
+            raise FlopwiseError(f"budget {b:.3g} FLOPs is too small for an informative sweep (vocab {vocab_size}, "
+                                f"context {seq_len}): {why}; the smallest budget that works is {least:.2g} FLOPs")
+        runs += group
     return runs
 
 
-def _window(prior: Law, budget: float, spread: float, lean: float, n_min: float) -> tuple[float, float]:
-    n_opt = float(prior.optimal(budget)[0])
-    low = max(n_opt / (spread * lean), n_min * 1.05)  # sizes below the smallest model do not exist
-    return low, max(n_opt * spread / lean, low * spread)
+def smallest_budget(works, lo: float = 1e6, hi: float = 1e24) -> float:
+    """The smallest budget (rounded up to 2 significant digits) for which ``works(budget)`` holds,
+    by bisection in log budget (``works`` is assumed to hold from some budget on)."""
+    if not works(hi):
+        raise FlopwiseError("no budget up to 1e24 FLOPs gives an informative sweep with these settings")
+    for _ in range(60):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if works(mid) else (mid, hi)
+        if hi / lo < 1.001:
+            break
+    unit = 10.0 ** (math.floor(math.log10(hi)) - 1)
+    b = math.ceil(hi / unit) * unit
+    while not works(b):
+        b += unit
+    return b
 
 
 def design_wsd_sweep(budgets, vocab_size: int, seq_len: int, n_sizes: int = 5, spread: float = 4.0,
                      prior: Law | str = "chinchilla", lean: float = 2.0, cooldown_fraction: float = 0.2,
-                     min_steps: int = 20) -> list[RunSpec]:
+                     min_steps: int = MIN_STEPS) -> list[RunSpec]:
     """A WSD sweep (Hägele et al. 2024): one constant-LR trunk per model size, and for each budget a
     cooldown branch from the trunk's checkpoint that ends exactly at that budget's token count.
 
-    Sizes lie on one geometric grid shared by all budgets (so trunks are shared); each budget uses
-    the grid points inside its window. All runs use one batch, peak LR and warmup, so a branch
-    continues its trunk exactly (batches are a function of the step).
+    Each budget takes its sizes as ``design_sweep`` does (same family, windows and refusals); sizes
+    are shared between budgets where they coincide, so trunks are shared. All runs use one batch
+    (the smallest any budget needs for ``min_steps``), peak LR and warmup, so a branch continues its
+    trunk exactly (batches are a function of the step).
     """
     prior = load_law(prior) if isinstance(prior, str) else prior
     budgets = sorted(float(b) for b in budgets)
-    n_min = n_params_total(smallest_shape(vocab_size, seq_len))
-    windows = {b: _window(prior, b, spread, lean, n_min) for b in budgets}
-    ratio = (spread * spread) ** (1.0 / max(1, n_sizes - 1))
-    lo = min(w[0] for w in windows.values())
-    hi = max(w[1] for w in windows.values())
-    grid = lo * ratio ** np.arange(math.ceil(math.log(hi / lo) / math.log(ratio) - 1e-9) + 1)
-    lr, batch_tokens = default_lr_and_batch(budgets[0])
-    tokens_per_step = max(1, round(batch_tokens / seq_len)) * seq_len
-    shapes = {float(g): suggest_shape(float(g), vocab_size=vocab_size, seq_len=seq_len) for g in grid}
-    plan = []  # (budget, shape, steps)
-    for b, (w_lo, w_hi) in windows.items():
-        for g, shape in shapes.items():
-            if w_lo / math.sqrt(ratio) <= g <= w_hi * math.sqrt(ratio):
-                steps = round(b / training_flops_per_token(shape) / tokens_per_step)
-                if steps >= min_steps:
-                    plan.append((b, shape, steps))
-    if not plan:
-        raise FlopwiseError(f"the budgets are too small for a WSD sweep: each run needs {min_steps} steps of "
-                            f"{tokens_per_step} tokens")
+    cosine = design_sweep(budgets, vocab_size, seq_len, n_sizes, spread, prior, lean, min_steps)
+    lr, _ = default_lr_and_batch(budgets[0])
+    tokens_per_step = min(r.options["batch_tokens"] for r in cosine)
+    plan = [(r.budget, Shape(**r.shape), r.n_tokens // tokens_per_step) for r in cosine]  # (budget, shape, steps)
     warmup = min(500, max(1, round(0.05 * min(p[2] for p in plan))))
     common = {"lr": lr, "batch_tokens": tokens_per_step, "warmup_steps": warmup}
     runs: list[RunSpec] = []

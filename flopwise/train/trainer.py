@@ -34,10 +34,12 @@ from flopwise.run import (
     load_model,
     read_final,
     read_metrics,
+    read_precision,
     read_run_config,
     run_lock,
     save_checkpoint,
     write_final,
+    write_precision,
 )
 from flopwise.train import distributed as dist
 from flopwise.train.batches import TrainingData, training_data
@@ -121,8 +123,8 @@ class _Run:
         self.mc, self.tc, config = read_run_config(run_dir)
         self.rank, self.world = dist.setup()
         self.device = pick_device(self.tc.device) if self.world == 1 else dist.device_for(self.rank, self.tc.device)
-        self.precision = pick_precision(self.tc.precision, self.device)
         self.r: Resolved = resolve(self.mc, self.tc, self.world)
+        self.precision = self._precision()
         recorded = config["resolved"]
         if (self.r.global_batch, self.r.steps) != (recorded["global_batch"], recorded["steps"]):
             raise FlopwiseError(f"{run_dir}: with {self.world} process(es) the global batch would be "
@@ -192,6 +194,19 @@ class _Run:
         if final_eval is None:
             final_eval = self._evaluate(s.model, final=True)
         return self._finish(final_eval, train_loss, s.wall_before + time.perf_counter() - t_start)
+
+    def _precision(self) -> str:
+        """The run's precision; auto is measured once per run (single process) and kept when it resumes."""
+        if self.tc.precision != "auto" or self.world > 1:
+            return pick_precision(self.tc.precision, self.device)
+        chosen = read_precision(self.run_dir)
+        if chosen is None:
+            try:
+                chosen = pick_precision("auto", self.device, self.mc.shape.to_dict(), self.r.micro_batch)
+            except RuntimeError:  # e.g. out of memory: the run itself will say so, clearly, in its first step
+                return pick_precision("auto", self.device)
+            write_precision(self.run_dir, chosen)
+        return chosen
 
     def _restore(self) -> _State:
         """The model and optimizer at the step this run continues from: its own checkpoint, else a WSD trunk's
