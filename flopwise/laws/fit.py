@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 
 from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text
@@ -233,21 +234,28 @@ def bootstrap_thetas(n_params, n_tokens, loss, fit: ParametricFit, n_boot: int =
     jobs = [(idx[c], log_n, log_d, log_l, starts[c], free, fit.delta) for c in parts if len(c)]
     results: list = [None] * len(jobs)
     done = 0
-    if workers <= 1 or n_boot < 50:
-        for i, j in enumerate(jobs):
-            results[i] = _bootstrap_chunk(j)
-            done += len(results[i])
-            if progress:
-                progress(done)
-        return np.vstack(results)
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(_bootstrap_chunk, j): i for i, j in enumerate(jobs)}
-        for fut in as_completed(futures):
-            results[futures[fut]] = fut.result()
-            done += len(results[futures[fut]])
-            if progress:
-                progress(done)
+    # L-BFGS-B's BLAS calls are on vectors of a few numbers: with BLAS threads on every core, two workers ran
+    # 1000 refits 6x slower than with one thread each (67 s against 11 s, 2 cores)
+    with threadpool_limits(1):
+        if workers <= 1 or n_boot < 50:
+            for i, j in enumerate(jobs):
+                results[i] = _bootstrap_chunk(j)
+                done += len(results[i])
+                if progress:
+                    progress(done)
+            return np.vstack(results)
+        with ProcessPoolExecutor(max_workers=workers, initializer=_one_blas_thread) as pool:
+            futures = {pool.submit(_bootstrap_chunk, j): i for i, j in enumerate(jobs)}
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
+                done += len(results[futures[fut]])
+                if progress:
+                    progress(done)
     return np.vstack(results)
+
+
+def _one_blas_thread() -> None:
+    threadpool_limits(1)
 
 
 def theta_to_params(thetas: np.ndarray) -> dict[str, np.ndarray]:
