@@ -6,7 +6,8 @@ default AdamW). Prints tokens/s of each, the ratio, final losses and MFU against
 measured bf16 and fp32 matmul peaks. Targets on the 2-core dev machine: >= 2.5x at ~10M params,
 >= 1.5x at ~1M, final losses within 2%.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 30] [--only 10M|1M]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 30] [--only 10M|1M|d32L1|d64L2|d128L4]
+        [--precision auto|bf16|fp32]
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ from flopwise.train.trainer import train
 CONFIGS = {
     "10M": dict(d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, d_ff=1024, seq_len=256),
     "1M": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=352, seq_len=256),
+    # sweep-sized (the autopilot's sweeps and final runs): context 128, batch 32 x 128 = 4,096 tokens
+    "d32L1": dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=96, seq_len=128),
+    "d64L2": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=192, seq_len=128),
+    "d128L4": dict(d_model=128, n_layers=4, n_heads=8, n_kv_heads=8, d_ff=352, seq_len=128),
 }
+SWEEP_SIZED = ("d32L1", "d64L2", "d128L4")
 
 
 def baseline(mc: ModelConfig, tc: TrainConfig, corpus, r: dict) -> tuple[float, float]:
@@ -70,6 +76,8 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--only", choices=list(CONFIGS))
     ap.add_argument("--compile", action="store_true", help="flopwise's run with torch.compile")
+    ap.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                    help="flopwise's run (auto: the faster of fp32 and bf16, measured for the shape)")
     args = ap.parse_args()
     corpus = prepare(log=lambda m: None)
     peaks = probe("cpu", size=2048, repeats=5)
@@ -79,10 +87,11 @@ def main() -> None:
         if args.only and name != args.only:
             continue
         mc = ModelConfig(vocab_size=corpus.vocab_size, tie_embeddings=True, **shape)
-        tokens_per_step = args.micro_batch * mc.seq_len
+        micro = 32 if name in SWEEP_SIZED else args.micro_batch
+        tokens_per_step = micro * mc.seq_len
         tc = TrainConfig(n_tokens=tokens_per_step * args.steps, batch_tokens=tokens_per_step,
-                         micro_batch=args.micro_batch, eval_every=10**9, ckpt_every=10**9, log_every=1,
-                         final_eval_windows=1, eval_windows=1, precision="bf16", compile=args.compile)
+                         micro_batch=micro, eval_every=10**9, ckpt_every=10**9, log_every=1,
+                         final_eval_windows=1, eval_windows=1, precision=args.precision, compile=args.compile)
         r = resolve(mc, tc)
         fpt = training_flops_per_token(mc)
         tmp = Path(tempfile.mkdtemp())
@@ -92,13 +101,13 @@ def main() -> None:
             # one line per step; drop the warm-up (compilation) and the last (its time includes the final eval)
             lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][2:-1]
             fw_tok_s = len(lines) / sum(1.0 / m["tok_per_s"] for m in lines)
-            fw_loss = final["train_loss"]
+            fw_loss, fw_precision = final["train_loss"], final["precision"]
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         base_tok_s, base_loss = baseline(mc, tc, corpus, r)
         print(f"\n{name}: {n_params_total(mc):,} params, {mc.n_layers} layers x d_model {mc.d_model}, "
               f"ctx {mc.seq_len}, batch {r.global_batch} x {mc.seq_len} tokens, {r.steps} steps")
-        fw_label = "flopwise (bf16 autocast, fused AdamW" + (", compiled)" if args.compile else ")")
+        fw_label = f"flopwise ({args.precision} -> {fw_precision}, fused AdamW{', compiled' if args.compile else ''})"
         for label, tok_s, loss in ((fw_label, fw_tok_s, fw_loss),
                                    ("baseline (fp32 eager)", base_tok_s, base_loss)):
             achieved = tok_s * fpt

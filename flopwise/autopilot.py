@@ -40,7 +40,7 @@ from flopwise.laws.law import load_law
 from flopwise.laws.plan import make_plan
 from flopwise.laws.runs import load_runs
 from flopwise.laws.shape import family_shape
-from flopwise.laws.trust import CAVEATS, NOT_INFORMATIVE, failed
+from flopwise.laws.trust import CAVEATS, NOT_INFORMATIVE, SOUND, failed, prediction_check
 from flopwise.model.llama import ModelConfig
 from flopwise.progress import Bar
 from flopwise.report.plots import plot_fit, plot_loss_curves
@@ -48,6 +48,7 @@ from flopwise.report.report import write_report
 from flopwise.run import load_model, new_run
 from flopwise.sweep.design import (
     budgets_for,
+    check_corpus,
     check_feasible,
     design_sweep,
     read_design,
@@ -55,8 +56,7 @@ from flopwise.sweep.design import (
     total_flops,
     write_design,
 )
-from flopwise.sweep.runner import ETA_OVERHEAD, default_workers, run_sweep, sweep_seconds, worker_threads
-from flopwise.train.probe import training_rate
+from flopwise.sweep.runner import default_workers, run_sweep, sweep_seconds, worker_threads
 from flopwise.train.trainer import train
 
 
@@ -82,15 +82,19 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
         f"{m['n_tokens_val']:,} validation tokens, vocab {m['vocab_size']} ({corpus.path})")
 
     # 2. sweep design, refused before anything is written when the budget cannot buy an informative sweep
+    check_corpus(m, cfg.seq_len)
     least = smallest_autopilot_budget(cfg, corpus.vocab_size)
     if cfg.budget_flops is None:
         cfg = replace(cfg, budget_flops=least)
         log(f"budget: {least:.2g} FLOPs, the smallest whose sweep is informative on this corpus (--budget auto)")
     specs = _design(cfg, cfg.budget_flops, corpus.vocab_size)
     if specs is None:
+        half = corpus.vocab_size // 2  # the smallest model's embeddings set the floor: a smaller vocabulary lowers it
+        hint = (f"; with --vocab-size {half} it is {smallest_autopilot_budget(cfg, half):.2g}"
+                if half >= 259 and not (Path(str(data)) / "meta.json").exists() else "")
         raise FlopwiseError(f"--budget {cfg.budget_flops:.3g} is too small for an informative sweep (vocab "
                             f"{corpus.vocab_size}, context {cfg.seq_len}, {cfg.min_steps}+ steps per run): the "
-                            f"smallest that works is {least:.2g} FLOPs (--budget auto picks it)")
+                            f"smallest that works is {least:.2g} FLOPs (--budget auto picks it{hint})")
     check_feasible(specs, m["n_tokens_train"])
     sweep_dir = out / "sweep"
     budgets = sorted({s.budget for s in specs})
@@ -143,11 +147,12 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
 
     # 4. plan the final run with the law, data-constrained, in the sweep's shape family
     final_spec, plan = _plan_final(fit, remaining, corpus, cfg, depth=specs[0].shape["n_layers"])
-    eta_final = final_spec["flops"] / training_rate(final_spec["shape"], os.cpu_count() or 1) * ETA_OVERHEAD
     log(f"plan: N = {final_spec['n_params']:,} params, D = {final_spec['n_tokens']:,} tokens "
         f"({final_spec['epochs']:.1f} epochs of the corpus), predicted loss {final_spec['predicted_loss']:.3f} "
-        f"[{final_spec['predicted_interval'][0]:.3f}, {final_spec['predicted_interval'][1]:.3f}]; "
-        f"ETA ~{eta_final / 60:.1f} min (measured on this machine)")
+        f"[{final_spec['predicted_interval'][0]:.3f}, {final_spec['predicted_interval'][1]:.3f}]")
+    checks.append(prediction_check(final_spec["predicted_loss"], final_spec["predicted_interval"]))
+    if verdict == SOUND and not checks[-1]["passed"]:
+        verdict = CAVEATS
 
     # 5. train the final model
     final_dir = out / "final"

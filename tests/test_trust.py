@@ -235,3 +235,57 @@ def test_unimodal_residual_is_zero_for_profiles_that_fall_then_rise():
     assert unimodal_residual([3.0, 2.0, 1.0, 2.0, 3.0]) == 0.0
     assert unimodal_residual([3.8, 3.9, 4.3, 4.5]) == 0.0  # monotone: the minimum lies below the window
     assert unimodal_residual([4.0, 3.0, 3.5, 3.0, 4.0]) == pytest.approx(np.sqrt(0.125 / 5))
+
+
+def test_a_corpus_too_small_for_one_validation_window_is_refused_before_writing(tmp_path):
+    from flopwise.data.prepare import bundled_corpus, prepare
+
+    text = tmp_path / "few.txt"
+    text.write_text("<|endoftext|>".join(bundled_corpus()[0].read_text().split("<|endoftext|>")[:40]))
+    corpus = prepare([text], vocab_size=384, out=tmp_path / "prepared", log=lambda m: None)
+    assert corpus.meta["n_tokens_val"] < 1025 <= corpus.meta["n_tokens_train"]
+    for argv in (["autopilot", "--budget", "auto"], ["sweep", "run", "--budgets", "auto"]):
+        out = tmp_path / argv[0]
+        r = subprocess.run([sys.executable, "-m", "flopwise", *argv, "--data", str(corpus.path), "--seq-len", "1024",
+                            "--out", str(out)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "less than one context window" in r.stderr and "Traceback" not in r.stderr
+        assert not out.exists()
+
+
+def test_sweep_run_refuses_a_folder_holding_another_design(tmp_path, bundled):
+    from flopwise.sweep.design import write_design
+
+    out = tmp_path / "sw"
+    runs = design_sweep([4e11, 1e12], vocab_size=bundled.vocab_size, seq_len=128)
+    write_design(out, runs, {"corpus": str(bundled.path), "corpus_hash": bundled.meta["hash"]})
+    before = (out / "sweep.json").read_bytes()
+    r = subprocess.run([sys.executable, "-m", "flopwise", "sweep", "run", "--data", str(bundled.path), "--budgets",
+                        "5e11,1e12", "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "holds another sweep" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "sweep.json").read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["sweep.json"]
+
+
+def test_autopilot_falls_back_to_the_priors_exponents_when_the_free_fit_is_not_identifiable():
+    from flopwise.autopilot import _fallback_fit, _plan_checks
+    from flopwise.config import AutopilotConfig
+
+    odd = ParametricLaw(E=1.7, A=400.0, B=400.0, alpha=0.9, beta=0.1)
+    runs = _sweep(odd, noise=0.002)
+    free = _fit(runs)
+    assert free["verdict"] == NOT_INFORMATIVE
+    fit, used = _fallback_fit(runs, free, AutopilotConfig(bootstrap=100), 1, 1e20, None)
+    assert fit["alpha"] == CHINCHILLA.alpha and fit["beta"] == CHINCHILLA.beta and "fallback" in used["law"]
+    assert used["why"].startswith("the free fit is not identifiable") and "N_opt ~ C^0.1" in used["why"]
+    checks, verdict_ = _plan_checks(free, fit, used)
+    names = {c["name"] for c in checks}
+    assert "law" in names and "free_fit.exponent_a" in names
+    assert verdict_ in ("usable with caveats", NOT_INFORMATIVE) and verdict_ != SOUND
+    assert _plan_checks(free, free, {"law": "fitted"}) == (free["checks"], free["verdict"])
+
+
+def test_prediction_width_check():
+    from flopwise.laws.trust import prediction_check
+
+    assert prediction_check(3.0, [2.85, 3.15])["passed"]  # ±5%
+    wide = prediction_check(2.747, [1.660, 3.826])  # the autopilot at 3.2e13 FLOPs on the bundled corpus
+    assert not wide["passed"] and wide["value"] == pytest.approx(0.394, abs=1e-3) and wide["severity"] == "caveat"

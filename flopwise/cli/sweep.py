@@ -14,6 +14,7 @@ from flopwise.data.prepare import resolve_corpus
 from flopwise.errors import FlopwiseError
 from flopwise.progress import Bar
 from flopwise.sweep.design import (
+    check_corpus,
     check_feasible,
     design_sweep,
     design_wsd_sweep,
@@ -80,6 +81,7 @@ def sweep_run(
         raise FlopwiseError(f"--schedule must be cosine or wsd, got {schedule!r}")
     sweep_dir = Path(out)
     corpus = resolve_corpus(data, vocab_size, log=lambda m: console.print(f"[yellow]{m}[/yellow]"))
+    check_corpus(corpus.meta, seq_len)
     design = design_wsd_sweep if schedule == "wsd" else design_sweep
     extra = {"cooldown_fraction": cooldown_fraction} if schedule == "wsd" else {}
 

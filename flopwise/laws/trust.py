@@ -26,6 +26,8 @@ Thresholds and why:
 * ``holdout_error`` (caveat, mean relative error at most 3% when the largest budget is held out
   and predicted): the extrapolation the plan relies on, tested.
 * ``holdout_coverage`` (caveat, the predictive interval covers at least half the held-out runs).
+* ``prediction_width`` (caveat, the autopilot's final prediction: 90% interval within ±10% of the
+  predicted loss): wider, and the prediction says little, however sound the fit.
 * ``smoothness`` (caveat, zig-zag of each IsoFLOP profile at most 0.01 nats RMS: its distance to
   the nearest profile that falls then rises): loss should move smoothly with size; zig-zags mean
   shapes or run lengths, not N, set the loss. (A parabola's residual is not used: over a wide
@@ -44,6 +46,7 @@ A_HALF_WIDTH = 0.15
 HOLDOUT_ERROR = 0.03
 HOLDOUT_COVERAGE = 0.5
 SMOOTHNESS_NATS = 0.01
+PREDICTION_WIDTH = 0.10
 
 SOUND, CAVEATS, NOT_INFORMATIVE = "sound", "usable with caveats", "not informative"
 
@@ -145,6 +148,14 @@ def trust_checks(result: dict, runs, min_steps: int = MIN_STEPS) -> list[dict]:
         out.append(_check("smoothness", round(rough, 4), f"<= {SMOOTHNESS_NATS}", rough <= SMOOTHNESS_NATS, "caveat",
                           f"the worst IsoFLOP profile is {rough:.3f} nats (RMS) from falling-then-rising"))
     return out
+
+
+def prediction_check(predicted: float, interval) -> dict:
+    """How wide the predicted-loss interval of a planned run is, relative to the prediction."""
+    half = (interval[1] - interval[0]) / 2 / predicted
+    return _check("prediction_width", round(half, 4), f"<= {PREDICTION_WIDTH}", half <= PREDICTION_WIDTH, "caveat",
+                  f"the predicted loss {predicted:.3f} has a 90% interval of [{interval[0]:.3f}, {interval[1]:.3f}] "
+                  f"(±{half:.0%})")
 
 
 def verdict(checks: list[dict]) -> str:

@@ -216,6 +216,17 @@ MAX_EPOCHS = 1000  # beyond this a run memorises its corpus: the budget is absur
 TRAINING_BYTES_PER_PARAM = 16  # fp32 weights, gradients and AdamW's two moments
 
 
+def check_corpus(meta: dict, seq_len: int) -> None:
+    """Refuse, before anything is written, a corpus too small for one context window of validation or two of
+    training (the trainer would fail on it run by run)."""
+    if meta["n_tokens_val"] < seq_len + 1:
+        raise FlopwiseError(f"the corpus' validation split has {meta['n_tokens_val']:,} tokens, less than one "
+                            f"context window of {seq_len + 1}: give more text (or --val FILE) or a shorter --seq-len")
+    if meta["n_tokens_train"] < 2 * seq_len + 2:
+        raise FlopwiseError(f"the corpus has {meta['n_tokens_train']:,} training tokens, fewer than two context "
+                            f"windows of {seq_len + 1}: give more text or a shorter --seq-len")
+
+
 def check_feasible(runs: list[RunSpec], n_tokens_train: int, memory_bytes: float | None = None) -> None:
     """Refuse, before any model is built, a sweep this corpus and machine cannot sensibly run."""
     if memory_bytes is None:

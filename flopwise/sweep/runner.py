@@ -24,10 +24,8 @@ from flopwise.errors import FlopwiseError
 from flopwise.model.llama import ModelConfig
 from flopwise.run import latest_checkpoint, new_run, read_final, run_is_locked
 from flopwise.sweep.design import RunSpec, read_design
-from flopwise.train.probe import training_rate
+from flopwise.train.probe import ETA_OVERHEAD, training_rate
 from flopwise.train.trainer import train
-
-ETA_OVERHEAD = 1.15  # wall time over measured step time: evaluation, checkpoints, process start-up
 
 
 def sweep_seconds(specs: list[RunSpec], workers: int, threads: int) -> float:

@@ -215,6 +215,9 @@ def measured_peak(device: torch.device, precision: str) -> float:
     return float(p["bf16_flops" if precision == "bf16" else "fp32_flops"])
 
 
+ETA_OVERHEAD = 1.15  # wall time over measured step time: evaluation, checkpoints, process start-up
+
+
 def training_rate(shape_dict: dict, threads: int | None = None, micro_batch: int = 16, steps: int = 3,
                   precision: str = "auto") -> float:
     """Measured training FLOP/s (exact count) of a model of this shape on this CPU: a few real steps."""
@@ -223,7 +226,7 @@ def training_rate(shape_dict: dict, threads: int | None = None, micro_batch: int
         torch.set_num_threads(threads)
     try:
         mc = ModelConfig(**shape_dict)
-        bf16 = pick_precision(precision, torch.device("cpu")) == "bf16"
+        bf16 = pick_precision(precision, torch.device("cpu"), shape_dict, micro_batch) == "bf16"  # auto: as trained
         model = Llama(mc)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x = torch.randint(0, mc.vocab_size, (micro_batch, mc.seq_len))

@@ -43,7 +43,15 @@ from flopwise.run import (
 )
 from flopwise.train import distributed as dist
 from flopwise.train.batches import TrainingData, training_data
-from flopwise.train.probe import CpuShare, measured_peak, pick_device, pick_precision, requested_threads
+from flopwise.train.probe import (
+    ETA_OVERHEAD,
+    CpuShare,
+    measured_peak,
+    pick_device,
+    pick_precision,
+    requested_threads,
+    training_rate,
+)
 from flopwise.train.schedule import lr_at
 
 # Testing hook: the process kills itself (SIGKILL, as `kill -9`) once this many steps are done and logged,
@@ -281,7 +289,11 @@ class _Run:
             return
         r, mc = self.r, self.mc
         epochs = r.n_tokens / self.data.n_tokens_train
-        est = r.flops / (self.peak * 0.5)
+        # measured: a few real steps of this shape at this precision and thread count (small models run far
+        # below the matmul peak, so a fixed MFU guess was off by 2x and more)
+        rate = training_rate(mc.shape.to_dict(), torch.get_num_threads(), r.micro_batch, precision=self.precision) \
+            if self.device.type == "cpu" else self.peak * 0.4
+        est = (r.flops - start_step * r.tokens_per_step * r.flops_per_token) / rate * ETA_OVERHEAD
         self.log(f"training {n_params_total(mc):,} params on {r.n_tokens:,} tokens ({epochs:.2f} epochs of "
                  f"{self.data.n_tokens_train:,}), {r.flops:.3g} FLOPs, {r.steps} steps of {r.tokens_per_step:,} "
                  f"tokens, lr {r.lr:.2g}, {self.precision} on {self.device.type}"
