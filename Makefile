@@ -22,7 +22,7 @@ $(DEV): $(BASE)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(DEV)
 
-# The main job: sweep -> fit -> plan -> train -> compare -> report on the bundled corpus (~12 min on 2 cores).
+# The main job: sweep -> fit -> plan -> train -> compare -> report on the bundled corpus (~10 min on 2 cores).
 demo: $(BASE)
 	$(VENV)/bin/flopwise autopilot --out autopilot
 

@@ -55,7 +55,7 @@ TARGET_STEPS = 300  # steps the batch aims to give a budget's largest model: at 
 BRACKET = 2.0  # the sizes must reach this factor below and above the prior's optimum to bracket it
 
 
-def sweep_depth(prior: Law, budgets, spread: float, lean: float) -> int:
+def sweep_depth(prior: Law, budgets, lean: float) -> int:
     """One depth for every run of a sweep: the family's depth at the largest budget's centre."""
     return family_depth(_centre(prior, max(budgets), lean))
 
@@ -106,8 +106,9 @@ def design_sweep(budgets, vocab_size: int, seq_len: int, n_sizes: int = 5, sprea
     (on the bundled corpus the optimum at 3e11-3e12 FLOPs sat 2-3x below Chinchilla's). Where the
     window reaches below the smallest model it starts there, as long as the prior's optimum stays
     bracketed (a factor BRACKET inside). Each budget's runs share one batch, shrunk for small budgets
-    so every run gets ``min_steps`` optimizer steps (``options.batch_tokens``). A budget that cannot
-    meet both is refused, naming the smallest that can.
+    so its largest model gets TARGET_STEPS optimizer steps (``options.batch_tokens``); a budget that
+    cannot bracket its optimum, or give every run ``min_steps`` steps, is refused, naming the
+    smallest budget that can.
     """
     prior = load_law(prior) if isinstance(prior, str) else prior
     budgets = sorted(float(b) for b in budgets)
@@ -117,7 +118,7 @@ def design_sweep(budgets, vocab_size: int, seq_len: int, n_sizes: int = 5, sprea
         raise FlopwiseError(f"--sizes must be at least 3 to locate a minimum, got {n_sizes}")
     if min_steps < 1:
         raise FlopwiseError(f"--min-steps must be at least 1, got {min_steps}")
-    depth = sweep_depth(prior, budgets, spread, lean)
+    depth = sweep_depth(prior, budgets, lean)
     runs: list[RunSpec] = []
     for b in budgets:
         group, why = _budget_runs(b, vocab_size, seq_len, n_sizes, spread, prior, lean, min_steps, depth)
