@@ -87,37 +87,25 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     if cfg.budget_flops is None:
         cfg = replace(cfg, budget_flops=least)
         log(f"budget: {least:.2g} FLOPs, the smallest whose sweep is informative on this corpus (--budget auto)")
-    specs = _design(cfg, cfg.budget_flops, corpus.vocab_size)
-    if specs is None:
-        half = corpus.vocab_size // 2  # the smallest model's embeddings set the floor: a smaller vocabulary lowers it
-        hint = (f"; with --vocab-size {half} it is {smallest_autopilot_budget(cfg, half):.2g}"
-                if half >= 259 and not (Path(str(data)) / "meta.json").exists() else "")
-        raise FlopwiseError(f"--budget {cfg.budget_flops:.3g} is too small for an informative sweep (vocab "
-                            f"{corpus.vocab_size}, context {cfg.seq_len}, {cfg.min_steps}+ steps per run): the "
-                            f"smallest that works is {least:.2g} FLOPs (--budget auto picks it{hint})")
-    check_feasible(specs, m["n_tokens_train"])
     sweep_dir = out / "sweep"
-    budgets = sorted({s.budget for s in specs})
-    meta = {"corpus": str(corpus.path), "corpus_hash": m["hash"], "budgets": budgets, "prior": cfg.prior,
-            "train_options": sweep_train_options(cfg), "schedule": "cosine", "min_steps": cfg.min_steps}
-    if (sweep_dir / "sweep.json").exists():
-        old_specs, old_meta = read_design(sweep_dir)
-        same = [s.__dict__ for s in old_specs] == [s.__dict__ for s in specs] and old_meta["corpus_hash"] == m["hash"]
-        if not same and not cfg.resume:
-            raise FlopwiseError(f"{out} holds another sweep (different budget, data or options): use --resume to "
-                                "finish that one, or choose another --out")
-        specs, meta = old_specs, old_meta
+    if cfg.resume and (sweep_dir / "sweep.json").exists():  # finish the sweep already there, whatever its design
+        specs, meta = read_design(sweep_dir)
     else:
-        write_design(sweep_dir, specs, meta)
+        specs, meta = _new_design(cfg, corpus, data, least, sweep_dir, out)
+    budgets = sorted({s.budget for s in specs})
+    if total_flops(specs) >= cfg.budget_flops:
+        raise FlopwiseError(f"the sweep in {sweep_dir} spends {total_flops(specs):.3g} FLOPs, all of --budget "
+                            f"{cfg.budget_flops:.3g}: give a larger --budget")
     sweep_flops = total_flops(specs)
     workers = cfg.workers or default_workers(len(specs))
     threads, _ = worker_threads(workers)
     remaining = cfg.budget_flops - sweep_flops
     log(f"sweep: {len(specs)} runs over {len(budgets)} budgets ({', '.join(f'{b:.2g}' for b in budgets)} FLOPs), "
         f"sizes {min(s.n_params for s in specs):,}-{max(s.n_params for s in specs):,} params "
-        f"({specs[0].shape['n_layers']} layers, width the one dial), at least "
-        f"{min(s.n_tokens // s.options.get('batch_tokens', 1) for s in specs)} steps per run, "
-        f"{sweep_flops:.3g} FLOPs on {workers} worker(s); ETA ~{sweep_seconds(specs, workers, threads) / 60:.1f} min "
+        f"({specs[0].shape['n_layers']} layers, width the one dial), "
+        + (f"at least {min(s.n_tokens // s.options['batch_tokens'] for s in specs)} steps per run, "
+           if all("batch_tokens" in s.options for s in specs) else "")
+        + f"{sweep_flops:.3g} FLOPs on {workers} worker(s); ETA ~{sweep_seconds(specs, workers, threads) / 60:.1f} min "
         "(measured on this machine)")
 
     with Bar("sweep", sweep_flops, quiet=not progress) as bar:
@@ -207,6 +195,32 @@ def _torch_version() -> str:
 def _energy_kwh(seconds: float, watts_per_core: float = 10.0) -> float:
     """A rough CPU energy estimate: ~10 W per busy core (server cores draw 5-15 W each)."""
     return seconds / 3600 * watts_per_core * (os.cpu_count() or 1) / 1000
+
+
+def _new_design(cfg: AutopilotConfig, corpus, data, least: float, sweep_dir: Path, out: Path) -> tuple[list, dict]:
+    """The sweep for cfg's budget, written to ``sweep_dir`` (or the identical one already there); refused, with
+    nothing written, when the budget is below ``least`` or ``sweep_dir`` holds another design."""
+    m = corpus.meta
+    specs = _design(cfg, cfg.budget_flops, corpus.vocab_size)
+    if specs is None:
+        half = corpus.vocab_size // 2  # the smallest model's embeddings set the floor: a smaller vocabulary lowers it
+        hint = (f"; with --vocab-size {half} it is {smallest_autopilot_budget(cfg, half):.2g}"
+                if half >= 259 and not (Path(str(data)) / "meta.json").exists() else "")
+        raise FlopwiseError(f"--budget {cfg.budget_flops:.3g} is too small for an informative sweep (vocab "
+                            f"{corpus.vocab_size}, context {cfg.seq_len}, {cfg.min_steps}+ steps per run): the "
+                            f"smallest that works is {least:.2g} FLOPs (--budget auto picks it{hint})")
+    check_feasible(specs, m["n_tokens_train"])
+    meta = {"corpus": str(corpus.path), "corpus_hash": m["hash"], "budgets": sorted({s.budget for s in specs}),
+            "prior": cfg.prior, "train_options": sweep_train_options(cfg), "schedule": "cosine",
+            "min_steps": cfg.min_steps}
+    if (sweep_dir / "sweep.json").exists():
+        old_specs, old_meta = read_design(sweep_dir)
+        if [s.__dict__ for s in old_specs] != [s.__dict__ for s in specs] or old_meta["corpus_hash"] != m["hash"]:
+            raise FlopwiseError(f"{out} holds another sweep (different budget, data or options): use --resume to "
+                                "finish that one, or choose another --out")
+        return old_specs, old_meta
+    write_design(sweep_dir, specs, meta)
+    return specs, meta
 
 
 def _design(cfg: AutopilotConfig, budget_flops: float, vocab_size: int) -> list | None:

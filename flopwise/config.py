@@ -182,7 +182,10 @@ class AutopilotConfig:
     resume: bool = False
 
 
+SWEEP_MICRO_BATCH = 16  # sequences per forward pass of a sweep run (the design picks batches this layout keeps)
+
+
 def sweep_train_options(cfg: AutopilotConfig) -> dict:
     # one evaluation at the end on fixed windows shared by all runs, so their losses compare closely
     return {"eval_every": 10**9, "eval_windows": 8, "final_eval_windows": 256, "seed": cfg.seed,
-            "micro_batch": 16}
+            "micro_batch": SWEEP_MICRO_BATCH}

@@ -227,6 +227,10 @@ def test_runs_that_repeat_their_data_fit_on_effective_tokens():
     assert fitted["beta"] == pytest.approx(CHINCHILLA.beta, rel=0.02)
     raw = fit_runs(runs, approach="3", n_boot=0)
     assert raw["tokens"] == "raw" and abs(raw["beta"] - CHINCHILLA.beta) > 0.02
+    with pytest.raises(FlopwiseError, match="need each run's epochs"):
+        fit_runs(replace(runs, epochs=None), approach="3", n_boot=0, effective_data=True)
+    with pytest.raises(FlopwiseError, match="can be held"):
+        fit_runs(runs, approach="3", n_boot=0, fixed={"E": 1.7})
 
 
 def test_unimodal_residual_is_zero_for_profiles_that_fall_then_rise():
@@ -266,13 +270,16 @@ def test_sweep_run_refuses_a_folder_holding_another_design(tmp_path, bundled):
 
 
 def test_autopilot_falls_back_to_the_priors_exponents_when_the_free_fit_is_not_identifiable():
+    from dataclasses import replace
+
     from flopwise.autopilot import _fallback_fit, _plan_checks
     from flopwise.config import AutopilotConfig
 
     odd = ParametricLaw(E=1.7, A=400.0, B=400.0, alpha=0.9, beta=0.1)
-    runs = _sweep(odd, noise=0.002)
+    runs = replace(_sweep(odd, noise=0.002), epochs=None)
     free = _fit(runs)
     assert free["verdict"] == NOT_INFORMATIVE
+    runs = replace(runs, epochs=np.full(len(runs), 0.5))  # a sweep's runs carry epochs; none repeats its data
     fit, used = _fallback_fit(runs, free, AutopilotConfig(bootstrap=100), 1, 1e20, None)
     assert fit["alpha"] == CHINCHILLA.alpha and fit["beta"] == CHINCHILLA.beta and "fallback" in used["law"]
     assert used["why"].startswith("the free fit is not identifiable") and "N_opt ~ C^0.1" in used["why"]
@@ -289,3 +296,32 @@ def test_prediction_width_check():
     assert prediction_check(3.0, [2.85, 3.15])["passed"]  # ±5%
     wide = prediction_check(2.747, [1.660, 3.826])  # the autopilot at 3.2e13 FLOPs on the bundled corpus
     assert not wide["passed"] and wide["value"] == pytest.approx(0.394, abs=1e-3) and wide["severity"] == "caveat"
+
+
+@pytest.mark.parametrize("min_steps", [100, 400])
+def test_designed_batches_are_kept_by_the_trainer_so_steps_and_wsd_checkpoints_line_up(min_steps):
+    """resolve() rounds a batch that gradient accumulation cannot split evenly; the design must not pick one
+    (a WSD trunk would end before the checkpoint its branch starts from, and the step floor would be missed)."""
+    from flopwise.config import SWEEP_MICRO_BATCH, TrainConfig, resolve
+    from flopwise.laws.flops import Shape
+    from flopwise.sweep.design import design_wsd_sweep
+
+    budgets = [2.61e12, 2.61e12 * 2.5, 2.61e12 * 6.25]
+    for runs in (design_sweep(budgets, 1024, 128, min_steps=min_steps),
+                 design_wsd_sweep(budgets, 1024, 128, min_steps=min_steps)):
+        for r in runs:
+            res = resolve(Shape(**r.shape), TrainConfig(n_tokens=r.n_tokens, micro_batch=SWEEP_MICRO_BATCH,
+                                                        **{k: v for k, v in r.options.items()
+                                                           if k in ("batch_tokens", "warmup_steps", "lr")}))
+            assert res.tokens_per_step == r.options["batch_tokens"]
+            if r.budget > 0:
+                assert res.steps >= min_steps
+            if r.options.get("save_at_steps"):
+                assert res.steps >= max(r.options["save_at_steps"])
+
+
+def test_the_named_budget_is_accepted_when_a_larger_one_would_deepen_the_sweep():
+    with pytest.raises(FlopwiseError) as e:
+        design_sweep([1e12], vocab_size=256, seq_len=1024)
+    named = float(str(e.value).rsplit(" is ", 1)[1].split()[0])
+    assert design_sweep([named], vocab_size=256, seq_len=1024)

@@ -40,7 +40,12 @@ def fit(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from flopwise.laws.fit import fit_runs, public, save_fit  # scipy: loaded by the command, not at start-up
+    from flopwise.laws.fit import (  # scipy: loaded by the command, not at start-up
+        fit_runs,
+        public,
+        save_fit,
+        with_effective_tokens,
+    )
     from flopwise.laws.runs import load_runs
 
 
@@ -59,10 +64,11 @@ def fit(
             bar.update(tasks[stage], completed=done)
 
         result = fit_runs(runs, approach=approach, n_boot=bootstrap, holdout_largest=holdout_largest,
+                          min_steps=_sweep_min_steps(src),
                           budgets=budget_list, level=level, seed=seed, delta=delta, degree=degree,
                           workers=workers, progress=progress, effective_data=effective_tokens)
     save_fit(result, str(src), out_dir)
-    plots = [] if no_plots else _plots(runs, result, out_dir)
+    plots = [] if no_plots else _plots(with_effective_tokens(runs) if effective_tokens else runs, result, out_dir)
     if as_json:
         print(json.dumps({**public(result), "law_file": str(out_dir / "law.json"), "plots": plots}, indent=2))
         return
@@ -73,6 +79,16 @@ def _plots(runs, result, out_dir) -> list[str]:
     from flopwise.report.plots import plot_fit  # matplotlib loads only when plots are made
 
     return plot_fit(runs, result, out_dir)
+
+
+def _sweep_min_steps(src: Path) -> int:
+    """The step floor a sweep folder was designed with (sweep.json), else the default."""
+    from flopwise.laws.trust import MIN_STEPS
+
+    try:
+        return int(json.loads((src / "sweep.json").read_text()).get("min_steps", MIN_STEPS))
+    except (OSError, ValueError, TypeError):
+        return MIN_STEPS
 
 
 def _float(text: str, what: str) -> float:

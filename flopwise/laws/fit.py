@@ -169,6 +169,8 @@ def fit_parametric(n_params, n_tokens, loss, delta: float = DEFAULT_DELTA, grid:
     ``fixed`` holds parameters (by name in PARAMS, e.g. alpha and beta) at given values."""
     log_n, log_d, log_l = _log_data(n_params, n_tokens, loss)
     fixed = fixed or {}
+    if set(fixed) - set(PARAMS):
+        raise FlopwiseError(f"only {', '.join(PARAMS)} can be held in a fit, not {', '.join(set(fixed) - set(PARAMS))}")
     grid = dict(grid or DEFAULT_GRID)
     for k, v in fixed.items():
         grid[k] = np.array([float(v)])
@@ -562,7 +564,9 @@ def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_larg
     out: dict = {"n_runs": len(runs), "n_convention": runs.n_convention, "approach": approach,
                  "warnings": list(runs.warnings), "level": level, "bootstrap": n_boot, "seed": seed,
                  "tokens": "raw"}
-    if effective_data and runs.epochs is not None and np.all(np.isfinite(runs.epochs)):
+    if effective_data:
+        if runs.epochs is None or not np.all(np.isfinite(runs.epochs)):
+            raise FlopwiseError("effective tokens need each run's epochs: an epochs column, or a sweep folder")
         runs = with_effective_tokens(runs)
         out["tokens"] = "effective"
     budgets = [float(c) for c in budgets] or [float(c) for c in runs.budgets[-1:] * np.array([1.0, 10.0, 100.0])]

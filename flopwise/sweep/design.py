@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flopwise.config import SWEEP_MICRO_BATCH
 from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text
 from flopwise.laws.flops import Shape, n_params_total, training_flops_per_token
@@ -67,9 +68,12 @@ def _centre(prior: Law, budget: float, lean: float) -> float:
 def sweep_batch(budget: float, fewest_tokens: int, seq_len: int, min_steps: int) -> int:
     """Tokens per step for one budget's runs: DeepSeek's batch for the budget, shrunk (down to MIN_BATCH_SEQS
     sequences) until the run with the fewest tokens gets TARGET_STEPS steps (at least ``min_steps``)."""
-    seqs = max(1, round(default_lr_and_batch(budget)[1] / seq_len))
-    fit = fewest_tokens // (max(min_steps, TARGET_STEPS) * seq_len)
-    return max(MIN_BATCH_SEQS, min(seqs, fit)) * seq_len
+    seqs = max(MIN_BATCH_SEQS, min(round(default_lr_and_batch(budget)[1] / seq_len),
+                                   fewest_tokens // (max(min_steps, TARGET_STEPS) * seq_len)))
+    # a batch the trainer keeps as is: gradient accumulation needs equal micro-batches (config.resolve would
+    # round 17 sequences up to 2 x 9, and a WSD trunk would then end short of its branches' checkpoints)
+    accum = math.ceil(seqs / SWEEP_MICRO_BATCH)
+    return seqs // accum * accum * seq_len
 
 
 def _budget_runs(b: float, vocab_size: int, seq_len: int, n_sizes: int, spread: float, prior: Law, lean: float,
@@ -118,17 +122,34 @@ def design_sweep(budgets, vocab_size: int, seq_len: int, n_sizes: int = 5, sprea
         raise FlopwiseError(f"--sizes must be at least 3 to locate a minimum, got {n_sizes}")
     if min_steps < 1:
         raise FlopwiseError(f"--min-steps must be at least 1, got {min_steps}")
+    runs, bad, why = _design(budgets, vocab_size, seq_len, n_sizes, spread, prior, lean, min_steps)
+    if bad is None:
+        return runs
+
+    def works(c: float) -> bool:  # the sweep the user would ask for next: this budget replaced, depth recomputed
+        return _design([c if x == bad else x for x in budgets], vocab_size, seq_len, n_sizes, spread, prior, lean,
+                       min_steps)[1] is None
+
+    try:
+        least = smallest_budget(works)
+    except FlopwiseError:  # no replacement works beside the other budgets: the smallest that works on its own
+        least = smallest_budget(lambda c: _design([c], vocab_size, seq_len, n_sizes, spread, prior, lean,
+                                                  min_steps)[1] is None)
+    raise FlopwiseError(f"budget {bad:.3g} FLOPs is too small for an informative sweep (vocab {vocab_size}, "
+                        f"context {seq_len}): {why}; the smallest budget that works is {least:.2g} FLOPs")
+
+
+def _design(budgets: list[float], vocab_size: int, seq_len: int, n_sizes: int, spread: float, prior: Law,
+            lean: float, min_steps: int) -> tuple[list[RunSpec], float | None, str]:
+    """(runs, None, "") or ([], the first budget refused, why)."""
     depth = sweep_depth(prior, budgets, lean)
     runs: list[RunSpec] = []
-    for b in budgets:
+    for b in sorted(budgets):
         group, why = _budget_runs(b, vocab_size, seq_len, n_sizes, spread, prior, lean, min_steps, depth)
         if not group:
-            least = smallest_budget(lambda c: bool(_budget_runs(c, vocab_size, seq_len, n_sizes, spread, prior, lean,
-                                                                  min_steps, depth)[0]))
-            raise FlopwiseError(f"budget {b:.3g} FLOPs is too small for an informative sweep (vocab {vocab_size}, "
-                                f"context {seq_len}): {why}; the smallest budget that works is {least:.2g} FLOPs")
+            return [], b, why
         runs += group
-    return runs
+    return runs, None, ""
 
 
 def smallest_budget(works, lo: float = 1e6, hi: float = 1e24) -> float:
@@ -141,11 +162,14 @@ def smallest_budget(works, lo: float = 1e6, hi: float = 1e24) -> float:
         lo, hi = (lo, mid) if works(mid) else (mid, hi)
         if hi / lo < 1.001:
             break
-    unit = 10.0 ** (math.floor(math.log10(hi)) - 1)
-    b = math.ceil(hi / unit) * unit
-    while not works(b):
+    b = hi
+    for _ in range(1000):  # 2 significant digits, rounded up; that figure must itself be accepted
+        unit = 10.0 ** (math.floor(math.log10(b)) - 1)
+        b = math.ceil(b / unit - 1e-9) * unit
+        if works(b):
+            return b
         b += unit
-    return b
+    raise FlopwiseError("no budget near the bisection's answer gives an informative sweep with these settings")
 
 
 def design_wsd_sweep(budgets, vocab_size: int, seq_len: int, n_sizes: int = 5, spread: float = 4.0,

@@ -208,6 +208,8 @@ class _Run:
         if self.tc.precision != "auto" or self.world > 1:
             return pick_precision(self.tc.precision, self.device)
         chosen = read_precision(self.run_dir)
+        if chosen is None and self.tc.branch_from:  # a WSD branch continues its trunk exactly: same precision
+            chosen = read_precision(Path(self.tc.branch_from).parent.parent)
         if chosen is None:
             try:
                 chosen = pick_precision("auto", self.device, self.mc.shape.to_dict(), self.r.micro_batch)
@@ -292,7 +294,7 @@ class _Run:
         # measured: a few real steps of this shape at this precision and thread count (small models run far
         # below the matmul peak, so a fixed MFU guess was off by 2x and more)
         rate = training_rate(mc.shape.to_dict(), torch.get_num_threads(), r.micro_batch, precision=self.precision) \
-            if self.device.type == "cpu" else self.peak * 0.4
+            * self.world if self.device.type == "cpu" else self.peak * 0.4
         est = (r.flops - start_step * r.tokens_per_step * r.flops_per_token) / rate * ETA_OVERHEAD
         self.log(f"training {n_params_total(mc):,} params on {r.n_tokens:,} tokens ({epochs:.2f} epochs of "
                  f"{self.data.n_tokens_train:,}), {r.flops:.3g} FLOPs, {r.steps} steps of {r.tokens_per_step:,} "
