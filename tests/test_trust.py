@@ -325,3 +325,12 @@ def test_the_named_budget_is_accepted_when_a_larger_one_would_deepen_the_sweep()
         design_sweep([1e12], vocab_size=256, seq_len=1024)
     named = float(str(e.value).rsplit(" is ", 1)[1].split()[0])
     assert design_sweep([named], vocab_size=256, seq_len=1024)
+
+
+def test_an_optimum_beyond_the_start_grid_is_a_caveat_not_a_failure():
+    hard = ParametricLaw(E=3.4, A=400.0, B=410.0, alpha=0.34, beta=0.28)  # e = log 3.4 > 1, the grid's edge
+    result = _fit(_sweep(hard))
+    checks = _by_name(result)
+    assert checks["grid_edge"]["value"] == ["e"] and not checks["grid_edge"]["passed"]
+    assert checks["bounds"]["passed"] and result["verdict"] == "usable with caveats"
+    assert result["E"] == pytest.approx(3.4, rel=0.05)
