@@ -8,7 +8,6 @@ from flopwise.errors import FlopwiseError
 from flopwise.laws.fit import (
     PARAMS,
     bootstrap_thetas,
-    fit_isoflop,
     fit_parametric,
     fit_runs,
     law_json,
@@ -17,6 +16,7 @@ from flopwise.laws.fit import (
     synthetic_runs,
     theta_to_params,
 )
+from flopwise.laws.isoflop import fit_isoflop
 from flopwise.laws.law import REGISTRY, ParametricLaw, law_from_dict
 from flopwise.laws.runs import load_runs, runs_from_records
 
