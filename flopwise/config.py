@@ -54,7 +54,7 @@ class TrainConfig:
     ckpt_every: int = 0  # steps; 0: about 20 checkpoints per run
     log_every: int = 0  # steps; 0: about 200 log lines per run
     precision: str = "auto"  # auto | bf16 | fp32
-    compile: bool = False
+    compile: str = "auto"  # auto | on | off; auto: torch.compile on a CPU when the run is long enough to repay it
     device: str = "auto"
     threads: int = 0  # CPU threads; 0: all cores while the machine is idle, fewer while other processes are busy
     save_at_steps: list[int] = field(default_factory=list)  # keep ckpt/step-K.pt when K steps are done
@@ -75,6 +75,7 @@ class TrainConfig:
             ("cooldown_fraction", self.cooldown_fraction, 0 < self.cooldown_fraction <= 1, "in (0, 1]"),
             ("cooldown_shape", self.cooldown_shape, self.cooldown_shape in ("linear", "1-sqrt"), "linear or 1-sqrt"),
             ("precision", self.precision, self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
+            ("compile", self.compile, self.compile in ("auto", "on", "off"), "auto, on or off"),
             ("device", self.device, self.device in ("auto", "cpu", "mps") or self.device.split(":")[0] == "cuda",
              "auto, cpu, cuda or mps"),
             ("weight_decay", self.weight_decay, self.weight_decay >= 0, "at least 0"),
@@ -93,6 +94,8 @@ class TrainConfig:
         legacy = d.pop("init_from", None)  # runs written before the split: a directory was tuning's base
         if legacy:
             d.setdefault("init_weights" if Path(legacy).suffix != ".pt" else "branch_from", legacy)
+        if isinstance(d.get("compile"), bool):  # runs written when --compile was a flag keep what they did
+            d["compile"] = "on" if d["compile"] else "off"
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -96,19 +96,27 @@ def is_tuning(config: dict) -> bool:
 
 # ---- checkpoints, metrics, final.json ----
 
-PRECISION_FILE = "precision.txt"  # what --precision auto chose at the run's first start; a resumed run keeps it
+SPEED_FILE = "speed.json"  # what auto chose at the run's first start (precision, compile); a resumed run keeps it
+LEGACY_PRECISION_FILE = "precision.txt"  # runs started before compile was chosen: precision only, eager
 
 
-def read_precision(run_dir: str | Path) -> str | None:
+def read_speed(run_dir: str | Path) -> dict | None:
+    """``{"precision": "bf16" | "fp32", "compile": bool}`` chosen at the run's first start, or None."""
+    run_dir = Path(run_dir)
     try:
-        value = (Path(run_dir) / PRECISION_FILE).read_text().strip()
-    except OSError:
-        return None
-    return value if value in ("bf16", "fp32") else None
+        speed = json.loads((run_dir / SPEED_FILE).read_text())
+    except (OSError, ValueError):
+        try:
+            speed = {"precision": (run_dir / LEGACY_PRECISION_FILE).read_text().strip(), "compile": False}
+        except OSError:
+            return None
+    ok = isinstance(speed, dict) and speed.get("precision") in ("bf16", "fp32") and \
+        isinstance(speed.get("compile"), bool)
+    return speed if ok else None
 
 
-def write_precision(run_dir: str | Path, precision: str) -> None:
-    atomic_write_text(Path(run_dir) / PRECISION_FILE, precision + "\n")
+def write_speed(run_dir: str | Path, precision: str, compiled: bool) -> None:
+    atomic_write_text(Path(run_dir) / SPEED_FILE, json.dumps({"precision": precision, "compile": compiled}) + "\n")
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, step: int, wall_seconds: float) -> None:

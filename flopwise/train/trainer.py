@@ -34,23 +34,30 @@ from flopwise.run import (
     load_model,
     read_final,
     read_metrics,
-    read_precision,
     read_run_config,
+    read_speed,
     run_lock,
     save_checkpoint,
     write_final,
-    write_precision,
+    write_speed,
 )
 from flopwise.train import distributed as dist
 from flopwise.train.batches import TrainingData, training_data
 from flopwise.train.probe import (
     ETA_OVERHEAD,
     CpuShare,
+    choose_compile,
+    compile_key,
+    compiled_before,
+    compiled_precision,
+    compiled_seconds,
     measured_peak,
     pick_device,
     pick_precision,
+    remember_compiled,
     requested_threads,
     training_rate,
+    use_compile_cache,
 )
 from flopwise.train.schedule import lr_at
 
@@ -132,7 +139,6 @@ class _Run:
         self.rank, self.world = dist.setup()
         self.device = pick_device(self.tc.device) if self.world == 1 else dist.device_for(self.rank, self.tc.device)
         self.r: Resolved = resolve(self.mc, self.tc, self.world)
-        self.precision = self._precision()
         recorded = config["resolved"]
         if (self.r.global_batch, self.r.steps) != (recorded["global_batch"], recorded["steps"]):
             raise FlopwiseError(f"{run_dir}: with {self.world} process(es) the global batch would be "
@@ -140,15 +146,19 @@ class _Run:
                                 "choose --batch-tokens divisible by the number of processes")
         self.data: TrainingData = training_data(run_dir, config, self.mc, self.tc, self.r.global_batch)
         self.quiet = quiet or self.rank != 0
-        self.peak = measured_peak(self.device, self.precision) * self.world
         fixed = requested_threads(0) or self.tc.threads  # --threads / $FLOPWISE_THREADS now, else the run's own
         self.cpu = CpuShare(fixed or torch.get_num_threads(), adapt=not fixed and self.device.type == "cpu")
+        self.eager_rate: float | None = None  # measured training FLOP/s eager, at the chosen precision (CPU)
+        self.precision, self.compiled = self._speed()
+        self.peak = measured_peak(self.device, self.precision) * self.world
 
     def train(self) -> dict:
         s = self._restore()
-        net = dist.wrap(s.model, self.device) if self.world > 1 else s.model
-        if self.tc.compile:
-            net = torch.compile(net)
+        eager = dist.wrap(s.model, self.device) if self.world > 1 else s.model
+        net = eager
+        if self.compiled:
+            use_compile_cache()
+            net = torch.compile(eager)
         self._announce(s.step)
         metrics_path = self.run_dir / "metrics.jsonl"
         kept = read_metrics(self.run_dir, s.step)
@@ -168,7 +178,10 @@ class _Run:
                 self.cpu.update()
                 lr = lr_at(step, self.r.steps, self.r.lr, self.r.warmup_steps, self.tc.min_lr_ratio,
                            self.tc.schedule, self.tc.cooldown_fraction, self.tc.cooldown_shape)
-                train_loss = self._step(net, s, step, lr)
+                if net is not eager and step == s.step:  # the first step compiles: fall back to eager if it fails
+                    net, train_loss = self._first_compiled_step(net, eager, s, step, lr)
+                else:
+                    train_loss = self._step(net, s, step, lr)
                 tokens_log += self.r.tokens_per_step
                 last = step == self.r.steps - 1
                 val_loss = None
@@ -203,20 +216,63 @@ class _Run:
             final_eval = self._evaluate(s.model, final=True)
         return self._finish(final_eval, train_loss, s.wall_before + time.perf_counter() - t_start)
 
-    def _precision(self) -> str:
-        """The run's precision; auto is measured once per run (single process) and kept when it resumes."""
-        if self.tc.precision != "auto" or self.world > 1:
-            return pick_precision(self.tc.precision, self.device)
-        chosen = read_precision(self.run_dir)
-        if chosen is None and self.tc.branch_from:  # a WSD branch continues its trunk exactly: same precision
-            chosen = read_precision(Path(self.tc.branch_from).parent.parent)
-        if chosen is None:
+    def _speed(self) -> tuple[str, bool]:
+        """(precision, compiled): as asked, else chosen at the run's first start (measured) and kept on resume."""
+        tc, shape, micro = self.tc, self.mc.shape.to_dict(), self.r.micro_batch
+        chosen = read_speed(self.run_dir)
+        if chosen is None and tc.branch_from:  # a WSD branch continues its trunk exactly: same precision and graphs
+            chosen = read_speed(Path(tc.branch_from).parent.parent)
+        if chosen is not None:
+            return (chosen["precision"] if tc.precision == "auto" else tc.precision,
+                    chosen["compile"] if tc.compile == "auto" else tc.compile == "on")
+        if tc.precision != "auto" or self.world > 1 or self.device.type != "cpu":
+            precision = pick_precision(tc.precision, self.device)
+        else:
             try:
-                chosen = pick_precision("auto", self.device, self.mc.shape.to_dict(), self.r.micro_batch)
+                precision = pick_precision("auto", self.device, shape, micro)
             except RuntimeError:  # e.g. out of memory: the run itself will say so, clearly, in its first step
-                return pick_precision("auto", self.device)
-            write_precision(self.run_dir, chosen)
-        return chosen
+                precision = pick_precision("auto", self.device)
+        compiled = False
+        if tc.compile == "on" or (tc.compile == "auto" and self.world == 1 and self.device.type == "cpu"):
+            eager_seconds = self._remaining_flops(0) / self._eager_rate(precision) * ETA_OVERHEAD
+            as_compiled = compiled_precision(shape, micro) if tc.precision == "auto" and \
+                self.device.type == "cpu" else precision
+            compiled = choose_compile(tc.compile, self.device, eager_seconds, self._compile_key(as_compiled))
+            if compiled and as_compiled != precision:
+                precision, self.eager_rate = as_compiled, None
+        if self.rank == 0:
+            write_speed(self.run_dir, precision, compiled)
+        return precision, compiled
+
+    def _compile_key(self, precision: str) -> str:
+        variant = f"{'tune' if self.data.val[1] is not None else 'lm'} lora={self.tc.lora_rank}"
+        return compile_key(self.mc.shape.to_dict(), self.r.micro_batch, precision, variant)
+
+    def _eager_rate(self, precision: str) -> float:
+        """Training FLOP/s of this shape here, eager (a few real steps; small models run far below the matmul
+        peak, so a fixed MFU guess was off by 2x and more)."""
+        if self.eager_rate is None:
+            self.eager_rate = training_rate(self.mc.shape.to_dict(), torch.get_num_threads(), self.r.micro_batch,
+                                            precision=precision) * self.world
+        return self.eager_rate
+
+    def _remaining_flops(self, start_step: int) -> float:
+        return self.r.flops - start_step * self.r.tokens_per_step * self.r.flops_per_token
+
+    def _first_compiled_step(self, net, eager, s: _State, step: int, lr: float):
+        """The first step of a compiled run (it compiles); where compiling fails, the run goes on eager."""
+        try:
+            loss = self._step(net, s, step, lr)
+        except FlopwiseError:
+            raise
+        except Exception as e:  # inductor raises many kinds (no compiler, unsupported op): none should end the run
+            s.optimizer.zero_grad(set_to_none=True)
+            self.log(f"note: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                     "training eager")
+            self.compiled = False
+            return eager, self._step(eager, s, step, lr)
+        remember_compiled(self._compile_key(self.precision))
+        return net, loss
 
     def _restore(self) -> _State:
         """The model and optimizer at the step this run continues from: its own checkpoint, else a WSD trunk's
@@ -291,16 +347,17 @@ class _Run:
             return
         r, mc = self.r, self.mc
         epochs = r.n_tokens / self.data.n_tokens_train
-        # measured: a few real steps of this shape at this precision and thread count (small models run far
-        # below the matmul peak, so a fixed MFU guess was off by 2x and more)
-        rate = training_rate(mc.shape.to_dict(), torch.get_num_threads(), r.micro_batch, precision=self.precision) \
-            * self.world if self.device.type == "cpu" else self.peak * 0.4
-        est = (r.flops - start_step * r.tokens_per_step * r.flops_per_token) / rate * ETA_OVERHEAD
+        if self.device.type == "cpu":
+            est = self._remaining_flops(start_step) / self._eager_rate(self.precision) * ETA_OVERHEAD
+            if self.compiled:
+                est = compiled_seconds(est, compiled_before(self._compile_key(self.precision)))
+        else:
+            est = self._remaining_flops(start_step) / (self.peak * 0.4)
         self.log(f"training {n_params_total(mc):,} params on {r.n_tokens:,} tokens ({epochs:.2f} epochs of "
                  f"{self.data.n_tokens_train:,}), {r.flops:.3g} FLOPs, {r.steps} steps of {r.tokens_per_step:,} "
-                 f"tokens, lr {r.lr:.2g}, {self.precision} on {self.device.type}"
-                 f"{f' x{self.world}' if self.world > 1 else ''}{self._threads_note()}; about {fmt_seconds(est)}"
-                 + (f"; resuming at step {start_step}" if start_step else ""))
+                 f"tokens, lr {r.lr:.2g}, {self.precision}{', compiled' if self.compiled else ''} on "
+                 f"{self.device.type}{f' x{self.world}' if self.world > 1 else ''}{self._threads_note()}; "
+                 f"about {fmt_seconds(est)}" + (f"; resuming at step {start_step}" if start_step else ""))
         if epochs > 1:
             self.log(f"note: the run repeats its {self.data.n_tokens_train:,} training tokens {epochs:.1f} times")
 
