@@ -57,13 +57,15 @@ def test_real_run_learns_english(bundled, tmp_path):
         assert key in final
     assert final["val_loss"] < unigram - 1.0, (final["val_loss"], unigram)
     assert final["epochs"] == pytest.approx(final["n_tokens"] / bundled.meta["n_tokens_train"])
-    # --precision auto was measured at the first start and is what the run used (and a resume would use)
-    assert (run / "precision.txt").read_text().strip() == final["precision"] in ("bf16", "fp32")
+    # --precision and --compile auto were chosen at the first start and are what the run used (and a resume would)
+    assert json.loads((run / "speed.json").read_text()) == {"precision": final["precision"],
+                                                            "compile": final["compiled"]}
+    assert final["precision"] in ("bf16", "fp32")
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "tokens", "flops", "lr", "loss", "tok_per_s", "mfu"} <= set(lines[0])
     assert lines[-1]["tokens"] == final["n_tokens"] and "val_loss" in lines[-1]
     assert sorted(p.name for p in run.iterdir() if p.name != ".lock") == [
-        "ckpt", "config.json", "final.json", "metrics.jsonl", "precision.txt", "tokenizer.model"]
+        "ckpt", "config.json", "final.json", "metrics.jsonl", "speed.json", "tokenizer.model"]
     # samples are English: most generated words occur in the training stories
     model = load_model(run)
     sp = bundled.tokenizer()
@@ -220,3 +222,39 @@ def test_wsd_branch_continues_its_trunk_exactly(bundled, tmp_path):
     assert branch["val_loss"] == pytest.approx(straight["val_loss"], rel=1e-6)
     tail = [x for x in _losses(tmp_path / "straight") if x[0] >= start]
     _same(_losses(tmp_path / "branch"), tail, rel=1e-6)
+
+
+def test_compiled_run_tracks_eager_and_keeps_its_choice(bundled, tmp_path):
+    """--compile on: the same run as eager (same seed) to within compiled-kernel rounding, the choice recorded in
+    speed.json and in final.json; where this machine cannot compile, the run says so and trains eager."""
+    from flopwise.train.probe import can_compile
+    mc = ModelConfig(vocab_size=bundled.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=96,
+                     seq_len=32, tie_embeddings=True)
+    tc = dict(n_tokens=32 * 8 * 20, batch_tokens=32 * 8, micro_batch=8, eval_every=10, eval_windows=8,
+              final_eval_windows=8, log_every=1, precision="fp32")
+    eager = train(new_run(tmp_path / "eager", mc, TrainConfig(**tc, compile="off"), bundled), quiet=True)
+    lines = []
+    compiled = train(new_run(tmp_path / "compiled", mc, TrainConfig(**tc, compile="on"), bundled), log=lines.append)
+    assert compiled["compiled"] is can_compile(torch.device("cpu")) and eager["compiled"] is False
+    assert json.loads((tmp_path / "compiled" / "speed.json").read_text()) == {"precision": "fp32",
+                                                                               "compile": compiled["compiled"]}
+    assert ", compiled on cpu" in lines[0] or "torch.compile failed" in "\n".join(lines)
+    _same(_losses(tmp_path / "compiled"), _losses(tmp_path / "eager"), rel=1e-3)
+
+
+def test_compile_option_values_and_legacy_runs(bundled, tmp_path):
+    from flopwise.run import read_speed
+    from flopwise.train.probe import can_compile, choose_compile, compiled_seconds
+    assert TrainConfig.from_dict({"n_tokens": 10, "compile": True}).compile == "on"
+    assert TrainConfig.from_dict({"n_tokens": 10, "compile": False}).compile == "off"
+    with pytest.raises(FlopwiseError, match="--compile must be auto, on or off, got 'yes'"):
+        TrainConfig(n_tokens=10, compile="yes").check()
+    cpu = torch.device("cpu")
+    assert choose_compile("on", cpu, 1.0, "k") and not choose_compile("off", cpu, 1e6, "k")
+    # auto compiles only where the time it saves exceeds the time it costs
+    assert not choose_compile("auto", cpu, 5.0, "never-compiled")
+    assert choose_compile("auto", cpu, 1e4, "never-compiled") is can_compile(cpu)
+    assert compiled_seconds(300.0, warm=False) > compiled_seconds(300.0, warm=True)
+    # a run started before speed.json: its precision.txt still decides, eager
+    (tmp_path / "precision.txt").write_text("bf16\n")
+    assert read_speed(tmp_path) == {"precision": "bf16", "compile": False}

@@ -71,14 +71,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
-    """Causal attention, (B, H, T, hd) in and out. On a CPU it runs in fp32 even under bf16 autocast: there the
-    bf16 flash-attention backward with 16-wide heads took 48 ms a call against fp32's 9 (batch 32 x 128 tokens,
-    2-core Xeon with AMX), more than the rest of the training step together."""
-    if q.device.type != "cpu" or q.dtype == torch.float32:
+    """Causal attention, (B, H, T, hd) in and out, in the dtype of ``q`` with autocast off on a CPU (the caller
+    chooses fp32 there: see Block.attention)."""
+    with torch.autocast(q.device.type, enabled=q.device.type != "cpu"):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    with torch.autocast("cpu", enabled=False):
-        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=gqa)
-    return y.to(q.dtype)
 
 
 class Block(nn.Module):
@@ -98,17 +94,58 @@ class Block(nn.Module):
 
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # On a CPU, rotary embeddings and attention run in fp32 even under bf16 autocast: there the bf16
+        # flash-attention backward with 16-wide heads took 48 ms a call against fp32's 9 (batch 32 x 128 tokens,
+        # 2-core Xeon with AMX), more than the rest of the step together; q, k and v are cast once, here.
+        work = torch.float32 if x.device.type == "cpu" else None
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2).to(work or x.dtype)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2).to(work or x.dtype)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2).to(work or x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attend(q, k, v, self.n_kv_heads != self.n_heads)
+        y = attend(q, k, v, self.n_kv_heads != self.n_heads).to(x.dtype)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attn_norm(x), cos, sin)
-        h = self.mlp_norm(x)
+        x = x + self.attention(_matmul_input(self.attn_norm(x)), cos, sin)
+        h = _matmul_input(self.mlp_norm(x))
         return x + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))
+
+
+def _matmul_input(h: torch.Tensor) -> torch.Tensor:
+    """``h`` in the dtype autocast multiplies in, cast once: autocast would cast it again for every projection
+    that reads it (q, k and v; gate and up), and casts were the largest cost after the matmuls in bf16 on a CPU."""
+    device = h.device.type
+    return h.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else h
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of fp32 logits (N, V) against targets (N,), weighted by ``weights`` (N,) when given.
+    The gradient is written in one pass from the saved log-probabilities (softmax minus one-hot), where autograd's
+    path through nll_loss and log_softmax fills a dense (N, V) gradient first and reads it back."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, weights):
+        logp = torch.log_softmax(logits, dim=-1)
+        picked = logp.gather(1, targets[:, None])[:, 0]
+        denom = picked.new_tensor(float(len(targets))) if weights is None else weights.sum().clamp_min(1.0)
+        loss = -(picked if weights is None else picked * weights).sum() / denom
+        ctx.save_for_backward(logp, targets, weights, denom)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        logp, targets, weights, denom = ctx.saved_tensors
+        g = logp.exp_()  # softmax; logp is not needed again
+        g[torch.arange(len(targets)), targets] -= 1.0
+        scale = grad / denom
+        g *= scale if weights is None else (weights * scale)[:, None]
+        return g, None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy (nats) of fp32 logits (N, V) against targets (N,); with ``weights`` (N,) of 0/1, the mean
+    over the rows weighted 1."""
+    return _CrossEntropy.apply(logits, targets, weights)
 
 
 class Llama(nn.Module):
@@ -157,8 +194,5 @@ class Llama(nn.Module):
         logits = self.head(self.norm(x))
         if targets is None:
             return logits
-        losses = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-        if loss_mask is None:
-            return losses.mean()
-        m = loss_mask.reshape(-1).to(losses.dtype)
-        return (losses * m).sum() / m.sum().clamp_min(1.0)
+        weights = None if loss_mask is None else loss_mask.reshape(-1).float()
+        return cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), weights)

@@ -18,19 +18,21 @@ from pathlib import Path
 
 import torch
 
-from flopwise.config import THREADS_ENV, TrainConfig, requested_threads
+from flopwise.config import THREADS_ENV, TrainConfig, requested_threads, resolve
 from flopwise.data.prepare import open_corpus
 from flopwise.errors import FlopwiseError
+from flopwise.laws.flops import Shape
 from flopwise.model.llama import ModelConfig
 from flopwise.run import latest_checkpoint, new_run, read_final, run_is_locked
 from flopwise.sweep.design import RunSpec, read_design
-from flopwise.train.probe import ETA_OVERHEAD, training_rate
+from flopwise.train.probe import ETA_OVERHEAD, expected_seconds, training_rate
 from flopwise.train.trainer import train
 
 
-def sweep_seconds(specs: list[RunSpec], workers: int, threads: int) -> float:
+def sweep_seconds(specs: list[RunSpec], workers: int, threads: int, compile_mode: str = "auto") -> float:
     """Wall seconds to train ``specs`` on ``workers`` workers of ``threads`` threads each, from a few measured
-    steps of the smallest and the largest shape (the rate log-linear in N between them)."""
+    steps of the smallest and the largest shape (the rate log-linear in N between them), each run compiled or
+    eager as the trainer will choose."""
     small = min(specs, key=lambda s: s.n_params)
     large = max(specs, key=lambda s: s.n_params)
     r_small = training_rate(small.shape, threads)
@@ -40,7 +42,12 @@ def sweep_seconds(specs: list[RunSpec], workers: int, threads: int) -> float:
         t = math.log(n / small.n_params) / math.log(large.n_params / small.n_params) if r_large != r_small else 0.0
         return math.exp(math.log(r_small) + t * (math.log(r_large) - math.log(r_small)))
 
-    return sum(s.flops / rate(s.n_params) for s in specs) * ETA_OVERHEAD / workers
+    def seconds(s: RunSpec) -> float:
+        eager = s.flops / rate(s.n_params) * ETA_OVERHEAD
+        micro = resolve(Shape(**s.shape), TrainConfig(n_tokens=s.n_tokens, **s.options)).micro_batch
+        return expected_seconds(eager, s.shape, micro, s.options.get("compile", compile_mode))
+
+    return sum(seconds(s) for s in specs) / workers
 
 
 def _die_with_parent() -> None:

@@ -264,10 +264,9 @@ def can_compile(device: torch.device) -> bool:
     return device.type == "cpu" and any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++"))
 
 
-def compile_key(shape: dict, micro_batch: int, precision: str, variant: str = "lm") -> str:
-    """What makes two runs compile the same graphs (and so share inductor's cache); ``variant``: the kind of run
-    (tuning with masks, LoRA)."""
-    return json.dumps([torch.__version__, sorted(shape.items()), micro_batch, precision, variant])
+def compile_key(shape: dict, micro_batch: int, precision: str, tuning: bool = False, lora_rank: int = 0) -> str:
+    """What makes two runs compile the same graphs (and so share inductor's cache)."""
+    return json.dumps([torch.__version__, sorted(shape.items()), micro_batch, precision, tuning, lora_rank])
 
 
 def _compiled_path() -> Path:
@@ -308,6 +307,15 @@ def compiled_seconds(eager_seconds: float, warm: bool) -> float:
     return COMPILE_SECONDS[warm] + eager_seconds / COMPILE_SPEEDUP
 
 
+def expected_seconds(eager_seconds: float, shape: dict, micro_batch: int, mode: str = "auto") -> float:
+    """Wall seconds of a CPU run (single process, precision auto) that takes ``eager_seconds`` eager, with the
+    compile choice the trainer will make (flopwise.train.trainer)."""
+    key = compile_key(shape, micro_batch, compiled_precision(shape, micro_batch))
+    if choose_compile(mode, torch.device("cpu"), eager_seconds, key):
+        return compiled_seconds(eager_seconds, compiled_before(key))
+    return eager_seconds
+
+
 def choose_compile(mode: str, device: torch.device, eager_seconds: float, key: str) -> bool:
     """on / off as asked; auto: compile where it can and the time it saves exceeds the time it costs."""
     if mode != "auto":
@@ -315,22 +323,31 @@ def choose_compile(mode: str, device: torch.device, eager_seconds: float, key: s
     return can_compile(device) and compiled_seconds(eager_seconds, compiled_before(key)) < eager_seconds
 
 
-def gemm_speedup(rows: int, d_in: int, d_out: int, repeats: int = 5) -> float:
-    """How much faster this CPU multiplies (rows x d_in) by (d_in x d_out) in bf16 than in fp32."""
-    seconds = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(rows, d_in, dtype=dtype), torch.randn(d_in, d_out, dtype=dtype)
-        seconds[dtype] = _best_seconds(lambda a=a, b=b: a @ b, lambda: None, repeats)
+def gemm_speedup(shapes: tuple[tuple[int, int, int], ...], repeats: int = 5) -> float:
+    """How much faster this CPU runs the matmuls (rows x d_in) @ (d_in x d_out) of ``shapes``, together, in bf16
+    than in fp32."""
+    seconds = {torch.float32: 0.0, torch.bfloat16: 0.0}
+    for rows, d_in, d_out in shapes:
+        for dtype in seconds:
+            a, b = torch.randn(rows, d_in, dtype=dtype), torch.randn(d_in, d_out, dtype=dtype)
+            seconds[dtype] += _best_seconds(lambda a=a, b=b: a @ b, lambda: None, repeats)
     return seconds[torch.float32] / seconds[torch.bfloat16]
 
 
-BF16_GEMM_GAIN = 1.5  # compiled, bf16 when its GEMMs are this much faster: at 3x here it won by 1.4-1.6x overall
+# Compiled, bf16 when the model's matmuls run this much faster in it. Measured on a 2-core Xeon with AMX, where they
+# ran 1.9-3.2x faster: compiled bf16 steps were 1.4x (d_model 32), 1.4x (64) and 1.55x (128) faster than fp32's.
+BF16_GEMM_GAIN = 1.5
+
+
+@functools.lru_cache(maxsize=64)
+def _gemm_gain(rows: int, d_model: int, d_ff: int, vocab_size: int) -> float:
+    return gemm_speedup(((rows, d_model, d_model), (rows, d_model, d_ff), (rows, d_ff, d_model),
+                         (rows, d_model, vocab_size)))
 
 
 def compiled_precision(shape: dict, micro_batch: int) -> str:
     """bf16 or fp32 for a compiled run: compiled, the element-wise work is fused and the matmuls decide."""
     if not cpu_has_fast_bf16():
         return "fp32"
-    rows = micro_batch * shape["seq_len"]
-    gain = gemm_speedup(rows, shape["d_model"], shape["d_ff"])
+    gain = _gemm_gain(micro_batch * shape["seq_len"], shape["d_model"], shape["d_ff"], shape["vocab_size"])
     return "bf16" if gain >= BF16_GEMM_GAIN else "fp32"

@@ -225,28 +225,26 @@ class _Run:
         if chosen is not None:
             return (chosen["precision"] if tc.precision == "auto" else tc.precision,
                     chosen["compile"] if tc.compile == "auto" else tc.compile == "on")
-        if tc.precision != "auto" or self.world > 1 or self.device.type != "cpu":
-            precision = pick_precision(tc.precision, self.device)
-        else:
-            try:
+        precision, compiled = pick_precision(tc.precision, self.device), tc.compile == "on"
+        try:
+            if tc.precision == "auto" and self.world == 1 and self.device.type == "cpu":
                 precision = pick_precision("auto", self.device, shape, micro)
-            except RuntimeError:  # e.g. out of memory: the run itself will say so, clearly, in its first step
-                precision = pick_precision("auto", self.device)
-        compiled = False
-        if tc.compile == "on" or (tc.compile == "auto" and self.world == 1 and self.device.type == "cpu"):
-            eager_seconds = self._remaining_flops(0) / self._eager_rate(precision) * ETA_OVERHEAD
-            as_compiled = compiled_precision(shape, micro) if tc.precision == "auto" and \
-                self.device.type == "cpu" else precision
-            compiled = choose_compile(tc.compile, self.device, eager_seconds, self._compile_key(as_compiled))
-            if compiled and as_compiled != precision:
-                precision, self.eager_rate = as_compiled, None
+            if tc.compile == "on" or (tc.compile == "auto" and self.world == 1 and self.device.type == "cpu"):
+                eager_seconds = self._remaining_flops(0) / self._eager_rate(precision) * ETA_OVERHEAD
+                as_compiled = compiled_precision(shape, micro) if tc.precision == "auto" and \
+                    self.device.type == "cpu" else precision
+                compiled = choose_compile(tc.compile, self.device, eager_seconds, self._compile_key(as_compiled))
+                if compiled and as_compiled != precision:
+                    precision, self.eager_rate = as_compiled, None
+        except RuntimeError:  # e.g. out of memory while measuring: the run says so, clearly, in its first step
+            self.eager_rate = None
         if self.rank == 0:
             write_speed(self.run_dir, precision, compiled)
         return precision, compiled
 
     def _compile_key(self, precision: str) -> str:
-        variant = f"{'tune' if self.data.val[1] is not None else 'lm'} lora={self.tc.lora_rank}"
-        return compile_key(self.mc.shape.to_dict(), self.r.micro_batch, precision, variant)
+        return compile_key(self.mc.shape.to_dict(), self.r.micro_batch, precision,
+                           tuning=self.data.val[1] is not None, lora_rank=self.tc.lora_rank)
 
     def _eager_rate(self, precision: str) -> float:
         """Training FLOP/s of this shape here, eager (a few real steps; small models run far below the matmul
@@ -347,17 +345,19 @@ class _Run:
             return
         r, mc = self.r, self.mc
         epochs = r.n_tokens / self.data.n_tokens_train
-        if self.device.type == "cpu":
-            est = self._remaining_flops(start_step) / self._eager_rate(self.precision) * ETA_OVERHEAD
-            if self.compiled:
-                est = compiled_seconds(est, compiled_before(self._compile_key(self.precision)))
-        else:
-            est = self._remaining_flops(start_step) / (self.peak * 0.4)
+        try:
+            rate = self._eager_rate(self.precision) if self.device.type == "cpu" else self.peak * 0.4
+        except RuntimeError:  # e.g. out of memory: the first step says so, clearly
+            rate = float("nan")
+        est = self._remaining_flops(start_step) / rate * ETA_OVERHEAD
+        if self.compiled:
+            est = compiled_seconds(est, compiled_before(self._compile_key(self.precision)))
         self.log(f"training {n_params_total(mc):,} params on {r.n_tokens:,} tokens ({epochs:.2f} epochs of "
                  f"{self.data.n_tokens_train:,}), {r.flops:.3g} FLOPs, {r.steps} steps of {r.tokens_per_step:,} "
                  f"tokens, lr {r.lr:.2g}, {self.precision}{', compiled' if self.compiled else ''} on "
                  f"{self.device.type}{f' x{self.world}' if self.world > 1 else ''}{self._threads_note()}; "
-                 f"about {fmt_seconds(est)}" + (f"; resuming at step {start_step}" if start_step else ""))
+                 + (f"about {fmt_seconds(est)}" if est == est else "time unknown")
+                 + (f"; resuming at step {start_step}" if start_step else ""))
         if epochs > 1:
             self.log(f"note: the run repeats its {self.data.n_tokens_train:,} training tokens {epochs:.1f} times")
 
@@ -376,6 +376,7 @@ class _Run:
                  "epochs": r.n_tokens / self.data.n_tokens_train, "steps": r.steps, "wall_seconds": wall,
                  "tokens_per_s": r.n_tokens / wall if wall > 0 else None,
                  "mfu": r.flops / wall / self.peak if wall > 0 else None, "precision": self.precision,
+                 "compiled": self.compiled,
                  "device": self.device.type, "world_size": self.world, "threads_mean": self.cpu.mean_threads,
                  "val_tokens": int(val_final[:, 1:].size if val_final_mask is None else val_final_mask.sum()),
                  **self.tc.extra}
