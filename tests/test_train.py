@@ -258,3 +258,19 @@ def test_compile_option_values_and_legacy_runs(bundled, tmp_path):
     # a run started before speed.json: its precision.txt still decides, eager
     (tmp_path / "precision.txt").write_text("bf16\n")
     assert read_speed(tmp_path) == {"precision": "bf16", "compile": False}
+
+
+def test_a_failed_compile_trains_eager_and_says_so(bundled, tmp_path, monkeypatch):
+    def broken_compile(module, **kw):
+        def fails(*a, **k):
+            raise RuntimeError("")  # inductor's errors come in many kinds, some without a message
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    mc, tc = small(bundled, n_tokens=64 * 8 * 6, compile="on", precision="fp32")
+    run = new_run(tmp_path / "r", mc, tc, bundled)
+    lines = []
+    final = train(run, log=lines.append)
+    assert "note: torch.compile failed (RuntimeError: ); training eager" in lines
+    assert final["compiled"] is False and len(_losses(run)) == 6
+    assert json.loads((run / "speed.json").read_text()) == {"precision": "fp32", "compile": False}

@@ -71,9 +71,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
-    """Causal attention, (B, H, T, hd) in and out, in the dtype of ``q`` with autocast off on a CPU (the caller
+    """Causal attention, (B, H, T, hd) in and out, in the dtype of ``q``; on a CPU with autocast off (the caller
     chooses fp32 there: see Block.attention)."""
-    with torch.autocast(q.device.type, enabled=q.device.type != "cpu"):
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    with torch.autocast("cpu", enabled=False):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
 
@@ -136,7 +138,7 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         logp, targets, weights, denom = ctx.saved_tensors
         g = logp.exp_()  # softmax; logp is not needed again
-        g[torch.arange(len(targets)), targets] -= 1.0
+        g[torch.arange(len(targets), device=targets.device), targets] -= 1.0
         scale = grad / denom
         g *= scale if weights is None else (weights * scale)[:, None]
         return g, None, None

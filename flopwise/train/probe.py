@@ -219,34 +219,43 @@ def measured_peak(device: torch.device, precision: str) -> float:
 ETA_OVERHEAD = 1.15  # wall time over measured step time: evaluation, checkpoints, process start-up
 
 
+_RATES: dict[tuple, float] = {}  # measured once per process: precision auto and the ETA measure the same steps
+
+
 def training_rate(shape_dict: dict, threads: int | None = None, micro_batch: int = 16, steps: int = 3,
                   precision: str = "auto") -> float:
-    """Measured training FLOP/s (exact count) of a model of this shape on this CPU: a few real steps."""
+    """Measured training FLOP/s (exact count) of a model of this shape on this CPU: a few real steps (eager)."""
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        mc = ModelConfig(**shape_dict)
         bf16 = pick_precision(precision, torch.device("cpu"), shape_dict, micro_batch) == "bf16"  # auto: as trained
-        model = Llama(mc)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        x = torch.randint(0, mc.vocab_size, (micro_batch, mc.seq_len))
-
-        def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = model(x, x)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        step()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        seconds = (time.perf_counter() - t0) / steps
-        return training_flops_per_token(mc) * micro_batch * mc.seq_len / seconds
+        key = (tuple(sorted(shape_dict.items())), torch.get_num_threads(), micro_batch, bf16)
+        if key not in _RATES:
+            _RATES[key] = _measure_rate(ModelConfig(**shape_dict), micro_batch, steps, bf16)
+        return _RATES[key]
     finally:
         torch.set_num_threads(before)
+
+
+def _measure_rate(mc: ModelConfig, micro_batch: int, steps: int, bf16: bool) -> float:
+    model = Llama(mc)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, mc.vocab_size, (micro_batch, mc.seq_len))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = (time.perf_counter() - t0) / steps
+    return training_flops_per_token(mc) * micro_batch * mc.seq_len / seconds
 
 
 # ---- torch.compile: when it pays ----
@@ -285,13 +294,17 @@ def remember_compiled(key: str) -> None:
         keys = json.loads(_compiled_path().read_text())
     except (OSError, ValueError):
         keys = []
+    if not isinstance(keys, list):
+        keys = []
     if key not in keys:
         atomic_write_text(_compiled_path(), json.dumps(keys[-499:] + [key]) + "\n")
 
 
 def use_compile_cache() -> None:
-    """Inductor's cache beside flopwise's own (unless the user placed it elsewhere), so that 'compiled before'
-    stays true as long as the cache does (inductor's default lives in /tmp)."""
+    """Settings for flopwise's compiles. Inductor's cache beside flopwise's own (unless the user placed it
+    elsewhere), so that 'compiled before' stays true as long as the cache does (inductor's default lives in /tmp);
+    kernels that read the thread count when they run, not when they were compiled, so that a compiled run still
+    follows CpuShare to fewer threads while other processes are busy."""
     try:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
         default = os.path.abspath(default_cache_dir())
@@ -300,6 +313,11 @@ def use_compile_cache() -> None:
     current = os.environ.get(INDUCTOR_CACHE_ENV)
     if current is None or os.path.abspath(current) == default:  # inductor writes its default into the variable
         os.environ[INDUCTOR_CACHE_ENV] = str(cache_root() / "inductor")
+    try:
+        import torch._inductor.config as inductor_config
+        inductor_config.cpp.dynamic_threads = True
+    except (ImportError, AttributeError):
+        pass
 
 
 def compiled_seconds(eager_seconds: float, warm: bool) -> float:
@@ -310,6 +328,8 @@ def compiled_seconds(eager_seconds: float, warm: bool) -> float:
 def expected_seconds(eager_seconds: float, shape: dict, micro_batch: int, mode: str = "auto") -> float:
     """Wall seconds of a CPU run (single process, precision auto) that takes ``eager_seconds`` eager, with the
     compile choice the trainer will make (flopwise.train.trainer)."""
+    if mode == "off" or (mode == "auto" and not can_compile(torch.device("cpu"))):
+        return eager_seconds
     key = compile_key(shape, micro_batch, compiled_precision(shape, micro_batch))
     if choose_compile(mode, torch.device("cpu"), eager_seconds, key):
         return compiled_seconds(eager_seconds, compiled_before(key))

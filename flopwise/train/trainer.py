@@ -218,28 +218,37 @@ class _Run:
 
     def _speed(self) -> tuple[str, bool]:
         """(precision, compiled): as asked, else chosen at the run's first start (measured) and kept on resume."""
-        tc, shape, micro = self.tc, self.mc.shape.to_dict(), self.r.micro_batch
+        tc = self.tc
         chosen = read_speed(self.run_dir)
         if chosen is None and tc.branch_from:  # a WSD branch continues its trunk exactly: same precision and graphs
             chosen = read_speed(Path(tc.branch_from).parent.parent)
         if chosen is not None:
-            return (chosen["precision"] if tc.precision == "auto" else tc.precision,
-                    chosen["compile"] if tc.compile == "auto" else tc.compile == "on")
+            precision = chosen["precision"] if tc.precision == "auto" else tc.precision
+            compiled = chosen["compile"] if tc.compile == "auto" else tc.compile == "on"
+        else:
+            precision, compiled = self._choose_speed()
+        if self.rank == 0:
+            write_speed(self.run_dir, precision, compiled)
+        return precision, compiled
+
+    def _choose_speed(self) -> tuple[str, bool]:
+        """Measured: the faster precision eager, and whether compiling pays (single process on a CPU)."""
+        tc, shape, micro = self.tc, self.mc.shape.to_dict(), self.r.micro_batch
         precision, compiled = pick_precision(tc.precision, self.device), tc.compile == "on"
+        if self.world > 1 or self.device.type != "cpu":  # every process must choose the same: no measuring
+            return precision, compiled
         try:
-            if tc.precision == "auto" and self.world == 1 and self.device.type == "cpu":
+            if tc.precision == "auto":
                 precision = pick_precision("auto", self.device, shape, micro)
-            if tc.compile == "on" or (tc.compile == "auto" and self.world == 1 and self.device.type == "cpu"):
-                eager_seconds = self._remaining_flops(0) / self._eager_rate(precision) * ETA_OVERHEAD
-                as_compiled = compiled_precision(shape, micro) if tc.precision == "auto" and \
-                    self.device.type == "cpu" else precision
-                compiled = choose_compile(tc.compile, self.device, eager_seconds, self._compile_key(as_compiled))
+            if tc.compile == "auto" or (compiled and tc.precision == "auto"):
+                as_compiled = compiled_precision(shape, micro) if tc.precision == "auto" else precision
+                if tc.compile == "auto":
+                    eager_seconds = self._remaining_flops(0) / self._eager_rate(precision) * ETA_OVERHEAD
+                    compiled = choose_compile("auto", self.device, eager_seconds, self._compile_key(as_compiled))
                 if compiled and as_compiled != precision:
                     precision, self.eager_rate = as_compiled, None
         except RuntimeError:  # e.g. out of memory while measuring: the run says so, clearly, in its first step
             self.eager_rate = None
-        if self.rank == 0:
-            write_speed(self.run_dir, precision, compiled)
         return precision, compiled
 
     def _compile_key(self, precision: str) -> str:
@@ -264,13 +273,20 @@ class _Run:
         except FlopwiseError:
             raise
         except Exception as e:  # inductor raises many kinds (no compiler, unsupported op): none should end the run
-            s.optimizer.zero_grad(set_to_none=True)
-            self.log(f"note: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                     "training eager")
-            self.compiled = False
-            return eager, self._step(eager, s, step, lr)
-        remember_compiled(self._compile_key(self.precision))
-        return net, loss
+            failure = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+        else:
+            try:
+                remember_compiled(self._compile_key(self.precision))
+            except OSError:
+                pass  # the registry only sharpens estimates
+            return net, loss
+        # retried outside the handler, so the failed step's frames (and their activations) are freed first
+        s.optimizer.zero_grad(set_to_none=True)
+        self.log(f"note: torch.compile failed ({failure}); training eager")
+        self.compiled = False
+        if self.rank == 0:
+            write_speed(self.run_dir, self.precision, False)  # a resume goes on as this run does: eager
+        return eager, self._step(eager, s, step, lr)
 
     def _restore(self) -> _State:
         """The model and optimizer at the step this run continues from: its own checkpoint, else a WSD trunk's
