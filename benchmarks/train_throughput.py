@@ -90,7 +90,9 @@ def main() -> None:
         if args.only and name != args.only:
             continue
         vocab = 1024 if name in SWEEP_SIZED else 4096
-        corpus = corpora.get(vocab) or corpora.setdefault(vocab, prepare(vocab_size=vocab, log=lambda m: None))
+        if vocab not in corpora:
+            corpora[vocab] = prepare(vocab_size=vocab, log=lambda m: None)
+        corpus = corpora[vocab]
         mc = ModelConfig(vocab_size=corpus.vocab_size, tie_embeddings=True, **shape)
         micro = 32 if name in SWEEP_SIZED else args.micro_batch
         tokens_per_step = micro * mc.seq_len

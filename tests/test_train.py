@@ -250,10 +250,15 @@ def test_compile_option_values_and_legacy_runs(bundled, tmp_path):
     with pytest.raises(FlopwiseError, match="--compile must be auto, on or off, got 'yes'"):
         TrainConfig(n_tokens=10, compile="yes").check()
     cpu = torch.device("cpu")
-    assert choose_compile("on", cpu, 1.0, "k") and not choose_compile("off", cpu, 1e6, "k")
+    shape = dict(vocab_size=bundled.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=96, seq_len=32)
+
+    def choose(mode, seconds):
+        return choose_compile(mode, cpu, shape, 4, lambda: seconds, precision="fp32", eager_precision="fp32")[0]
+
+    assert choose("on", 1.0) and not choose("off", 1e6)
     # auto compiles only where the time it saves exceeds the time it costs
-    assert not choose_compile("auto", cpu, 5.0, "never-compiled")
-    assert choose_compile("auto", cpu, 1e4, "never-compiled") is can_compile(cpu)
+    assert not choose("auto", 5.0)
+    assert choose("auto", 1e4) is can_compile(cpu)
     assert compiled_seconds(300.0, warm=False) > compiled_seconds(300.0, warm=True)
     # a run started before speed.json: its precision.txt still decides, eager
     (tmp_path / "precision.txt").write_text("bf16\n")

@@ -6,6 +6,7 @@ parameter count is the laws' count by construction (and a test checks it).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -73,9 +74,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
     """Causal attention, (B, H, T, hd) in and out, in the dtype of ``q``; on a CPU with autocast off (the caller
     chooses fp32 there: see Block.attention)."""
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    with torch.autocast("cpu", enabled=False):
+    with torch.autocast("cpu", enabled=False) if q.device.type == "cpu" else contextlib.nullcontext():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
 
@@ -99,10 +98,10 @@ class Block(nn.Module):
         # On a CPU, rotary embeddings and attention run in fp32 even under bf16 autocast: there the bf16
         # flash-attention backward with 16-wide heads took 48 ms a call against fp32's 9 (batch 32 x 128 tokens,
         # 2-core Xeon with AMX), more than the rest of the step together; q, k and v are cast once, here.
-        work = torch.float32 if x.device.type == "cpu" else None
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2).to(work or x.dtype)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2).to(work or x.dtype)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2).to(work or x.dtype)
+        work = torch.float32 if x.device.type == "cpu" else x.dtype
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2).to(work)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2).to(work)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2).to(work)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = attend(q, k, v, self.n_kv_heads != self.n_heads).to(x.dtype)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))

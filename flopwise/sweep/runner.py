@@ -29,7 +29,7 @@ from flopwise.train.probe import ETA_OVERHEAD, expected_seconds, training_rate
 from flopwise.train.trainer import train
 
 
-def sweep_seconds(specs: list[RunSpec], workers: int, threads: int, compile_mode: str = "auto") -> float:
+def sweep_seconds(specs: list[RunSpec], workers: int, threads: int) -> float:
     """Wall seconds to train ``specs`` on ``workers`` workers of ``threads`` threads each, from a few measured
     steps of the smallest and the largest shape (the rate log-linear in N between them), each run compiled or
     eager as the trainer will choose."""
@@ -45,7 +45,7 @@ def sweep_seconds(specs: list[RunSpec], workers: int, threads: int, compile_mode
     def seconds(s: RunSpec) -> float:
         eager = s.flops / rate(s.n_params) * ETA_OVERHEAD
         micro = resolve(Shape(**s.shape), TrainConfig(n_tokens=s.n_tokens, **s.options)).micro_batch
-        return expected_seconds(eager, s.shape, micro, s.options.get("compile", compile_mode))
+        return expected_seconds(eager, s.shape, micro, s.options.get("compile", "auto"))
 
     return sum(seconds(s) for s in specs) / workers
 

@@ -325,22 +325,30 @@ def compiled_seconds(eager_seconds: float, warm: bool) -> float:
     return COMPILE_SECONDS[warm] + eager_seconds / COMPILE_SPEEDUP
 
 
+def choose_compile(mode: str, device: torch.device, shape: dict, micro_batch: int, eager_seconds,
+                   precision: str = "auto", eager_precision: str = "fp32", tuning: bool = False,
+                   lora_rank: int = 0) -> tuple[bool, str]:
+    """(whether to compile, the precision to train in) for a single-process run. on / off as asked; auto: compile
+    where it can and the time it saves exceeds the time it costs, ``eager_seconds()`` (called only then) being the
+    run's time eager in ``eager_precision``. Compiled, precision auto is ``compiled_precision``."""
+    if mode == "off" or (mode == "auto" and not can_compile(device)):
+        return False, eager_precision
+    chosen = compiled_precision(shape, micro_batch) if precision == "auto" and device.type == "cpu" else eager_precision
+    if mode == "on":
+        return True, chosen
+    seconds = eager_seconds()
+    if compiled_seconds(seconds, compiled_before(compile_key(shape, micro_batch, chosen, tuning, lora_rank))) < seconds:
+        return True, chosen
+    return False, eager_precision
+
+
 def expected_seconds(eager_seconds: float, shape: dict, micro_batch: int, mode: str = "auto") -> float:
     """Wall seconds of a CPU run (single process, precision auto) that takes ``eager_seconds`` eager, with the
-    compile choice the trainer will make (flopwise.train.trainer)."""
-    if mode == "off" or (mode == "auto" and not can_compile(torch.device("cpu"))):
+    compile choice the trainer will make."""
+    compiled, precision = choose_compile(mode, torch.device("cpu"), shape, micro_batch, lambda: eager_seconds)
+    if not compiled:
         return eager_seconds
-    key = compile_key(shape, micro_batch, compiled_precision(shape, micro_batch))
-    if choose_compile(mode, torch.device("cpu"), eager_seconds, key):
-        return compiled_seconds(eager_seconds, compiled_before(key))
-    return eager_seconds
-
-
-def choose_compile(mode: str, device: torch.device, eager_seconds: float, key: str) -> bool:
-    """on / off as asked; auto: compile where it can and the time it saves exceeds the time it costs."""
-    if mode != "auto":
-        return mode == "on"
-    return can_compile(device) and compiled_seconds(eager_seconds, compiled_before(key)) < eager_seconds
+    return compiled_seconds(eager_seconds, compiled_before(compile_key(shape, micro_batch, precision)))
 
 
 def gemm_speedup(shapes: tuple[tuple[int, int, int], ...], repeats: int = 5) -> float:

@@ -49,7 +49,6 @@ from flopwise.train.probe import (
     choose_compile,
     compile_key,
     compiled_before,
-    compiled_precision,
     compiled_seconds,
     measured_peak,
     pick_device,
@@ -219,7 +218,8 @@ class _Run:
     def _speed(self) -> tuple[str, bool]:
         """(precision, compiled): as asked, else chosen at the run's first start (measured) and kept on resume."""
         tc = self.tc
-        chosen = read_speed(self.run_dir)
+        own = read_speed(self.run_dir)
+        chosen = own
         if chosen is None and tc.branch_from:  # a WSD branch continues its trunk exactly: same precision and graphs
             chosen = read_speed(Path(tc.branch_from).parent.parent)
         if chosen is not None:
@@ -227,33 +227,35 @@ class _Run:
             compiled = chosen["compile"] if tc.compile == "auto" else tc.compile == "on"
         else:
             precision, compiled = self._choose_speed()
-        if self.rank == 0:
+        if self.rank == 0 and own != {"precision": precision, "compile": compiled}:
             write_speed(self.run_dir, precision, compiled)
         return precision, compiled
 
     def _choose_speed(self) -> tuple[str, bool]:
         """Measured: the faster precision eager, and whether compiling pays (single process on a CPU)."""
         tc, shape, micro = self.tc, self.mc.shape.to_dict(), self.r.micro_batch
-        precision, compiled = pick_precision(tc.precision, self.device), tc.compile == "on"
+        precision = pick_precision(tc.precision, self.device)
         if self.world > 1 or self.device.type != "cpu":  # every process must choose the same: no measuring
-            return precision, compiled
+            return precision, tc.compile == "on"
         try:
-            if tc.precision == "auto":
-                precision = pick_precision("auto", self.device, shape, micro)
-            if tc.compile == "auto" or (compiled and tc.precision == "auto"):
-                as_compiled = compiled_precision(shape, micro) if tc.precision == "auto" else precision
-                if tc.compile == "auto":
-                    eager_seconds = self._remaining_flops(0) / self._eager_rate(precision) * ETA_OVERHEAD
-                    compiled = choose_compile("auto", self.device, eager_seconds, self._compile_key(as_compiled))
-                if compiled and as_compiled != precision:
-                    precision, self.eager_rate = as_compiled, None
+            eager = pick_precision("auto", self.device, shape, micro) if tc.precision == "auto" else precision
+            compiled, precision = choose_compile(
+                tc.compile, self.device, shape, micro,
+                lambda: self._remaining_flops(0) / self._eager_rate(eager) * ETA_OVERHEAD, precision=tc.precision,
+                eager_precision=eager, tuning=self._tuning, lora_rank=tc.lora_rank)
         except RuntimeError:  # e.g. out of memory while measuring: the run says so, clearly, in its first step
             self.eager_rate = None
+            return precision, tc.compile == "on"
+        if precision != eager:
+            self.eager_rate = None  # measured in the other precision
         return precision, compiled
 
+    @property
+    def _tuning(self) -> bool:
+        return self.data.val[1] is not None  # instruction data: targets masked
+
     def _compile_key(self, precision: str) -> str:
-        return compile_key(self.mc.shape.to_dict(), self.r.micro_batch, precision,
-                           tuning=self.data.val[1] is not None, lora_rank=self.tc.lora_rank)
+        return compile_key(self.mc.shape.to_dict(), self.r.micro_batch, precision, self._tuning, self.tc.lora_rank)
 
     def _eager_rate(self, precision: str) -> float:
         """Training FLOP/s of this shape here, eager (a few real steps; small models run far below the matmul
