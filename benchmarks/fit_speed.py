@@ -17,6 +17,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from flopwise.laws.fit import BOUNDS, LBFGS_OPTIONS, bootstrap_thetas, fit_parametric, objective, synthetic_runs
+from flopwise.laws.forms import Data
 from flopwise.laws.law import ParametricLaw
 
 
@@ -45,7 +46,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for _ in range(args.baseline_resamples):
         rows = rng.integers(0, len(ll), len(ll))
-        minimize(lambda th, r=rows: objective(th, ln[r], ld[r], ll[r])[0], fit.theta, method="L-BFGS-B",
+        minimize(lambda th, r=rows: objective(th, Data(ln[r], ld[r], ld[r]), ll[r])[0], fit.theta, method="L-BFGS-B",
                  bounds=BOUNDS, options=LBFGS_OPTIONS)
     t_base = (time.perf_counter() - t0) / args.baseline_resamples * args.resamples + t_fit
     print(f"baseline (serial, numeric gradient): {t_base:.1f} s for {args.resamples} refits (scaled from "

@@ -11,6 +11,7 @@ from pathlib import Path
 from flopwise.errors import FlopwiseError
 from flopwise.laws.flops import BLOCK_PROJECTIONS, Shape, training_flops_per_token
 from flopwise.laws.hyper import default_lr_and_batch
+from flopwise.laws.law import DEFAULT_LAW
 from flopwise.laws.trust import MIN_STEPS
 
 THREADS_ENV = "FLOPWISE_THREADS"  # a fixed torch thread count for every command, like --threads
@@ -180,7 +181,7 @@ class AutopilotConfig:
     workers: int = 0  # 0: one per core
     bootstrap: int = 1000
     seed: int = 0
-    prior: str = "chinchilla"
+    prior: str = DEFAULT_LAW  # the law that centres the sweep's sizes and backs the fallback fit
     compare: bool = False  # also train a 4x larger model with the final budget
     resume: bool = False
 

@@ -16,6 +16,7 @@ from flopwise.laws.fit import (
     synthetic_runs,
     theta_to_params,
 )
+from flopwise.laws.forms import FORMS, Data
 from flopwise.laws.isoflop import fit_isoflop
 from flopwise.laws.law import REGISTRY, ParametricLaw, law_from_dict
 from flopwise.laws.runs import load_runs, runs_from_records
@@ -27,13 +28,18 @@ def theta_of(law):
     return np.array([math.log(law.A), math.log(law.B), math.log(law.E), law.alpha, law.beta])
 
 
-def test_gradient_is_exact():
+@pytest.mark.parametrize("form", list(FORMS))
+def test_gradient_is_exact(form):
+    f = FORMS[form]
     r = synthetic_runs(TRUE, [1e17, 1e18, 1e19], 6, noise=0.01, seed=0)
-    args = (np.log(r.n_params), np.log(r.n_tokens), np.log(r.loss), 1e-3)
-    theta = theta_of(TRUE) + np.array([0.3, -0.2, 0.05, 0.02, -0.03])
+    unique = r.n_tokens / np.linspace(1.0, 12.0, len(r))  # up to 12 epochs, so R_D* matters
+    x = Data(np.log(r.n_params), np.log(r.n_tokens), np.log(unique))
+    args = (x, np.log(r.loss), 1e-3, f)
+    theta = np.r_[theta_of(TRUE), [0.05] if form == "farseer" else [math.log(10.0)] if f.needs_repeats else []]
+    theta = theta + 0.02 * np.arange(1, f.n_params + 1) * (-1.0) ** np.arange(f.n_params)
     _, grad = objective(theta, *args)
-    for i in range(5):
-        h = np.zeros(5)
+    for i in range(f.n_params):
+        h = np.zeros(f.n_params)
         h[i] = 1e-6
         numeric = (objective(theta + h, *args)[0] - objective(theta - h, *args)[0]) / 2e-6
         assert grad[i] == pytest.approx(numeric, rel=1e-5, abs=1e-9)

@@ -10,16 +10,16 @@ import pytest
 
 from flopwise.errors import FlopwiseError
 from flopwise.laws.fit import fit_runs, synthetic_runs, widen
-from flopwise.laws.law import REGISTRY, ParametricLaw
+from flopwise.laws.law import DEFAULT_LAW, REGISTRY, ParametricLaw
 from flopwise.laws.runs import Runs
 from flopwise.laws.shape import FAMILY_HEAD_DIM
 from flopwise.laws.trust import MIN_STEPS, NOT_INFORMATIVE, SOUND, trust_checks, verdict
-from flopwise.sweep.design import BRACKET, MIN_BATCH_SEQS, design_sweep, smallest_budget
+from flopwise.sweep.design import BRACKET, LEAN, MIN_BATCH_SEQS, design_sweep, smallest_budget
 
 CHINCHILLA = REGISTRY["chinchilla"]
 
 
-@pytest.mark.parametrize("budgets", [[3e11, 7.5e11, 1.9e12], [2e12, 6e12, 1.8e13], [1e14, 1e15]])
+@pytest.mark.parametrize("budgets", [[4e11, 1e12, 2.5e12], [2e12, 6e12, 1.8e13], [1e14, 1e15]])
 def test_every_run_gets_the_step_floor_and_each_budget_brackets_its_own_optimum(budgets):
     runs = design_sweep(budgets, vocab_size=1024, seq_len=128)
     depths = {r.shape["n_layers"] for r in runs}
@@ -34,7 +34,7 @@ def test_every_run_gets_the_step_floor_and_each_budget_brackets_its_own_optimum(
             assert r.shape["d_model"] // r.shape["n_heads"] == FAMILY_HEAD_DIM  # ... width the one dial
         widths = [r.shape["d_model"] for r in group]
         assert widths == sorted(widths) and len(set(widths)) == len(widths)
-        centre = float(CHINCHILLA.optimal(b)[0]) / 2.0  # the design's default lean
+        centre = float(REGISTRY[DEFAULT_LAW].optimal(b)[0]) / LEAN  # the design's default prior and lean
         assert group[0].n_params <= centre / BRACKET * 1.6 and group[-1].n_params >= centre * BRACKET / 1.6
     windows = [sorted(r.n_params for r in runs if r.budget == b) for b in budgets]
     assert windows[0] != windows[-1]  # the window moves with the budget
@@ -49,10 +49,10 @@ def test_a_budget_below_the_floor_is_refused_naming_one_that_is_accepted():
     assert runs and min(r.n_tokens // r.options["batch_tokens"] for r in runs) >= MIN_STEPS
     with pytest.raises(FlopwiseError):
         design_sweep([named * 0.9], vocab_size=1024, seq_len=128)
-    # a smaller vocabulary allows smaller models; then the step floor binds, and asking fewer steps lowers it
+    # a smaller vocabulary allows smaller models; asking more steps per run raises the floor
     small_vocab = smallest_budget(lambda b: bool(_works([b], vocab=256)))
     assert small_vocab < named
-    assert smallest_budget(lambda b: bool(_works([b], vocab=256, min_steps=20))) < small_vocab
+    assert smallest_budget(lambda b: bool(_works([b], vocab=256, min_steps=400))) > small_vocab
     assert smallest_budget(lambda b: bool(_works([b], min_steps=400))) > named
 
 
@@ -281,7 +281,8 @@ def test_autopilot_falls_back_to_the_priors_exponents_when_the_free_fit_is_not_i
     assert free["verdict"] == NOT_INFORMATIVE
     runs = replace(runs, epochs=np.full(len(runs), 0.5))  # a sweep's runs carry epochs; none repeats its data
     fit, used = _fallback_fit(runs, free, AutopilotConfig(bootstrap=100), 1, 1e20, None)
-    assert fit["alpha"] == CHINCHILLA.alpha and fit["beta"] == CHINCHILLA.beta and "fallback" in used["law"]
+    prior = REGISTRY[DEFAULT_LAW]  # the autopilot's prior
+    assert fit["alpha"] == prior.alpha and fit["beta"] == prior.beta and "fallback" in used["law"]
     assert used["why"].startswith("the free fit is not identifiable") and "N_opt ~ C^0.1" in used["why"]
     checks, verdict_ = _plan_checks(free, fit, used)
     names = {c["name"] for c in checks}

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from flopwise.cli.app import app, console, fmt_count, fmt_hours, hw_app, parse_bytes
 from flopwise.laws.hardware import DEVICES, GPUS
-from flopwise.laws.law import REGISTRY
+from flopwise.laws.law import DEFAULT_LAW, REGISTRY
 
 
 @app.command()
@@ -23,7 +23,8 @@ def plan(
     dollars: Optional[float] = typer.Option(None, help="Budget in dollars at --price-per-hour."),
     mfu: float = typer.Option(0.40, help="Model FLOP utilisation assumed for time and cost."),
     price_per_hour: Optional[float] = typer.Option(None, help="Dollars per GPU-hour (default: the preset's)."),
-    law: str = typer.Option("chinchilla", help="Registry name (see 'flopwise laws') or a law JSON file."),
+    law: str = typer.Option(DEFAULT_LAW, help="Registry name (see 'flopwise laws') or a law JSON file, e.g. "
+                             "a fit's law.json."),
     inference_tokens: Optional[float] = typer.Option(None, help="Lifetime tokens the model will serve."),
     unique_tokens: Optional[float] = typer.Option(None, help="Unique training tokens available (repeats "
                                                   "cost effectiveness)."),

@@ -28,9 +28,21 @@ def _check_convention(value: str) -> str:
     return value
 
 
+# The parametric forms a law can take (flopwise.laws.forms fits each): the loss is always
+# E + A / N^alpha + B N^gamma / D'^beta, where gamma = 0 outside "farseer" and D' = D outside
+# "data-constrained" (there D' discounts repeated tokens with the law's own R_D*).
+PARAMETRIC_FORMS = ("chinchilla", "farseer", "data-constrained")
+
+
 @dataclass(frozen=True)
 class ParametricLaw:
-    """L(N, D) = E + A / N^alpha + B / D^beta (loss in nats/token, N params, D tokens)."""
+    """L(N, D) = E + A / N^alpha + B N^gamma / D^beta (loss in nats/token, N params, D tokens).
+
+    ``form`` names the family it was fitted in: ``chinchilla`` (gamma = 0; Hoffmann et al. 2022),
+    ``farseer`` (gamma free: the data term depends on N, the simplest member of Farseer's family)
+    or ``data-constrained`` (gamma = 0; D is Muennighoff's effective tokens with the fitted
+    ``r_d_star`` in place of the published 15.4, so planning with repeated data uses it).
+    """
 
     E: float
     A: float
@@ -41,39 +53,56 @@ class ParametricLaw:
     name: str = "custom"
     citation: str = ""
     extra: dict = field(default_factory=dict, compare=False)  # intervals, fit metadata
-
-    form = "chinchilla"
+    form: str = "chinchilla"
+    gamma: float = 0.0
+    r_d_star: float | None = None
 
     def __post_init__(self) -> None:
-        for key in ("E", "A", "B", "alpha", "beta"):
+        if self.form == "parametric":  # the name law files used before forms had names
+            object.__setattr__(self, "form", "chinchilla")
+        if self.form not in PARAMETRIC_FORMS:
+            raise FlopwiseError(f"law {self.name}: unknown form {self.form!r}: use one of "
+                                f"{', '.join(PARAMETRIC_FORMS)} or power")
+        for key in ("E", "A", "B", "alpha", "beta", "gamma"):
             v = getattr(self, key)
             if not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise FlopwiseError(f"law {self.name}: {key} must be a finite number, got {v!r}")
         for key in ("A", "B", "alpha", "beta"):
             if getattr(self, key) <= 0:
                 raise FlopwiseError(f"law {self.name}: {key} must be positive, got {getattr(self, key)}")
+        if self.form != "farseer" and self.gamma:
+            raise FlopwiseError(f"law {self.name}: gamma is a parameter of the farseer form only, not {self.form}")
+        if self.beta + self.gamma <= 0:
+            raise FlopwiseError(f"law {self.name}: beta + gamma must be positive (else more parameters always "
+                                f"help the data term), got {self.beta + self.gamma:.4g}")
+        if (self.form == "data-constrained") != (self.r_d_star is not None):
+            raise FlopwiseError(f"law {self.name}: r_d_star belongs to the data-constrained form, and it needs one")
+        if self.r_d_star is not None and not (math.isfinite(self.r_d_star) and self.r_d_star > 0):
+            raise FlopwiseError(f"law {self.name}: r_d_star must be a positive number, got {self.r_d_star!r}")
         object.__setattr__(self, "n_convention", _check_convention(self.n_convention))
 
     def loss(self, n_params, n_tokens):
-        """Expected loss (nats/token) at ``n_params`` parameters and ``n_tokens`` tokens."""
+        """Expected loss (nats/token) at ``n_params`` parameters and ``n_tokens`` (effective) tokens."""
         n = np.asarray(n_params, dtype=float)
         d = np.asarray(n_tokens, dtype=float)
-        return self.E + self.A / n**self.alpha + self.B / d**self.beta
+        return self.E + self.A / n**self.alpha + self.B * n**self.gamma / d**self.beta
 
     @property
     def a(self) -> float:
         """Allocation exponent of N: N_opt is proportional to C^a."""
-        return self.beta / (self.alpha + self.beta)
+        return self.beta / (self.alpha + self.beta + self.gamma)
 
     @property
     def b(self) -> float:
         """Allocation exponent of D: D_opt is proportional to C^b."""
-        return self.alpha / (self.alpha + self.beta)
+        return 1.0 - self.a
 
     @property
     def G(self) -> float:
-        """N_opt = G (C/6)^a and D_opt = (C/6)^b / G under C = 6 N D (Chinchilla eq. 4)."""
-        return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+        """N_opt = G (C/6)^a and D_opt = (C/6)^b / G under C = 6 N D (Chinchilla eq. 4; with gamma, setting
+        d/dN of A N^-alpha + B N^gamma (6N/C)^beta to zero gives the same form)."""
+        return (self.alpha * self.A / ((self.beta + self.gamma) * self.B)) ** (
+            1.0 / (self.alpha + self.beta + self.gamma))
 
     def optimal(self, flops):
         """Compute-optimal (N, D) for ``flops`` under C = 6 N D."""
@@ -86,7 +115,9 @@ class ParametricLaw:
         return self.G * c6**self.a
 
     def to_dict(self) -> dict:
-        return _law_dict(self, _PARAMETRIC_KEYS)
+        keys = _PARAMETRIC_KEYS + (("gamma",) if self.form == "farseer" else ()) + \
+            (("r_d_star",) if self.form == "data-constrained" else ())
+        return _law_dict(self, keys)
 
 
 @dataclass(frozen=True)
@@ -133,18 +164,26 @@ Law = ParametricLaw | PowerLaw
 
 PF_DAY = 8.64e19  # FLOPs in one petaflop/s-day
 
+# The law ``plan`` and the autopilot's prior use unless told otherwise. Chinchilla's published Approach 3
+# constants come from a fit that stopped early (Besiroglu et al. 2024): they disagree with Chinchilla's own
+# Approaches 1 and 2 and Table 3 (33.9 tokens per parameter at 1e21 FLOPs where those give ~20). Epoch's
+# refit of the same data agrees with them (21.6 at 1e21), so it is the default.
+DEFAULT_LAW = "epoch"
+
 REGISTRY: dict[str, Law] = {
-    "chinchilla": ParametricLaw(
-        E=1.69337368, A=406.401018, B=410.722827, alpha=0.33917084, beta=0.2849083,
-        name="chinchilla",
-        citation="Hoffmann et al. 2022, Training Compute-Optimal Large Language Models, Approach 3 "
-                 "(arXiv:2203.15556); constants as published",
-    ),
     "epoch": ParametricLaw(
         E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658,
         name="epoch",
         citation="Besiroglu et al. 2024, Chinchilla Scaling: A replication attempt (arXiv:2404.10102), "
-                 "refit of Approach 3 on Chinchilla's data",
+                 "refit of Approach 3 on Chinchilla's data; the default: it agrees with Chinchilla's "
+                 "Approaches 1 and 2",
+    ),
+    "chinchilla": ParametricLaw(
+        E=1.69337368, A=406.401018, B=410.722827, alpha=0.33917084, beta=0.2849083,
+        name="chinchilla",
+        citation="Hoffmann et al. 2022, Training Compute-Optimal Large Language Models, Approach 3 "
+                 "(arXiv:2203.15556); constants as published, known to be off (the fit stopped early: "
+                 "Besiroglu et al. 2024); 'epoch' is their refit",
     ),
     "chinchilla-approach1": PowerLaw(
         a=0.50, n_ref=1.0e9, flops_ref=1.21e20,
@@ -181,9 +220,10 @@ def law_from_dict(d: dict, source: str = "law") -> Law:
     if not isinstance(d, dict):
         raise FlopwiseError(f"{source}: expected a JSON object with a 'form' key")
     form = d.get("form", "chinchilla")
-    keys = {"chinchilla": _PARAMETRIC_KEYS, "parametric": _PARAMETRIC_KEYS, "power": _POWER_KEYS}.get(form)
+    keys = {**{f: _PARAMETRIC_KEYS for f in (*PARAMETRIC_FORMS, "parametric")}, "power": _POWER_KEYS}.get(form)
+    keys = keys and keys + {"farseer": ("gamma",), "data-constrained": ("r_d_star",)}.get(form, ())
     if keys is None:
-        raise FlopwiseError(f"{source}: unknown form {form!r}: use 'chinchilla' or 'power'")
+        raise FlopwiseError(f"{source}: unknown form {form!r}: use one of {', '.join(PARAMETRIC_FORMS)} or power")
     missing = [k for k in keys if k not in d]
     if missing:
         raise FlopwiseError(
@@ -197,9 +237,9 @@ def law_from_dict(d: dict, source: str = "law") -> Law:
         values = {k: float(d[k]) for k in keys}
     except (TypeError, ValueError):
         raise FlopwiseError(f"{source}: {', '.join(keys)} must be numbers") from None
-    if keys is _POWER_KEYS:
+    if form == "power":
         return PowerLaw(**values, **common)
-    return ParametricLaw(**values, **common)
+    return ParametricLaw(**values, **common, form=form)
 
 
 def load_law(name_or_path: str | os.PathLike) -> Law:

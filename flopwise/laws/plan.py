@@ -17,7 +17,7 @@ from flopwise.laws.flops import (
     n_params_total,
     training_flops_per_token,
 )
-from flopwise.laws.law import Law, ParametricLaw, load_law
+from flopwise.laws.law import DEFAULT_LAW, Law, ParametricLaw, load_law
 from flopwise.laws.shape import suggest_shape
 
 PLAN_VERSION = 1
@@ -49,7 +49,7 @@ def _shape_flops(law: Law, vocab_size: int | None, seq_len: int):
     return f
 
 
-def make_plan(flops: float, law: Law | str = "chinchilla", *, inference_tokens: float | None = None,
+def make_plan(flops: float, law: Law | str = DEFAULT_LAW, *, inference_tokens: float | None = None,
               unique_tokens: float | None = None, device: str | None = None, bits: int = 4,
               max_memory_bytes: float | None = None, gpu: str = "h100", n_gpus: int = 1,
               mfu: float = hardware.DEFAULT_MFU, price_per_hour: float | None = None,

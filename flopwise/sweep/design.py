@@ -20,7 +20,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text
 from flopwise.laws.flops import Shape, n_params_total, training_flops_per_token
 from flopwise.laws.hyper import default_lr_and_batch
-from flopwise.laws.law import Law, load_law
+from flopwise.laws.law import DEFAULT_LAW, Law, load_law
 from flopwise.laws.shape import FAMILY_HEAD_DIM, family_depth, family_shape, family_shape_at
 from flopwise.train.schedule import wsd_cooldown_start
 
@@ -54,6 +54,13 @@ MIN_BATCH_SEQS = 8  # the smallest batch (sequences) a small budget's runs shrin
 TARGET_STEPS = 300  # steps the batch aims to give a budget's largest model: with 105-174 steps the largest models
 # of a bundled-corpus sweep were 0.1-0.64 nats worse than the next size down, and its fit was not identifiable
 BRACKET = 2.0  # the sizes must reach this factor below and above the prior's optimum to bracket it
+
+
+# The window's centre is the prior's N_opt / LEAN. Measured on the bundled corpus (IsoFLOP minima of 47.8K, 83.2K
+# and 115K parameters at 4.1e11, 1.03e12 and 2.56e12 FLOPs), the default prior's N_opt was 0.90, 0.82 and 0.95x
+# the minimum, so the window sits 1/0.9 above it; Chinchilla's published constants gave 2.1-2.4x (with
+# prior="chinchilla", pass lean=2.2 to centre the same way).
+LEAN = 0.9
 
 
 def sweep_depth(prior: Law, budgets, lean: float) -> int:
@@ -101,13 +108,12 @@ def _budget_runs(b: float, vocab_size: int, seq_len: int, n_sizes: int, spread: 
 
 
 def design_sweep(budgets, vocab_size: int, seq_len: int, n_sizes: int = 5, spread: float = 4.0,
-                 prior: Law | str = "chinchilla", lean: float = 2.0, min_steps: int = MIN_STEPS) -> list[RunSpec]:
+                 prior: Law | str = DEFAULT_LAW, lean: float = LEAN, min_steps: int = MIN_STEPS) -> list[RunSpec]:
     """Runs for each budget: ``n_sizes`` sizes log-spaced over [N_c/spread, N_c*spread], N_c = N_opt/lean.
 
     Every size is a member of one family (``family_shape``: fixed depth, width the one dial), so loss
-    moves smoothly with N. ``lean`` > 1 centres the window below the prior's N_opt: published laws,
-    fitted on large models, overestimate N_opt for tiny ones whose parameters are mostly embeddings
-    (on the bundled corpus the optimum at 3e11-3e12 FLOPs sat 2-3x below Chinchilla's). Where the
+    moves smoothly with N. ``lean`` > 1 centres the window below the prior's N_opt, < 1 above it (LEAN
+    says why the default is 0.9). Where the
     window reaches below the smallest model it starts there, as long as the prior's optimum stays
     bracketed (a factor BRACKET inside). Each budget's runs share one batch, shrunk for small budgets
     so its largest model gets TARGET_STEPS optimizer steps (``options.batch_tokens``); a budget that
@@ -173,7 +179,7 @@ def smallest_budget(works, lo: float = 1e6, hi: float = 1e24) -> float:
 
 
 def design_wsd_sweep(budgets, vocab_size: int, seq_len: int, n_sizes: int = 5, spread: float = 4.0,
-                     prior: Law | str = "chinchilla", lean: float = 2.0, cooldown_fraction: float = 0.2,
+                     prior: Law | str = DEFAULT_LAW, lean: float = LEAN, cooldown_fraction: float = 0.2,
                      min_steps: int = MIN_STEPS) -> list[RunSpec]:
     """A WSD sweep (Hägele et al. 2024): one constant-LR trunk per model size, and for each budget a
     cooldown branch from the trunk's checkpoint that ends exactly at that budget's token count.
