@@ -21,7 +21,13 @@ def fit(
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples for intervals (0: none)."),
     holdout_largest: int = typer.Option(0, help="Fit without the K largest budgets and predict them."),
     budgets: Optional[str] = typer.Option(None, help="Comma-separated budgets (FLOPs) to report N_opt, D_opt at."),
-    convention: str = typer.Option("total", help="What N in the table counts: total or non_embedding."),
+    convention: str = typer.Option("both", help="What N counts: total, non-embedding, or both (fit each and "
+                                   "compare; the law counts total). both needs runs that carry both counts "
+                                   "(a sweep folder; a table with n_params_non_embedding), else total."),
+    forms: Optional[str] = typer.Option(None, help="Law forms to fit: chinchilla, farseer, data-constrained "
+                                        "(comma-separated) or all; with several, each is scored by its error "
+                                        "on held-out budgets and the best is the law. Default: all with 3+ "
+                                        "budgets, else chinchilla."),
     level: float = typer.Option(0.9, help="Interval level."),
     delta: float = typer.Option(1e-3, help="Huber delta of the Approach 3 objective."),
     degree: int = typer.Option(2, help="IsoFLOP profile: 2 (parabola) or 3 (cubic)."),
@@ -42,14 +48,19 @@ def fit(
 
     from flopwise.laws.fit import (  # scipy: loaded by the command, not at start-up
         fit_runs,
+        law_tokens,
         public,
         save_fit,
-        with_effective_tokens,
     )
-    from flopwise.laws.runs import load_runs
+    from flopwise.laws.forms import parse_forms
 
-
-    runs = load_runs(runs_path, convention.replace("-", "_"))
+    runs, others = _runs_in(runs_path, convention)
+    if forms is None:  # the default: compare where the runs allow it
+        form_list = [f for f in parse_forms("all") if f != "data-constrained" or _repeats(runs)]
+        if len(runs.budgets) < 3 or approach not in ("3", "all"):
+            form_list = ["chinchilla"]
+    else:
+        form_list = parse_forms(forms)
     budget_list = [_float(b, "--budgets") for b in budgets.split(",")] if budgets else ()
     src = Path(runs_path)
     out_dir = Path(out) if out else (src / "fit" if src.is_dir() else src.with_name(src.stem + "-fit"))
@@ -66,13 +77,36 @@ def fit(
         result = fit_runs(runs, approach=approach, n_boot=bootstrap, holdout_largest=holdout_largest,
                           min_steps=_sweep_min_steps(src),
                           budgets=budget_list, level=level, seed=seed, delta=delta, degree=degree,
-                          workers=workers, progress=progress, effective_data=effective_tokens)
+                          workers=workers, progress=progress, effective_data=effective_tokens, forms=form_list,
+                          conventions=others)
     save_fit(result, str(src), out_dir)
-    plots = [] if no_plots else _plots(with_effective_tokens(runs) if effective_tokens else runs, result, out_dir)
+    plots = [] if no_plots else _plots(law_tokens(runs, result), result, out_dir)
     if as_json:
         print(json.dumps({**public(result), "law_file": str(out_dir / "law.json"), "plots": plots}, indent=2))
         return
     print_fit(public(result), out_dir, plots)
+
+
+def _runs_in(path: str, convention: str):
+    """The runs with N in the law's convention, and the other conventions to compare (``--convention``)."""
+    from flopwise.laws.runs import load_runs
+
+    convention = convention.replace("-", "_")
+    if convention not in ("total", "non_embedding", "both"):
+        raise FlopwiseError(f"--convention must be total, non-embedding or both, got {convention!r}")
+    runs = load_runs(path)
+    if convention == "both":
+        return runs, [c for c in runs.conventions if c != "total"]
+    if convention == "non_embedding":  # a table without the column: its N is taken to be non-embedding already
+        return (runs.in_convention(convention) if convention in runs.counts else load_runs(path, convention)), []
+    return runs, []
+
+
+def _repeats(runs) -> bool:
+    """Whether any run repeated its data (the data-constrained form needs one that did)."""
+    import numpy as np
+
+    return runs.epochs is not None and bool(np.any(np.nan_to_num(runs.epochs) > 1.0 + 1e-6))
 
 
 def _plots(runs, result, out_dir) -> list[str]:
@@ -110,14 +144,21 @@ def _with_iv(x: float, iv: dict | None) -> str:
 def print_fit(r: dict, out_dir, plots: list[str]) -> None:
     from rich.panel import Panel
 
-    console.print(f"[bold]{r['n_runs']} runs[/bold], N counted as {r['n_convention']} parameters")
+    from flopwise.laws.forms import FORMS
+
+    console.print(f"[bold]{r['n_runs']} runs[/bold], N counted as {r['n_convention'].replace('_', '-')} parameters, "
+                  f"D as {r['tokens']} tokens")
+    if "forms" in r:
+        print_forms(r)
     if "E" in r:
         level = f"{r['level']:.0%}"
-        t = Table(title=f"Approach 3: L = E + A/N^α + B/D^β  (Huber δ={r['delta']:g}, objective "
-                        f"{r['objective']:.4g})")
+        t = Table(title=f"Approach 3, {r['form']} form: L = {FORMS[r['form']].formula}  (Huber δ={r['delta']:g}, "
+                        f"objective {r['objective']:.4g})")
         for col in ("parameter", "estimate", f"{level} interval", "s.e."):
             t.add_column(col, justify="right")
-        for key in ("E", "A", "B", "alpha", "beta", "a", "b"):
+        for key in ("E", "A", "B", "alpha", "beta", "gamma", "r_d_star", "a", "b"):
+            if key not in r:
+                continue
             se = r.get("intervals", {}).get(key, {}).get("se")
             t.add_row(key, f"{r[key]:.4g}", _iv(r, key), "-" if se is None else f"{se:.2g}")
         console.print(t)
@@ -129,6 +170,8 @@ def print_fit(r: dict, out_dir, plots: list[str]) -> None:
                       _with_iv(row["d_opt"], row.get("d_opt_interval")), f"{row['tokens_per_param']:.3g}",
                       f"{row['loss']:.4f}")
         console.print(t)
+    if "conventions" in r:
+        print_conventions(r)
     if "approach2" in r:
         a2 = r["approach2"]
         t = Table(title=f"Approach 2: IsoFLOP minima (degree {a2['degree']})")
@@ -159,6 +202,55 @@ def print_fit(r: dict, out_dir, plots: list[str]) -> None:
                   f"details: {out_dir / 'fit.json'}; plots: {len(plots)} files[/dim]")
 
 
+
+
+def _conv(name: str) -> str:
+    return {"non_embedding": "non-emb"}.get(name, name)
+
+
+def print_forms(r: dict) -> None:
+    """Law forms x conventions, each scored by its error on the held-out budgets."""
+    k = r["holdout"]["k"] if "holdout" in r else 1
+    t = Table(title=f"Law forms fitted without the {k} largest budget(s), scored on them")
+    for col in ("form", "N", "p", "a", "held-out", "cover", "score", ""):
+        t.add_column(col, justify="left" if col in ("form", "N", "") else "right", no_wrap=True,
+                     min_width=16 if col == "form" else None)
+    for row in r["forms"]:
+        if "skipped" in row:
+            t.add_row(row["form"], _conv(row["convention"]), str(row["n_params"]), "-", "-", "-", "-", "skipped")
+            continue
+        cov = "-" if row.get("coverage") is None else f"{row['coverage']:.0%}"
+        note = "[bold green]selected[/bold green]" if row.get("selected") else (
+            "" if row["usable"] else f"[yellow]unfit: {', '.join(row['problems'])}[/yellow]")
+        t.add_row(row["form"], _conv(row["convention"]), str(row["n_params"]), f"{row['a']:.3f}",
+                  f"{row['holdout_error']:.2%}", cov, f"{row['score']:.4f}", note)
+    console.print(t)
+    console.print(f"[dim]p: fitted parameters; held-out: mean |relative error| of the loss on the held-out runs; "
+                  f"cover: of them inside the predictive interval; score: held-out error + 10% per parameter "
+                  f"beyond 5. Selected {r['selected']['form']} ({_conv(r['selected']['convention'])} N): "
+                  f"{r['selected']['why']}.[/dim]")
+    for row in r["forms"]:
+        if "skipped" in row:
+            console.print(f"[dim]{row['form']} ({_conv(row['convention'])}) skipped: {row['skipped']}[/dim]")
+        elif not row["usable"]:
+            console.print(f"[dim]{row['form']} ({_conv(row['convention'])}) not identified: "
+                          f"{', '.join(row['problems'])} on a bound or negligible[/dim]")
+
+
+def print_conventions(r: dict) -> None:
+    """The same form fitted with N counted each way: exponents and the plan at each budget."""
+    t = Table(title=f"N counted each way ({r['form']} form; C = 6ND in that N)")
+    for col in ("N", "a [90%]", "C (FLOPs)", "N_opt", "D_opt", "D/N"):
+        t.add_column(col, justify="right" if col != "N" else "left")
+    for conv, b in r["conventions"].items():
+        iv = b.get("a_interval")
+        a = f"{b['a']:.3f}" + (f" [{iv['lower']:.2f}, {iv['upper']:.2f}]" if iv else "")
+        for i, row in enumerate(b["optimal"]):
+            t.add_row(_conv(conv) if i == 0 else "", a if i == 0 else "", f"{row['flops']:.3g}",
+                      fmt_count(row["n_opt"]), fmt_count(row["d_opt"]), f"{row['tokens_per_param']:.3g}")
+    console.print(t)
+    console.print(f"[dim]the conventions' D_opt differ by up to {r['convention_factor']:.2f}x; the law "
+                  f"(law.json) counts {r['n_convention'].replace('_', '-')} parameters[/dim]")
 
 
 def print_verdict(verdict: str, checks: list[dict]) -> None:

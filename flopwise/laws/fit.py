@@ -24,8 +24,15 @@ from threadpoolctl import threadpool_limits
 
 from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text
-from flopwise.laws.allocate import effective_tokens
-from flopwise.laws.forms import FORMS, Data, Form, get_form
+from flopwise.laws.allocate import R_D_STAR, effective_tokens
+from flopwise.laws.forms import (
+    FORMS,
+    Data,
+    Form,
+    dlog_effective_tokens_drho,
+    get_form,
+    log_effective_tokens,
+)
 from flopwise.laws.isoflop import fit_envelope, fit_isoflop, interval, isoflop_optimal
 from flopwise.laws.law import ParametricLaw, law_from_dict, save_law
 from flopwise.laws.runs import Runs
@@ -50,24 +57,30 @@ def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
 
 def objective(theta: np.ndarray, x: Data, log_l: np.ndarray, delta: float = DEFAULT_DELTA,
               form: Form = CHINCHILLA) -> tuple[float, np.ndarray]:
-    """Approach 3's Huber objective sum_i Huber(log L_hat_i - log L_i) and its exact gradient in theta."""
-    if form is CHINCHILLA:  # the bootstrap's inner loop: written out, 2-3x faster than the general path
-        a, b, e, alpha, beta = theta
-        t1 = a - alpha * x.log_n
-        t2 = b - beta * x.log_d
-        m = np.maximum(np.maximum(t1, t2), e)
-        w1, w2, w3 = np.exp(t1 - m), np.exp(t2 - m), np.exp(e - m)
-        s = w1 + w2 + w3
-        value, dr = _huber(m + np.log(s) - log_l, delta)
-        g1, g2, g3 = dr * w1 / s, dr * w2 / s, dr * w3 / s
-        return float(value.sum()), np.array([g1.sum(), g2.sum(), g3.sum(), -(g1 * x.log_n).sum(),
-                                             -(g2 * x.log_d).sum()])
-    t = form.log_terms(theta, x)[:, 0, :]
-    m = t.max(axis=0)
-    w = np.exp(t - m)
-    s = w.sum(axis=0)
+    """Approach 3's Huber objective sum_i Huber(log L_hat_i - log L_i) and its exact gradient in theta.
+
+    Written out per form rather than through ``Form.jacobian``: the bootstrap calls it ~10^5 times on a
+    dozen runs, where numpy's per-call overhead, not arithmetic, sets the time (2-3x faster this way)."""
+    a, b, e, alpha, beta = theta[:5]
+    log_d = x.log_d
+    if form.needs_repeats:
+        r_d = math.exp(theta[5])
+        log_d = log_effective_tokens(x.log_d, x.log_u, r_d)
+    t1 = a - alpha * x.log_n
+    t2 = b - beta * log_d
+    if form.name == "farseer":
+        t2 = t2 + theta[5] * x.log_n
+    m = np.maximum(np.maximum(t1, t2), e)
+    w1, w2, w3 = np.exp(t1 - m), np.exp(t2 - m), np.exp(e - m)
+    s = w1 + w2 + w3
     value, dr = _huber(m + np.log(s) - log_l, delta)
-    return float(value.sum()), np.einsum("kn,kpn->p", w / s * dr, form.jacobian(theta, x))
+    g1, g2, g3 = dr * w1 / s, dr * w2 / s, dr * w3 / s
+    grad = [g1.sum(), g2.sum(), g3.sum(), -(g1 * x.log_n).sum(), -(g2 * log_d).sum()]
+    if form.name == "farseer":
+        grad.append((g2 * x.log_n).sum())
+    elif form.needs_repeats:
+        grad.append(-beta * (g2 * dlog_effective_tokens_drho(x.log_d, x.log_u, r_d)).sum())
+    return float(value.sum()), np.array(grad)
 
 
 def grid_points(grid: dict[str, np.ndarray] | None = None, form: Form = CHINCHILLA) -> np.ndarray:
@@ -301,6 +314,7 @@ def loss_from_thetas(thetas: np.ndarray, n_params, n_tokens, form: str = "chinch
     n = np.atleast_1d(np.asarray(n_params, float))
     d = np.atleast_1d(np.asarray(n_tokens, float))
     u = d if unique_tokens is None else np.broadcast_to(np.asarray(unique_tokens, float), d.shape)
+    u = np.where(np.isfinite(u) & (u > 0), u, d)  # unknown: nothing repeated
     if f.needs_repeats and unique_tokens is None:
         raise FlopwiseError("the data-constrained form's loss needs the unique tokens")
     t = f.log_terms(np.atleast_2d(thetas), Data(np.log(n), np.log(d), np.log(u)))
@@ -320,9 +334,10 @@ def optimal_from_thetas(thetas: np.ndarray, flops: float, form: str = "chinchill
 
 
 def synthetic_runs(law: ParametricLaw, budgets, n_per_budget: int = 7, noise: float = 0.0, seed: int = 0,
-                   spread: float = 8.0) -> Runs:
+                   spread: float = 8.0, unique_tokens: float | None = None) -> Runs:
     """IsoFLOP runs drawn from ``law``: at each budget, sizes log-spaced over [N_opt/spread, N_opt*spread],
-    D = C / (6 N), loss multiplied by lognormal noise of relative size ``noise``."""
+    D = C / (6 N), loss multiplied by lognormal noise of relative size ``noise``. With ``unique_tokens`` the runs
+    repeat a corpus of that many tokens (``epochs`` = D / U); a data-constrained law then sees D' (its R_D*)."""
     rng = np.random.default_rng(seed)
     n, d, c = [], [], []
     for flops in budgets:
@@ -332,16 +347,31 @@ def synthetic_runs(law: ParametricLaw, budgets, n_per_budget: int = 7, noise: fl
         d += list(flops / (6 * sizes))
         c += [float(flops)] * n_per_budget
     n, d, c = np.array(n), np.array(d), np.array(c)
-    loss = law.loss(n, d) * np.exp(noise * rng.standard_normal(len(n)))
-    return Runs(n, d, loss, c, c.copy(), [f"run{i}" for i in range(len(n))], law.n_convention)
+    epochs = None if unique_tokens is None else d / unique_tokens
+    d_law = effective_tokens(d, unique_tokens, law.r_d_star) if law.r_d_star is not None else d
+    loss = law.loss(n, d_law) * np.exp(noise * rng.standard_normal(len(n)))
+    return Runs(n, d, loss, c, c.copy(), [f"run{i}" for i in range(len(n))], law.n_convention, epochs=epochs,
+                counts={law.n_convention: n})
 
 
 # ---------------------------------------------------------------- extrapolation check and the whole fit
 
 
-def residual_rms(law: ParametricLaw, runs: Runs) -> float:
-    """Root-mean-square relative error of the law on these runs: misfit plus run-to-run scatter."""
-    return float(np.sqrt(np.mean((law.loss(runs.n_params, runs.n_tokens) / runs.loss - 1.0) ** 2)))
+def fit_form(runs: Runs, form: str = "chinchilla", delta: float = DEFAULT_DELTA, n_starts: int = 32,
+             fixed: dict[str, float] | None = None) -> ParametricFit:
+    """``fit_parametric`` on a table of runs (the data-constrained form reads their epochs)."""
+    return fit_parametric(runs.n_params, runs.n_tokens, runs.loss, delta=delta, n_starts=n_starts, fixed=fixed,
+                          form=form, unique_tokens=runs.unique_tokens)
+
+
+def predict(thetas: np.ndarray, runs: Runs, form: str = "chinchilla") -> np.ndarray:
+    """Each parameter vector's predicted loss for each run: shape (len(thetas), len(runs))."""
+    return loss_from_thetas(thetas, runs.n_params, runs.n_tokens, form, runs.unique_tokens)
+
+
+def residual_rms(fit: ParametricFit, runs: Runs) -> float:
+    """Root-mean-square relative error of the fitted law on these runs: misfit plus run-to-run scatter."""
+    return float(np.sqrt(np.mean((predict(fit.theta, runs, fit.form)[0] / runs.loss - 1.0) ** 2)))
 
 
 def z_score(level: float) -> float:
@@ -376,8 +406,9 @@ def predictive_sigma(result: dict, flops: float) -> float:
 
 def holdout_check(runs: Runs, k: int, n_boot: int = 1000, seed: int = 0, level: float = 0.9,
                   delta: float = DEFAULT_DELTA, workers: int | None = None, progress=None,
-                  fixed: dict[str, float] | None = None, fixed_sd: dict[str, float] | None = None) -> dict:
-    """Fit Approach 3 without the ``k`` largest budgets and predict their runs' losses.
+                  fixed: dict[str, float] | None = None, fixed_sd: dict[str, float] | None = None,
+                  form: str = "chinchilla") -> dict:
+    """Fit ``form`` without the ``k`` largest budgets and predict their runs' losses.
 
     Reports the prediction errors and how often two intervals cover the measured loss: the bootstrap
     interval of the law's mean (``coverage``; run-to-run noise alone lowers it), and that interval
@@ -388,13 +419,14 @@ def holdout_check(runs: Runs, k: int, n_boot: int = 1000, seed: int = 0, level: 
         raise FlopwiseError(f"--holdout-largest {k} needs 1 <= K < the number of budgets ({len(budgets)})")
     held = np.isin(runs.budget, budgets[-k:])
     train, test = runs.subset(~held), runs.subset(held)
-    if len(train) < MIN_RUNS:
-        raise FlopwiseError(f"holding out {k} budget(s) leaves {len(train)} runs, too few to fit: hold out fewer")
-    fit = fit_parametric(train.n_params, train.n_tokens, train.loss, delta=delta, fixed=fixed)
-    law = fit.law(runs.n_convention)
-    pred = law.loss(test.n_params, test.n_tokens)
+    need = max(MIN_RUNS, get_form(form).n_params)
+    if len(train) < need:
+        raise FlopwiseError(f"holding out {k} budget(s) leaves {len(train)} runs, too few to fit the {form} form's "
+                            f"{get_form(form).n_params} parameters: hold out fewer")
+    fit = fit_form(train, form, delta, fixed=fixed)
+    pred = predict(fit.theta, test, form)[0]
     rel = pred / test.loss - 1.0
-    noise = residual_rms(law, train)
+    noise = residual_rms(fit, train)
     out = {"k": k, "held_out_budgets": [float(c) for c in budgets[-k:]], "n_train": len(train), "n_test": len(test),
            "fit_max_budget": float(budgets[-k - 1]),
            "mean_abs_rel_error": float(np.mean(np.abs(rel))), "max_abs_rel_error": float(np.max(np.abs(rel))),
@@ -404,8 +436,8 @@ def holdout_check(runs: Runs, k: int, n_boot: int = 1000, seed: int = 0, level: 
                     for nm, n, d, y, p in zip(test.name, test.n_params, test.n_tokens, test.loss, pred, strict=True)]}
     if n_boot > 0:
         thetas = bootstrap_thetas(train.n_params, train.n_tokens, train.loss, fit, n_boot, seed, workers, progress,
-                                  fixed_sd)
-        preds = loss_from_thetas(thetas, test.n_params, test.n_tokens)
+                                  fixed_sd, train.unique_tokens)
+        preds = predict(thetas, test, form)
         lo, hi = np.percentile(preds, [50 * (1 - level), 50 * (1 + level)], axis=0)
         out["coverage"] = float(np.mean((test.loss >= lo) & (test.loss <= hi)))
         # the interval a user is shown for one new run: the law's uncertainty and one run's own scatter
@@ -416,26 +448,134 @@ def holdout_check(runs: Runs, k: int, n_boot: int = 1000, seed: int = 0, level: 
     return out
 
 
-def with_effective_tokens(runs: Runs) -> Runs:
-    """The runs with D replaced by Muennighoff's effective tokens D' (needs ``runs.epochs``)."""
+def with_effective_tokens(runs: Runs, r_d_star: float | None = None) -> Runs:
+    """The runs with D replaced by Muennighoff's effective tokens D' (needs ``runs.epochs``), their epochs dropped
+    (D / epochs would no longer be the unique tokens). ``r_d_star``: the decay constant (default: theirs, 15.4)."""
     if runs.epochs is None:
         return runs
-    return replace(runs, n_tokens=effective_tokens(runs.n_tokens, runs.n_tokens / runs.epochs))
+    d_eff = effective_tokens(runs.n_tokens, runs.unique_tokens, R_D_STAR if r_d_star is None else r_d_star)
+    return replace(runs, n_tokens=np.where(np.isfinite(d_eff), d_eff, runs.n_tokens), epochs=None)
+
+
+def law_tokens(runs: Runs, result: dict) -> Runs:
+    """The runs with D as the fitted law reads it (raw, or D' with the R_D* the fit used): for plots and tables."""
+    if result.get("form") == "data-constrained":
+        return with_effective_tokens(runs, result["r_d_star"])
+    return with_effective_tokens(runs) if result.get("tokens") == "effective" else runs
+
+
+# Model selection among forms: a form with more parameters must predict the held-out budgets better by more than
+# this fraction of its rival's error per extra parameter (a simpler form wins ties; extra parameters fitted to a
+# few budgets extrapolate worse than their hold-out score alone shows).
+FORM_PENALTY = 0.1
+COMPARE_BOOT = 200  # resamples behind each compared form's hold-out coverage (the selected form gets all)
+CONVENTION_FACTOR = 2.0  # warn when the conventions' plans for D differ by more than this factor
+
+
+def _form_score(error: float, n_params: int) -> float:
+    return error * (1.0 + FORM_PENALTY * (n_params - CHINCHILLA.n_params))
+
+
+def compare_forms(runs: Runs, forms, k: int, raw: Runs | None = None, n_boot: int = COMPARE_BOOT, seed: int = 0,
+                  level: float = 0.9, delta: float = DEFAULT_DELTA, workers: int | None = None,
+                  n_starts: int = 32) -> list[dict]:
+    """Fit each form on all runs and without the ``k`` largest budgets; score by the held-out error.
+
+    ``raw``: the runs with raw tokens and epochs, for the data-constrained form (``runs`` may hold D'). A row
+    is ``usable`` when the full fit is identified (no parameter on a bound or negligible term) and plans
+    (beta + gamma > 0); its ``score`` is the held-out mean |relative error| with FORM_PENALTY per extra
+    parameter. Rows of forms that cannot be fitted say why (``skipped``)."""
+    rows = []
+    for name in forms:
+        f = get_form(name)
+        data = raw if (f.needs_repeats and raw is not None) else runs
+        row: dict = {"form": name, "convention": runs.n_convention, "n_params": f.n_params, "formula": f.formula}
+        try:
+            fit = fit_form(data, name, delta, n_starts)
+            h = holdout_check(data, k, n_boot, seed, level, delta, workers, form=name)
+        except FlopwiseError as e:
+            rows.append({**row, "skipped": str(e), "usable": False})
+            continue
+        p = fit.params
+        problems = fit.at_bounds + [f"{t} negligible" for t in fit.negligible]
+        try:
+            fit.law(runs.n_convention)
+        except FlopwiseError as e:
+            problems.append(str(e).split(": ", 1)[-1])
+        row.update({"params": p, "a": p["a"], "residual_rms": residual_rms(fit, data),
+                    "holdout_error": h["mean_abs_rel_error"], "holdout_max_error": h["max_abs_rel_error"],
+                    "coverage": h.get("predictive_coverage"), "score": _form_score(h["mean_abs_rel_error"], f.n_params),
+                    "usable": not problems, "problems": problems})
+        rows.append(row)
+    return rows
+
+
+def select_form(rows: list[dict]) -> dict:
+    """The usable row with the lowest score (ties to the simpler form)."""
+    usable = [r for r in rows if r.get("usable")]
+    if not usable:
+        raise FlopwiseError("no law form could be identified from these runs: "
+                            + "; ".join(f"{r['form']}: {r.get('skipped') or ', '.join(r['problems'])}" for r in rows))
+    return min(usable, key=lambda r: (r["score"], r["n_params"]))
+
+
+def _convention_block(runs: Runs, form: str, budgets, n_boot: int, seed: int, level: float, delta: float,
+                      workers: int | None) -> dict:
+    """One convention's fit of ``form``: exponents, the allocation at ``budgets``, intervals from ``n_boot``."""
+    fit = fit_form(runs, form, delta)
+    p = fit.params
+    out = {"form": form, **{k: p[k] for k in ("alpha", "beta", "a", "b")}, "warnings": fit.warnings}
+    thetas = None
+    if n_boot > 0:
+        thetas = bootstrap_thetas(runs.n_params, runs.n_tokens, runs.loss, fit, n_boot, seed, workers,
+                                  unique_tokens=runs.unique_tokens)
+        out["a_interval"] = interval(theta_to_params(thetas, form)["a"], level)
+    out["optimal"] = _optimal_rows(fit, budgets, thetas, level)
+    return out
+
+
+def _optimal_rows(fit: ParametricFit, budgets, thetas, level: float) -> list[dict]:
+    rows = []
+    for c in budgets:
+        n_opt, d_opt = (float(v[0]) for v in optimal_from_thetas(fit.theta, c, fit.form))
+        row = {"flops": c, "n_opt": n_opt, "d_opt": d_opt, "tokens_per_param": d_opt / n_opt,
+               "loss": float(fit.law().loss(n_opt, d_opt))}
+        if thetas is not None:
+            ns, ds = optimal_from_thetas(thetas, c, fit.form)
+            row["n_opt_interval"] = interval(ns, level)
+            row["d_opt_interval"] = interval(ds, level)
+            row["tokens_per_param_interval"] = interval(ds / ns, level)
+        rows.append(row)
+    return rows
+
+
+def convention_disagreement(blocks: dict[str, dict]) -> float:
+    """The largest ratio between the conventions' D_opt at any reported budget (1.0: they agree)."""
+    if len(blocks) < 2:
+        return 1.0
+    per_budget = zip(*(b["optimal"] for b in blocks.values()), strict=True)
+    return max(max(r["d_opt"] for r in rows) / min(r["d_opt"] for r in rows) for rows in per_budget)
 
 
 def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_largest: int = 0,
              budgets=(), level: float = 0.9, seed: int = 0, delta: float = DEFAULT_DELTA, degree: int = 2,
              n_starts: int = 32, workers: int | None = None, progress=None, fixed: dict[str, float] | None = None,
              fixed_sd: dict[str, float] | None = None, min_steps: int = MIN_STEPS,
-             effective_data: bool = False) -> dict:
+             effective_data: bool = False, forms=("chinchilla",), conventions=None) -> dict:
     """Everything ``flopwise fit`` reports, as one dict (private ``_``-keys hold arrays for plots),
     ending with the trust checks and their verdict (``checks``, ``verdict``; see flopwise.laws.trust).
 
-    ``fixed`` holds Approach 3 parameters (e.g. alpha and beta from a prior) instead of fitting
-    them, ``fixed_sd`` their stated uncertainty (drawn in the bootstrap). ``effective_data``: where
-    runs repeated their data (``runs.epochs`` > 1), fit on Muennighoff's effective tokens D' instead
-    of D, so the law's D means what the data-constrained plan feeds it. ``progress(stage, done,
-    total)``, if given, is told how the bootstrap refits advance.
+    ``forms``: the law forms to fit (flopwise.laws.forms). With more than one, each is fitted without the
+    largest budget(s) (``holdout_largest``, default 1) and scored by its error on them (``compare_forms``);
+    the best (``selected``) is the law, with full bootstrap, and ``forms`` lists every row. ``conventions``:
+    other parameter conventions the runs carry (e.g. ``["non_embedding"]``) to fit the same form in too;
+    ``conventions`` in the result holds each one's exponents and allocation, with a warning when their
+    plans for D differ by more than CONVENTION_FACTOR. ``fixed`` holds Approach 3 parameters (e.g. alpha and
+    beta from a prior) instead of fitting them, ``fixed_sd`` their stated uncertainty (drawn in the
+    bootstrap). ``effective_data``: where runs repeated their data (``runs.epochs`` > 1), fit on Muennighoff's
+    effective tokens D' instead of D, so the law's D means what the data-constrained plan feeds it (the
+    data-constrained form fits its own R_D* on the raw tokens instead). ``progress(stage, done, total)``,
+    if given, is told how the bootstrap refits advance.
     """
     def tick(stage: str):
         return (lambda done: progress(stage, done, n_boot)) if progress else None
@@ -444,44 +584,77 @@ def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_larg
         raise FlopwiseError(f"--approach must be 1, 2, 3 or all, got {approach!r}")
     if not (0 < level < 1):
         raise FlopwiseError(f"--level must be between 0 and 1, got {level}")
+    forms = [get_form(f).name for f in forms]
     out: dict = {"n_runs": len(runs), "n_convention": runs.n_convention, "approach": approach,
                  "warnings": list(runs.warnings), "level": level, "bootstrap": n_boot, "seed": seed,
-                 "tokens": "raw"}
-    if effective_data:
+                 "tokens": "raw", "form": forms[0]}
+    raw = runs
+    if effective_data or any(get_form(f).needs_repeats for f in forms):
         if runs.epochs is None or not np.all(np.isfinite(runs.epochs)):
             raise FlopwiseError("effective tokens need each run's epochs: an epochs column, or a sweep folder")
+    if effective_data:
         runs = with_effective_tokens(runs)
         out["tokens"] = "effective"
     budgets = [float(c) for c in budgets] or [float(c) for c in runs.budgets[-1:] * np.array([1.0, 10.0, 100.0])]
+    if len(forms) > 1 and approach in ("3", "all"):
+        k = holdout_largest or 1
+        if len(runs.budgets) < k + 2:
+            raise FlopwiseError(f"comparing law forms scores each on held-out budgets: {len(runs.budgets)} budget(s) "
+                                f"leave too few to fit without the {k} largest (3+ budgets needed; or pass "
+                                "--forms chinchilla)")
+        holdout_largest = k
+        rows = compare_forms(runs, forms, k, raw, min(n_boot, COMPARE_BOOT), seed, level, delta, workers, n_starts)
+        best = select_form(rows)
+        for r in rows:
+            r["selected"] = r is best
+        out["forms"] = rows
+        out["form"] = best["form"]
+        out["selected"] = {"form": best["form"], "convention": runs.n_convention,
+                           "why": f"the lowest held-out error ({best['holdout_error']:.2%} on the {k} largest "
+                                  f"budget(s)) with {FORM_PENALTY:.0%} of it charged per parameter beyond 5"}
+    form = out["form"]
+    data = raw if get_form(form).needs_repeats else runs
+    if form == "data-constrained":
+        out["tokens"] = "effective (R_D* fitted)"
     if approach in ("3", "all"):
-        fit = fit_parametric(runs.n_params, runs.n_tokens, runs.loss, delta=delta, n_starts=n_starts, fixed=fixed)
+        fit = fit_form(data, form, delta, n_starts, fixed)
         out.update(fit.params)
         out.update({"objective": fit.objective, "delta": delta, "converged": fit.converged,
                     "n_starts": fit.n_starts, "at_bounds": fit.at_bounds, "grid_edge": fit.grid_edge,
                     "negligible": fit.negligible, "fixed": fit.fixed, "fixed_sd": dict(fixed_sd or {}),
-                    "residual_rms": residual_rms(fit.law(runs.n_convention), runs)})
+                    "residual_rms": residual_rms(fit, data)})
         out["warnings"] += fit.warnings
         out["_fit"] = fit
-        law = fit.law(runs.n_convention)
-        rows = []
         thetas = None
         if n_boot > 0:
-            thetas = bootstrap_thetas(runs.n_params, runs.n_tokens, runs.loss, fit, n_boot, seed, workers,
-                                      tick("bootstrap"), fixed_sd)
-            params = theta_to_params(thetas)
+            thetas = bootstrap_thetas(data.n_params, data.n_tokens, data.loss, fit, n_boot, seed, workers,
+                                      tick("bootstrap"), fixed_sd, data.unique_tokens)
+            params = theta_to_params(thetas, form)
             out["intervals"] = {k: interval(v, level) for k, v in params.items()}
             out["_thetas"] = thetas
-        for c in budgets:
-            n_opt, d_opt = (float(x) for x in law.optimal(c))
-            row = {"flops": c, "n_opt": n_opt, "d_opt": d_opt, "tokens_per_param": d_opt / n_opt,
-                   "loss": float(law.loss(n_opt, d_opt))}
-            if thetas is not None:
-                ns, ds = optimal_from_thetas(thetas, c)
-                row["n_opt_interval"] = interval(ns, level)
-                row["d_opt_interval"] = interval(ds, level)
-                row["tokens_per_param_interval"] = interval(ds / ns, level)
-            rows.append(row)
-        out["optimal"] = rows
+        out["optimal"] = _optimal_rows(fit, budgets, thetas, level)
+        others = [c.replace("-", "_") for c in (conventions or []) if c.replace("-", "_") != runs.n_convention]
+        if others:
+            blocks = {runs.n_convention: {"form": form, **{k: out[k] for k in ("alpha", "beta", "a", "b")},
+                                          **({"a_interval": out["intervals"]["a"]} if thetas is not None else {}),
+                                          "optimal": out["optimal"]}}
+            for conv in others:
+                other, other_raw = runs.in_convention(conv), raw.in_convention(conv)
+                if len(forms) > 1:
+                    out["forms"] += [dict(r, selected=False) for r in compare_forms(
+                        other, forms, holdout_largest, other_raw, min(n_boot, COMPARE_BOOT), seed, level, delta,
+                        workers, n_starts)]
+                blocks[conv] = _convention_block(other_raw if get_form(form).needs_repeats else other, form, budgets,
+                                                 min(n_boot, COMPARE_BOOT), seed, level, delta, workers)
+            factor = convention_disagreement(blocks)
+            out["conventions"] = blocks
+            out["convention_factor"] = factor
+            if factor > CONVENTION_FACTOR:
+                out["warnings"].append(
+                    f"the {' and '.join(c.replace('_', '-') for c in blocks)} parameter conventions plan D "
+                    f"{factor:.1f}x apart (more than {CONVENTION_FACTOR:g}x): how N is counted changes the plan; "
+                    f"this law counts {runs.n_convention.replace('_', '-')} parameters (Pearce & Song 2024 and "
+                    "Porian et al. 2024 trace Kaplan's exponents to non-embedding counts at small sizes)")
     if approach in ("2", "all"):
         try:
             a2 = fit_isoflop(runs, degree=degree, n_boot=n_boot, seed=seed, level=level)
@@ -502,8 +675,13 @@ def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_larg
             out["warnings"] += a1.pop("warnings")
             out["approach1"] = a1
     if holdout_largest:
-        out["holdout"] = holdout_check(runs, holdout_largest, n_boot, seed, level, delta, workers,
-                                       tick("holdout bootstrap"), fixed, fixed_sd)
+        out["holdout"] = holdout_check(data, holdout_largest, n_boot, seed, level, delta, workers,
+                                       tick("holdout bootstrap"), fixed, fixed_sd, form)
+        for r in out.get("forms", []):  # the selected row: the full hold-out's numbers
+            if r.get("selected"):
+                h = out["holdout"]
+                r.update(holdout_error=h["mean_abs_rel_error"], holdout_max_error=h["max_abs_rel_error"],
+                         coverage=h.get("predictive_coverage"))
     out["checks"] = trust_checks(out, runs, min_steps)
     out["verdict"] = verdict(out["checks"])
     return out
@@ -511,10 +689,12 @@ def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_larg
 
 def law_json(result: dict, source: str = "") -> dict:
     """The law file ``flopwise plan --law`` reads: DESIGN.md's form plus intervals and fit metadata."""
-    meta = {k: result[k] for k in ("n_runs", "approach", "bootstrap", "seed", "level", "warnings") if k in result}
+    meta = {k: result[k] for k in ("n_runs", "approach", "bootstrap", "seed", "level", "warnings", "tokens",
+                                   "selected") if k in result}
     meta["source"] = source
     if "E" in result:
-        law = {"form": "chinchilla", **{k: result[k] for k in ("E", "A", "B", "alpha", "beta")},
+        keys = ("E", "A", "B", "alpha", "beta", "gamma", "r_d_star")
+        law = {"form": result.get("form", "chinchilla"), **{k: result[k] for k in keys if k in result},
                "n_convention": result["n_convention"], "name": "fitted", "a": result["a"], "b": result["b"]}
         law["objective"] = result["objective"]
         if "intervals" in result:

@@ -1,8 +1,7 @@
 """The parametric law forms ``flopwise fit`` can fit, as numerics: pure numpy, arrays in, arrays out.
 
-Every form writes the loss as a sum of positive terms, each the exponential of a function that is
-linear in most of the fitted parameters, so ``log L = LSE_k(T_k)`` and the Huber objective of
-flopwise.laws.fit has an exact gradient through each term's Jacobian:
+Every form writes the loss as a sum of three positive terms, L = exp(T_N) + exp(T_D) + exp(e), so
+``log L = LSE(T_N, T_D, e)``, and flopwise.laws.fit minimises a Huber loss of log L with an exact gradient:
 
 * ``chinchilla`` (5 parameters; Hoffmann et al. 2022, eq. 2): L = E + A/N^alpha + B/D^beta.
 * ``farseer`` (6): L = E + A/N^alpha + B N^gamma / D^beta. Farseer (Li et al. 2025, arXiv:2506.10972)
@@ -80,26 +79,6 @@ class Form:
         if self.name == "farseer":
             t_d = t_d + col["gamma"] * log_n
         return np.stack([t_n, t_d, np.broadcast_to(col["e"], t_n.shape)])
-
-    def jacobian(self, theta: np.ndarray, x: Data) -> np.ndarray:
-        """d log_terms / d theta at one theta: shape (3, p, n)."""
-        n = len(x.log_n)
-        jac = np.zeros((3, self.n_params, n))
-        i = self.index
-        jac[0, i("a")] = 1.0
-        jac[0, i("alpha")] = -x.log_n
-        jac[1, i("b")] = 1.0
-        jac[2, i("e")] = 1.0
-        if self.name == "data-constrained":
-            r_d = float(np.exp(theta[i("rho")]))
-            log_d = log_effective_tokens(x.log_d, x.log_u, r_d)
-            jac[1, i("beta")] = -log_d
-            jac[1, i("rho")] = -theta[i("beta")] * dlog_effective_tokens_drho(x.log_d, x.log_u, r_d)
-        else:
-            jac[1, i("beta")] = -x.log_d
-        if self.name == "farseer":
-            jac[1, i("gamma")] = x.log_n
-        return jac
 
 
 def log_effective_tokens(log_d: np.ndarray, log_u: np.ndarray, r_d) -> np.ndarray:

@@ -43,6 +43,38 @@ def _group_optimum(n_params: np.ndarray, loss: np.ndarray, n_tokens: np.ndarray,
     return x_min, float(d_icpt + d_slope * x_min), coef
 
 
+# Approach 2's sampling check. A parabola fitted to a profile that is not one (a real IsoFLOP profile is
+# asymmetric in log N) puts its minimum where the sizes' centre pulls it: sizes off-centre around the minimum, or
+# spanning too little of it, bias each budget's N_opt and so the exponent a (Open-Athena's scaling-law-analysis
+# measured the bias; Chinchilla sampled ~1.5 decades around each minimum).
+OFF_CENTRE = 0.5  # warn when the minimum lies beyond half-way from the sizes' centre (log) to an end
+NARROW_SPAN = 4.0  # warn when the largest size is less than this factor above the smallest
+
+
+def sampling_check(log_sizes: np.ndarray, log_n_opt: float) -> dict:
+    """Where a budget's minimum sits among its sizes: ``offset`` (-1 at the smallest size, 0 at their geometric
+    centre, +1 at the largest), ``offset_decades`` (log10 of N_opt over the centre) and ``span`` (largest over
+    smallest size)."""
+    lo, hi = float(np.min(log_sizes)), float(np.max(log_sizes))
+    centre, half = (lo + hi) / 2, (hi - lo) / 2
+    return {"offset": (log_n_opt - centre) / half if half > 0 else math.inf,
+            "offset_decades": (log_n_opt - centre) / math.log(10), "span": math.exp(hi - lo)}
+
+
+def sampling_warnings(c: float, check: dict) -> list[str]:
+    out = []
+    if abs(check["offset"]) > OFF_CENTRE:
+        side = "largest" if check["offset"] > 0 else "smallest"
+        out.append(f"budget {c:.3g}: the minimum sits off-centre among the sizes, toward the {side} "
+                   f"({check['offset']:+.2f} of the way from their centre to that end, {check['offset_decades']:+.2f} "
+                   "decades): a parabola's minimum is pulled toward the centre, biasing Approach 2's exponent; "
+                   "re-centre that budget's sizes on its minimum")
+    if check["span"] < NARROW_SPAN:
+        out.append(f"budget {c:.3g}: the sizes span only {check['span']:.2g}x (under {NARROW_SPAN:g}x): the "
+                   "profile's curvature, and so its minimum, is poorly determined; widen the sizes")
+    return out
+
+
 def _powerlaw(log_c: np.ndarray, log_y: np.ndarray) -> tuple[float, float]:
     slope, intercept = np.polyfit(log_c, log_y, 1)
     return float(slope), float(intercept)
@@ -75,12 +107,15 @@ def fit_isoflop(runs: Runs, degree: int = 2, n_boot: int = 1000, seed: int = 0, 
                             "skipped: add smaller and larger models")
             continue
         bracketed = bool(x.min() <= x_min <= x.max())
+        sampling = sampling_check(x, x_min)
+        if bracketed:  # an unbracketed minimum has its own warning below
+            warnings += sampling_warnings(c, sampling)
         if not bracketed:
             warnings.append(f"budget {c:.3g}: the minimum (N = {math.exp(x_min):.3g}) lies outside the runs' "
                             f"range [{math.exp(x.min()):.3g}, {math.exp(x.max()):.3g}]: extend the sweep there")
         groups.append({"flops": float(c), "n_runs": int(m.sum()), "n_opt": math.exp(x_min),
                        "d_opt": math.exp(log_d_opt), "bracketed": bracketed,
-                       "loss_min": float(np.polyval(coef, x_min)), "coef": coef.tolist()})
+                       "loss_min": float(np.polyval(coef, x_min)), "coef": coef.tolist(), **sampling})
     if len(groups) < 2:
         raise FlopwiseError("Approach 2 found a usable minimum in fewer than two budgets: "
                             "add sizes on both sides of each budget's optimum")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +43,30 @@ class Runs:
     warnings: list[str] = field(default_factory=list)
     steps: np.ndarray | None = None  # optimizer steps of each run, where known (NaN where not)
     epochs: np.ndarray | None = None  # passes over the run's unique training tokens, where known (NaN where not)
+    counts: dict[str, np.ndarray] = field(default_factory=dict)  # N in each convention known for every run
 
     def __len__(self) -> int:
         return len(self.loss)
+
+    @property
+    def conventions(self) -> list[str]:
+        """The parameter conventions these runs can be fitted in: theirs, and any other every run carries."""
+        return [self.n_convention] + sorted(c for c in self.counts if c != self.n_convention)
+
+    def in_convention(self, convention: str) -> Runs:
+        """The same runs with N counted in ``convention`` (total or non_embedding)."""
+        convention = convention.replace("-", "_")
+        if convention == self.n_convention:
+            return self
+        if convention not in self.counts:
+            raise FlopwiseError(f"these runs do not carry {convention.replace('_', '-')} parameter counts: fit a "
+                                "sweep folder (final.json has both), or add an n_params_non_embedding column")
+        return replace(self, n_params=self.counts[convention], n_convention=convention)
+
+    @property
+    def unique_tokens(self) -> np.ndarray | None:
+        """Distinct tokens each run trained on (D / epochs; NaN where unknown), or None."""
+        return None if self.epochs is None else self.n_tokens / self.epochs
 
     def subset(self, mask) -> Runs:
         mask = np.asarray(mask)
@@ -54,7 +75,8 @@ class Runs:
                     [self.name[i] for i in idx], self.n_convention,
                     {self.name[i]: self.curves[self.name[i]] for i in idx if self.name[i] in self.curves},
                     list(self.warnings), None if self.steps is None else self.steps[idx],
-                    None if self.epochs is None else self.epochs[idx])
+                    None if self.epochs is None else self.epochs[idx],
+                    {k: v[idx] for k, v in self.counts.items()})
 
     @property
     def budgets(self) -> np.ndarray:
@@ -115,6 +137,7 @@ def runs_from_records(records: list[dict], source: str = "runs", n_convention: s
             data[key].append(_number(v, i, cols[key], source) if v not in (None, "") else math.nan)
         names.append(str(r.get(cols["name"], f"run{i}")) if "name" in cols else f"run{i}")
     steps, epochs = (_optional(records, key, source) for key in ("steps", "epochs"))
+    non_embedding = _optional(records, "n_params_non_embedding", source)
     n, d, loss = (np.array(data[k]) for k in REQUIRED)
     flops = np.array(data["flops"])
     flops = np.where(np.isnan(flops), 6.0 * n * d, flops)
@@ -126,7 +149,10 @@ def runs_from_records(records: list[dict], source: str = "runs", n_convention: s
     dupes = len(keys) - len(set(keys))
     if dupes:
         warnings.append(f"{dupes} duplicated run(s) (same N, D and loss) in {source}: each counts as a separate run")
-    return Runs(n, d, loss, flops, budget, names, n_convention, {}, warnings, steps, epochs)
+    counts = {n_convention: n}
+    if n_convention == "total" and non_embedding is not None and np.all(np.isfinite(non_embedding)):
+        counts["non_embedding"] = non_embedding
+    return Runs(n, d, loss, flops, budget, names, n_convention, {}, warnings, steps, epochs, counts)
 
 
 def _optional(records: list[dict], key: str, source: str) -> np.ndarray | None:
@@ -182,7 +208,8 @@ def _load_sweep_dir(path: Path, n_convention: str) -> Runs:
         if f.get("trunk"):  # a WSD trunk: its branches are the sweep's runs
             continue
         key = "n_params_non_embedding" if n_convention == "non_embedding" else "n_params"
-        rec = {"name": final.parent.name, "n_params": f.get(key, f.get("n_params")), "n_tokens": f.get("n_tokens"),
+        rec = {"name": final.parent.name, "n_params": f.get(key, f.get("n_params")),
+               "n_params_non_embedding": f.get("n_params_non_embedding"), "n_tokens": f.get("n_tokens"),
                "loss": f.get("val_loss", f.get("loss")), "flops": f.get("flops"), "steps": f.get("steps"),
                "epochs": f.get("epochs")}
         if "budget" in f:
