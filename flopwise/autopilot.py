@@ -28,14 +28,15 @@ from flopwise.laws import allocate
 from flopwise.laws.allocate import EPOCHS_WARNING, check_flops
 from flopwise.laws.fit import (
     fit_runs,
+    law_tokens,
     loss_from_thetas,
     predictive_sigma,
     public,
     save_fit,
     widen,
-    with_effective_tokens,
 )
 from flopwise.laws.flops import n_params_total, training_flops_per_token
+from flopwise.laws.forms import FORMS
 from flopwise.laws.law import load_law
 from flopwise.laws.plan import make_plan
 from flopwise.laws.runs import load_runs
@@ -119,16 +120,23 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
         def tick(stage: str, done: int, total: int) -> None:
             bar.update(done, stage)
 
+        # with 3+ budgets every form is scored on the largest, held out; both parameter counts are fitted and
+        # shown, and the law counts total parameters (Pearce & Song 2024: non-embedding counts at small sizes
+        # produced Kaplan's exponents)
+        forms = [f for f in FORMS if holdout and (f != "data-constrained" or runs.repeated)] or ["chinchilla"]
         free = fit_runs(runs, approach="all", n_boot=cfg.bootstrap, holdout_largest=holdout, budgets=[remaining],
-                        seed=cfg.seed, progress=tick, min_steps=cfg.min_steps, effective_data=True)
-        fit, law_used = free, {"law": "fitted", "why": "the free fit passed the critical checks"}
+                        seed=cfg.seed, progress=tick, min_steps=cfg.min_steps, effective_data=True, forms=forms,
+                        conventions=[c for c in runs.conventions if c != "total"])
+        fit, law_used = free, {"law": f"fitted ({free['form']} form, total parameters)",
+                               "why": "the free fit passed the critical checks"
+                                      + (f"; {free['selected']['why']}" if "selected" in free else "")}
         if free["verdict"] == NOT_INFORMATIVE:
             fit, law_used = _fallback_fit(runs, free, cfg, holdout, remaining, tick)
     fit_dir = out / "fit"
     save_fit(free, str(sweep_dir), fit_dir)
     if fit is not free:
         save_fit(fit, str(sweep_dir), fit_dir / "fallback")
-    plots = plot_fit(with_effective_tokens(runs), free, fit_dir)  # the law's D is D'; so are the plots' axes
+    plots = plot_fit(law_tokens(runs, free), free, fit_dir)  # the law's D is D'; so are the plots' axes
     checks, verdict = _plan_checks(free, fit, law_used)
     log(f"fit: {verdict}" + (f" ({'; '.join(c['why'] for c in failed(checks))})" if failed(checks) else "")
         + f"; planning with the {law_used['law']} law")
@@ -165,7 +173,9 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
         "swept_n_params_max": int(max(runs.n_params)), "fit": {k: fit.get(k) for k in ("E", "A", "B", "alpha", "beta",
                                                                                     "a", "b")},
         "holdout": public(fit).get("holdout"), "warnings": fit["warnings"] + _plan_warnings(plan, final["epochs"]),
-        "checks": checks, "law_used": law_used,
+        "checks": checks, "law_used": law_used, "law_form": fit.get("form", "chinchilla"),
+        "forms": public(free).get("forms"), "conventions": public(free).get("conventions"),
+        "convention_factor": free.get("convention_factor"),
         "wall_seconds": {"sweep": t_sweep, "total": time.time() - t_start, "final": final["wall_seconds"]},
         "energy_kwh_estimate": _energy_kwh(time.time() - t_start),
         "samples": samples, "config": asdict(cfg),
@@ -269,6 +279,7 @@ def _plan_final(fit: dict, flops: float, corpus, cfg: AutopilotConfig, depth: in
     (the law was measured on that family); the interval adds the runs' scatter and the measured extrapolation
     error to the parameters' bootstrap spread (fit.predictive_sigma)."""
     law = fit["_fit"].law("total")
+    form = fit["_fit"].form
     unique = corpus.meta["n_tokens_train"]
     plan = make_plan(flops, law, unique_tokens=unique, vocab_size=corpus.vocab_size, seq_len=cfg.seq_len)
     s = family_shape(plan["n_params"], depth, corpus.vocab_size, cfg.seq_len, step=32)
@@ -276,12 +287,14 @@ def _plan_final(fit: dict, flops: float, corpus, cfg: AutopilotConfig, depth: in
     n = n_params_total(s)
     d = int(flops / training_flops_per_token(s))
     n_eff = float(allocate.effective_params(law, n, unique))
-    d_eff = float(allocate.effective_tokens(d, unique))
+    d_eff = float(allocate.effective_tokens(d, unique, allocate.r_d_star_of(law)))
     predicted = float(law.loss(n_eff, d_eff))
     lo, hi = predicted, predicted
     if "_thetas" in fit:
-        # parameter uncertainty of the law at this run's effective N' and D' (U_N is held at the fit's value)
-        losses = loss_from_thetas(fit["_thetas"], n_eff, d_eff)[:, 0]
+        # parameter uncertainty of the law at this run's effective N' and D' (U_N is held at the fit's value; the
+        # data-constrained form turns D into D' with each resample's own R_D*)
+        d_law, u = (d, unique) if FORMS[form].needs_repeats else (d_eff, None)
+        losses = loss_from_thetas(fit["_thetas"], n_eff, d_law, form, u)[:, 0]
         lo, hi = np.percentile(losses, [50 * (1 - fit["level"]), 50 * (1 + fit["level"])])
     sigma = predictive_sigma(fit, flops)
     lo, hi = widen(predicted, lo, hi, sigma, fit["level"])

@@ -56,7 +56,7 @@ def fit(
 
     runs, others = _runs_in(runs_path, convention)
     if forms is None:  # the default: compare where the runs allow it
-        form_list = [f for f in parse_forms("all") if f != "data-constrained" or _repeats(runs)]
+        form_list = [f for f in parse_forms("all") if f != "data-constrained" or runs.repeated]
         if len(runs.budgets) < 3 or approach not in ("3", "all"):
             form_list = ["chinchilla"]
     else:
@@ -100,13 +100,6 @@ def _runs_in(path: str, convention: str):
     if convention == "non_embedding":  # a table without the column: its N is taken to be non-embedding already
         return (runs.in_convention(convention) if convention in runs.counts else load_runs(path, convention)), []
     return runs, []
-
-
-def _repeats(runs) -> bool:
-    """Whether any run repeated its data (the data-constrained form needs one that did)."""
-    import numpy as np
-
-    return runs.epochs is not None and bool(np.any(np.nan_to_num(runs.epochs) > 1.0 + 1e-6))
 
 
 def _plots(runs, result, out_dir) -> list[str]:

@@ -55,7 +55,8 @@ def plan(
 def print_plan(p: dict) -> None:
     s, c = p["shape"], p["compute"]
     conv = "total" if p["n_convention"] == "total" else "non-embedding"
-    t = Table(title=f"flopwise plan  ·  {p['budget_flops']:.3g} FLOPs  ·  law {p['law']}", show_header=False)
+    form = f" ({p['form']} form)" if p.get("form") not in (None, "chinchilla", "power") else ""
+    t = Table(title=f"flopwise plan  ·  {p['budget_flops']:.3g} FLOPs  ·  law {p['law']}{form}", show_header=False)
     t.add_column(style="bold")
     t.add_column()
     t.add_row("parameters N", f"{fmt_count(p['n_params'])} ({conv} convention)")
@@ -111,16 +112,19 @@ def laws(as_json: bool = typer.Option(False, "--json", help="Print the registry 
     if as_json:
         print(json.dumps({k: v.to_dict() for k, v in REGISTRY.items()}, indent=2))
         return
-    t = Table(title="Scaling laws")
-    for col in ("name", "form", "N convention", "constants", "citation"):
-        t.add_column(col)
+    console.print("[bold]Scaling laws[/bold] (use: flopwise plan --law NAME; a fit's law.json works too)\n")
     for name, law in REGISTRY.items():
         if law.form == "power":
             consts = f"N_opt = {law.n_ref:.3g} (C / {law.flops_ref:.3g})^{law.a}"
         else:
-            consts = f"E={law.E:.4g} A={law.A:.4g} B={law.B:.4g} α={law.alpha:.4g} β={law.beta:.4g}"
-        t.add_row(name, law.form, law.n_convention, consts, law.citation)
-    console.print(t)
+            consts = (f"L = E + A/N^α + B/D^β: E={law.E:.4g} A={law.A:.4g} B={law.B:.4g} α={law.alpha:.4g} "
+                      f"β={law.beta:.4g}")
+        n, d = (float(v) for v in law.optimal(1e21))
+        default = " [green](default)[/green]" if name == DEFAULT_LAW else ""
+        console.print(f"[bold]{name}[/bold]{default}: {law.form} form, N counts {law.n_convention.replace('_', '-')} "
+                      f"parameters; at 1e21 FLOPs {d / n:.1f} tokens per parameter")
+        console.print(f"  {consts}", highlight=False)
+        console.print(f"  [dim]{law.citation}[/dim]\n")
 
 
 @hw_app.command("probe")

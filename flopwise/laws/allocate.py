@@ -101,6 +101,11 @@ def effective_tokens(n_tokens, unique_tokens, r_d_star: float = R_D_STAR):
     return np.minimum(d, u) + u * r_d_star * (1.0 - np.exp(-repeats / r_d_star))
 
 
+def r_d_star_of(law: Law) -> float:
+    """The decay constant of repeated data a law plans with: its own where fitted, else Muennighoff's."""
+    return getattr(law, "r_d_star", None) or R_D_STAR
+
+
 def effective_params(law: ParametricLaw, n_params, unique_tokens, r_n_star: float = R_N_STAR):
     """Muennighoff's N': parameters beyond what the unique data can use decay with R_N*.
 
@@ -126,13 +131,15 @@ class DataConstrained:
 
 
 def data_constrained(law: Law, flops: float, unique_tokens: float,
-                     r_d_star: float = R_D_STAR, r_n_star: float = R_N_STAR) -> DataConstrained:
+                     r_d_star: float | None = None, r_n_star: float = R_N_STAR) -> DataConstrained:
     """Best N and D when only ``unique_tokens`` distinct tokens exist (Muennighoff et al. 2023).
 
     Minimises L(N', D') with D = C / (6 N) over N, where N' and D' discount repeated data
-    and the parameters it cannot feed.
+    and the parameters it cannot feed. ``r_d_star``: default the law's own (a data-constrained
+    fit's), else Muennighoff's 15.4.
     """
     law = require_parametric(law, "data-constrained planning (--unique-tokens)")
+    r_d_star = r_d_star_of(law) if r_d_star is None else r_d_star
     flops = check_flops(flops)
     if not (math.isfinite(unique_tokens) and unique_tokens >= 1):
         raise FlopwiseError(f"--unique-tokens must be a positive number of tokens, got {unique_tokens}")
@@ -184,8 +191,9 @@ class InferenceAware:
 
 
 def _tokens_for_loss(law: ParametricLaw, n: float, loss: float) -> float:
+    """The D at which ``n`` parameters reach ``loss`` (solving the law's data term B N^gamma / D^beta)."""
     r = loss - law.E - law.A / n**law.alpha
-    return (law.B / r) ** (1.0 / law.beta)
+    return (law.B * n**law.gamma / r) ** (1.0 / law.beta)
 
 
 def inference_aware(law: Law, flops: float, inference_tokens: float) -> InferenceAware:
@@ -207,8 +215,8 @@ def inference_aware(law: Law, flops: float, inference_tokens: float) -> Inferenc
         # d(cost)/dN along the iso-loss curve, divided by 6 D: increasing in N, zero at the optimum.
         n = math.exp(log_n)
         r = target - law.E - law.A / n**law.alpha
-        d = (law.B / r) ** (1.0 / law.beta)
-        return 1.0 + d_inf / (3.0 * d) - law.alpha * law.A * n**-law.alpha / (law.beta * r)
+        d = _tokens_for_loss(law, n, target)
+        return 1.0 + d_inf / (3.0 * d) + (law.gamma - law.alpha * law.A * n**-law.alpha / r) / law.beta
 
     log_n_min = math.log((law.A / (target - law.E)) ** (1.0 / law.alpha))  # infinite data needed here
     lo, hi = log_n_min + 1e-9, math.log(opt.n_params) + 0.1

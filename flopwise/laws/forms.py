@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from flopwise.errors import FlopwiseError
+from flopwise.laws.allocate import effective_tokens
 
 # Chinchilla's initialisation grid (Appendix D.2) for the five parameters every form shares.
 BASE_GRID = {
@@ -82,11 +83,8 @@ class Form:
 
 
 def log_effective_tokens(log_d: np.ndarray, log_u: np.ndarray, r_d) -> np.ndarray:
-    """log D' (Muennighoff's effective tokens) for raw tokens D, unique tokens U and R_D* (broadcasting)."""
-    d, u = np.exp(log_d), np.exp(log_u)
-    repeats = np.maximum(d / u - 1.0, 0.0)
-    r_d = np.asarray(r_d, float)
-    return np.log(np.minimum(d, u) + u * r_d * -np.expm1(-repeats / r_d))
+    """log D' (flopwise.laws.allocate.effective_tokens) from log D and log U, for R_D* broadcasting against them."""
+    return np.log(effective_tokens(np.exp(log_d), np.exp(log_u), np.asarray(r_d, float)))
 
 
 def dlog_effective_tokens_drho(log_d: np.ndarray, log_u: np.ndarray, r_d: float) -> np.ndarray:

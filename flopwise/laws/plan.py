@@ -64,7 +64,7 @@ def make_plan(flops: float, law: Law | str = DEFAULT_LAW, *, inference_tokens: f
         raise FlopwiseError(f"{' and '.join(given)} cannot be combined yet: plan with one of them")
     warnings: list[str] = []
     notes: list[str] = []
-    out: dict = {"plan_version": PLAN_VERSION, "law": law.name, "n_convention": law.n_convention}
+    out: dict = {"plan_version": PLAN_VERSION, "law": law.name, "form": law.form, "n_convention": law.n_convention}
 
     opt = allocate.compute_optimal(law, flops)
     n, d, loss, train_flops = opt.n_params, opt.n_tokens, opt.loss, flops
@@ -79,7 +79,7 @@ def make_plan(flops: float, law: Law | str = DEFAULT_LAW, *, inference_tokens: f
         out["data_constrained"] = {
             "unique_tokens": float(unique_tokens), "epochs": dc.epochs, "effective_tokens": dc.effective_tokens,
             "effective_params": dc.effective_params, "unconstrained_n_params": dc.unconstrained.n_params,
-            "unconstrained_n_tokens": dc.unconstrained.n_tokens, "r_d_star": allocate.R_D_STAR,
+            "unconstrained_n_tokens": dc.unconstrained.n_tokens, "r_d_star": allocate.r_d_star_of(law),
             "r_n_star": allocate.R_N_STAR,
         }
     if inference_tokens is not None:

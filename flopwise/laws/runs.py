@@ -64,6 +64,11 @@ class Runs:
         return replace(self, n_params=self.counts[convention], n_convention=convention)
 
     @property
+    def repeated(self) -> bool:
+        """Whether any run saw its data more than once (what the data-constrained form needs)."""
+        return self.epochs is not None and bool(np.any(np.nan_to_num(self.epochs) > 1.0 + 1e-6))
+
+    @property
     def unique_tokens(self) -> np.ndarray | None:
         """Distinct tokens each run trained on (D / epochs; NaN where unknown), or None."""
         return None if self.epochs is None else self.n_tokens / self.epochs

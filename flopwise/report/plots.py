@@ -78,10 +78,11 @@ def plot_optimal(runs: Runs, result: dict, out: Path) -> list[str]:
     level = result.get("level", 0.9)
     for ax, idx, label in ((axes[0], 0, "N_opt (parameters)"), (axes[1], 1, "D_opt (tokens)")):
         if "_fit" in result:
-            fit_vals = np.array([optimal_from_thetas(result["_fit"].theta, c) for c in cs])[:, idx, 0]
-            ax.plot(cs, fit_vals, color="C0", lw=2, label="Approach 3 (this fit)")
+            form = result["_fit"].form
+            fit_vals = np.array([optimal_from_thetas(result["_fit"].theta, c, form) for c in cs])[:, idx, 0]
+            ax.plot(cs, fit_vals, color="C0", lw=2, label=f"Approach 3 (this fit, {form} form)")
             if "_thetas" in result:
-                samples = np.array([optimal_from_thetas(result["_thetas"], c)[idx] for c in cs])
+                samples = np.array([optimal_from_thetas(result["_thetas"], c, form)[idx] for c in cs])
                 lo, hi = np.percentile(samples, [50 * (1 - level), 50 * (1 + level)], axis=1)
                 ax.fill_between(cs, lo, hi, color="C0", alpha=0.2, label=f"{level:.0%} bootstrap interval")
         if "approach2" in result:
@@ -90,7 +91,7 @@ def plot_optimal(runs: Runs, result: dict, out: Path) -> list[str]:
             ax.scatter(pts[:, 0], pts[:, 1], color="C1", zorder=3, label="IsoFLOP minima")
             ax.plot(cs, np.array([isoflop_optimal(a2, c)[idx] for c in cs]), color="C1", ls="--",
                     label=f"Approach 2 (a={a2['a']:.3f})" if idx == 0 else f"Approach 2 (b={a2['b']:.3f})")
-        for i, name in enumerate(("chinchilla", "epoch", "chinchilla-approach1")):
+        for i, name in enumerate(("epoch", "chinchilla", "chinchilla-approach1")):
             law = REGISTRY[name]
             ax.plot(cs, law.optimal(cs)[idx], color=f"C{i + 2}", lw=1, ls=":", label=f"{name} (published)")
         ax.set_xscale("log")

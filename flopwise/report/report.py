@@ -7,6 +7,7 @@ import html
 from pathlib import Path
 
 from flopwise.fsutil import atomic_write_text
+from flopwise.laws.forms import FORMS
 
 
 def _n(x: float) -> str:
@@ -37,7 +38,8 @@ def _sections(s: dict, fit: dict, plan: dict) -> list[tuple[str, list[str], list
         f"Law used for the plan: {law.get('law', 'fitted')} ({law.get('why', '')})."], rows if checks else None)]
     out.append(("What this is", [
         f"flopwise spent {s['sweep_flops']:.3g} of a {s['budget_flops']:.3g}-FLOP budget on an IsoFLOP sweep of small "
-        "LLaMA-style models on this corpus, fitted a scaling law L(N, D) = E + A/N^α + B/D^β to the results, and used "
+        "LLaMA-style models on this corpus, fitted a scaling law L(N, D) = "
+        f"{FORMS[fit.get('form', 'chinchilla')].formula} to the results, and used "
         f"the law to choose the model for the remaining {s['final_flops']:.3g} FLOPs. Loss is the cross-entropy of the "
         "next token on held-out text, in nats per token: lower is better."], None))
     out.append(("Headline", [
@@ -55,7 +57,9 @@ def _sections(s: dict, fit: dict, plan: dict) -> list[tuple[str, list[str], list
            f"{s['trained_bigger_loss']:.3f} ({s['trained_bigger_loss_gap']:+.3f})." if "trained_bigger_loss" in s
            else "")], None))
     rows = [["parameter", "estimate", "90% interval"]]
-    for k in ("E", "A", "B", "alpha", "beta", "a", "b"):
+    for k in ("E", "A", "B", "alpha", "beta", "gamma", "r_d_star", "a", "b"):
+        if k not in fit:
+            continue
         iv = fit.get("intervals", {}).get(k)
         rows.append([k, f"{fit[k]:.4g}", f"{iv['lower']:.4g} - {iv['upper']:.4g}" if iv else "-"])
     notes = ["a and b are the allocation exponents: N_opt grows as C^a and D_opt as C^b."]
@@ -75,7 +79,8 @@ def _sections(s: dict, fit: dict, plan: dict) -> list[tuple[str, list[str], list
     notes.append(f"The final run's interval adds to the law's bootstrap interval a relative error of "
                  f"{s.get('predictive_sigma', 0):.2%} (one s.d.): the runs' scatter about the law and the hold-out "
                  "check's extrapolation error, grown with how far the final budget lies beyond the sweep.")
-    out.append(("The fitted law (Approach 3, bootstrap intervals)", notes, rows))
+    out.append((f"The fitted law (Approach 3, {fit.get('form', 'chinchilla')} form, bootstrap intervals)", notes, rows))
+    out += _forms_section(s)
     out.append(("The plan for the final run", [
         f"Data-constrained correction (Muennighoff et al. 2023) applied: the corpus has "
         f"{plan.get('data_constrained', {}).get('unique_tokens', 0):,.0f} unique training tokens."],
@@ -102,6 +107,35 @@ def _sections(s: dict, fit: dict, plan: dict) -> list[tuple[str, list[str], list
         "Files: sweep/ (one run directory per sweep run, sweep.json), fit/ (law.json, fit.json, plots), "
         "final/ (the trained model), summary.json. Reproduce the fit with 'flopwise fit sweep/'."], None))
     return out
+
+
+def _forms_section(s: dict) -> list[tuple[str, list[str], list[list[str]] | None]]:
+    """Which law form and parameter count the plan used, against the others the sweep was fitted with."""
+    forms, conventions = s.get("forms"), s.get("conventions")
+    if not forms and not conventions:
+        return []
+    paras = [f"The plan uses the {s.get('law_form', 'chinchilla')} form with N counted as total parameters "
+             "(every weight, embeddings included: Pearce & Song 2024 and Porian et al. 2024 trace Kaplan's larger "
+             "exponent to counting non-embedding parameters at small sizes, where embeddings are most of a model)."]
+    if forms:
+        paras.append("Each form was fitted without the largest budget and scored by its mean error on that budget's "
+                      "runs, with 10% of the error charged per parameter beyond five; the lowest score is the law.")
+    if conventions and len(conventions) > 1:
+        parts = [f"{c.replace('_', '-')}: a = {b['a']:.3f}, D_opt {_n(b['optimal'][0]['d_opt'])} at "
+                 f"{b['optimal'][0]['flops']:.3g} FLOPs" for c, b in conventions.items()]
+        paras.append("The same form fitted with each parameter count gives " + "; ".join(parts)
+                     + f" (the plans for D differ by {s.get('convention_factor') or 1:.2f}x).")
+    rows = None
+    if forms:
+        rows = [["form", "N counts", "parameters", "a", "held-out error", "coverage", "score", ""]] + [
+            [r["form"], r["convention"].replace("_", "-"), str(r["n_params"])]
+            + (["-", "-", "-", "-", "skipped: " + r["skipped"]] if "skipped" in r else
+               [f"{r['a']:.3f}", f"{r['holdout_error']:.2%}",
+                "-" if r.get("coverage") is None else f"{r['coverage']:.0%}", f"{r['score']:.4f}",
+                "selected" if r.get("selected") else ("" if r["usable"] else
+                                                      "not identified: " + ", ".join(r["problems"]))])
+            for r in forms]
+    return [("Law forms and parameter counts", paras, rows)]
 
 
 def write_report(out: str | Path, summary: dict, fit: dict, plan: dict, plots: list[str]) -> tuple[Path, Path]:
