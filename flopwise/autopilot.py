@@ -116,9 +116,9 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     # 3. fit (Approach 2 and 3, bootstrap, extrapolation check), the trust checks, and a fallback when they fail
     runs = load_runs(sweep_dir)
     holdout = 1 if len(budgets) >= 3 else 0
-    with Bar("fit (bootstrap)", cfg.bootstrap, quiet=not progress) as bar:
-        def tick(stage: str, done: int, total: int) -> None:
-            bar.update(done, stage)
+    with Bar("fit", 1.0, quiet=not progress) as bar:
+        def tick(stage: str, done: int, total: int) -> None:  # each stage (forms, bootstrap, hold-out) fills the bar
+            bar.update(done / max(total, 1), f"{stage} {done}/{total}")
 
         # with 3+ budgets every form is scored on the largest, held out; both parameter counts are fitted and
         # shown, and the law counts total parameters (Pearce & Song 2024: non-embedding counts at small sizes

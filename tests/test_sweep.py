@@ -143,7 +143,7 @@ def test_autopilot_end_to_end_on_a_folder_of_text(tmp_path):
     assert "Headline" in report and f"({s['epochs']:.1f} epochs of the corpus)" in report
     assert json.loads((tmp_path / "ap" / "summary.json").read_text())["measured_loss"] == s["measured_loss"]
     # the same folder with another design is refused
-    other = AutopilotConfig(budget_flops=3e12, sweep_fraction=0.6, n_budgets=3, n_sizes=4, budget_ratio=1.7,
+    other = AutopilotConfig(budget_flops=5e12, sweep_fraction=0.6, n_budgets=3, n_sizes=4, budget_ratio=1.7,
                             bootstrap=40, vocab_size=384, seq_len=64)
     with pytest.raises(FlopwiseError, match="holds another sweep"):
         autopilot(tmp_path / "ap", str(folder), other, log=lambda m: None)

@@ -131,8 +131,8 @@ def test_budget_from_flops_and_plan(bundled, tmp_path):
     mc, tc, cfg = read_run_config(tmp_path / "f")
     assert tc.n_tokens == int(3e11 / training_flops_per_token(mc))
     assert json.loads(r.stdout)["flops"] == pytest.approx(3e11, rel=0.05)
-    plan = json.loads(cli("plan", "--flops", "2e11", "--vocab-size", bundled.vocab_size, "--seq-len", "64",
-                          "--json").stdout)
+    plan = json.loads(cli("plan", "--flops", "2e11", "--law", "chinchilla", "--vocab-size", bundled.vocab_size,
+                          "--seq-len", "64", "--json").stdout)
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     r = cli("train", "--data", bundled.path, "--plan", tmp_path / "plan.json", "--out", tmp_path / "p", "--quiet")
     assert r.returncode == 0, r.stderr

@@ -478,15 +478,17 @@ def _form_score(error: float, n_params: int) -> float:
 
 def compare_forms(runs: Runs, forms, k: int, raw: Runs | None = None, n_boot: int = COMPARE_BOOT, seed: int = 0,
                   level: float = 0.9, delta: float = DEFAULT_DELTA, workers: int | None = None,
-                  n_starts: int = 32) -> list[dict]:
+                  n_starts: int = 32, progress=None) -> list[dict]:
     """Fit each form on all runs and without the ``k`` largest budgets; score by the held-out error.
 
     ``raw``: the runs with raw tokens and epochs, for the data-constrained form (``runs`` may hold D'). A row
     is ``usable`` when the full fit is identified (no parameter on a bound or negligible term) and plans
     (beta + gamma > 0); its ``score`` is the held-out mean |relative error| with FORM_PENALTY per extra
-    parameter. Rows of forms that cannot be fitted say why (``skipped``)."""
+    parameter. Rows of forms that cannot be fitted say why (``skipped``). ``progress(done)`` after each form."""
     rows = []
-    for name in forms:
+    for i, name in enumerate(forms):
+        if progress:
+            progress(i)
         f = get_form(name)
         data = raw if (f.needs_repeats and raw is not None) else runs
         row: dict = {"form": name, "convention": runs.n_convention, "n_params": f.n_params, "formula": f.formula}
@@ -603,7 +605,14 @@ def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_larg
                                 f"leave too few to fit without the {k} largest (3+ budgets needed; or pass "
                                 "--forms chinchilla)")
         holdout_largest = k
-        rows = compare_forms(runs, forms, k, raw, min(n_boot, COMPARE_BOOT), seed, level, delta, workers, n_starts)
+        n_conv = 1 + len([c for c in (conventions or []) if c.replace("-", "_") != runs.n_convention])
+        stage = f"law forms ({len(forms)} x {n_conv} conventions)"
+
+        def forms_done(offset: int):
+            return (lambda i: progress(stage, offset + i, len(forms) * n_conv)) if progress else None
+
+        rows = compare_forms(runs, forms, k, raw, min(n_boot, COMPARE_BOOT), seed, level, delta, workers, n_starts,
+                             forms_done(0))
         best = select_form(rows)
         for r in rows:
             r["selected"] = r is best
@@ -638,12 +647,12 @@ def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_larg
             blocks = {runs.n_convention: {"form": form, **{k: out[k] for k in ("alpha", "beta", "a", "b")},
                                           **({"a_interval": out["intervals"]["a"]} if thetas is not None else {}),
                                           "optimal": out["optimal"]}}
-            for conv in others:
+            for j, conv in enumerate(others, start=1):
                 other, other_raw = runs.in_convention(conv), raw.in_convention(conv)
                 if len(forms) > 1:
                     out["forms"] += [dict(r, selected=False) for r in compare_forms(
                         other, forms, holdout_largest, other_raw, min(n_boot, COMPARE_BOOT), seed, level, delta,
-                        workers, n_starts)]
+                        workers, n_starts, forms_done(j * len(forms)))]
                 blocks[conv] = _convention_block(other_raw if get_form(form).needs_repeats else other, form, budgets,
                                                  min(n_boot, COMPARE_BOOT), seed, level, delta, workers)
             factor = convention_disagreement(blocks)
