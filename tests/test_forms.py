@@ -9,8 +9,9 @@ import pytest
 
 from flopwise.errors import FlopwiseError
 from flopwise.laws import allocate
-from flopwise.laws.fit import fit_form, fit_runs, synthetic_runs
+from flopwise.laws.fit import CONVENTION_FACTOR, fit_form, fit_runs, loss_from_thetas, objective, synthetic_runs
 from flopwise.laws.flops import Shape, n_params_non_embedding, n_params_total
+from flopwise.laws.forms import FORMS, Data
 from flopwise.laws.isoflop import OFF_CENTRE, fit_isoflop, sampling_check
 from flopwise.laws.law import REGISTRY, ParametricLaw, load_law, save_law
 from flopwise.laws.plan import make_plan
@@ -69,6 +70,9 @@ def test_data_constrained_form_needs_runs_that_repeated_their_data():
         fit_form(runs, "data-constrained")
     r = fit_runs(runs, approach="3", n_boot=0, forms=["chinchilla", "farseer"])
     assert r["selected"]["form"] == "chinchilla"  # farseer's gamma is ~0 on Chinchilla data: not worth a parameter
+    r = fit_runs(runs, approach="3", n_boot=0, forms=list(LAWS))  # --forms all: the form that cannot be fitted is
+    rows = {row["form"]: row for row in r["forms"]}                 # skipped, saying why
+    assert "repeated their data" in rows["data-constrained"]["skipped"] and r["form"] == "chinchilla"
     with pytest.raises(FlopwiseError, match="3\\+ budgets"):
         fit_runs(runs.subset(np.isin(runs.budget, runs.budgets[:2])), approach="3", n_boot=0,
                  forms=["chinchilla", "farseer"])
@@ -88,6 +92,30 @@ def test_every_form_round_trips_through_a_law_file_and_plans(tmp_path, form):
     assert p["form"] == form and p["data_constrained"]["r_d_star"] == (4.0 if form == "data-constrained" else 15.4)
     ia = allocate.inference_aware(law, 1e21, 0.0)  # with no serving, back to the compute-optimal model
     assert ia.n_params == pytest.approx(n, rel=1e-6)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_objective_evaluates_the_forms_own_terms(form):
+    f = FORMS[form]
+    runs = _runs("data-constrained", noise=0.01)
+    x = Data(np.log(runs.n_params), np.log(runs.n_tokens), np.log(runs.unique_tokens))
+    theta = np.r_[np.log([300.0, 900.0, 1.8]), 0.35, 0.30, [-0.1] if form == "farseer" else
+                  [math.log(4.0)] if f.needs_repeats else []]
+    residual = np.log(np.exp(f.log_terms(theta, x)[:, 0, :]).sum(axis=0)) - np.log(runs.loss)
+    huber = np.where(np.abs(residual) <= 1e-3, 0.5 * residual**2, 1e-3 * (np.abs(residual) - 0.5e-3))
+    assert objective(theta, x, np.log(runs.loss), 1e-3, f)[0] == pytest.approx(huber.sum(), rel=1e-12)
+    # and they are the law's own formula (ParametricLaw.loss, with D' where the form has it)
+    law = ParametricLaw(E=1.8, A=300.0, B=900.0, alpha=0.35, beta=0.30, form=form,
+                        gamma=-0.1 if form == "farseer" else 0.0, r_d_star=4.0 if f.needs_repeats else None)
+    d = allocate.effective_tokens(runs.n_tokens, runs.unique_tokens, 4.0) if f.needs_repeats else runs.n_tokens
+    assert loss_from_thetas(theta, runs.n_params, runs.n_tokens, form, runs.unique_tokens)[0] == pytest.approx(
+        law.loss(runs.n_params, d), rel=1e-12)
+
+
+def test_plan_from_a_fit_json_without_an_approach_3_law_names_the_fix(tmp_path):
+    (tmp_path / "fit.json").write_text(json.dumps({"approach": "2", "checks": [], "verdict": "sound", "n_runs": 9}))
+    with pytest.raises(FlopwiseError, match="holds no Approach 3 fit: plan with the law.json beside it"):
+        load_law(tmp_path / "fit.json")
 
 
 def test_law_forms_refuse_parameters_of_another_form():
@@ -141,13 +169,20 @@ def test_counting_non_embedding_parameters_raises_the_exponent_on_embedding_heav
     a_total, a_ne = r["conventions"]["total"]["a"], r["conventions"]["non_embedding"]["a"]
     assert a_total == pytest.approx(law.a, abs=0.03)  # the generating law's own convention
     assert a_ne > a_total + 0.05  # Kaplan's direction: non-embedding N grows faster with compute
-    assert r["convention_factor"] >= 1.0
+    # far beyond the sweep the two exponents' plans for D part by more than CONVENTION_FACTOR, and it says so
+    far = fit_runs(runs, approach="3", n_boot=0, conventions=["non_embedding"], budgets=[1e15, 1e21])
+    d_opt = {c: b["optimal"][-1]["d_opt"] for c, b in far["conventions"].items()}
+    assert far["convention_factor"] == pytest.approx(max(d_opt.values()) / min(d_opt.values()))
+    assert far["convention_factor"] > CONVENTION_FACTOR
+    assert any("apart at the same nominal budget" in w for w in far["warnings"])
+    assert not any("apart at the same nominal budget" in w for w in
+                   fit_runs(runs, approach="3", n_boot=0, budgets=[1e15])["warnings"])  # one convention: no warning
 
 
 def test_sampling_check_measures_how_far_the_minimum_is_from_the_centre():
-    c = sampling_check(np.log([1e5, 1e6, 1e7]), math.log(1e5 * 10**0.25))
-    assert c["offset"] == pytest.approx(-0.75) and c["offset_decades"] == pytest.approx(-0.75)
-    assert c["span"] == pytest.approx(100.0)
+    c = sampling_check(np.log([1e4, 1e5, 1e6, 1e7, 1e8]), math.log(1e5))  # four decades; N_opt one above the bottom
+    assert c["offset"] == pytest.approx(-0.5) and c["offset_decades"] == pytest.approx(-1.0)
+    assert c["span"] == pytest.approx(1e4)
     law = LAWS["chinchilla"]
     runs = synthetic_runs(law, BUDGETS, 7, spread=8.0)
     assert not [w for w in fit_isoflop(runs, n_boot=0)["warnings"] if "off-centre" in w]

@@ -34,7 +34,7 @@ def test_every_run_gets_the_step_floor_and_each_budget_brackets_its_own_optimum(
             assert r.shape["d_model"] // r.shape["n_heads"] == FAMILY_HEAD_DIM  # ... width the one dial
         widths = [r.shape["d_model"] for r in group]
         assert widths == sorted(widths) and len(set(widths)) == len(widths)
-        centre = float(REGISTRY[DEFAULT_LAW].optimal(b)[0]) / LEAN  # the design's default prior and lean
+        centre = float(REGISTRY[DEFAULT_LAW].optimal(b)[0]) / LEAN[DEFAULT_LAW]  # the default prior and its lean
         assert group[0].n_params <= centre / BRACKET * 1.6 and group[-1].n_params >= centre * BRACKET / 1.6
     windows = [sorted(r.n_params for r in runs if r.budget == b) for b in budgets]
     assert windows[0] != windows[-1]  # the window moves with the budget
@@ -295,7 +295,7 @@ def test_prediction_width_check():
     from flopwise.laws.trust import prediction_check
 
     assert prediction_check(3.0, [2.85, 3.15])["passed"]  # ±5%
-    wide = prediction_check(2.747, [1.660, 3.826])  # the autopilot at 3.2e13 FLOPs on the bundled corpus
+    wide = prediction_check(2.747, [1.660, 3.826])  # autopilot at 3.2e13 FLOPs (Chinchilla prior), bundled corpus
     assert not wide["passed"] and wide["value"] == pytest.approx(0.394, abs=1e-3) and wide["severity"] == "caveat"
 
 

@@ -227,7 +227,8 @@ def print_forms(r: dict) -> None:
             console.print(f"[dim]{row['form']} ({_conv(row['convention'])}) skipped: {row['skipped']}[/dim]")
         elif not row["usable"]:
             console.print(f"[dim]{row['form']} ({_conv(row['convention'])}) not identified: "
-                          f"{', '.join(row['problems'])} on a bound or negligible[/dim]")
+                          f"{', '.join(row['problems'])} (a parameter on its bound, a negligible term, or no optimum)"
+                          "[/dim]")
 
 
 def print_conventions(r: dict) -> None:

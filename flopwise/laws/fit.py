@@ -40,7 +40,6 @@ from flopwise.laws.trust import MIN_STEPS, trust_checks, verdict
 
 # Approach 3's machinery serves every form of flopwise.laws.forms; Chinchilla's is the default.
 CHINCHILLA = FORMS["chinchilla"]
-DEFAULT_GRID = CHINCHILLA.grid
 PARAMS = CHINCHILLA.params
 BOUNDS = CHINCHILLA.bounds
 LBFGS_OPTIONS = {"ftol": 1e-15, "gtol": 1e-12, "maxiter": 20000, "maxfun": 40000, "maxcor": 20}
@@ -59,8 +58,9 @@ def objective(theta: np.ndarray, x: Data, log_l: np.ndarray, delta: float = DEFA
               form: Form = CHINCHILLA) -> tuple[float, np.ndarray]:
     """Approach 3's Huber objective sum_i Huber(log L_hat_i - log L_i) and its exact gradient in theta.
 
-    Written out per form rather than through ``Form.jacobian``: the bootstrap calls it ~10^5 times on a
-    dozen runs, where numpy's per-call overhead, not arithmetic, sets the time (2-3x faster this way)."""
+    The terms are those of ``Form.log_terms`` (a test checks they agree), written out here with their gradient:
+    the bootstrap calls this ~10^5 times on a dozen runs, where numpy's per-call overhead, not arithmetic, sets
+    the time."""
     a, b, e, alpha, beta = theta[:5]
     log_d = x.log_d
     if form.needs_repeats:
@@ -338,6 +338,8 @@ def synthetic_runs(law: ParametricLaw, budgets, n_per_budget: int = 7, noise: fl
     """IsoFLOP runs drawn from ``law``: at each budget, sizes log-spaced over [N_opt/spread, N_opt*spread],
     D = C / (6 N), loss multiplied by lognormal noise of relative size ``noise``. With ``unique_tokens`` the runs
     repeat a corpus of that many tokens (``epochs`` = D / U); a data-constrained law then sees D' (its R_D*)."""
+    if law.r_d_star is not None and unique_tokens is None:
+        raise FlopwiseError("runs from a data-constrained law need unique_tokens (the corpus they repeat)")
     rng = np.random.default_rng(seed)
     n, d, c = [], [], []
     for flops in budgets:
@@ -459,14 +461,14 @@ def with_effective_tokens(runs: Runs, r_d_star: float | None = None) -> Runs:
 
 def law_tokens(runs: Runs, result: dict) -> Runs:
     """The runs with D as the fitted law reads it (raw, or D' with the R_D* the fit used): for plots and tables."""
-    if result.get("form") == "data-constrained":
+    if result.get("form") == "data-constrained" and "r_d_star" in result:
         return with_effective_tokens(runs, result["r_d_star"])
     return with_effective_tokens(runs) if result.get("tokens") == "effective" else runs
 
 
-# Model selection among forms: a form with more parameters must predict the held-out budgets better by more than
-# this fraction of its rival's error per extra parameter (a simpler form wins ties; extra parameters fitted to a
-# few budgets extrapolate worse than their hold-out score alone shows).
+# Model selection among forms: each parameter beyond Chinchilla's five adds this fraction to a form's held-out
+# error (a 6-parameter form must cut the error by more than 1 - 1/1.1 = 9% to win; a simpler form wins ties):
+# parameters fitted to a few budgets extrapolate worse than their hold-out score alone shows.
 FORM_PENALTY = 0.1
 COMPARE_BOOT = 200  # resamples behind each compared form's hold-out coverage (the selected form gets all)
 CONVENTION_FACTOR = 2.0  # warn when the conventions' plans for D differ by more than this factor
@@ -512,25 +514,33 @@ def compare_forms(runs: Runs, forms, k: int, raw: Runs | None = None, n_boot: in
     return rows
 
 
-def select_form(rows: list[dict]) -> dict:
-    """The usable row with the lowest score (ties to the simpler form)."""
+def select_form(rows: list[dict]) -> tuple[dict, str]:
+    """The usable row with the lowest score (ties to the simpler form), and why. When no form is identified,
+    the first one fitted (the trust checks then say the fit is not informative)."""
     usable = [r for r in rows if r.get("usable")]
     if not usable:
-        raise FlopwiseError("no law form could be identified from these runs: "
-                            + "; ".join(f"{r['form']}: {r.get('skipped') or ', '.join(r['problems'])}" for r in rows))
-    return min(usable, key=lambda r: (r["score"], r["n_params"]))
+        first = next((r for r in rows if "skipped" not in r), None)
+        if first is None:
+            raise FlopwiseError("no law form could be fitted to these runs: "
+                                + "; ".join(f"{r['form']}: {r['skipped']}" for r in rows))
+        return first, "no form is identified by these runs (each has a parameter on a bound or a negligible term)"
+    best = min(usable, key=lambda r: (r["score"], r["n_params"]))
+    return best, (f"the lowest held-out error ({best['holdout_error']:.2%} on the largest budget(s)) with "
+                  f"{FORM_PENALTY:.0%} of it added per parameter beyond 5")
 
 
 def _convention_block(runs: Runs, form: str, budgets, n_boot: int, seed: int, level: float, delta: float,
-                      workers: int | None) -> dict:
+                      workers: int | None, n_starts: int, fixed: dict | None, fixed_sd: dict | None) -> dict:
     """One convention's fit of ``form``: exponents, the allocation at ``budgets``, intervals from ``n_boot``."""
-    fit = fit_form(runs, form, delta)
+    fit = fit_form(runs, form, delta, n_starts, fixed)
+    fit.law(runs.n_convention)  # a fit that cannot plan (farseer's beta + gamma <= 0) is refused here
     p = fit.params
     out = {"form": form, **{k: p[k] for k in ("alpha", "beta", "a", "b")}, "warnings": fit.warnings}
     thetas = None
     if n_boot > 0:
         thetas = bootstrap_thetas(runs.n_params, runs.n_tokens, runs.loss, fit, n_boot, seed, workers,
-                                  unique_tokens=runs.unique_tokens)
+                                  fixed_sd=fixed_sd, unique_tokens=runs.unique_tokens)
+        thetas = _plannable(thetas, form)
         out["a_interval"] = interval(theta_to_params(thetas, form)["a"], level)
     out["optimal"] = _optimal_rows(fit, budgets, thetas, level)
     return out
@@ -549,6 +559,13 @@ def _optimal_rows(fit: ParametricFit, budgets, thetas, level: float) -> list[dic
             row["tokens_per_param_interval"] = interval(ds / ns, level)
         rows.append(row)
     return rows
+
+
+def _plannable(thetas: np.ndarray, form: str) -> np.ndarray:
+    """The bootstrap samples whose law can plan: farseer's box bounds let a resample reach beta + gamma <= 0,
+    where more parameters would always help the data term and no optimum exists."""
+    p = theta_to_params(thetas, form)
+    return thetas[p["beta"] + p.get("gamma", 0.0) > 0]
 
 
 def convention_disagreement(blocks: dict[str, dict]) -> float:
@@ -591,7 +608,7 @@ def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_larg
                  "warnings": list(runs.warnings), "level": level, "bootstrap": n_boot, "seed": seed,
                  "tokens": "raw", "form": forms[0]}
     raw = runs
-    if effective_data or any(get_form(f).needs_repeats for f in forms):
+    if effective_data or forms == ["data-constrained"]:
         if runs.epochs is None or not np.all(np.isfinite(runs.epochs)):
             raise FlopwiseError("effective tokens need each run's epochs: an epochs column, or a sweep folder")
     if effective_data:
@@ -613,17 +630,17 @@ def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_larg
 
         rows = compare_forms(runs, forms, k, raw, min(n_boot, COMPARE_BOOT), seed, level, delta, workers, n_starts,
                              forms_done(0))
-        best = select_form(rows)
+        best, why = select_form(rows)
         for r in rows:
             r["selected"] = r is best
         out["forms"] = rows
         out["form"] = best["form"]
-        out["selected"] = {"form": best["form"], "convention": runs.n_convention,
-                           "why": f"the lowest held-out error ({best['holdout_error']:.2%} on the {k} largest "
-                                  f"budget(s)) with {FORM_PENALTY:.0%} of it charged per parameter beyond 5"}
+        out["selected"] = {"form": best["form"], "convention": runs.n_convention, "why": why}
     form = out["form"]
     data = raw if get_form(form).needs_repeats else runs
-    if form == "data-constrained":
+    if approach not in ("3", "all"):  # no parametric law is fitted: no form to name
+        del out["form"]
+    elif form == "data-constrained":
         out["tokens"] = "effective (R_D* fitted)"
     if approach in ("3", "all"):
         fit = fit_form(data, form, delta, n_starts, fixed)
@@ -638,6 +655,11 @@ def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_larg
         if n_boot > 0:
             thetas = bootstrap_thetas(data.n_params, data.n_tokens, data.loss, fit, n_boot, seed, workers,
                                       tick("bootstrap"), fixed_sd, data.unique_tokens)
+            kept = _plannable(thetas, form)
+            if len(kept) < len(thetas):
+                out["warnings"].append(f"{len(thetas) - len(kept)} of {len(thetas)} bootstrap refits reached beta + "
+                                       "gamma <= 0 (no optimum) and are left out of the intervals")
+            thetas = kept
             params = theta_to_params(thetas, form)
             out["intervals"] = {k: interval(v, level) for k, v in params.items()}
             out["_thetas"] = thetas
@@ -653,17 +675,26 @@ def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_larg
                     out["forms"] += [dict(r, selected=False) for r in compare_forms(
                         other, forms, holdout_largest, other_raw, min(n_boot, COMPARE_BOOT), seed, level, delta,
                         workers, n_starts, forms_done(j * len(forms)))]
-                blocks[conv] = _convention_block(other_raw if get_form(form).needs_repeats else other, form, budgets,
-                                                 min(n_boot, COMPARE_BOOT), seed, level, delta, workers)
+                try:
+                    block = _convention_block(other_raw if get_form(form).needs_repeats else other, form, budgets,
+                                              min(n_boot, COMPARE_BOOT), seed, level, delta, workers, n_starts,
+                                              fixed, fixed_sd)
+                except FlopwiseError as e:
+                    out["warnings"].append(f"the {form} form could not be fitted with {conv.replace('_', '-')} "
+                                           f"parameter counts: {e}")
+                    continue
+                out["warnings"] += [f"{conv.replace('_', '-')} counts: {w}" for w in block["warnings"]]
+                blocks[conv] = block
             factor = convention_disagreement(blocks)
             out["conventions"] = blocks
             out["convention_factor"] = factor
             if factor > CONVENTION_FACTOR:
                 out["warnings"].append(
                     f"the {' and '.join(c.replace('_', '-') for c in blocks)} parameter conventions plan D "
-                    f"{factor:.1f}x apart (more than {CONVENTION_FACTOR:g}x): how N is counted changes the plan; "
-                    f"this law counts {runs.n_convention.replace('_', '-')} parameters (Pearce & Song 2024 and "
-                    "Porian et al. 2024 trace Kaplan's exponents to non-embedding counts at small sizes)")
+                    f"{factor:.1f}x apart at the same nominal budget (C = 6ND in each one's N; more than "
+                    f"{CONVENTION_FACTOR:g}x): how N is counted changes the plan; this law counts "
+                    f"{runs.n_convention.replace('_', '-')} parameters (Pearce & Song 2024 and Porian et al. 2024 "
+                    "trace Kaplan's exponents to non-embedding counts at small sizes)")
     if approach in ("2", "all"):
         try:
             a2 = fit_isoflop(runs, degree=degree, n_boot=n_boot, seed=seed, level=level)

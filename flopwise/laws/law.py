@@ -219,6 +219,8 @@ def law_from_dict(d: dict, source: str = "law") -> Law:
     """Build a law from its JSON form; a missing key is a one-line error naming it."""
     if not isinstance(d, dict):
         raise FlopwiseError(f"{source}: expected a JSON object with a 'form' key")
+    if "checks" in d and "verdict" in d and "E" not in d:  # a fit.json without an Approach 3 law
+        raise FlopwiseError(f"{source} holds no Approach 3 fit: plan with the law.json beside it")
     form = d.get("form", "chinchilla")
     keys = {**{f: _PARAMETRIC_KEYS for f in (*PARAMETRIC_FORMS, "parametric")}, "power": _POWER_KEYS}.get(form)
     keys = keys and keys + {"farseer": ("gamma",), "data-constrained": ("r_d_star",)}.get(form, ())

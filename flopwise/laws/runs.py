@@ -65,8 +65,10 @@ class Runs:
 
     @property
     def repeated(self) -> bool:
-        """Whether any run saw its data more than once (what the data-constrained form needs)."""
-        return self.epochs is not None and bool(np.any(np.nan_to_num(self.epochs) > 1.0 + 1e-6))
+        """Whether every run's epochs are known and some run saw its data more than once (what the
+        data-constrained form needs)."""
+        return (self.epochs is not None and bool(np.all(np.isfinite(self.epochs)))
+                and bool(np.any(self.epochs > 1.0 + 1e-6)))
 
     @property
     def unique_tokens(self) -> np.ndarray | None:

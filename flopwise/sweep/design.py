@@ -56,11 +56,15 @@ TARGET_STEPS = 300  # steps the batch aims to give a budget's largest model: wit
 BRACKET = 2.0  # the sizes must reach this factor below and above the prior's optimum to bracket it
 
 
-# The window's centre is the prior's N_opt / LEAN. Measured on the bundled corpus (IsoFLOP minima of 47.8K, 83.2K
-# and 115K parameters at 4.1e11, 1.03e12 and 2.56e12 FLOPs), the default prior's N_opt was 0.90, 0.82 and 0.95x
-# the minimum, so the window sits 1/0.9 above it; Chinchilla's published constants gave 2.1-2.4x (with
-# prior="chinchilla", pass lean=2.2 to centre the same way).
-LEAN = 0.9
+# The window's centre is the prior's N_opt / lean. Measured on the bundled corpus (IsoFLOP minima of 47.8K, 83.2K
+# and 115K parameters at 4.1e11, 1.03e12 and 2.56e12 FLOPs), Epoch's N_opt was 0.90, 0.82 and 0.95x the minimum
+# and Chinchilla's published constants' 2.41, 2.10 and 2.31x; other priors are taken as they are.
+LEAN = {"epoch": 0.9, "chinchilla": 2.2}
+
+
+def prior_lean(prior: Law, lean: float | None = None) -> float:
+    """``lean`` if given, else the measured one of a registry prior (1 for others)."""
+    return LEAN.get(prior.name, 1.0) if lean is None else lean
 
 
 def sweep_depth(prior: Law, budgets, lean: float) -> int:
@@ -108,12 +112,13 @@ def _budget_runs(b: float, vocab_size: int, seq_len: int, n_sizes: int, spread: 
 
 
 def design_sweep(budgets, vocab_size: int, seq_len: int, n_sizes: int = 5, spread: float = 4.0,
-                 prior: Law | str = DEFAULT_LAW, lean: float = LEAN, min_steps: int = MIN_STEPS) -> list[RunSpec]:
+                 prior: Law | str = DEFAULT_LAW, lean: float | None = None,
+                 min_steps: int = MIN_STEPS) -> list[RunSpec]:
     """Runs for each budget: ``n_sizes`` sizes log-spaced over [N_c/spread, N_c*spread], N_c = N_opt/lean.
 
     Every size is a member of one family (``family_shape``: fixed depth, width the one dial), so loss
-    moves smoothly with N. ``lean`` > 1 centres the window below the prior's N_opt, < 1 above it (LEAN
-    says why the default is 0.9). Where the
+    moves smoothly with N. ``lean`` > 1 centres the window below the prior's N_opt, < 1 above it (default:
+    the prior's measured lean, ``LEAN``). Where the
     window reaches below the smallest model it starts there, as long as the prior's optimum stays
     bracketed (a factor BRACKET inside). Each budget's runs share one batch, shrunk for small budgets
     so its largest model gets TARGET_STEPS optimizer steps (``options.batch_tokens``); a budget that
@@ -121,6 +126,7 @@ def design_sweep(budgets, vocab_size: int, seq_len: int, n_sizes: int = 5, sprea
     smallest budget that can.
     """
     prior = load_law(prior) if isinstance(prior, str) else prior
+    lean = prior_lean(prior, lean)
     budgets = sorted(float(b) for b in budgets)
     if not budgets:
         raise FlopwiseError("a sweep needs at least one budget")
@@ -179,7 +185,7 @@ def smallest_budget(works, lo: float = 1e6, hi: float = 1e24) -> float:
 
 
 def design_wsd_sweep(budgets, vocab_size: int, seq_len: int, n_sizes: int = 5, spread: float = 4.0,
-                     prior: Law | str = DEFAULT_LAW, lean: float = LEAN, cooldown_fraction: float = 0.2,
+                     prior: Law | str = DEFAULT_LAW, lean: float | None = None, cooldown_fraction: float = 0.2,
                      min_steps: int = MIN_STEPS) -> list[RunSpec]:
     """A WSD sweep (Hägele et al. 2024): one constant-LR trunk per model size, and for each budget a
     cooldown branch from the trunk's checkpoint that ends exactly at that budget's token count.
