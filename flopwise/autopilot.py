@@ -71,6 +71,8 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     out = Path(out)
     if cfg.budget_flops is not None:
         check_flops(cfg.budget_flops, "--budget")
+    if cfg.optimizer not in ("adamw", "muon"):
+        raise FlopwiseError(f"--optimizer must be adamw or muon, got {cfg.optimizer!r}")
     if not 0 < cfg.sweep_fraction < 1:
         raise FlopwiseError(f"--sweep-fraction must be between 0 and 1, got {cfg.sweep_fraction}")
     t_start = time.time()
@@ -225,7 +227,8 @@ def _new_design(cfg: AutopilotConfig, corpus, data, least: float, sweep_dir: Pat
             "min_steps": cfg.min_steps}
     if (sweep_dir / "sweep.json").exists():
         old_specs, old_meta = read_design(sweep_dir)
-        if [s.__dict__ for s in old_specs] != [s.__dict__ for s in specs] or old_meta["corpus_hash"] != m["hash"]:
+        if [s.__dict__ for s in old_specs] != [s.__dict__ for s in specs] or old_meta["corpus_hash"] != m["hash"] \
+                or old_meta.get("train_options", {}).get("optimizer", "adamw") != cfg.optimizer:
             raise FlopwiseError(f"{out} holds another sweep (different budget, data or options): use --resume to "
                                 "finish that one, or choose another --out")
         return old_specs, old_meta
@@ -311,7 +314,8 @@ def _train_final(run_dir: Path, spec: dict, corpus, cfg: AutopilotConfig, log, q
         s = family_shape(spec["n_params_target"], spec["shape"]["n_layers"], corpus.vocab_size, cfg.seq_len, step=32)
         shape, n_tokens = s.to_dict(), int(spec["flops"] / training_flops_per_token(s))
     if not (run_dir / "config.json").exists():
-        new_run(run_dir, ModelConfig(**shape), TrainConfig(n_tokens=n_tokens, seed=cfg.seed), corpus)
+        new_run(run_dir, ModelConfig(**shape), TrainConfig(n_tokens=n_tokens, seed=cfg.seed, optimizer=cfg.optimizer),
+                corpus)
     return train(run_dir, quiet=quiet, log=log)
 
 

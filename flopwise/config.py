@@ -44,6 +44,7 @@ class TrainConfig:
     cooldown_shape: str = "linear"
     batch_tokens: int | None = None  # global batch in tokens; None: DeepSeek LLM's rule
     micro_batch: int = 16  # sequences per forward pass per process (gradient accumulation covers the rest)
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' hidden matrices, AdamW for the rest)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -80,6 +81,7 @@ class TrainConfig:
             ("device", self.device, self.device in ("auto", "cpu", "mps") or self.device.split(":")[0] == "cuda",
              "auto, cpu, cuda or mps"),
             ("weight_decay", self.weight_decay, self.weight_decay >= 0, "at least 0"),
+            ("optimizer", self.optimizer, self.optimizer in ("adamw", "muon"), "adamw or muon"),
             ("grad_clip", self.grad_clip, self.grad_clip >= 0, "at least 0 (0: off)"),
             ("eval_every", self.eval_every, self.eval_every >= 0, "at least 0 (0: automatic)"),
             ("ckpt_every", self.ckpt_every, self.ckpt_every >= 0, "at least 0 (0: automatic)"),
@@ -183,6 +185,7 @@ class AutopilotConfig:
     seed: int = 0
     prior: str = DEFAULT_LAW  # the law that centres the sweep's sizes and backs the fallback fit
     compare: bool = False  # also train a 4x larger model with the final budget
+    optimizer: str = "adamw"  # of the sweep's runs and the final run (TrainConfig.optimizer)
     resume: bool = False
 
 
@@ -192,4 +195,4 @@ SWEEP_MICRO_BATCH = 16  # sequences per forward pass of a sweep run (the design 
 def sweep_train_options(cfg: AutopilotConfig) -> dict:
     # one evaluation at the end on fixed windows shared by all runs, so their losses compare closely
     return {"eval_every": 10**9, "eval_windows": 8, "final_eval_windows": 256, "seed": cfg.seed,
-            "micro_batch": SWEEP_MICRO_BATCH}
+            "micro_batch": SWEEP_MICRO_BATCH, "optimizer": cfg.optimizer}

@@ -88,8 +88,9 @@ def _same(a, b, rel):
         assert (v1 is None) == (v2 is None) and (v1 is None or v1 == pytest.approx(v2, rel=rel))
 
 
-def test_resume_after_kill9_matches_uninterrupted(bundled, tmp_path):
-    mc, tc = small(bundled, n_tokens=64 * 8 * 60, precision="fp32")
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_after_kill9_matches_uninterrupted(bundled, tmp_path, optimizer):
+    mc, tc = small(bundled, n_tokens=64 * 8 * 60, precision="fp32", optimizer=optimizer)
     straight = new_run(tmp_path / "straight", mc, tc, bundled)
     expected = train(straight, quiet=True)
     killed = new_run(tmp_path / "killed", mc, tc, bundled)
@@ -105,10 +106,14 @@ def test_resume_after_kill9_matches_uninterrupted(bundled, tmp_path):
     _same(_losses(killed), _losses(straight), rel=1e-6)
     final = json.loads((killed / "final.json").read_text())
     assert final["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-6)
+    assert final["optimizer"] == optimizer
+    state = torch.load(killed / "ckpt" / "latest.pt", weights_only=False)["optimizer"]
+    assert set(state) == ({"adamw", "muon"} if optimizer == "muon" else {"adamw"})
 
 
-def test_ddp_two_processes_match_single_process(bundled, tmp_path):
-    mc, tc = small(bundled, n_tokens=64 * 8 * 12, precision="fp32", ckpt_every=100)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ddp_two_processes_match_single_process(bundled, tmp_path, optimizer):
+    mc, tc = small(bundled, n_tokens=64 * 8 * 12, precision="fp32", ckpt_every=100, optimizer=optimizer)
     single = new_run(tmp_path / "single", mc, tc, bundled)
     train(single, quiet=True)
     ddp = new_run(tmp_path / "ddp", mc, tc, bundled)

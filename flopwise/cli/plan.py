@@ -63,6 +63,9 @@ def print_plan(p: dict) -> None:
     t.add_row("tokens D", fmt_count(p["n_tokens"]))
     t.add_row("tokens / parameter", f"{p['tokens_per_param']:.1f}")
     t.add_row("expected loss", "-" if p["loss"] is None else f"{p['loss']:.4f} nats/token")
+    if p.get("optimizer"):
+        t.add_row("holds for", f"runs trained with {p['optimizer']} (the law's fit; another optimizer moves it: "
+                  "'flopwise sweep compare')")
     t.add_row("shape", f"{s['n_layers']} layers × d_model {s['d_model']}, {s['n_heads']} heads "
               f"({s['n_kv_heads']} kv), d_ff {s['d_ff']}, vocab {s['vocab_size']}, ctx {s['seq_len']}"
               f"{', tied' if s['tie_embeddings'] else ''}")

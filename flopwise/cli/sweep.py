@@ -68,6 +68,8 @@ def sweep_run(
     schedule: str = typer.Option("cosine", help="cosine (independent runs) or wsd (shared constant-LR trunks "
                                  "with cooldown branches, Hägele et al. 2024)."),
     cooldown_fraction: float = typer.Option(0.2, help="WSD: fraction of each run's steps in its cooldown."),
+    optimizer: str = typer.Option(A.optimizer, help="adamw or muon (see 'flopwise train --help'); compare two "
+                                  "sweeps with 'flopwise sweep compare'."),
     min_steps: int = typer.Option(A.min_steps, help="Optimizer steps every run gets at least (small budgets shrink "
                                   "the batch for it; a budget that still falls short is refused)."),
     quiet: bool = typer.Option(False, "--quiet"),
@@ -79,6 +81,8 @@ def sweep_run(
 
     if schedule not in ("cosine", "wsd"):
         raise FlopwiseError(f"--schedule must be cosine or wsd, got {schedule!r}")
+    if optimizer not in ("adamw", "muon"):
+        raise FlopwiseError(f"--optimizer must be adamw or muon, got {optimizer!r}")
     sweep_dir = Path(out)
     corpus = resolve_corpus(data, vocab_size, log=lambda m: console.print(f"[yellow]{m}[/yellow]"))
     check_corpus(corpus.meta, seq_len)
@@ -98,11 +102,13 @@ def sweep_run(
     check_feasible(specs, corpus.meta["n_tokens_train"])
     meta = {"corpus": str(corpus.path), "corpus_hash": corpus.meta["hash"],
             "budgets": sorted({s.budget for s in specs}),
-            "prior": prior, "train_options": sweep_train_options(AutopilotConfig()), "schedule": schedule,
+            "prior": prior, "train_options": sweep_train_options(AutopilotConfig(optimizer=optimizer)),
+            "schedule": schedule,
             "min_steps": min_steps}
     if (sweep_dir / "sweep.json").exists():
-        old, _ = read_design(sweep_dir)
-        if [s.__dict__ for s in old] != [s.__dict__ for s in specs]:
+        old, old_meta = read_design(sweep_dir)
+        if [s.__dict__ for s in old] != [s.__dict__ for s in specs] or \
+                old_meta.get("train_options", {}).get("optimizer", "adamw") != optimizer:
             raise FlopwiseError(f"{sweep_dir} holds another sweep: resume it with the same options, or choose "
                                 "another --out")
     workers = workers or default_workers(len(specs))
@@ -131,6 +137,86 @@ def sweep_run(
     with Bar("sweep", total_flops(specs), quiet=quiet, console=console) as bar:
         run_sweep(sweep_dir, workers, ray_address=ray, progress=lambda d, tot, k, n: bar.update(d, f"{k}/{n} runs"))
     sweep_status(out)
+
+
+@sweep_app.command("compare")
+def sweep_compare(
+    sweep_a: str = typer.Argument(..., metavar="SWEEP_A", help="A sweep folder (or a runs table)."),
+    sweep_b: str = typer.Argument(..., metavar="SWEEP_B", help="Another, e.g. the same budgets with --optimizer muon."),
+    budgets: Optional[str] = typer.Option(None, help="Comma-separated FLOP budgets to compare at (default: the "
+                                          "sweeps' budgets, and 10x and 100x the largest)."),
+    bootstrap: int = typer.Option(1000, help="Bootstrap resamples of each fit (0: no intervals)."),
+    level: float = typer.Option(0.9, help="Interval level."),
+    out: Optional[str] = typer.Option(None, help="Folder for compare.json and the plot (default: "
+                                      "SWEEP_A-vs-SWEEP_B beside SWEEP_A)."),
+    no_plots: bool = typer.Option(False, "--no-plots", help="Skip the plot."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Fit two sweeps and say what one recipe is worth against the other in FLOPs (the compute multiplier)."""
+    import json
+
+    import numpy as np
+
+    from flopwise.fsutil import atomic_write_text
+    from flopwise.laws.compare import compare_laws
+    from flopwise.laws.fit import fit_runs, public
+    from flopwise.laws.runs import load_runs
+
+    paths = [Path(sweep_a), Path(sweep_b)]
+    runs = [load_runs(p) for p in paths]
+    opts = [r.optimizer or p.name for r, p in zip(runs, paths, strict=True)]
+    names = opts if opts[0] != opts[1] else [p.name for p in paths]
+    if names[0] == names[1]:
+        names = [f"{names[0]} (A)", f"{names[1]} (B)"]
+    effective = all(r.repeated for r in runs)  # as the autopilot fits: D' where the runs repeated their data
+    fits = []
+    with Bar("fit", 2 * max(bootstrap, 1), quiet=as_json) as bar:
+        for i, r in enumerate(runs):
+            fits.append(fit_runs(r, approach="all", n_boot=bootstrap, level=level, effective_data=effective,
+                                 progress=lambda stage, done, total, i=i: bar.update(i * bootstrap + done, stage)))
+    top = max(float(max(r.budgets)) for r in runs)
+    grid = sorted({float(c) for r in runs for c in r.budgets} | {10 * top, 100 * top})
+    at = [float(c) for c in budgets.split(",")] if budgets else grid
+    if not all(np.isfinite(at)) or min(at) <= 0:
+        raise FlopwiseError(f"--budgets must be positive numbers of FLOPs, got {budgets}")
+    result = compare_laws(fits[0], fits[1], at, tuple(names), level)
+    result["sweeps"] = [str(p) for p in paths]
+    result["tokens"] = "effective" if effective else "raw"
+    result["fits"] = {n: {k: v for k, v in public(f).items() if k in ("E", "A", "B", "alpha", "beta", "a", "b",
+                                                                      "intervals", "verdict", "warnings")}
+                      for n, f in zip(names, fits, strict=True)}
+    out_dir = Path(out) if out else paths[0].parent / f"{paths[0].name}-vs-{paths[1].name}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = [] if no_plots or bootstrap == 0 else _compare_plot(result, fits, out_dir)
+    atomic_write_text(out_dir / "compare.json", json.dumps(result, indent=2) + "\n")
+    if as_json:
+        print(json.dumps({**result, "plots": plots}, indent=2))
+        return
+    t = Table(title=f"{names[0]} vs {names[1]}: loss at the compute-optimal allocation, and the compute multiplier")
+    for col in ("C (FLOPs)", names[0], names[1], "B - A", "stronger", f"multiplier [{level:.0%}]"):
+        t.add_column(col, justify="right")
+    for row in result["budgets"]:
+        iv = row["compute_multiplier_interval"]
+        m = row["compute_multiplier"]
+        mult = ("never" if m is None else f"{m:.2f}") + (
+            f" [{iv['lower']:.2f}, {'∞' if iv['upper'] is None else format(iv['upper'], '.2f')}]")
+        t.add_row(f"{row['flops']:.3g}", f"{row['loss_' + names[0]]:.4f}", f"{row['loss_' + names[1]]:.4f}",
+                  f"{row['loss_difference']:+.4f}", row["stronger"], mult)
+    console.print(t)
+    for name in names:
+        e = result["exponents"][name]
+        iv = e["a_interval"]
+        console.print(f"{name}: N_opt ∝ C^{e['a']:.3f}" + (f" [{iv['lower']:.2f}, {iv['upper']:.2f}]" if iv else "")
+                      + f", verdict {e['verdict']}")
+    console.print("[dim]multiplier: the FLOPs the weaker recipe needs to reach the loss the stronger reaches with C, "
+                  "over C (1: equal); budgets beyond the sweeps extrapolate both laws.[/dim]")
+    console.print(f"[dim]{out_dir / 'compare.json'}; plots: {len(plots)} files[/dim]")
+
+
+def _compare_plot(result: dict, fits, out_dir: Path) -> list[str]:
+    from flopwise.report.plots import plot_compare  # matplotlib loads only when plots are made
+
+    return plot_compare(result, fits, out_dir)
 
 
 @sweep_app.command("status")
@@ -167,6 +253,7 @@ def autopilot(
     bootstrap: int = typer.Option(A.bootstrap, help="Bootstrap resamples of the fit."),
     min_steps: int = typer.Option(A.min_steps, help="Optimizer steps every sweep run gets at least."),
     compare: bool = typer.Option(False, "--compare", help="Also train a 4x larger model with the final budget."),
+    optimizer: str = typer.Option(A.optimizer, help="adamw or muon, for the sweep and the final run."),
     resume: bool = typer.Option(False, "--resume", help="Finish the sweep already in --out, whatever its design."),
     workers: int = typer.Option(A.workers, help="Parallel sweep runs (0: one per core)."),
     threads: int = threads_option(),
@@ -187,7 +274,7 @@ def autopilot(
     cfg = AutopilotConfig(budget_flops=flops, sweep_fraction=sweep_fraction, n_budgets=n_budgets, n_sizes=sizes,
                           min_steps=min_steps,
                           vocab_size=vocab_size, seq_len=seq_len, workers=workers, bootstrap=bootstrap, seed=seed,
-                          compare=compare, resume=resume)
+                          compare=compare, resume=resume, optimizer=optimizer)
     if not quiet:
         console.print(f"[bold]flopwise autopilot[/bold]: budget {'auto' if auto else f'{flops:.3g} FLOPs'}, "
                       f"{sweep_fraction:.0%} for the sweep, output {out}/")

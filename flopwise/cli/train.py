@@ -109,6 +109,8 @@ def train(
     batch_tokens: Optional[int] = typer.Option(None, help="Global batch in tokens (default: by compute)."),
     micro_batch: int = typer.Option(T.micro_batch, help="Sequences per forward pass; accumulation covers the rest."),
     schedule: str = typer.Option(T.schedule, help="cosine or wsd."),
+    optimizer: str = typer.Option(T.optimizer, help="adamw, or muon: Muon for the blocks' hidden matrices and "
+                                  "AdamW for embeddings, head and gains, at the same learning rate."),
     cooldown_fraction: float = typer.Option(T.cooldown_fraction, help="WSD: fraction of steps in the cooldown."),
     cooldown_shape: str = typer.Option(T.cooldown_shape, help="WSD cooldown: linear or 1-sqrt."),
     precision: str = typer.Option(T.precision, help="auto, bf16 or fp32."),
@@ -148,7 +150,8 @@ def train(
         if not (n_tokens == n_tokens and 0 < n_tokens < 1e15):
             raise FlopwiseError(f"the token budget must be a positive number, got {n_tokens}")
         tc = TrainConfig(n_tokens=int(n_tokens), lr=lr, batch_tokens=batch_tokens, micro_batch=micro_batch,
-                         schedule=schedule, cooldown_fraction=cooldown_fraction, cooldown_shape=cooldown_shape,
+                         schedule=schedule, optimizer=optimizer, cooldown_fraction=cooldown_fraction,
+                         cooldown_shape=cooldown_shape,
                          precision=precision, compile=compile_model, device=device, ckpt_every=ckpt_every,
                          eval_every=eval_every, seed=seed, threads=threads)
         new_run(run_dir, mc, tc, corpus)

@@ -606,7 +606,7 @@ def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_larg
     forms = [get_form(f).name for f in forms]
     out: dict = {"n_runs": len(runs), "n_convention": runs.n_convention, "approach": approach,
                  "warnings": list(runs.warnings), "level": level, "bootstrap": n_boot, "seed": seed,
-                 "tokens": "raw", "form": forms[0]}
+                 "tokens": "raw", "form": forms[0], "optimizer": runs.optimizer}
     raw = runs
     if effective_data or forms == ["data-constrained"]:
         if runs.epochs is None or not np.all(np.isfinite(runs.epochs)):
@@ -731,6 +731,7 @@ def law_json(result: dict, source: str = "") -> dict:
     """The law file ``flopwise plan --law`` reads: DESIGN.md's form plus intervals and fit metadata."""
     meta = {k: result[k] for k in ("n_runs", "approach", "bootstrap", "seed", "level", "warnings", "tokens",
                                    "selected") if k in result}
+    optimizer = {"optimizer": result["optimizer"]} if result.get("optimizer") else {}
     meta["source"] = source
     if "E" in result:
         keys = ("E", "A", "B", "alpha", "beta", "gamma", "r_d_star")
@@ -746,6 +747,7 @@ def law_json(result: dict, source: str = "") -> dict:
                "n_convention": result["n_convention"], "name": "fitted-approach2"}
         if "intervals" in a2:
             law["intervals"] = a2["intervals"]
+    law.update(optimizer)  # the optimizer that trained the runs: the law holds for it
     law["fit"] = meta
     return law
 

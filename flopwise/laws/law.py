@@ -173,33 +173,33 @@ DEFAULT_LAW = "epoch"
 REGISTRY: dict[str, Law] = {
     "epoch": ParametricLaw(
         E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658,
-        name="epoch",
+        name="epoch", extra={"optimizer": "adamw"},
         citation="Besiroglu et al. 2024, Chinchilla Scaling: A replication attempt (arXiv:2404.10102), "
                  "refit of Approach 3 on Chinchilla's data; the default: it agrees with Chinchilla's "
                  "Approaches 1 and 2",
     ),
     "chinchilla": ParametricLaw(
         E=1.69337368, A=406.401018, B=410.722827, alpha=0.33917084, beta=0.2849083,
-        name="chinchilla",
+        name="chinchilla", extra={"optimizer": "adamw"},
         citation="Hoffmann et al. 2022, Training Compute-Optimal Large Language Models, Approach 3 "
                  "(arXiv:2203.15556); constants as published, known to be off (the fit stopped early: "
                  "Besiroglu et al. 2024); 'epoch' is their refit",
     ),
     "chinchilla-approach1": PowerLaw(
         a=0.50, n_ref=1.0e9, flops_ref=1.21e20,
-        name="chinchilla-approach1",
+        name="chinchilla-approach1", extra={"optimizer": "adamw"},
         citation="Hoffmann et al. 2022, Approach 1 (training-curve envelope): N_opt ~ C^0.50, "
                  "1.21e20 FLOPs -> 1.0e9 params, 20.2e9 tokens (Table 3)",
     ),
     "chinchilla-approach2": PowerLaw(
         a=0.49, n_ref=1.0e9, flops_ref=1.20e20,
-        name="chinchilla-approach2",
+        name="chinchilla-approach2", extra={"optimizer": "adamw"},
         citation="Hoffmann et al. 2022, Approach 2 (IsoFLOP profiles): N_opt ~ C^0.49, "
                  "1.20e20 FLOPs -> 1.0e9 params, 20.0e9 tokens (Table 3)",
     ),
     "kaplan": PowerLaw(
         a=0.73, n_ref=1.3e9, flops_ref=PF_DAY, n_convention="non_embedding",
-        name="kaplan",
+        name="kaplan", extra={"optimizer": "adam"},
         citation="Kaplan et al. 2020, Scaling Laws for Neural Language Models (arXiv:2001.08361): "
                  "N_opt = 1.3e9 (C / PF-day)^0.73, non-embedding parameters",
     ),

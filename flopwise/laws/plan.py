@@ -64,7 +64,8 @@ def make_plan(flops: float, law: Law | str = DEFAULT_LAW, *, inference_tokens: f
         raise FlopwiseError(f"{' and '.join(given)} cannot be combined yet: plan with one of them")
     warnings: list[str] = []
     notes: list[str] = []
-    out: dict = {"plan_version": PLAN_VERSION, "law": law.name, "form": law.form, "n_convention": law.n_convention}
+    out: dict = {"plan_version": PLAN_VERSION, "law": law.name, "form": law.form, "n_convention": law.n_convention,
+                 "optimizer": law.extra.get("optimizer")}  # what trained the runs the law was fitted to
 
     opt = allocate.compute_optimal(law, flops)
     n, d, loss, train_flops = opt.n_params, opt.n_tokens, opt.loss, flops

@@ -44,6 +44,7 @@ class Runs:
     steps: np.ndarray | None = None  # optimizer steps of each run, where known (NaN where not)
     epochs: np.ndarray | None = None  # passes over the run's unique training tokens, where known (NaN where not)
     counts: dict[str, np.ndarray] = field(default_factory=dict)  # N in each convention known for every run
+    optimizer: str | None = None  # what trained the runs (adamw, muon; "mixed"), where known
 
     def __len__(self) -> int:
         return len(self.loss)
@@ -83,7 +84,7 @@ class Runs:
                     {self.name[i]: self.curves[self.name[i]] for i in idx if self.name[i] in self.curves},
                     list(self.warnings), None if self.steps is None else self.steps[idx],
                     None if self.epochs is None else self.epochs[idx],
-                    {k: v[idx] for k, v in self.counts.items()})
+                    {k: v[idx] for k, v in self.counts.items()}, self.optimizer)
 
     @property
     def budgets(self) -> np.ndarray:
@@ -159,7 +160,12 @@ def runs_from_records(records: list[dict], source: str = "runs", n_convention: s
     counts = {n_convention: n}
     if n_convention == "total" and non_embedding is not None and np.all(np.isfinite(non_embedding)):
         counts["non_embedding"] = non_embedding
-    return Runs(n, d, loss, flops, budget, names, n_convention, {}, warnings, steps, epochs, counts)
+    optimizers = sorted({str(r["optimizer"]) for r in records if r.get("optimizer") not in (None, "")})
+    if len(optimizers) > 1:
+        warnings.append(f"the runs were trained with different optimizers ({', '.join(optimizers)}): a law holds for "
+                        "one; fit each optimizer's runs separately and compare with 'flopwise sweep compare'")
+    optimizer = optimizers[0] if len(optimizers) == 1 else "mixed" if optimizers else None
+    return Runs(n, d, loss, flops, budget, names, n_convention, {}, warnings, steps, epochs, counts, optimizer)
 
 
 def _optional(records: list[dict], key: str, source: str) -> np.ndarray | None:
@@ -218,7 +224,7 @@ def _load_sweep_dir(path: Path, n_convention: str) -> Runs:
         rec = {"name": final.parent.name, "n_params": f.get(key, f.get("n_params")),
                "n_params_non_embedding": f.get("n_params_non_embedding"), "n_tokens": f.get("n_tokens"),
                "loss": f.get("val_loss", f.get("loss")), "flops": f.get("flops"), "steps": f.get("steps"),
-               "epochs": f.get("epochs")}
+               "epochs": f.get("epochs"), "optimizer": f.get("optimizer", "adamw")}  # before Muon: AdamW
         if "budget" in f:
             rec["budget"] = f["budget"]
         records.append(rec)

@@ -203,3 +203,48 @@ def plot_loss_curves(sweep_dir: str | Path, extra_runs: list[Path], out: str | P
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     return _save(fig, Path(out), "loss_curves")
+
+
+def plot_compare(result: dict, fits: tuple[dict, dict], out: str | Path) -> list[str]:
+    """Two recipes' compute-optimal loss against compute (with bootstrap bands), and the compute multiplier."""
+    from flopwise.laws.compare import flops_for_loss, optimal_loss
+
+    plt = _plt()
+    level = result["level"]
+    flops = [r["flops"] for r in result["budgets"]]
+    cs = np.geomspace(min(flops) / 3, max(flops) * 3, 50)
+    pct = [50 * (1 - level), 50 * (1 + level)]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (name, fit) in enumerate(zip(result["names"], fits, strict=True)):
+        point = [float(optimal_loss(fit["_fit"].theta[None, :], c, fit["form"])[0]) for c in cs]
+        ax.plot(cs, point, color=f"C{i}", lw=2, label=f"{name} (a = {fit['a']:.3f})")
+        if "_thetas" in fit:
+            band = np.percentile([optimal_loss(fit["_thetas"], c, fit["form"]) for c in cs], pct, axis=1)
+            ax.fill_between(cs, band[0], band[1], color=f"C{i}", alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_ylabel("loss at the compute-optimal N, D (nats/token)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    (ta, fa), (tb, fb) = ((f.get("_thetas", f["_fit"].theta[None, :]), f["form"]) for f in fits)
+    n = min(len(ta), len(tb))
+    mult = []
+    for c in cs:  # the weaker recipe's FLOPs to reach the stronger one's loss, over C
+        la, lb = optimal_loss(ta[:n], c, fa), optimal_loss(tb[:n], c, fb)
+        weak_b = np.median(lb) >= np.median(la)
+        mult.append(np.where(weak_b, flops_for_loss(tb[:n], la, fb), flops_for_loss(ta[:n], lb, fa)) / c)
+    mult = np.array(mult)
+    lo, mid, hi = np.percentile(mult, [pct[0], 50, pct[1]], axis=1)
+    bx.plot(cs, mid, color="k", lw=2, label="compute multiplier (median)")
+    bx.fill_between(cs, lo, np.minimum(hi, 1e6), color="grey", alpha=0.3, label=f"{level:.0%} bootstrap interval")
+    bx.axhline(1.0, color="k", lw=0.8, ls=":")
+    bx.scatter(flops, [r["compute_multiplier"] or np.nan for r in result["budgets"]], color="C3", zorder=3,
+               label="at the budgets compared")
+    bx.set_xscale("log")
+    bx.set_yscale("log")
+    bx.set_xlabel("training compute C (FLOPs)")
+    bx.set_ylabel("FLOPs the weaker recipe needs / C")
+    bx.legend(fontsize=8)
+    bx.grid(alpha=0.3, which="both")
+    fig.suptitle(f"{result['names'][0]} vs {result['names'][1]}")
+    return _save(fig, Path(out), "compare")

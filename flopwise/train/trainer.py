@@ -24,7 +24,7 @@ import torch
 from flopwise.config import Resolved, TrainConfig, resolve
 from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text
-from flopwise.laws.flops import flops_6nd, n_params_non_embedding, n_params_total
+from flopwise.laws.flops import BLOCK_PROJECTIONS, flops_6nd, n_params_non_embedding, n_params_total
 from flopwise.model.llama import Llama
 from flopwise.model.lora import apply_lora
 from flopwise.progress import Bar
@@ -65,17 +65,80 @@ from flopwise.train.schedule import lr_at
 KILL_AT_STEP_ENV = "FLOPWISE_KILL_AT_STEP"
 
 
-def make_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; weight decay on matrices only (not norm gains); fused kernels where
-    available."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [g for g in ({"params": [p for p in trainable if p.dim() >= 2], "weight_decay": train.weight_decay},
-                          {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}) if g["params"]]
+OPTIMIZERS = ("adamw", "muon")
+
+
+def param_groups(model: torch.nn.Module, optimizer: str) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
+    """The trainable parameters by who updates them: ``muon`` gets the blocks' 2-D projection matrices (hidden
+    layers: Muon orthogonalises matrix updates, which embeddings, the head and gains are not); ``adamw_decay``
+    the other matrices (embedding, head; LoRA adapters); ``adamw`` the norm gains (no weight decay). With
+    ``optimizer="adamw"`` nothing goes to Muon."""
+    groups: dict[str, list] = {"muon": [], "adamw_decay": [], "adamw": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        hidden = (p.dim() == 2 and name.startswith("layers.") and name.endswith(".weight")
+                  and name.rsplit(".", 2)[-2] in BLOCK_PROJECTIONS)
+        groups["muon" if optimizer == "muon" and hidden else "adamw_decay" if p.dim() >= 2 else "adamw"].append(
+            (name, p))
+    return groups
+
+
+class Optimizers:
+    """Several optimizers stepped as one (Muon for hidden matrices beside AdamW for the rest): the trainer sets
+    learning rates through ``param_groups`` and saves ``state_dict`` in checkpoints, as with one optimizer."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers.values() for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers.values():
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers.values():
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: o.state_dict() for name, o in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "param_groups" in state:  # a checkpoint written before runs could use Muon: one AdamW
+            state = {"adamw": state}
+        if set(state) != set(self.optimizers):
+            raise FlopwiseError(f"the checkpoint holds the state of {' and '.join(sorted(state))}, not of "
+                                f"{' and '.join(sorted(self.optimizers))}: train it with the optimizer it started with")
+        for name, o in self.optimizers.items():
+            o.load_state_dict(state[name])
+
+
+def make_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float) -> Optimizers:
+    """AdamW over the trainable parameters (weight decay on matrices only, not norm gains; fused kernels where
+    available), with ``train.optimizer == "muon"`` Muon for the blocks' hidden matrices instead.
+
+    Muon (torch.optim.Muon: Newton-Schulz orthogonalised Nesterov momentum, Jordan et al. 2024) runs with
+    ``adjust_lr_fn="match_rms_adamw"``: each matrix's update is scaled to RMS 0.2 sqrt(max(rows, cols)), the
+    scaling Moonshot's "Muon is Scalable" (Liu et al. 2025) derive so that AdamW's learning rate and weight decay
+    carry over unchanged, width included; so both optimizers share the schedule's one learning rate."""
+    g = param_groups(model, train.optimizer)
+    adamw = [grp for grp in ({"params": [p for _, p in g["adamw_decay"]], "weight_decay": train.weight_decay},
+                             {"params": [p for _, p in g["adamw"]], "weight_decay": 0.0}) if grp["params"]]
     kwargs = dict(lr=lr, betas=(train.beta1, train.beta2), eps=1e-8)
     try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
+        out = {"adamw": torch.optim.AdamW(adamw, fused=True, **kwargs)}
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, **kwargs)
+        out = {"adamw": torch.optim.AdamW(adamw, **kwargs)}
+    if g["muon"]:
+        out["muon"] = torch.optim.Muon([p for _, p in g["muon"]], lr=lr, weight_decay=train.weight_decay,
+                                       momentum=MUON_MOMENTUM, nesterov=True, adjust_lr_fn="match_rms_adamw")
+    return Optimizers(out)
+
+
+MUON_MOMENTUM = 0.95  # Jordan et al.'s and Moonshot's value (torch's default)
 
 
 @torch.no_grad()
@@ -394,7 +457,7 @@ class _Run:
                  "epochs": r.n_tokens / self.data.n_tokens_train, "steps": r.steps, "wall_seconds": wall,
                  "tokens_per_s": r.n_tokens / wall if wall > 0 else None,
                  "mfu": r.flops / wall / self.peak if wall > 0 else None, "precision": self.precision,
-                 "compiled": self.compiled,
+                 "compiled": self.compiled, "optimizer": self.tc.optimizer,
                  "device": self.device.type, "world_size": self.world, "threads_mean": self.cpu.mean_threads,
                  "val_tokens": int(val_final[:, 1:].size if val_final_mask is None else val_final_mask.sum()),
                  **self.tc.extra}

@@ -1,0 +1,49 @@
+"""Muon beside AdamW: which parameters each updates, and what a run records."""
+
+import pytest
+import torch
+
+from flopwise.config import TrainConfig
+from flopwise.errors import FlopwiseError
+from flopwise.model.llama import Llama, ModelConfig
+from flopwise.model.lora import apply_lora
+from flopwise.train.trainer import make_optimizer, param_groups
+
+HIDDEN = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_every_parameter_in_exactly_one_group_and_muon_gets_only_hidden_matrices(tied):
+    model = Llama(ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, seq_len=16,
+                              tie_embeddings=tied))
+    groups = param_groups(model, "muon")
+    names = [n for g in groups.values() for n, _ in g]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # each exactly once
+    assert sorted(n for n, _ in groups["muon"]) == sorted(f"layers.{i}.{w}.weight" for i in range(2) for w in HIDDEN)
+    assert all(p.dim() == 2 for _, p in groups["muon"])
+    assert {n for n, _ in groups["adamw_decay"]} == {"embed.weight"} | (set() if tied else {"head.weight"})
+    assert all(p.dim() == 1 for _, p in groups["adamw"])  # norm gains: no weight decay
+    assert not param_groups(model, "adamw")["muon"]
+    opt = make_optimizer(model, TrainConfig(n_tokens=1, optimizer="muon"), 1e-3)
+    assert isinstance(opt.optimizers["muon"], torch.optim.Muon)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
+    assert {g["weight_decay"] for g in opt.optimizers["adamw"].param_groups} == {0.1, 0.0}
+
+
+def test_lora_adapters_are_not_given_to_muon():
+    model = Llama(ModelConfig(vocab_size=96, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64, seq_len=16))
+    apply_lora(model, 4, 16.0, list(HIDDEN))
+    groups = param_groups(model, "muon")
+    assert not groups["muon"] and groups["adamw_decay"]  # frozen base weights; adapters stay on AdamW
+
+
+def test_a_checkpoint_of_another_optimizer_is_refused_with_the_fix():
+    model = Llama(ModelConfig(vocab_size=96, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64, seq_len=16))
+    adamw = make_optimizer(model, TrainConfig(n_tokens=1), 1e-3).state_dict()
+    muon = make_optimizer(model, TrainConfig(n_tokens=1, optimizer="muon"), 1e-3)
+    with pytest.raises(FlopwiseError, match="train it with the optimizer it started with"):
+        muon.load_state_dict(adamw)
+    legacy = make_optimizer(model, TrainConfig(n_tokens=1), 1e-3)  # a checkpoint from before Muon: one AdamW
+    legacy.load_state_dict(adamw["adamw"])
+    with pytest.raises(FlopwiseError, match="--optimizer must be adamw or muon"):
+        TrainConfig(n_tokens=1, optimizer="sgd").check()
