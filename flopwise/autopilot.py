@@ -175,7 +175,7 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
         "swept_n_params_max": int(max(runs.n_params)),
         "fit": {k: fit[k] for k in ("E", "A", "B", "alpha", "beta", "gamma", "r_d_star", "a", "b") if k in fit},
         "holdout": public(fit).get("holdout"), "warnings": fit["warnings"] + _plan_warnings(plan, final["epochs"]),
-        "checks": checks, "law_used": law_used, "law_form": fit.get("form", "chinchilla"),
+        "checks": checks, "law_used": law_used, "law_form": fit.get("form", "chinchilla"), "optimizer": cfg.optimizer,
         "forms": public(free).get("forms"), "conventions": public(free).get("conventions"),
         "convention_factor": free.get("convention_factor"),
         "wall_seconds": {"sweep": t_sweep, "total": time.time() - t_start, "final": final["wall_seconds"]},

@@ -44,7 +44,8 @@ def flops_for_loss(thetas: np.ndarray, loss, form: str = "chinchilla") -> np.nda
 
 def _finite_interval(samples: np.ndarray, level: float) -> dict:
     """A percentile interval where some samples may be infinite (a law that never reaches the target)."""
-    lo, hi = np.percentile(samples, [50 * (1 - level), 50 * (1 + level)])
+    with np.errstate(invalid="ignore"):  # percentiles that land among infinite samples are infinite
+        lo, hi = np.percentile(samples, [50 * (1 - level), 50 * (1 + level)])
     finite = samples[np.isfinite(samples)]
     return {"lower": float(lo), "upper": float(hi) if np.isfinite(hi) else None, "level": level,
             "unreached": float(np.mean(~np.isfinite(samples))),

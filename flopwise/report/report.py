@@ -39,7 +39,8 @@ def _sections(s: dict, fit: dict, plan: dict) -> list[tuple[str, list[str], list
     out.append(("What this is", [
         f"flopwise spent {s['sweep_flops']:.3g} of a {s['budget_flops']:.3g}-FLOP budget on an IsoFLOP sweep of small "
         "LLaMA-style models on this corpus, fitted a scaling law L(N, D) = "
-        f"{FORMS[fit.get('form', 'chinchilla')].formula} to the results, and used "
+        f"{FORMS[fit.get('form', 'chinchilla')].formula} to the results (every run trained with "
+        f"{s.get('optimizer', 'adamw')}; the law holds for it), and used "
         f"the law to choose the model for the remaining {s['final_flops']:.3g} FLOPs. Loss is the cross-entropy of the "
         "next token on held-out text, in nats per token: lower is better."], None))
     out.append(("Headline", [
