@@ -93,6 +93,8 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     sweep_dir = out / "sweep"
     if cfg.resume and (sweep_dir / "sweep.json").exists():  # finish the sweep already there, whatever its design
         specs, meta = read_design(sweep_dir)
+        # the law will hold for the optimizer that trains the sweep: the final run uses the same one
+        cfg = replace(cfg, optimizer=meta.get("train_options", {}).get("optimizer", "adamw"))
     else:
         specs, meta = _new_design(cfg, corpus, data, least, sweep_dir, out)
     budgets = sorted({s.budget for s in specs})

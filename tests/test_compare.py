@@ -75,6 +75,15 @@ def test_sweep_compare_cli_and_the_optimizer_in_law_json(tmp_path):
     assert len(rows) == 6  # the 4 budgets, 10x and 100x the largest
     inside = rows[min(rows)]
     assert inside["stronger"] == "muon" and inside["compute_multiplier"] == pytest.approx(2.0, rel=0.15)
+    plain = subprocess.run([sys.executable, "-m", "flopwise", "sweep", "compare", str(a), str(b), "--bootstrap", "0",
+                            "--budgets", "1e19", "--json", "--out", str(tmp_path / "c0")],
+                           capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    row = json.loads(plain.stdout)["budgets"][0]  # no resamples: estimates without intervals, valid JSON
+    assert row["compute_multiplier_interval"] is None and row["compute_multiplier"] == pytest.approx(2.0, rel=0.15)
+    bad = subprocess.run([sys.executable, "-m", "flopwise", "sweep", "compare", str(a), str(b), "--budgets", "1e20,x"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--budgets must be" in bad.stderr and "Traceback" not in bad.stderr
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     for p in list(a.iterdir())[:3] + list(b.iterdir())[:3]:

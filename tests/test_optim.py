@@ -26,7 +26,9 @@ def test_every_parameter_in_exactly_one_group_and_muon_gets_only_hidden_matrices
     assert not param_groups(model, "adamw")["muon"]
     opt = make_optimizer(model, TrainConfig(n_tokens=1, optimizer="muon"), 1e-3)
     assert isinstance(opt.optimizers["muon"], torch.optim.Muon)
-    assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
+    stepped = [id(p) for g in opt.param_groups for p in g["params"]]  # by identity: a tied matrix is one tensor
+    assert len(stepped) == len(set(stepped)) and set(stepped) == {id(p) for p in model.parameters()}
+    assert (model.head.weight is model.embed.weight) == tied
     assert {g["weight_decay"] for g in opt.optimizers["adamw"].param_groups} == {0.1, 0.0}
 
 

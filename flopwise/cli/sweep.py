@@ -161,25 +161,37 @@ def sweep_compare(
     from flopwise.laws.compare import compare_laws
     from flopwise.laws.fit import fit_runs, public
     from flopwise.laws.runs import load_runs
+    from flopwise.laws.trust import NOT_INFORMATIVE
 
     paths = [Path(sweep_a), Path(sweep_b)]
+    try:
+        at = [float(c) for c in budgets.split(",")] if budgets else None
+    except ValueError:
+        raise FlopwiseError(f"--budgets must be comma-separated numbers of FLOPs, got {budgets!r}") from None
+    if at is not None and not all(np.isfinite(c) and c > 0 for c in at):
+        raise FlopwiseError(f"--budgets must be positive numbers of FLOPs, got {budgets!r}")
     runs = [load_runs(p) for p in paths]
+    warnings = _comparable(paths)
     opts = [r.optimizer or p.name for r, p in zip(runs, paths, strict=True)]
     names = opts if opts[0] != opts[1] else [p.name for p in paths]
     if names[0] == names[1]:
         names = [f"{names[0]} (A)", f"{names[1]} (B)"]
-    effective = all(r.repeated for r in runs)  # as the autopilot fits: D' where the runs repeated their data
+    # as the autopilot fits: D' where runs repeated their data (both sweeps alike; D' = D for runs that did not)
+    effective = any(r.repeated for r in runs) and all(r.epochs is not None for r in runs)
     fits = []
     with Bar("fit", 2 * max(bootstrap, 1), quiet=as_json) as bar:
-        for i, r in enumerate(runs):
-            fits.append(fit_runs(r, approach="all", n_boot=bootstrap, level=level, effective_data=effective,
+        for i, r in enumerate(runs):  # different seeds: the two fits' bootstrap samples are independent
+            fits.append(fit_runs(r, approach="all", n_boot=bootstrap, level=level, effective_data=effective, seed=i,
                                  progress=lambda stage, done, total, i=i: bar.update(i * bootstrap + done, stage)))
+    for name, f in zip(names, fits, strict=True):
+        warnings += [f"{name}: {w}" for w in f["warnings"]]
+        if f["verdict"] == NOT_INFORMATIVE:
+            warnings.append(f"{name}: the fit is not informative (see 'flopwise fit {paths[names.index(name)]}'): "
+                            "its multipliers say little")
     top = max(float(max(r.budgets)) for r in runs)
-    grid = sorted({float(c) for r in runs for c in r.budgets} | {10 * top, 100 * top})
-    at = [float(c) for c in budgets.split(",")] if budgets else grid
-    if not all(np.isfinite(at)) or min(at) <= 0:
-        raise FlopwiseError(f"--budgets must be positive numbers of FLOPs, got {budgets}")
+    at = at or sorted({float(c) for r in runs for c in r.budgets} | {10 * top, 100 * top})
     result = compare_laws(fits[0], fits[1], at, tuple(names), level)
+    result["warnings"] = warnings
     result["sweeps"] = [str(p) for p in paths]
     result["tokens"] = "effective" if effective else "raw"
     result["fits"] = {n: {k: v for k, v in public(f).items() if k in ("E", "A", "B", "alpha", "beta", "a", "b",
@@ -195,11 +207,13 @@ def sweep_compare(
     t = Table(title=f"{names[0]} vs {names[1]}: loss at the compute-optimal allocation, and the compute multiplier")
     for col in ("C (FLOPs)", names[0], names[1], "B - A", "stronger", f"multiplier [{level:.0%}]"):
         t.add_column(col, justify="right")
+    def bound(x):
+        return "∞" if x is None else f"{x:.2f}"
+
     for row in result["budgets"]:
         iv = row["compute_multiplier_interval"]
         m = row["compute_multiplier"]
-        mult = ("never" if m is None else f"{m:.2f}") + (
-            f" [{iv['lower']:.2f}, {'∞' if iv['upper'] is None else format(iv['upper'], '.2f')}]")
+        mult = ("never" if m is None else f"{m:.2f}") + (f" [{bound(iv['lower'])}, {bound(iv['upper'])}]" if iv else "")
         t.add_row(f"{row['flops']:.3g}", f"{row['loss_' + names[0]]:.4f}", f"{row['loss_' + names[1]]:.4f}",
                   f"{row['loss_difference']:+.4f}", row["stronger"], mult)
     console.print(t)
@@ -208,9 +222,30 @@ def sweep_compare(
         iv = e["a_interval"]
         console.print(f"{name}: N_opt ∝ C^{e['a']:.3f}" + (f" [{iv['lower']:.2f}, {iv['upper']:.2f}]" if iv else "")
                       + f", verdict {e['verdict']}")
+    for w in warnings:
+        console.print(f"[yellow]warning: {w}[/yellow]")
     console.print("[dim]multiplier: the FLOPs the weaker recipe needs to reach the loss the stronger reaches with C, "
                   "over C (1: equal); budgets beyond the sweeps extrapolate both laws.[/dim]")
     console.print(f"[dim]{out_dir / 'compare.json'}; plots: {len(plots)} files[/dim]")
+
+
+def _comparable(paths: list[Path]) -> list[str]:
+    """Warnings where two sweeps' losses do not measure the same thing (another corpus, vocabulary or context)."""
+    import json
+
+    metas = []
+    for p in paths:
+        try:
+            metas.append(json.loads((p / "sweep.json").read_text()))
+        except (OSError, ValueError):
+            return []  # a runs table, or a folder without its design: nothing to check against
+    out = []
+    if metas[0].get("corpus_hash") != metas[1].get("corpus_hash"):
+        out.append("the sweeps trained on different corpora: their losses (nats/token) do not compare")
+    shapes = [{(r["shape"]["vocab_size"], r["shape"]["seq_len"]) for r in m.get("runs", [])} for m in metas]
+    if shapes[0] != shapes[1]:
+        out.append("the sweeps use different vocabularies or contexts: their losses do not compare")
+    return out
 
 
 def _compare_plot(result: dict, fits, out_dir: Path) -> list[str]:

@@ -44,10 +44,11 @@ def flops_for_loss(thetas: np.ndarray, loss, form: str = "chinchilla") -> np.nda
 
 def _finite_interval(samples: np.ndarray, level: float) -> dict:
     """A percentile interval where some samples may be infinite (a law that never reaches the target)."""
-    with np.errstate(invalid="ignore"):  # percentiles that land among infinite samples are infinite
-        lo, hi = np.percentile(samples, [50 * (1 - level), 50 * (1 + level)])
+    # percentiles by rank (no interpolation between an infinite sample and its neighbour, which gives NaN)
+    lo, hi = np.percentile(samples, [50 * (1 - level), 50 * (1 + level)], method="nearest")
     finite = samples[np.isfinite(samples)]
-    return {"lower": float(lo), "upper": float(hi) if np.isfinite(hi) else None, "level": level,
+    return {"lower": float(lo) if np.isfinite(lo) else None, "upper": float(hi) if np.isfinite(hi) else None,
+            "level": level,
             "unreached": float(np.mean(~np.isfinite(samples))),
             "se": float(np.std(finite, ddof=1)) if len(finite) > 1 else None}
 
@@ -56,9 +57,11 @@ def compare_laws(fit_a: dict, fit_b: dict, budgets, names=("A", "B"), level: flo
     """Two ``fit_runs`` results (Approach 3, with bootstrap samples) compared at ``budgets`` (FLOPs).
 
     Per budget: each law's L*(C) with its interval, the difference B - A, which is stronger, and the compute
-    multiplier with its interval (bootstrap samples of the two fits paired in order: they are independent)."""
+    multiplier with its interval (bootstrap samples of the two fits paired in order; fit them with different
+    seeds so that the pairs are independent)."""
     ta, tb = (f["_fit"].theta[None, :] for f in (fit_a, fit_b))
     sa, sb = (f.get("_thetas", f["_fit"].theta[None, :]) for f in (fit_a, fit_b))
+    boot = "_thetas" in fit_a and "_thetas" in fit_b  # without bootstrap samples: estimates, no intervals
     fa, fb = fit_a["form"], fit_b["form"]
     n = min(len(sa), len(sb))
     sa, sb = sa[:n], sb[:n]
@@ -72,12 +75,12 @@ def compare_laws(fit_a: dict, fit_b: dict, budgets, names=("A", "B"), level: flo
         samples = flops_for_loss(sw, optimal_loss(ss, c, fs), fw) / c
         diff = optimal_loss(sb, c, fb) - optimal_loss(sa, c, fa)
         rows.append({"flops": c, "loss_" + names[0]: la, "loss_" + names[1]: lb,
-                     f"loss_{names[0]}_interval": interval(optimal_loss(sa, c, fa), level),
-                     f"loss_{names[1]}_interval": interval(optimal_loss(sb, c, fb), level),
-                     "loss_difference": lb - la, "loss_difference_interval": interval(diff, level),
+                     f"loss_{names[0]}_interval": interval(optimal_loss(sa, c, fa), level) if boot else None,
+                     f"loss_{names[1]}_interval": interval(optimal_loss(sb, c, fb), level) if boot else None,
+                     "loss_difference": lb - la, "loss_difference_interval": interval(diff, level) if boot else None,
                      "stronger": names[0] if a_stronger else names[1],
                      "compute_multiplier": mult if np.isfinite(mult) else None,
-                     "compute_multiplier_interval": _finite_interval(samples, level)})
+                     "compute_multiplier_interval": _finite_interval(samples, level) if boot else None})
     exps = {}
     for name, fit in zip(names, (fit_a, fit_b), strict=True):
         iv = fit.get("intervals", {}).get("a")

@@ -233,7 +233,8 @@ def law_from_dict(d: dict, source: str = "law") -> Law:
         )
     known = set(keys) | {"form", "n_convention", "name", "citation"}
     if "checks" in d and "verdict" in d:  # a whole fit.json: its law, and the verdict as the only extra
-        d = {k: d[k] for k in known if k in d} | {"name": d.get("name", "fitted"), "verdict": d["verdict"]}
+        d = {k: d[k] for k in known if k in d} | {"name": d.get("name", "fitted"), "verdict": d["verdict"]} | (
+            {"optimizer": d["optimizer"]} if d.get("optimizer") else {})
     extra = {k: v for k, v in d.items() if k not in known}
     common = dict(n_convention=d.get("n_convention", "total"), name=d.get("name", Path(source).stem),
                   citation=d.get("citation", ""), extra=extra)

@@ -234,8 +234,7 @@ def plot_compare(result: dict, fits: tuple[dict, dict], out: str | Path) -> list
         weak_b = np.median(lb) >= np.median(la)
         mult.append(np.where(weak_b, flops_for_loss(tb[:n], la, fb), flops_for_loss(ta[:n], lb, fa)) / c)
     mult = np.array(mult)
-    with np.errstate(invalid="ignore"):  # a law that never reaches the target: infinite samples
-        lo, mid, hi = np.percentile(mult, [pct[0], 50, pct[1]], axis=1)
+    lo, mid, hi = np.percentile(mult, [pct[0], 50, pct[1]], axis=1, method="nearest")  # inf: never reached
     bx.plot(cs, mid, color="k", lw=2, label="compute multiplier (median)")
     bx.fill_between(cs, lo, np.minimum(hi, 1e6), color="grey", alpha=0.3, label=f"{level:.0%} bootstrap interval")
     bx.axhline(1.0, color="k", lw=0.8, ls=":")

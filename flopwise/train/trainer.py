@@ -121,9 +121,11 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float) -> Opt
     available), with ``train.optimizer == "muon"`` Muon for the blocks' hidden matrices instead.
 
     Muon (torch.optim.Muon: Newton-Schulz orthogonalised Nesterov momentum, Jordan et al. 2024) runs with
-    ``adjust_lr_fn="match_rms_adamw"``: each matrix's update is scaled to RMS 0.2 sqrt(max(rows, cols)), the
-    scaling Moonshot's "Muon is Scalable" (Liu et al. 2025) derive so that AdamW's learning rate and weight decay
-    carry over unchanged, width included; so both optimizers share the schedule's one learning rate."""
+    ``adjust_lr_fn="match_rms_adamw"``: each matrix's learning rate is multiplied by 0.2 sqrt(max(rows, cols)), so
+    its update has an RMS of about 0.2 like AdamW's, the scaling Moonshot's "Muon is Scalable" (Liu et al. 2025)
+    derive so that AdamW's learning rate and weight decay carry over unchanged, width included; so both optimizers
+    share the schedule's one learning rate. Newton-Schulz's FLOPs (about 5 d / tokens-per-step of a d x d
+    matrix's training FLOPs) are not in a run's FLOP count, which follows the model (C = 6ND)."""
     g = param_groups(model, train.optimizer)
     adamw = [grp for grp in ({"params": [p for _, p in g["adamw_decay"]], "weight_decay": train.weight_decay},
                              {"params": [p for _, p in g["adamw"]], "weight_decay": 0.0}) if grp["params"]]
@@ -133,6 +135,9 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float) -> Opt
     except (RuntimeError, TypeError):
         out = {"adamw": torch.optim.AdamW(adamw, **kwargs)}
     if g["muon"]:
+        if not hasattr(torch.optim, "Muon"):
+            raise FlopwiseError(f"--optimizer muon needs torch.optim.Muon (torch 2.9 or later); this is torch "
+                                f"{torch.__version__}: upgrade torch or use --optimizer adamw")
         out["muon"] = torch.optim.Muon([p for _, p in g["muon"]], lr=lr, weight_decay=train.weight_decay,
                                        momentum=MUON_MOMENTUM, nesterov=True, adjust_lr_fn="match_rms_adamw")
     return Optimizers(out)
