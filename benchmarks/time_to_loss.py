@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 
 import torch
+from train_throughput import plain_setup  # the same plain loop (benchmarks/ is on the path of a script)
 
 from flopwise.config import TrainConfig, resolve
 from flopwise.data.prepare import prepare
 from flopwise.laws.flops import n_params_total
-from flopwise.model.llama import Llama, ModelConfig
+from flopwise.model.llama import ModelConfig
 from flopwise.run import new_run
-from flopwise.train.batches import Batches, eval_windows
+from flopwise.train.batches import eval_windows
 from flopwise.train.schedule import lr_at
 from flopwise.train.trainer import evaluate, train
 
@@ -44,13 +45,7 @@ EVAL_WINDOWS = 128
 def plain_loop(mc: ModelConfig, tc: TrainConfig, corpus) -> tuple[float, float]:
     """(final validation loss, wall seconds): fp32, eager, default AdamW, flopwise's schedule and data order."""
     r = resolve(mc, tc)
-    torch.manual_seed(tc.seed)
-    model = Llama(mc)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=r.lr, betas=(tc.beta1, tc.beta2))
-    batches = Batches(corpus.tokens("train"), mc.seq_len, r.global_batch, tc.seed)
+    model, opt, batches = plain_setup(mc, tc, corpus, r)
     t0 = time.perf_counter()
     for step in range(r.steps):
         for g in opt.param_groups:

@@ -45,15 +45,20 @@ CONFIGS = {
 SWEEP_SIZED = ("d32L1", "d64L2", "d128L4")
 
 
-def baseline(mc: ModelConfig, tc: TrainConfig, corpus, r: dict) -> tuple[float, float]:
-    """Plain fp32 eager loop: same init seed, data, schedule, clipping and AdamW hyper-parameters."""
+def plain_setup(mc: ModelConfig, tc: TrainConfig, corpus, r) -> tuple[Llama, torch.optim.AdamW, Batches]:
+    """The plain loop's model, default AdamW (decay on matrices) and batches: flopwise's init seed and data order."""
     torch.manual_seed(tc.seed)
     model = Llama(mc)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=r.lr, betas=(tc.beta1, tc.beta2))
-    batches = Batches(corpus.tokens("train"), mc.seq_len, r.global_batch, tc.seed)
+    return model, opt, Batches(corpus.tokens("train"), mc.seq_len, r.global_batch, tc.seed)
+
+
+def baseline(mc: ModelConfig, tc: TrainConfig, corpus, r: dict) -> tuple[float, float]:
+    """Plain fp32 eager loop: same init seed, data, schedule, clipping and AdamW hyper-parameters."""
+    model, opt, batches = plain_setup(mc, tc, corpus, r)
     seconds, loss_sum = [], 0.0
     for step in range(r.steps):
         t0 = time.perf_counter()
