@@ -26,6 +26,7 @@ from flopwise.fsutil import atomic_write_text
 from flopwise.infer.generate import Engine, Sampling
 from flopwise.laws import allocate
 from flopwise.laws.allocate import EPOCHS_WARNING, check_flops
+from flopwise.laws.compare import compare_laws
 from flopwise.laws.fit import (
     fit_runs,
     law_tokens,
@@ -44,7 +45,7 @@ from flopwise.laws.shape import family_shape
 from flopwise.laws.trust import CAVEATS, NOT_INFORMATIVE, SOUND, failed, prediction_check
 from flopwise.model.llama import ModelConfig
 from flopwise.progress import Bar
-from flopwise.report.plots import plot_fit, plot_loss_curves
+from flopwise.report.plots import plot_compare, plot_fit, plot_loss_curves
 from flopwise.report.report import write_report
 from flopwise.run import load_model, new_run
 from flopwise.sweep.design import (
@@ -73,6 +74,9 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
         check_flops(cfg.budget_flops, "--budget")
     if cfg.optimizer not in ("adamw", "muon"):
         raise FlopwiseError(f"--optimizer must be adamw or muon, got {cfg.optimizer!r}")
+    if cfg.compare_optimizer not in (None, *({"adamw", "muon"} - {cfg.optimizer})):
+        raise FlopwiseError(f"--compare-optimizer must be the other optimizer than --optimizer {cfg.optimizer} "
+                            f"({'muon' if cfg.optimizer == 'adamw' else 'adamw'}), got {cfg.compare_optimizer!r}")
     if not 0 < cfg.sweep_fraction < 1:
         raise FlopwiseError(f"--sweep-fraction must be between 0 and 1, got {cfg.sweep_fraction}")
     t_start = time.time()
@@ -144,6 +148,11 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     checks, verdict = _plan_checks(free, fit, law_used)
     log(f"fit: {verdict}" + (f" ({'; '.join(c['why'] for c in failed(checks))})" if failed(checks) else "")
         + f"; planning with the {law_used['law']} law")
+    optimizers = None
+    if cfg.compare_optimizer:
+        optimizers, more = _compare_optimizers(out, specs, meta, free, cfg, workers, threads, remaining, log,
+                                               progress)
+        plots += more
 
     # 4. plan the final run with the law, data-constrained, in the sweep's shape family
     final_spec, plan = _plan_final(fit, remaining, corpus, cfg, depth=specs[0].shape["n_layers"])
@@ -179,7 +188,7 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
         "holdout": public(fit).get("holdout"), "warnings": fit["warnings"] + _plan_warnings(plan, final["epochs"]),
         "checks": checks, "law_used": law_used, "law_form": fit.get("form", "chinchilla"), "optimizer": cfg.optimizer,
         "forms": public(free).get("forms"), "conventions": public(free).get("conventions"),
-        "convention_factor": free.get("convention_factor"),
+        "convention_factor": free.get("convention_factor"), "optimizer_comparison": optimizers,
         "wall_seconds": {"sweep": t_sweep, "total": time.time() - t_start, "final": final["wall_seconds"]},
         "energy_kwh_estimate": _energy_kwh(time.time() - t_start),
         "samples": samples, "config": asdict(cfg),
@@ -190,6 +199,34 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_report(out, summary, public(fit), plan, plots)
     return summary
+
+
+def _compare_optimizers(out: Path, specs, meta: dict, free: dict, cfg: AutopilotConfig, workers: int, threads: int,
+                        final_flops: float, log, progress: bool) -> tuple[dict, list[str]]:
+    """The sweep again with ``cfg.compare_optimizer`` (same runs, in ``sweep-<optimizer>/``), its fit, and
+    compare_laws against the main sweep's law at the sweep's budgets and the final run's."""
+    other = cfg.compare_optimizer
+    sweep_dir = out / f"sweep-{other}"
+    options = {**meta.get("train_options", {}), "optimizer": other}
+    if not (sweep_dir / "sweep.json").exists():
+        write_design(sweep_dir, specs, {**meta, "train_options": options})
+    log(f"comparison sweep: the same {len(specs)} runs with {other} ({total_flops(specs):.3g} FLOPs beyond the "
+        f"budget); ETA ~{sweep_seconds(specs, workers, threads) / 60:.1f} min")
+    with Bar(f"sweep ({other})", total_flops(specs), quiet=not progress) as bar:
+        run_sweep(sweep_dir, workers, progress=lambda done, total, k, n: bar.update(done, f"{k}/{n} runs"))
+    runs = load_runs(sweep_dir)
+    fit = fit_runs(runs, approach="3", n_boot=cfg.bootstrap, seed=cfg.seed + 1, effective_data=True,
+                   min_steps=cfg.min_steps)
+    budgets = sorted({s.budget for s in specs}) + [final_flops]
+    result = compare_laws(free, fit, budgets, (cfg.optimizer, other))
+    result["sweep"] = str(sweep_dir)
+    result["sweep_flops"] = total_flops(specs)
+    result["verdicts"] = {cfg.optimizer: free["verdict"], other: fit["verdict"]}
+    at_final = result["budgets"][-1]
+    log(f"optimizers: at {final_flops:.3g} FLOPs {at_final['stronger']} is stronger; the other needs "
+        + ("more compute than any" if at_final["compute_multiplier"] is None else
+           f"{at_final['compute_multiplier']:.2f}x the FLOPs") + " to match it")
+    return result, plot_compare(result, (free, fit), out / "fit")
 
 
 def _plan_warnings(plan: dict, epochs: float) -> list[str]:

@@ -186,6 +186,7 @@ class AutopilotConfig:
     prior: str = DEFAULT_LAW  # the law that centres the sweep's sizes and backs the fallback fit
     compare: bool = False  # also train a 4x larger model with the final budget
     optimizer: str = "adamw"  # of the sweep's runs and the final run (TrainConfig.optimizer)
+    compare_optimizer: str | None = None  # also sweep with this optimizer and compare the two laws (extra FLOPs)
     resume: bool = False
 
 

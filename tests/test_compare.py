@@ -91,3 +91,22 @@ def test_sweep_compare_cli_and_the_optimizer_in_law_json(tmp_path):
         (mixed / (p.parent.name + p.name) / "final.json").write_text((p / "final.json").read_text())
     runs = load_runs(mixed)
     assert runs.optimizer == "mixed" and any("different optimizers" in w for w in runs.warnings)
+
+
+def test_autopilot_optimizer_comparison_section_and_option_check(tmp_path):
+    from flopwise.autopilot import autopilot
+    from flopwise.config import AutopilotConfig
+    from flopwise.errors import FlopwiseError
+    from flopwise.report.report import _optimizer_section
+
+    with pytest.raises(FlopwiseError, match="--compare-optimizer must be the other optimizer"):
+        autopilot(tmp_path / "ap", None, AutopilotConfig(compare_optimizer="adamw"), log=lambda m: None)
+    assert not (tmp_path / "ap").exists()  # refused before anything is written
+    a = fit_runs(synthetic_runs(BASE, BUDGETS, 7, noise=0.003, seed=0), approach="3", n_boot=100)
+    b = fit_runs(synthetic_runs(better_by(1.5), BUDGETS, 7, noise=0.003, seed=1), approach="3", n_boot=100, seed=1)
+    c = compare_laws(a, b, [1e18, 1e20], names=("adamw", "muon"))
+    c.update(sweep="ap/sweep-muon", sweep_flops=1e20, verdicts={"adamw": "sound", "muon": "not informative"})
+    [(head, paras, rows)] = _optimizer_section({"optimizer_comparison": c})
+    assert head == "Optimizers: adamw against muon" and rows[0][1:3] == ["loss, adamw", "loss, muon"]
+    assert len(rows) == 3 and rows[-1][3] == "muon" and float(rows[-1][4]) == pytest.approx(1.5, rel=0.1)
+    assert "muon is stronger" in paras[0] and "say little" in paras[1]

@@ -289,6 +289,9 @@ def autopilot(
     min_steps: int = typer.Option(A.min_steps, help="Optimizer steps every sweep run gets at least."),
     compare: bool = typer.Option(False, "--compare", help="Also train a 4x larger model with the final budget."),
     optimizer: str = typer.Option(A.optimizer, help="adamw or muon, for the sweep and the final run."),
+    compare_optimizer: Optional[str] = typer.Option(None, help="Also run the sweep with this optimizer (the other "
+                                                    "one; its FLOPs come on top of the budget) and report what "
+                                                    "it is worth in FLOPs."),
     resume: bool = typer.Option(False, "--resume", help="Finish the sweep already in --out, whatever its design."),
     workers: int = typer.Option(A.workers, help="Parallel sweep runs (0: one per core)."),
     threads: int = threads_option(),
@@ -309,7 +312,7 @@ def autopilot(
     cfg = AutopilotConfig(budget_flops=flops, sweep_fraction=sweep_fraction, n_budgets=n_budgets, n_sizes=sizes,
                           min_steps=min_steps,
                           vocab_size=vocab_size, seq_len=seq_len, workers=workers, bootstrap=bootstrap, seed=seed,
-                          compare=compare, resume=resume, optimizer=optimizer)
+                          compare=compare, resume=resume, optimizer=optimizer, compare_optimizer=compare_optimizer)
     if not quiet:
         console.print(f"[bold]flopwise autopilot[/bold]: budget {'auto' if auto else f'{flops:.3g} FLOPs'}, "
                       f"{sweep_fraction:.0%} for the sweep, output {out}/")

@@ -82,6 +82,7 @@ def _sections(s: dict, fit: dict, plan: dict) -> list[tuple[str, list[str], list
                  "check's extrapolation error, grown with how far the final budget lies beyond the sweep.")
     out.append((f"The fitted law (Approach 3, {fit.get('form', 'chinchilla')} form, bootstrap intervals)", notes, rows))
     out += _forms_section(s)
+    out += _optimizer_section(s)
     out.append(("The plan for the final run", [
         f"Data-constrained correction (Muennighoff et al. 2023) applied: the corpus has "
         f"{plan.get('data_constrained', {}).get('unique_tokens', 0):,.0f} unique training tokens."],
@@ -108,6 +109,36 @@ def _sections(s: dict, fit: dict, plan: dict) -> list[tuple[str, list[str], list
         "Files: sweep/ (one run directory per sweep run, sweep.json), fit/ (law.json, fit.json, plots), "
         "final/ (the trained model), summary.json. Reproduce the fit with 'flopwise fit sweep/'."], None))
     return out
+
+
+def _optimizer_section(s: dict) -> list[tuple[str, list[str], list[list[str]] | None]]:
+    """The comparison sweep's verdict on the optimizer (``--compare-optimizer``)."""
+    c = s.get("optimizer_comparison")
+    if not c:
+        return []
+    a, b = c["names"]
+    final = c["budgets"][-1]
+    m = final["compute_multiplier"]
+    paras = [f"The sweep was run again with {b} ({c['sweep_flops']:.3g} FLOPs beyond the budget, in "
+             f"{c['sweep']}) and both sweeps fitted. At the final run's {final['flops']:.3g} FLOPs {final['stronger']} "
+             "is stronger: the other needs " + ("more compute than either law reaches" if m is None else
+                                                f"{m:.2f}x the FLOPs") + " to reach its loss.",
+             f"Allocation exponents: {a} a = {c['exponents'][a]['a']:.3f}, {b} a = {c['exponents'][b]['a']:.3f}. "
+             f"Verdicts of the two fits: {a} {c['verdicts'][a]}, {b} {c['verdicts'][b]}"
+             + ("; a fit that is not informative makes these multipliers say little." if "not informative" in
+                c["verdicts"].values() else ".")]
+
+    def iv(x: dict | None) -> str:
+        if not x:
+            return "-"
+        return (f"{'-' if x['lower'] is None else format(x['lower'], '.2f')} - "
+                f"{'∞' if x['upper'] is None else format(x['upper'], '.2f')}")
+
+    rows = [["budget (FLOPs)", f"loss, {a}", f"loss, {b}", "stronger", "compute multiplier", "90% interval"]] + [
+        [f"{r['flops']:.3g}", f"{r['loss_' + a]:.4f}", f"{r['loss_' + b]:.4f}", r["stronger"],
+         "-" if r["compute_multiplier"] is None else f"{r['compute_multiplier']:.2f}",
+         iv(r["compute_multiplier_interval"])] for r in c["budgets"]]
+    return [(f"Optimizers: {a} against {b}", paras, rows)]
 
 
 def _forms_section(s: dict) -> list[tuple[str, list[str], list[list[str]] | None]]:
@@ -148,7 +179,9 @@ def write_report(out: str | Path, summary: dict, fit: dict, plan: dict, plots: l
                            "and published laws for comparison.",
                 "contours": "Predicted loss over (N, D), with the efficient frontier and the sweep's runs.",
                 "residuals": "How far each run lies from the fitted law.",
-                "loss_curves": "Training loss of every run against compute; dots are validation losses."}
+                "loss_curves": "Training loss of every run against compute; dots are validation losses.",
+                "compare": "The two optimizers' losses at their compute-optimal allocations, and the compute "
+                           "multiplier: the FLOPs the weaker needs to match the stronger."}
     md = ["# flopwise report", ""]
     for head, paras, rows in sections:
         md += [f"## {head}", ""] + [p + "\n" for p in paras]
