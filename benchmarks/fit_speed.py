@@ -16,7 +16,8 @@ import time
 import numpy as np
 from scipy.optimize import minimize
 
-from flopwise.laws.fit import BOUNDS, LBFGS_OPTIONS, bootstrap_thetas, fit_parametric, objective, synthetic_runs
+from flopwise.laws.approach3 import BOUNDS, LBFGS_OPTIONS, bootstrap_thetas, fit_parametric, objective
+from flopwise.laws.fit import synthetic_runs
 from flopwise.laws.forms import Data
 from flopwise.laws.law import ParametricLaw
 

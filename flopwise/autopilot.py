@@ -26,11 +26,11 @@ from flopwise.fsutil import atomic_write_text
 from flopwise.infer.generate import Engine, Sampling
 from flopwise.laws import allocate
 from flopwise.laws.allocate import EPOCHS_WARNING, check_flops
+from flopwise.laws.approach3 import loss_from_thetas
 from flopwise.laws.compare import compare_laws
 from flopwise.laws.fit import (
     fit_runs,
     law_tokens,
-    loss_from_thetas,
     predictive_sigma,
     public,
     save_fit,

@@ -5,17 +5,8 @@ import numpy as np
 import pytest
 
 from flopwise.errors import FlopwiseError
-from flopwise.laws.fit import (
-    PARAMS,
-    bootstrap_thetas,
-    fit_parametric,
-    fit_runs,
-    law_json,
-    objective,
-    public,
-    synthetic_runs,
-    theta_to_params,
-)
+from flopwise.laws.approach3 import PARAMS, bootstrap_thetas, fit_parametric, objective, theta_to_params
+from flopwise.laws.fit import fit_runs, law_json, public, synthetic_runs
 from flopwise.laws.forms import FORMS, Data
 from flopwise.laws.isoflop import fit_isoflop
 from flopwise.laws.law import REGISTRY, ParametricLaw, law_from_dict

@@ -9,7 +9,8 @@ import pytest
 
 from flopwise.errors import FlopwiseError
 from flopwise.laws import allocate
-from flopwise.laws.fit import CONVENTION_FACTOR, fit_form, fit_runs, loss_from_thetas, objective, synthetic_runs
+from flopwise.laws.approach3 import loss_from_thetas, objective
+from flopwise.laws.fit import CONVENTION_FACTOR, fit_form, fit_runs, synthetic_runs
 from flopwise.laws.flops import Shape, n_params_non_embedding, n_params_total
 from flopwise.laws.forms import FORMS, Data
 from flopwise.laws.isoflop import OFF_CENTRE, fit_isoflop, sampling_check

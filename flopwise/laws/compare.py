@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flopwise.laws.fit import optimal_from_thetas, theta_to_params
+from flopwise.laws.approach3 import optimal_from_thetas, theta_to_params
 from flopwise.laws.isoflop import interval
 
 

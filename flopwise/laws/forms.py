@@ -92,8 +92,7 @@ def dlog_effective_tokens_drho(log_d: np.ndarray, log_u: np.ndarray, r_d: float)
     d, u = np.exp(log_d), np.exp(log_u)
     x = np.maximum(d / u - 1.0, 0.0)
     decay = np.exp(-x / r_d)
-    d_eff = np.minimum(d, u) + u * r_d * (1.0 - decay)
-    return r_d * u * ((1.0 - decay) - (x / r_d) * decay) / d_eff
+    return r_d * u * ((1.0 - decay) - (x / r_d) * decay) / effective_tokens(d, u, r_d)
 
 
 FORMS: dict[str, Form] = {

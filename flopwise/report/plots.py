@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flopwise.laws.fit import optimal_from_thetas
+from flopwise.laws.approach3 import optimal_from_thetas
 from flopwise.laws.isoflop import isoflop_optimal
 from flopwise.laws.law import REGISTRY
 from flopwise.laws.runs import Runs
