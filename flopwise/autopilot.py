@@ -22,7 +22,7 @@ from flopwise.config import AutopilotConfig, TrainConfig, sweep_train_options
 from flopwise.data.prepare import resolve_corpus
 from flopwise.data.tokenizer import EOS_ID, load_tokenizer
 from flopwise.errors import FlopwiseError
-from flopwise.fsutil import atomic_write_text
+from flopwise.fsutil import atomic_write_text, check_output_dir
 from flopwise.infer.generate import Engine, Sampling
 from flopwise.laws import allocate
 from flopwise.laws.allocate import EPOCHS_WARNING, check_flops
@@ -72,13 +72,8 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     out = Path(out)
     if cfg.budget_flops is not None:
         check_flops(cfg.budget_flops, "--budget")
-    if cfg.optimizer not in ("adamw", "muon"):
-        raise FlopwiseError(f"--optimizer must be adamw or muon, got {cfg.optimizer!r}")
-    if cfg.compare_optimizer not in (None, *({"adamw", "muon"} - {cfg.optimizer})):
-        raise FlopwiseError(f"--compare-optimizer must be the other optimizer than --optimizer {cfg.optimizer} "
-                            f"({'muon' if cfg.optimizer == 'adamw' else 'adamw'}), got {cfg.compare_optimizer!r}")
-    if not 0 < cfg.sweep_fraction < 1:
-        raise FlopwiseError(f"--sweep-fraction must be between 0 and 1, got {cfg.sweep_fraction}")
+    cfg.check()
+    check_output_dir(out, "--out", is_autopilot_dir)
     t_start = time.time()
     commands = [" ".join(["flopwise", *sys.argv[1:]])] if sys.argv else []
 
@@ -248,6 +243,11 @@ def _energy_kwh(seconds: float, watts_per_core: float = 10.0) -> float:
     return seconds / 3600 * watts_per_core * (os.cpu_count() or 1) / 1000
 
 
+def is_autopilot_dir(path: Path) -> bool:
+    """A folder the autopilot wrote (its sweep, or its report): the autopilot may continue or redo it."""
+    return (path / "sweep" / "sweep.json").exists() or (path / "summary.json").exists()
+
+
 def _new_design(cfg: AutopilotConfig, corpus, data, least: float, sweep_dir: Path, out: Path) -> tuple[list, dict]:
     """The sweep for cfg's budget, written to ``sweep_dir`` (or the identical one already there); refused, with
     nothing written, when the budget is below ``least`` or ``sweep_dir`` holds another design."""
@@ -260,7 +260,7 @@ def _new_design(cfg: AutopilotConfig, corpus, data, least: float, sweep_dir: Pat
         raise FlopwiseError(f"--budget {cfg.budget_flops:.3g} is too small for an informative sweep (vocab "
                             f"{corpus.vocab_size}, context {cfg.seq_len}, {cfg.min_steps}+ steps per run): the "
                             f"smallest that works is {least:.2g} FLOPs (--budget auto picks it{hint})")
-    check_feasible(specs, m["n_tokens_train"])
+    check_feasible(specs, m["n_tokens_train"], fix="lower --budget")
     meta = {"corpus": str(corpus.path), "corpus_hash": m["hash"], "budgets": sorted({s.budget for s in specs}),
             "prior": cfg.prior, "train_options": sweep_train_options(cfg), "schedule": "cosine",
             "min_steps": cfg.min_steps}

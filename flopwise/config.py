@@ -165,6 +165,26 @@ class TuneOptions:
     seed: int = 0
     heldout_fraction: float = 0.05  # of --data, when no --eval-data is given
 
+    def check(self) -> None:
+        """Every option in range, before any data is read or anything written (one line naming the option)."""
+        bad = [(option, value, rule) for option, value, ok, rule in (
+            ("--rank", self.lora_rank, self.lora_rank >= 0, "at least 1 (with --lora)"),
+            ("--alpha", self.lora_alpha, self.lora_alpha > 0, "a positive number"),
+            ("--epochs", self.epochs, 0 < self.epochs <= 1000, "a positive number of passes (at most 1000)"),
+            ("--max-steps", self.max_steps, self.max_steps is None or self.max_steps >= 1, "at least 1"),
+            ("--lr", self.lr, self.lr is None or 0 < self.lr < 10, "a positive number below 10"),
+            ("--batch-size", self.batch_size, self.batch_size >= 1, "at least 1"),
+            ("--micro-batch", self.micro_batch, self.micro_batch >= 1, "at least 1"),
+            ("heldout_fraction", self.heldout_fraction, 0 < self.heldout_fraction < 0.5, "in (0, 0.5)"),
+        ) if not ok]
+        if bad:
+            option, value, rule = bad[0]
+            raise FlopwiseError(f"{option} must be {rule}, got {value!r}")
+        unknown = [t for t in self.lora_targets if t not in BLOCK_PROJECTIONS]
+        if self.lora_rank and (unknown or not self.lora_targets):
+            raise FlopwiseError(f"--targets {','.join(unknown) or '(none)'} unknown: choose from "
+                                f"{','.join(BLOCK_PROJECTIONS)}")
+
 
 DEFAULT_BUDGET = 5e13  # FLOPs: the autopilot took 10-11 min on a 2-core CPU (sweep ~5, final run ~5)
 
@@ -188,6 +208,27 @@ class AutopilotConfig:
     optimizer: str = "adamw"  # of the sweep's runs and the final run (TrainConfig.optimizer)
     compare_optimizer: str | None = None  # also sweep with this optimizer and compare the two laws (extra FLOPs)
     resume: bool = False
+
+    def check(self) -> None:
+        """Every option in range, before the corpus is read or anything written (one line naming the option)."""
+        bad = [(option, value, rule) for option, value, ok, rule in (
+            ("--sweep-fraction", self.sweep_fraction, 0 < self.sweep_fraction < 1, "between 0 and 1, e.g. 0.4"),
+            ("--n-budgets", self.n_budgets, 2 <= self.n_budgets <= 10, "between 2 and 10 (3+ to check the fit on "
+             "a held-out budget)"),
+            ("--sizes", self.n_sizes, 3 <= self.n_sizes <= 25, "between 3 and 25 (a minimum needs 3 sizes)"),
+            ("--vocab-size", self.vocab_size, 259 <= self.vocab_size <= 1 << 20, "between 259 and 1048576"),
+            ("--seq-len", self.seq_len, 8 <= self.seq_len <= 1 << 16, "between 8 and 65536"),
+            ("--workers", self.workers, self.workers >= 0, "at least 0 (0: one per core)"),
+            ("--bootstrap", self.bootstrap, 0 <= self.bootstrap <= 100_000, "between 0 and 100000"),
+            ("--min-steps", self.min_steps, 1 <= self.min_steps <= 1_000_000, "at least 1"),
+            ("--optimizer", self.optimizer, self.optimizer in ("adamw", "muon"), "adamw or muon"),
+            ("--compare-optimizer", self.compare_optimizer,
+             self.compare_optimizer in (None, *({"adamw", "muon"} - {self.optimizer})),
+             f"the other optimizer than --optimizer {self.optimizer}"),
+        ) if not ok]
+        if bad:
+            option, value, rule = bad[0]
+            raise FlopwiseError(f"{option} must be {rule}, got {value!r}")
 
 
 SWEEP_MICRO_BATCH = 16  # sequences per forward pass of a sweep run (the design picks batches this layout keeps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from flopwise.errors import FlopwiseError
@@ -14,6 +15,17 @@ def cache_root() -> Path:
     """flopwise's cache folder: $FLOPWISE_CACHE, else ~/.cache/flopwise (prepared corpora, hardware probe)."""
     root = os.environ.get("FLOPWISE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "flopwise")
     return Path(root)
+
+
+def check_output_dir(path: str | os.PathLike, option: str, ours: Callable[[Path], bool]) -> None:
+    """The one rule for an output folder: new, empty, or one flopwise made (``ours``); a file, or a folder of
+    other files, is refused before anything is written, so nothing the user had is replaced."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FlopwiseError(f"{option} {path} is a file: give a folder (a new or empty one)")
+    if path.is_dir() and not ours(path) and any(path.iterdir()):
+        raise FlopwiseError(f"{option} {path} holds other files: give a new or empty folder (flopwise writes only "
+                            "into folders it made)")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -32,7 +32,9 @@ from flopwise import __version__
 from flopwise.config import TrainConfig, resolve
 from flopwise.data.prepare import Corpus
 from flopwise.errors import FlopwiseError
-from flopwise.fsutil import atomic_write_text
+from flopwise.fsutil import atomic_write_text, check_output_dir
+from flopwise.laws.flops import n_params_total
+from flopwise.laws.hardware import check_training_memory
 from flopwise.model.llama import Llama, ModelConfig
 from flopwise.model.lora import apply_lora, merge_lora
 
@@ -42,9 +44,32 @@ INSTRUCTIONS_FILE = "instructions.npz"  # a tuning run's data, inside the run
 
 # ---- config.json ----
 
-def check_new(run_dir: Path, resume_hint: str) -> None:
+RUN_FILES = {"config.json", INSTRUCTIONS_FILE, "tokenizer.model", "metrics.jsonl", "ckpt", "final.json", ".lock",
+             "speed.json", "precision.txt", "tune_eval.json", "instructions-train.jsonl",
+             "instructions-heldout.jsonl", "INSTRUCTIONS.md"}
+
+
+def never_trained(run_dir: Path) -> bool:
+    """A run folder left by a failed start: only flopwise's own files, no checkpoint, no step logged, not
+    finished, and nobody training it (e.g. the first step ran out of memory, or the start was interrupted)."""
+    if not run_dir.is_dir() or not {p.name for p in run_dir.iterdir()} <= RUN_FILES:
+        return False
+    ckpts = run_dir / "ckpt"
+    return not (run_dir / "final.json").exists() and not (ckpts.exists() and any(ckpts.iterdir())) and \
+        not read_metrics(run_dir, 1 << 62) and not run_is_locked(run_dir)
+
+
+def check_new(run_dir: Path, resume_hint: str, log=print) -> None:
+    """A new run may go into a new or empty folder, or replace a failed start; nothing else is touched."""
+    if never_trained(run_dir):
+        if (run_dir / "config.json").exists():
+            log(f"note: {run_dir} holds a run that never trained a step (a failed start): replacing it")
+        for p in run_dir.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return
     if (run_dir / "config.json").exists():
         raise FlopwiseError(f"{run_dir} already holds a run: resume it with {resume_hint}, or choose another --out")
+    check_output_dir(run_dir, "--out", lambda p: False)
 
 
 def write_config(run_dir: Path, model: ModelConfig, train: TrainConfig, data: dict, **extra) -> dict:
@@ -55,14 +80,15 @@ def write_config(run_dir: Path, model: ModelConfig, train: TrainConfig, data: di
     return config
 
 
-def new_run(run_dir: str | Path, model: ModelConfig, train: TrainConfig, corpus: Corpus) -> Path:
+def new_run(run_dir: str | Path, model: ModelConfig, train: TrainConfig, corpus: Corpus, log=print) -> Path:
     """Create a pre-training run directory on a prepared corpus (nothing is written if the configs are invalid)."""
     run_dir = Path(run_dir)
-    check_new(run_dir, f"'flopwise train {run_dir}'")
     if model.vocab_size != corpus.vocab_size:
         raise FlopwiseError(f"the model's vocab_size {model.vocab_size} differs from the corpus' {corpus.vocab_size}")
     resolve(model, train)  # validates the options and the budget before anything is written
     require_device(train.device)
+    check_training_memory(n_params_total(model.shape), "the model", "choose a smaller model")
+    check_new(run_dir, f"'flopwise train {run_dir}'", log)
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(corpus.tokenizer_path, run_dir / "tokenizer.model")
     write_config(run_dir, model, train, {"path": str(corpus.path.resolve()), "hash": corpus.meta["hash"],
@@ -79,6 +105,8 @@ def require_device(name: str) -> None:
 
 def read_run_config(run_dir: str | Path) -> tuple[ModelConfig, TrainConfig, dict]:
     run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise FlopwiseError(f"{run_dir} does not exist: give a run directory (made by 'flopwise train --out')")
     try:
         config = json.loads((run_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -134,8 +162,9 @@ def load_checkpoint(path: Path) -> dict | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a checkpoint is only ever replaced atomically, so this is real damage
-        raise FlopwiseError(f"checkpoint {path} cannot be read ({type(e).__name__}): "
-                            "delete it to restart the run") from None
+        run = path.parent.parent
+        raise FlopwiseError(f"checkpoint {path} is damaged ({type(e).__name__}): delete {path} and "
+                            f"{run / 'final.json'}, then 'flopwise train {run}' trains the run again") from None
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:
@@ -147,8 +176,11 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Llama
     run_dir = Path(run_dir)
     mc, tc, _ = read_run_config(run_dir)
     ckpt = load_checkpoint(latest_checkpoint(run_dir))
+    if ckpt is None and (run_dir / "final.json").exists():
+        raise FlopwiseError(f"{run_dir} is finished but its checkpoint is gone: delete {run_dir / 'final.json'}, "
+                            f"then 'flopwise train {run_dir}' trains it again")
     if ckpt is None:
-        raise FlopwiseError(f"{run_dir} has no checkpoint yet: train it first")
+        raise FlopwiseError(f"{run_dir} has no checkpoint yet: train it first ('flopwise train {run_dir}')")
     model = Llama(mc)
     if tc.lora_rank:  # a LoRA run's checkpoint holds adapters: load them, then fold them into the weights
         apply_lora(model, tc.lora_rank, tc.lora_alpha, tc.lora_targets)

@@ -17,6 +17,32 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 hw_app = typer.Typer(no_args_is_help=True, help="Hardware presets and measurements.")
 app.add_typer(hw_app, name="hw")
 console = Console()
+err_console = Console(stderr=True)
+
+
+def warn(message: str) -> None:
+    """A warning or note on stderr, so that piped output (--json) stays clean."""
+    err_console.print(f"[yellow]{message}[/yellow]")
+
+
+def require(*rules: tuple[str, object, bool, str]) -> None:
+    """A command's options checked before it reads or writes anything: each rule is (option, value, ok, what it
+    must be); the first that fails is the error, e.g. "--top-p must be in (0, 1], got 1.5"."""
+    for option, value, ok, rule in rules:
+        if not ok:
+            raise FlopwiseError(f"{option} must be {rule}, got {value!r}")
+
+
+def given(ctx: typer.Context, *names: str) -> list[str]:
+    """The options among ``names`` (parameter names) that the user set, as they are spelled ('--plan')."""
+    spelled = {p.name: (p.opts[0] if p.opts and p.opts[0].startswith("-") else (p.metavar or p.name.upper()))
+               for p in ctx.command.params}
+    out = []
+    for n in names:
+        source = ctx.get_parameter_source(n)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            out.append(spelled.get(n, n))
+    return out
 
 
 def threads_option():

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from flopwise.cli.app import app, console, fmt_count
+from flopwise.cli.app import app, console, fmt_count, require
 from flopwise.errors import FlopwiseError
+from flopwise.fsutil import check_output_dir
 
 
 @app.command()
@@ -54,16 +56,31 @@ def fit(
     )
     from flopwise.laws.forms import parse_forms
 
+    require(("--approach", approach, approach in ("1", "2", "3", "all"), "1, 2, 3 or all"),
+            ("--bootstrap", bootstrap, 0 <= bootstrap <= 100_000, "between 0 (no intervals) and 100000"),
+            ("--holdout-largest", holdout_largest, holdout_largest >= 0, "at least 0"),
+            ("--level", level, 0 < level < 1, "in (0, 1), e.g. 0.9"),
+            ("--delta", delta, 0 < delta < 10, "a positive number (the Huber threshold, e.g. 1e-3)"),
+            ("--degree", degree, degree in (2, 3), "2 (parabola) or 3 (cubic)"),
+            ("--workers", workers, workers is None or workers >= 1, "at least 1"))
+    budget_list = [_float(b, "--budgets") for b in budgets.split(",")] if budgets else ()
+    require(("--budgets", budgets, all(math.isfinite(b) and b > 0 for b in budget_list),
+             "comma-separated positive numbers of FLOPs"))
+    if not Path(runs_path).exists():
+        raise FlopwiseError(f"{runs_path} does not exist: give a CSV or JSONL of runs, or a sweep folder")
+    src = Path(runs_path)
+    out_dir = Path(out) if out else (src / "fit" if src.is_dir() else src.with_name(src.stem + "-fit"))
+    _check_fit_out(out_dir, src)
     runs, others = _runs_in(runs_path, convention)
+    if holdout_largest and holdout_largest >= len(runs.budgets):
+        raise FlopwiseError(f"--holdout-largest {holdout_largest} leaves no budget to fit: the runs have "
+                            f"{len(runs.budgets)} budget(s), so hold out at most {len(runs.budgets) - 1}")
     if forms is None:  # the default: compare where the runs allow it
         form_list = [f for f in parse_forms("all") if f != "data-constrained" or runs.repeated]
         if len(runs.budgets) < 3 or approach not in ("3", "all"):
             form_list = ["chinchilla"]
     else:
         form_list = parse_forms(forms)
-    budget_list = [_float(b, "--budgets") for b in budgets.split(",")] if budgets else ()
-    src = Path(runs_path)
-    out_dir = Path(out) if out else (src / "fit" if src.is_dir() else src.with_name(src.stem + "-fit"))
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeRemainingColumn(), console=Console(stderr=True), disable=quiet or as_json,
                   transient=True) as bar:
@@ -85,6 +102,20 @@ def fit(
         print(json.dumps({**public(result), "law_file": str(out_dir / "law.json"), "plots": plots}, indent=2))
         return
     print_fit(public(result), out_dir, plots)
+
+
+def _check_fit_out(out_dir: Path, src: Path) -> None:
+    """The output folder: new, empty, or an earlier fit of these same runs (which the new fit replaces)."""
+    def same_runs(p: Path) -> bool:
+        try:
+            source = json.loads((p / "law.json").read_text()).get("source")
+        except (OSError, ValueError, AttributeError):
+            return False
+        if source is not None and Path(source).resolve() != src.resolve():
+            raise FlopwiseError(f"{p} holds the fit of {source}, not of {src}: choose another --out")
+        return True
+
+    check_output_dir(out_dir, "--out", same_runs)
 
 
 def _runs_in(path: str, convention: str):

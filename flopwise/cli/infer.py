@@ -9,10 +9,19 @@ from typing import Optional
 
 import typer
 
-from flopwise.cli.app import app, console, set_threads, threads_option
+from flopwise.cli.app import app, console, require, set_threads, threads_option, warn
 from flopwise.data.instructions import STOP_STRINGS, chat_prompt_ids, render_prompt
 from flopwise.data.tokenizer import load_tokenizer
 from flopwise.errors import FlopwiseError
+
+
+def _sampling_rules(max_tokens: int, temperature: float, top_k: int, top_p: float = 1.0,
+                    repetition_penalty: float = 1.0) -> None:
+    require(("--max-tokens", max_tokens, 1 <= max_tokens <= 1 << 20, "between 1 and 1048576"),
+            ("--temperature", temperature, 0 <= temperature <= 100, "between 0 (greedy) and 100"),
+            ("--top-k", top_k, top_k >= 0, "at least 0 (0: all tokens)"),
+            ("--top-p", top_p, 0 < top_p <= 1, "in (0, 1] (1: off)"),
+            ("--repetition-penalty", repetition_penalty, 0 < repetition_penalty <= 100, "in (0, 100] (1: off)"))
 
 
 def _engine(run: str, dtype: str, threads: int):
@@ -22,8 +31,14 @@ def _engine(run: str, dtype: str, threads: int):
     from flopwise.run import load_model
     from flopwise.train.probe import use_threads
 
+    require(("--dtype", dtype, dtype in ("fp32", "bf16", "int8"), "fp32, bf16 or int8"),
+            ("--threads", threads, threads >= 0, "at least 0 (0: adapt to the free cores)"))
+    if not Path(run).exists():
+        raise FlopwiseError(f"{run} does not exist: give a run directory or a .gguf file")
+    if Path(run).is_file() and not run.endswith(".gguf"):
+        raise FlopwiseError(f"{run} is not a run directory or a .gguf file")
     use_threads(set_threads(threads))
-    if Path(run).is_file() and run.endswith(".gguf"):
+    if Path(run).is_file():
         from flopwise.infer.gguf_load import load_gguf
 
         model, sp = load_gguf(run)
@@ -51,6 +66,7 @@ def generate(
     """Generate text from a run (temperature 0 is greedy); streams a single prompt."""
     from flopwise.infer.generate import Sampling  # torch: loaded by the command, not at start-up
 
+    _sampling_rules(max_tokens, temperature, top_k, top_p, repetition_penalty)
     eng = _engine(run, dtype, threads)
     if bench:
         r = eng.bench()
@@ -66,6 +82,12 @@ def generate(
                  stop=list(stop or []) + (list(STOP_STRINGS) if instruct else []))
     if not any(p.strip() for p in prompts):
         raise FlopwiseError("empty prompt: give --prompt TEXT or text on stdin")
+    ctx = eng.config.seq_len
+    longest = max(len(eng.encode_prompt(p)) for p in prompts)
+    if longest >= ctx:
+        raise FlopwiseError(f"the prompt is {longest} tokens, the model's context {ctx}: give a shorter prompt")
+    if longest + max_tokens > ctx:
+        warn(f"note: the context is {ctx} tokens, so at most {ctx - longest} new tokens follow this prompt")
     if len(prompts) == 1 and not as_json:
         for piece in eng.stream_text(prompts[0], s):
             sys.stdout.write(piece)
@@ -95,6 +117,7 @@ def chat(
     """Chat in the terminal with the Alpaca template; replies stream token by token. Ctrl-D or /exit ends."""
     from flopwise.infer.generate import Sampling  # torch: loaded by the command, not at start-up
 
+    _sampling_rules(max_tokens, temperature, top_k)
     eng = _engine(run, dtype, threads)
     ctx = eng.config.seq_len
     console.print(f"[dim]{run}: context {ctx} tokens; /reset clears the history, /exit or Ctrl-D ends[/dim]")
@@ -187,11 +210,23 @@ def serve(
     """OpenAI-compatible server: /v1/completions, /v1/chat/completions (stream: true as SSE), /v1/models."""
     from flopwise.infer.server import serve as run_server  # torch, fastapi: loaded by the command
 
-    if not 0 < port < 65536:
-        raise FlopwiseError(f"--port must be between 1 and 65535, got {port}")
-    if max_queue < 1:
-        raise FlopwiseError(f"--max-queue must be at least 1, got {max_queue}")
+    require(("--port", port, 0 < port < 65536, "between 1 and 65535"),
+            ("--max-queue", max_queue, max_queue >= 1, "at least 1"))
+    _check_port(host, port)
     eng = _engine(run, dtype, threads)
     model_name = name or Path(run).resolve().name
     console.print(f"serving {model_name} on http://{host}:{port}/v1 (context {eng.config.seq_len} tokens)")
     run_server(eng, model_name, host, port, max_queue)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port something else listens on before the model loads (and before 'serving on' is printed)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise FlopwiseError(f"cannot listen on {host}:{port} ({e.strerror or e}; is it in use?): choose another "
+                            "--port or --host") from None

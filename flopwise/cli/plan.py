@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from flopwise.cli.app import app, console, fmt_count, fmt_hours, hw_app, parse_bytes
+from flopwise.cli.app import app, console, fmt_count, fmt_hours, hw_app, parse_bytes, require
+from flopwise.errors import FlopwiseError
 from flopwise.laws.hardware import DEVICES, GPUS
 from flopwise.laws.law import DEFAULT_LAW, REGISTRY
 
@@ -41,9 +43,30 @@ def plan(
     """Compute-optimal N, D, shape, loss, time, cost and energy for a budget."""
     from flopwise.laws.plan import budget_flops, make_plan  # scipy: loaded by the command, not at start-up
 
+    def positive(x):
+        return x is None or (math.isfinite(x) and x > 0)
+
+    require(("--flops", flops, positive(flops), "a positive number of FLOPs, e.g. 1e21"),
+            ("--hours", hours, positive(hours), "a positive number of hours"),
+            ("--dollars", dollars, positive(dollars), "a positive number of dollars"),
+            ("--gpus", gpus, gpus >= 1, "at least 1"),
+            ("--mfu", mfu, 0 < mfu <= 1, "in (0, 1], e.g. 0.4"),
+            ("--price-per-hour", price_per_hour, positive(price_per_hour), "a positive number of dollars"),
+            ("--inference-tokens", inference_tokens, positive(inference_tokens), "a positive number of tokens"),
+            ("--unique-tokens", unique_tokens, positive(unique_tokens), "a positive number of tokens"),
+            ("--bits", bits, bits in (4, 8, 16, 32), "4, 8, 16 or 32"),
+            ("--vocab-size", vocab_size, vocab_size is None or 259 <= vocab_size <= 1 << 20,
+             "between 259 and 1048576"),
+            ("--seq-len", seq_len, 2 <= seq_len <= 1 << 20, "between 2 and 1048576"),
+            ("--pue", pue, 1 <= pue <= 10, "between 1 (no overhead) and 10"),
+            ("--carbon", carbon, 0 <= carbon <= 10, "between 0 and 10 kg CO2e per kWh"))
+    if device is not None and max_memory is not None:
+        raise FlopwiseError("give --device or --max-memory, not both: --max-memory replaces the device's memory")
+    memory = parse_bytes(max_memory) if max_memory else None
+    require(("--max-memory", max_memory, memory is None or memory > 0, "a positive size, e.g. 4GB"))
     budget = budget_flops(flops, gpu, gpus, hours, dollars, mfu, price_per_hour)
     p = make_plan(budget, law, inference_tokens=inference_tokens, unique_tokens=unique_tokens, device=device,
-                  bits=bits, max_memory_bytes=parse_bytes(max_memory) if max_memory else None, gpu=gpu or "h100",
+                  bits=bits, max_memory_bytes=memory, gpu=gpu or "h100",
                   n_gpus=gpus, mfu=mfu, price_per_hour=price_per_hour, pue=pue, carbon_kg_per_kwh=carbon,
                   vocab_size=vocab_size, seq_len=seq_len, exact_flops=exact)
     if as_json:
@@ -134,7 +157,12 @@ def laws(as_json: bool = typer.Option(False, "--json", help="Print the registry 
 def hw_probe(device: Optional[str] = typer.Option(None, help="torch device (default: cuda if present, else cpu)."),
              as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Measure this machine's matmul peak (fp32, bf16) and memory bandwidth; saved for MFU."""
+    from flopwise.run import require_device
     from flopwise.train.probe import probe, save_probe  # torch: loaded by the command, not at start-up
+
+    require(("--device", device, device in (None, "cpu", "mps") or device.split(":")[0] == "cuda",
+             "cpu, cuda or mps"))
+    require_device(device or "cpu")
 
     with console.status("measuring matmul peaks and memory bandwidth…"):
         result = probe(device)

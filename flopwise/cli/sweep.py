@@ -8,10 +8,13 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from flopwise.cli.app import app, console, fmt_count, set_threads, threads_option
+from flopwise.cli.app import app, console, fmt_count, require, set_threads, threads_option, warn
 from flopwise.config import AutopilotConfig, sweep_train_options
 from flopwise.data.prepare import resolve_corpus
 from flopwise.errors import FlopwiseError
+from flopwise.fsutil import check_output_dir
+from flopwise.laws.allocate import check_flops
+from flopwise.laws.law import load_law
 from flopwise.progress import Bar
 from flopwise.sweep.design import (
     check_corpus,
@@ -27,7 +30,7 @@ from flopwise.sweep.design import (
 )
 
 A = AutopilotConfig()  # the defaults shown and used
-sweep_app = typer.Typer(no_args_is_help=True, help="IsoFLOP sweeps: design, run, status.")
+sweep_app = typer.Typer(no_args_is_help=True, help="IsoFLOP sweeps: run, status, compare.")
 app.add_typer(sweep_app, name="sweep")
 
 
@@ -39,12 +42,15 @@ def _budgets(budgets: Optional[str], min_flops: Optional[float], max_flops: Opti
         return ladder(smallest_budget(lambda b: works(ladder(b))))
     if budgets:
         try:
-            return [float(b) for b in budgets.split(",")]
+            out = [float(b) for b in budgets.split(",")]
         except ValueError:
             raise FlopwiseError(f"--budgets must be comma-separated numbers, got {budgets!r}") from None
+        for b in out:
+            check_flops(b, "--budgets")
+        return out
     if min_flops is None or max_flops is None:
         raise FlopwiseError("give --budgets 1e12,3e12,1e13 or --min-flops and --max-flops")
-    return log_spaced(min_flops, max_flops, n_budgets)
+    return log_spaced(check_flops(min_flops, "--min-flops"), check_flops(max_flops, "--max-flops"), n_budgets)
 
 
 @sweep_app.command("run")
@@ -75,16 +81,21 @@ def sweep_run(
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Design (or resume) an IsoFLOP sweep and train its runs."""
+    AutopilotConfig(n_sizes=sizes, n_budgets=max(n_budgets, 2), vocab_size=vocab_size, seq_len=seq_len,
+                    workers=workers, min_steps=min_steps, optimizer=optimizer).check()
+    require(("--n-budgets", n_budgets, 1 <= n_budgets <= 10, "between 1 and 10"),
+            ("--spread", spread, 1 < spread <= 100, "above 1 (sizes span N_opt/spread to N_opt*spread)"),
+            ("--schedule", schedule, schedule in ("cosine", "wsd"), "cosine or wsd"),
+            ("--cooldown-fraction", cooldown_fraction, 0 < cooldown_fraction < 1, "between 0 and 1"),
+            ("--threads", threads, threads >= 0, "at least 0 (0: adapt to the free cores)"))
+    load_law(prior)  # an unknown --prior fails here, naming the laws there are
     set_threads(threads)
     # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
     from flopwise.sweep.runner import default_workers, run_sweep, sweep_seconds, worker_threads
 
-    if schedule not in ("cosine", "wsd"):
-        raise FlopwiseError(f"--schedule must be cosine or wsd, got {schedule!r}")
-    if optimizer not in ("adamw", "muon"):
-        raise FlopwiseError(f"--optimizer must be adamw or muon, got {optimizer!r}")
     sweep_dir = Path(out)
-    corpus = resolve_corpus(data, vocab_size, log=lambda m: console.print(f"[yellow]{m}[/yellow]"))
+    check_output_dir(sweep_dir, "--out", lambda p: (p / "sweep.json").exists())
+    corpus = resolve_corpus(data, vocab_size, log=warn)
     check_corpus(corpus.meta, seq_len)
     design = design_wsd_sweep if schedule == "wsd" else design_sweep
     extra = {"cooldown_fraction": cooldown_fraction} if schedule == "wsd" else {}
@@ -163,6 +174,8 @@ def sweep_compare(
     from flopwise.laws.runs import load_runs
     from flopwise.laws.trust import NOT_INFORMATIVE
 
+    require(("--bootstrap", bootstrap, 0 <= bootstrap <= 100_000, "between 0 (no intervals) and 100000"),
+            ("--level", level, 0 < level < 1, "in (0, 1), e.g. 0.9"))
     paths = [Path(sweep_a), Path(sweep_b)]
     try:
         at = [float(c) for c in budgets.split(",")] if budgets else None
@@ -300,6 +313,10 @@ def autopilot(
     quiet: bool = typer.Option(False, "--quiet", help="Only the closing summary."),
 ) -> None:
     """Sweep -> fit -> plan -> train -> compare -> report, on the bundled corpus by default."""
+    require(("--threads", threads, threads >= 0, "at least 0 (0: adapt to the free cores)"),
+            ("--gpus", gpus, gpus >= 1, "at least 1"),
+            ("--mfu", mfu, 0 < mfu <= 1, "in (0, 1], e.g. 0.4"),
+            ("--hours", hours, hours is None or 0 < hours < 1e6, "a positive number of hours"))
     set_threads(threads)
     from flopwise.autopilot import autopilot as run_autopilot  # torch: loaded by the command
     from flopwise.laws.plan import budget_flops
@@ -307,8 +324,10 @@ def autopilot(
     auto = budget is not None and budget.strip().lower() == "auto"
     if auto and hours is not None:
         raise FlopwiseError("give --budget auto or --hours, not both")
-    flops = None if auto else A.budget_flops if budget is None and hours is None else \
-        budget_flops(_number(budget, "--budget") if budget is not None else None, gpu, gpus, hours, None, mfu)
+    if (hours is None) != (gpu is None):
+        raise FlopwiseError("a GPU-time budget needs both --gpu TYPE and --hours H (e.g. --gpu h100 --hours 2)")
+    flops = (None if auto else check_flops(_number(budget, "--budget"), "--budget") if budget is not None else
+             budget_flops(None, gpu, gpus, hours, None, mfu) if hours is not None else A.budget_flops)
     cfg = AutopilotConfig(budget_flops=flops, sweep_fraction=sweep_fraction, n_budgets=n_budgets, n_sizes=sizes,
                           min_steps=min_steps,
                           vocab_size=vocab_size, seq_len=seq_len, workers=workers, bootstrap=bootstrap, seed=seed,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -9,12 +10,13 @@ from typing import Optional
 import numpy as np
 import typer
 
-from flopwise.cli.app import app, console, set_threads, threads_option
+from flopwise.cli.app import app, console, given, require, set_threads, threads_option, warn
 from flopwise.config import TrainConfig
 from flopwise.data.prepare import open_corpus, resolve_corpus
 from flopwise.data.prepare import prepare as prepare_corpus
 from flopwise.data.tokenizer import load_tokenizer, token_byte_lengths
 from flopwise.errors import FlopwiseError
+from flopwise.fsutil import check_output_dir
 from flopwise.laws.flops import training_flops_per_token
 from flopwise.laws.shape import suggest_shape
 
@@ -43,35 +45,35 @@ def prepare(
                   f"{m['bytes_train'] / max(1, m['n_tokens_train']):.2f} bytes/token")
 
 
-def _model_config(config: Optional[str], n_params: Optional[float], plan_doc: Optional[dict], vocab: int,
+def _model_config(config_doc: Optional[dict], n_params: Optional[float], plan_doc: Optional[dict], vocab: int,
                   seq_len: int):
     from flopwise.model.llama import ModelConfig  # torch: loaded by the command, not at start-up
 
-    given = [x for x in (config, n_params, plan_doc) if x is not None]
-    if len(given) > 1:
-        raise FlopwiseError("give the model once: --config, --n-params or --plan")
-    if config is not None:
-        try:
-            d = json.loads(open(config).read())
-        except (OSError, json.JSONDecodeError) as e:
-            raise FlopwiseError(f"cannot read --config {config}: {e}") from None
-        d = d.get("model", d.get("shape", d))
-        mc = ModelConfig.from_dict(d)
+    if config_doc is not None:
+        mc = ModelConfig.from_dict(config_doc, strict="shape" not in config_doc)
         if mc.vocab_size != vocab:
-            raise FlopwiseError(f"--config has vocab_size {mc.vocab_size} but the corpus has {vocab}: "
-                                "edit the config or prepare the corpus with --vocab-size")
+            raise FlopwiseError(f"--config has vocab_size {mc.vocab_size} but the corpus has {vocab}: prepare the "
+                                f"corpus with --vocab-size {mc.vocab_size} (or give the text itself to --data)")
         return mc
     if plan_doc is not None:
         shape = plan_doc["shape"]
-        if shape["vocab_size"] == vocab:
-            return ModelConfig.from_dict(shape)
-        n_params = plan_doc["n_params"]
-        seq_len = shape.get("seq_len", seq_len)
-        console.print(f"[dim]note: the plan's shape has vocab {shape['vocab_size']}, the corpus {vocab}: "
-                      f"reshaping for {n_params:.3g} parameters[/dim]")
-    if n_params is None:
-        raise FlopwiseError("no model given: use --n-params 1e6, --config FILE or --plan FILE")
+        if shape["vocab_size"] != vocab:
+            raise FlopwiseError(f"the plan's shape has vocab {shape['vocab_size']} but the corpus has {vocab}: prepare "
+                                f"the corpus with --vocab-size {shape['vocab_size']} (or give the text itself to "
+                                f"--data), or plan with --vocab-size {vocab}")
+        return ModelConfig.from_dict(shape)
     return ModelConfig(**suggest_shape(float(n_params), vocab_size=vocab, seq_len=seq_len).to_dict())
+
+
+def _read_config(path: str) -> dict:
+    try:
+        doc = json.loads(open(path).read())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FlopwiseError(f"cannot read --config {path}: {e}") from None
+    doc = doc.get("model", doc.get("shape", doc)) if isinstance(doc, dict) else doc
+    if not isinstance(doc, dict):
+        raise FlopwiseError(f"--config {path} is not a JSON object of model fields (d_model, n_layers, ...)")
+    return doc
 
 
 def _read_plan(path: str) -> dict:
@@ -90,11 +92,29 @@ def _read_plan(path: str) -> dict:
     return doc
 
 
+def _check_new_run(tc: TrainConfig, n_params, tokens, flops, seq_len: int, vocab_size: int, models: list) -> None:
+    """Every option of a new run, before any file is read or written."""
+    tc.check()
+    budgets = [x for x in (tokens, flops) if x is not None]
+    require(("--n-params", n_params, n_params is None or 1e3 <= n_params <= 1e13, "between 1e3 and 1e13"),
+            ("--tokens", tokens, tokens is None or 0 < tokens < 1e15, "a positive number of tokens below 1e15"),
+            ("--flops", flops, flops is None or 0 < flops < 1e30, "a positive number of FLOPs below 1e30"),
+            ("--seq-len", seq_len, 2 <= seq_len <= 1 << 20, "between 2 and 1048576"),
+            ("--vocab-size", vocab_size, 259 <= vocab_size <= 1 << 20, "between 259 and 1048576"))
+    if sum(x is not None for x in models) > 1:
+        raise FlopwiseError("give the model once: --config, --n-params or --plan")
+    if not any(x is not None for x in models):
+        raise FlopwiseError("no model given: use --n-params 1e6, --config FILE or --plan FILE")
+    if len(budgets) + (models[2] is not None) != 1:
+        raise FlopwiseError("give the training budget once: --tokens, --flops or --plan")
+
+
 T = TrainConfig(n_tokens=0)  # the defaults shown and used
 
 
 @app.command()
 def train(
+    ctx: typer.Context,
     run: Optional[str] = typer.Argument(None, metavar="[RUN_DIR]", help="Resume this run directory."),
     data: Optional[str] = typer.Option(None, help="Prepared corpus folder, or text to prepare (default: bundled)."),
     n_params: Optional[float] = typer.Option(None, help="Target parameter count; the shape is suggested."),
@@ -126,35 +146,49 @@ def train(
 ) -> None:
     """Train a model with its schedule matched to its token budget; 'flopwise train RUN_DIR' resumes."""
     # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
-    from flopwise.run import new_run
+    from flopwise.run import never_trained, new_run
     from flopwise.train import distributed as dist
     from flopwise.train.trainer import train as run_training
 
-    set_threads(threads)
-    rank, _ = dist.setup()
+    if out is not None and run is not None:
+        raise FlopwiseError("give RUN_DIR (to resume a run) or --out RUN_DIR (to start one), not both")
     if out is None and run is None:
         raise FlopwiseError("no run directory: give --out RUN_DIR for a new run, or RUN_DIR to resume one")
     run_dir = Path(out or run)
-    if rank == 0 and (run_dir / "config.json").exists():
-        if any(x is not None for x in (n_params, config, tokens, flops, plan_file)):
-            raise FlopwiseError(f"{run_dir} already holds a run: resume it with 'flopwise train {run_dir}' "
-                                "(without model or budget options) or choose another --out")
-    elif rank == 0:
-        corpus = resolve_corpus(data, vocab_size, log=lambda m: console.print(f"[yellow]{m}[/yellow]"))
-        plan_doc = _read_plan(plan_file) if plan_file else None
-        mc = _model_config(config, n_params, plan_doc, corpus.vocab_size, seq_len)
-        if len([x for x in (tokens, flops, plan_doc) if x is not None]) != 1:
-            raise FlopwiseError("give the training budget once: --tokens, --flops or --plan")
-        n_tokens = (flops / training_flops_per_token(mc) if flops is not None else
-                    tokens if tokens is not None else plan_doc["n_tokens"])
-        if not (n_tokens == n_tokens and 0 < n_tokens < 1e15):
-            raise FlopwiseError(f"the token budget must be a positive number, got {n_tokens}")
-        tc = TrainConfig(n_tokens=int(n_tokens), lr=lr, batch_tokens=batch_tokens, micro_batch=micro_batch,
-                         schedule=schedule, optimizer=optimizer, cooldown_fraction=cooldown_fraction,
-                         cooldown_shape=cooldown_shape,
+    new_options = given(ctx, "data", "n_params", "config", "tokens", "flops", "plan_file", "seq_len", "vocab_size",
+                        "lr", "batch_tokens", "micro_batch", "schedule", "optimizer", "cooldown_fraction",
+                        "cooldown_shape", "precision", "compile_model", "device", "ckpt_every", "eval_every", "seed")
+    started = (run_dir / "config.json").exists() and not never_trained(run_dir)
+    if run is not None and not (run_dir / "config.json").exists():
+        raise FlopwiseError(f"{run_dir} does not exist: start a run with --out {run_dir}" if not run_dir.exists()
+                            else f"{run_dir} is not a run directory (no config.json): start a run with --out NEW_DIR")
+    if (run is not None or started) and new_options:
+        raise FlopwiseError(f"{run_dir} already holds a run: resume it with 'flopwise train {run_dir}' alone "
+                            f"({', '.join(new_options)} apply to a new run), or choose another --out")
+    set_threads(threads)
+    rank, _ = dist.setup()
+    # a new run: --out names a new or empty folder, or a failed start that new options replace
+    if rank == 0 and run is None and not started and (new_options or not (run_dir / "config.json").exists()):
+        tc = TrainConfig(n_tokens=1, lr=lr, batch_tokens=batch_tokens, micro_batch=micro_batch, schedule=schedule,
+                         optimizer=optimizer, cooldown_fraction=cooldown_fraction, cooldown_shape=cooldown_shape,
                          precision=precision, compile=compile_model, device=device, ckpt_every=ckpt_every,
                          eval_every=eval_every, seed=seed, threads=threads)
-        new_run(run_dir, mc, tc, corpus)
+        _check_new_run(tc, n_params, tokens, flops, seq_len, vocab_size, [config, n_params, plan_file])
+        check_output_dir(run_dir, "--out", lambda p: never_trained(p))
+        plan_doc = _read_plan(plan_file) if plan_file else None
+        config_doc = _read_config(config) if config else None
+        model_vocab = (plan_doc["shape"]["vocab_size"] if plan_doc else
+                       config_doc.get("vocab_size") if config_doc else None)
+        if model_vocab and "--vocab-size" not in given(ctx, "vocab_size"):
+            vocab_size = model_vocab  # text is prepared at the vocabulary the plan or config was made for
+        corpus = resolve_corpus(data, vocab_size, log=warn)
+        mc = _model_config(config_doc, n_params, plan_doc, corpus.vocab_size, seq_len)
+        n_tokens = (flops / training_flops_per_token(mc) if flops is not None else
+                    tokens if tokens is not None else plan_doc["n_tokens"])
+        if not n_tokens < 1e15:
+            raise FlopwiseError(f"the token budget must be below 1e15, got {n_tokens:.3g}")
+        tc = dataclasses.replace(tc, n_tokens=int(n_tokens))
+        new_run(run_dir, mc, tc, corpus, log=warn)
     dist.barrier()
     final = run_training(run_dir, quiet=quiet or as_json, log=console.print)
     if as_json:
@@ -162,6 +196,13 @@ def train(
     elif rank == 0:
         console.print(f"done: {run_dir}  val loss {final['val_loss']:.4f} nats/token, {final['val_bpb']:.4f} "
                       f"bits/byte, {final['epochs']:.2f} epochs, {final['wall_seconds']:.0f} s")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
 
 
 @app.command("eval")
@@ -185,6 +226,12 @@ def eval_cmd(
     from flopwise.train.trainer import evaluate
     from flopwise.train.tune import evaluate_instructions
 
+    require(("--windows", windows, windows >= 1, "at least 1"),
+            ("--behaviour-n", behaviour_n, behaviour_n >= 0, "at least 0"),
+            ("--temperature", temperature, 0 <= temperature <= 100, "between 0 (greedy) and 100"),
+            ("--threads", threads, threads >= 0, "at least 0 (0: adapt to the free cores)"))
+    if instructions is not None and not Path(instructions).exists():
+        raise FlopwiseError(f"--instructions {instructions} does not exist: give an Alpaca JSON/JSONL or chat file")
     use_threads(set_threads(threads))
     mc, tc, cfg = read_run_config(run)
     if instructions is not None:
@@ -205,9 +252,9 @@ def eval_cmd(
         raise FlopwiseError(f"{run} is a tuning run: evaluate it with --instructions FILE "
                             f"(e.g. {Path(run) / 'instructions-heldout.jsonl'}) or --data CORPUS")
     corpus = open_corpus(data or cfg["data"]["path"])
-    if corpus.vocab_size != mc.vocab_size:
-        raise FlopwiseError(f"the corpus' vocab ({corpus.vocab_size}) differs from the model's ({mc.vocab_size}): "
-                            "evaluate on data prepared with the run's tokenizer")
+    if not _same_file(corpus.tokenizer_path, Path(run) / "tokenizer.model"):
+        raise FlopwiseError(f"{corpus.path} was prepared with another tokenizer than the run's, so its loss would "
+                            "mean nothing: evaluate on the run's own corpus (omit --data)")
     device = pick_device("auto")
     model = load_model(run, device)
     w = eval_windows(corpus.tokens("val"), mc.seq_len, windows)

@@ -8,10 +8,10 @@ from typing import Optional
 
 import typer
 
-from flopwise.cli.app import app, console, set_threads, threads_option
+from flopwise.cli.app import app, console, given, require, set_threads, threads_option, warn
 from flopwise.config import TuneOptions
 from flopwise.errors import FlopwiseError
-from flopwise.fsutil import atomic_write_text
+from flopwise.fsutil import atomic_write_text, check_output_dir
 
 D = TuneOptions()  # the defaults shown and used
 
@@ -27,6 +27,7 @@ def _report_line(name: str, r: dict) -> str:
 
 @app.command()
 def tune(
+    ctx: typer.Context,
     base: Optional[str] = typer.Argument(None, metavar="BASE_RUN", help="The trained run to tune."),
     out: str = typer.Option(..., help="Run directory for the tuned model (given alone: resume it)."),
     data: Optional[str] = typer.Option(None, help="Alpaca JSON/JSONL or chat JSONL (default: the bundled set "
@@ -49,26 +50,45 @@ def tune(
 ) -> None:
     """Instruction-tune BASE_RUN (full or LoRA), with its evaluation before and after."""
     # torch-heavy modules load when a command needs them, so 'flopwise plan' and 'fit' start fast
-    from flopwise.run import is_tuning, load_model, read_run_config
+    from flopwise.run import is_tuning, load_model, never_trained, read_run_config
     from flopwise.train.trainer import train as run_training
     from flopwise.train.tune import new_tune_run, tune_report
 
-    set_threads(threads)
     out_dir = Path(out)
-    log = (lambda m: None) if as_json else (lambda m: console.print(f"[yellow]{m}[/yellow]"))
-    if not (out_dir / "config.json").exists():
+    log = (lambda m: None) if as_json else warn
+    opts = TuneOptions(lora_rank=rank if lora else 0, lora_alpha=alpha,
+                       lora_targets=[t.strip() for t in targets.split(",") if t.strip()] if lora else D.lora_targets,
+                       epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, seed=seed)
+    lora_only = given(ctx, "rank", "alpha", "targets")
+    require(("--threads", threads, threads >= 0, "at least 0 (0: adapt to the free cores)"),
+            ("--behaviour-n", behaviour_n, behaviour_n >= 0, "at least 0 (0: response loss only)"))
+    if lora_only and not lora:
+        raise FlopwiseError(f"{', '.join(lora_only)} configure LoRA: add --lora (without it the whole model is tuned)")
+    if lora:
+        require(("--rank", rank, rank >= 1, "at least 1"))
+    opts.check()
+    if (out_dir / "config.json").exists() and not is_tuning(read_run_config(out_dir)[2]):
+        raise FlopwiseError(f"{out_dir} is a pre-training run, not a tuning run: choose another --out")
+    check_output_dir(out_dir, "--out", lambda p: (p / "config.json").exists() or never_trained(p))
+    set_threads(threads)
+    resuming = (out_dir / "config.json").exists() and not never_trained(out_dir)
+    if resuming:
+        changed = given(ctx, "base", "data", "eval_data", "lora", "rank", "alpha", "targets", "epochs", "max_steps",
+                        "lr", "batch_size", "seed")
+        if changed:
+            raise FlopwiseError(f"{out_dir} already holds a tuning run: resume it with 'flopwise tune --out {out_dir}' "
+                                f"alone ({', '.join(changed)} apply to a new run), or choose another --out")
+    else:
         if base is None:
             raise FlopwiseError("no base run: 'flopwise tune BASE_RUN --out RUN_DIR' (or --out alone to resume)")
         with console.status("encoding instruction data…"):
-            opts = TuneOptions(lora_rank=rank if lora else 0, lora_alpha=alpha,
-                               lora_targets=targets.split(",") if lora else D.lora_targets, epochs=epochs,
-                               max_steps=max_steps, lr=lr, batch_size=batch_size, seed=seed)
             new_tune_run(out_dir, base, data, eval_data, opts, log=log)
     _, tc, cfg = read_run_config(out_dir)
-    if not is_tuning(cfg):
-        raise FlopwiseError(f"{out_dir} is a pre-training run, not a tuning run: choose another --out")
     report_path = out_dir / "tune_eval.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    if "behaviour_n" in report and not given(ctx, "behaviour_n"):
+        behaviour_n = report["behaviour_n"]  # a resumed tuning evaluates as its start was told to
+    report["behaviour_n"] = behaviour_n
     if "base" not in report:
         with console.status("evaluating the base model on the held-out examples…"):
             report["base"] = tune_report(load_model(tc.init_weights), out_dir, behaviour_n, seed)
@@ -86,7 +106,8 @@ def tune(
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    console.print(_report_line("base", report["base"]))
+    if not quiet:  # progress came between: show the base again beside the tuned model
+        console.print(_report_line("base", report["base"]))
     console.print(_report_line("tuned", report["tuned"]))
     for s in report["tuned"].get("samples", [])[:2]:
         console.print(f"[dim]{s.get('instruction', s.get('input'))}[/dim]\n  {s['response'][:300]}")

@@ -29,7 +29,7 @@ import numpy as np
 
 from flopwise.data.tokenizer import BOS_ID, EOS_ID, UNK_ID, load_tokenizer, train_tokenizer
 from flopwise.errors import FlopwiseError
-from flopwise.fsutil import cache_root, parse_records, usual_mode
+from flopwise.fsutil import cache_root, check_output_dir, parse_records, usual_mode
 
 DEFAULT_VOCAB_SIZE = 4096
 PREPARE_VERSION = 1  # bump when the output of prepare() changes for the same input
@@ -100,6 +100,15 @@ def _expand(paths: list[Path]) -> list[Path]:
     return files
 
 
+def _check_text(raw: bytes, path: Path) -> None:
+    """Refuse binary data (an image, an archive, a model file): NUL bytes, or mostly bytes that are not UTF-8."""
+    head = raw[: 1 << 20]
+    bad = head.decode("utf-8", errors="replace").count("\ufffd") - head.count("\ufffd".encode())
+    if b"\0" in head or bad > 0.1 * max(1, len(head)):
+        raise FlopwiseError(f"{path} is not text (binary data): give text files (.txt, .md) or JSONL with a 'text' "
+                            "field")
+
+
 def _decode(raw: bytes, path: Path, stats: dict) -> str:
     text = raw.decode("utf-8", errors="replace")
     bad = text.count("\ufffd") - raw.count("\ufffd".encode())
@@ -124,6 +133,7 @@ def read_documents(path: Path, stats: dict, whole_file: bool = False) -> list[st
         raw = path.read_bytes()
     except OSError as e:
         raise FlopwiseError(f"cannot read {path}: {e.strerror}") from None
+    _check_text(raw, path)
     text = _decode(raw, path, stats)
     if path.suffix.lower() not in (".jsonl", ".json"):
         return split_documents(text, on_blank_lines=not whole_file)
@@ -179,11 +189,7 @@ def prepare(paths: list[str | Path] | None = None, out: str | Path | None = None
     options = {"vocab_size": vocab_size, "val_fraction": val_fraction if not val_files else None, "seed": seed}
     digest = _content_hash(files, val_files, options)
     out = Path(out) if out else cache_root() / "corpora" / digest[:16]
-    if out.exists() and not out.is_dir():
-        raise FlopwiseError(f"--out {out} is a file: give a folder for the prepared corpus (a new or empty one)")
-    if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").exists():
-        raise FlopwiseError(f"--out {out} holds other files: give a new or empty folder (flopwise replaces only a "
-                            "corpus it prepared there)")
+    check_output_dir(out, "--out", lambda p: (p / "meta.json").exists())  # a corpus flopwise prepared there
     if (out / "meta.json").exists():
         existing = open_corpus(out)
         if existing.meta.get("hash") == digest:

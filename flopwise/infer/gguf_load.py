@@ -65,12 +65,17 @@ def _tokenizer(reader):
 
 def load_gguf(path: str | Path) -> tuple[Llama, object]:
     """(model, SentencePiece tokenizer) of a llama-architecture GGUF file."""
-
     path = Path(path)
     try:
-        reader = gguf.GGUFReader(str(path))
-    except (OSError, ValueError) as e:
-        raise FlopwiseError(f"cannot read GGUF file {path}: {e}") from None
+        return _load(path)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError) as e:
+        # the reader memory-maps the file and finds a cut or garbled one only as it goes
+        raise FlopwiseError(f"cannot read GGUF file {path}: it is damaged or truncated ({type(e).__name__}: "
+                            f"{str(e)[:120]}): export it again") from None
+
+
+def _load(path: Path) -> tuple[Llama, object]:
+    reader = gguf.GGUFReader(str(path))
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise FlopwiseError(f"{path} holds a {arch!r} model; flopwise runs the llama architecture only")

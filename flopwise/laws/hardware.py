@@ -174,6 +174,26 @@ def cost_of(flops: float, gpu: GPU, n_gpus: int = 1, mfu: float = DEFAULT_MFU,
     }
 
 
+TRAINING_BYTES_PER_PARAM = 16  # fp32 weights, gradients and AdamW's two moments
+
+
+def machine_memory_bytes() -> float:
+    """This machine's physical memory."""
+    import os
+
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def check_training_memory(n_params: float, what: str, fix: str, memory_bytes: float | None = None) -> None:
+    """Refuse, before it is built, a model whose training state alone would not fit in 80% of this machine's
+    memory (activations come on top), rather than let the kernel kill the process part-way."""
+    memory_bytes = machine_memory_bytes() if memory_bytes is None else memory_bytes
+    need = n_params * TRAINING_BYTES_PER_PARAM
+    if need > 0.8 * memory_bytes:
+        raise FlopwiseError(f"{what} ({n_params:.3g} params) needs ~{need / 1e9:.3g} GB for weights and optimizer "
+                            f"state, more than this machine's {memory_bytes / 1e9:.3g} GB: {fix}")
+
+
 def max_params_for_memory(memory_bytes: float, bits: int) -> float:
     """Largest N whose quantised weights fit ``memory_bytes``."""
     return memory_bytes * 8.0 / bits_per_weight(bits)

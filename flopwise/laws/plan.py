@@ -34,11 +34,12 @@ def budget_flops(flops: float | None = None, gpu: str | None = None, n_gpus: int
     if not given:
         raise FlopwiseError("no budget given: use --flops 1e21, or --gpu h100 --gpus 8 --hours 24, or --dollars 500")
     if flops is not None:
-        return allocate.check_flops(flops)
+        return allocate.check_flops(flops, "--flops")
     device = hardware.get_gpu(gpu or "h100")
     if hours is not None:
-        return allocate.check_flops(hardware.flops_from_gpu_hours(device, n_gpus, hours, mfu))
-    return allocate.check_flops(hardware.flops_from_dollars(device, dollars, price_per_hour, mfu))
+        return allocate.check_flops(hardware.flops_from_gpu_hours(device, n_gpus, hours, mfu), "the --hours budget")
+    return allocate.check_flops(hardware.flops_from_dollars(device, dollars, price_per_hour, mfu),
+                                "the --dollars budget")
 
 
 def _shape_flops(law: Law, vocab_size: int | None, seq_len: int):

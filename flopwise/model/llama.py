@@ -27,9 +27,14 @@ class ModelConfig(Shape):
     init_std: float = 0.02
 
     @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
+    def from_dict(cls, d: dict, strict: bool = False) -> ModelConfig:
+        """A config from a dict; ``strict`` (a user's --config) refuses keys that are not fields, so a typo
+        does not silently train the default."""
         fields = cls.__dataclass_fields__
         unknown = sorted(set(d) - set(fields))
+        if strict and unknown:
+            raise FlopwiseError(f"model config: unknown key(s) {', '.join(unknown)}: the fields are "
+                                f"{', '.join(fields)}")
         known = {k: v for k, v in d.items() if k in fields}
         try:
             return cls(**known)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from flopwise.config import SWEEP_MICRO_BATCH
 from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text
 from flopwise.laws.flops import Shape, n_params_total, training_flops_per_token
+from flopwise.laws.hardware import check_training_memory
 from flopwise.laws.hyper import default_lr_and_batch
 from flopwise.laws.law import DEFAULT_LAW, Law, load_law
 from flopwise.laws.shape import FAMILY_HEAD_DIM, family_depth, family_shape, family_shape_at
@@ -250,7 +250,6 @@ def read_design(sweep_dir: str | Path) -> tuple[list[RunSpec], dict]:
 
 
 MAX_EPOCHS = 1000  # beyond this a run memorises its corpus: the budget is absurd for the data
-TRAINING_BYTES_PER_PARAM = 16  # fp32 weights, gradients and AdamW's two moments
 
 
 def check_corpus(meta: dict, seq_len: int) -> None:
@@ -264,20 +263,15 @@ def check_corpus(meta: dict, seq_len: int) -> None:
                             f"windows of {seq_len + 1}: give more text or a shorter --seq-len")
 
 
-def check_feasible(runs: list[RunSpec], n_tokens_train: int, memory_bytes: float | None = None) -> None:
+def check_feasible(runs: list[RunSpec], n_tokens_train: int, memory_bytes: float | None = None,
+                   fix: str = "lower the budgets") -> None:
     """Refuse, before any model is built, a sweep this corpus and machine cannot sensibly run."""
-    if memory_bytes is None:
-        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     big = max(runs, key=lambda r: r.n_params)
-    need = big.n_params * TRAINING_BYTES_PER_PARAM
-    if need > 0.8 * memory_bytes:
-        raise FlopwiseError(f"the sweep's largest model ({big.n_params:.3g} params) needs ~{need / 1e9:.3g} GB for "
-                            f"weights and optimizer state, more than this machine's {memory_bytes / 1e9:.3g} GB: "
-                            "lower the budgets")
+    check_training_memory(big.n_params, "the sweep's largest model", fix, memory_bytes)
     epochs = max(r.n_tokens for r in runs) / max(1, n_tokens_train)
     if epochs > MAX_EPOCHS:
         raise FlopwiseError(f"the sweep's longest run repeats the corpus {epochs:.3g} times (more than {MAX_EPOCHS}): "
-                            "lower the budgets or give more text")
+                            f"{fix} or give more text")
 
 
 def total_flops(runs: list[RunSpec]) -> float:

@@ -87,9 +87,8 @@ def new_tune_run(out: str | Path, base_run: str | Path, data: str | Path | None 
                  eval_data: str | Path | None = None, opts: TuneOptions | None = None, log=print) -> Path:
     """Create a tuning run directory from ``base_run`` (nothing is written until the data is valid)."""
     out, base_run, opts = Path(out), Path(base_run), opts or TuneOptions()
-    check_new(out, f"'flopwise tune --out {out}' alone")
-    if not (base_run / "config.json").exists():
-        raise FlopwiseError(f"base run {base_run} does not exist (no config.json): give a trained run directory")
+    if not base_run.exists():
+        raise FlopwiseError(f"base run {base_run} does not exist: give a trained run directory")
     mc, base_tc, base_config = read_run_config(base_run)
     if not latest_checkpoint(base_run).exists():
         raise FlopwiseError(f"base run {base_run} has no checkpoint yet: train it first")
@@ -115,6 +114,7 @@ def new_tune_run(out: str | Path, base_run: str | Path, data: str | Path | None 
                      extra={"tuned_from": base, "lora_rank": opts.lora_rank, "train_examples": len(train_ex),
                             "heldout_examples": len(held_ex)})
     resolve(mc, tc)  # validates before anything is written
+    check_new(out, f"'flopwise tune --out {out}' alone", log)
     out.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, train_tokens=_narrow(train_enc.tokens), train_mask=train_enc.mask,
