@@ -157,7 +157,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("prepare-val-fraction-negative", ["prepare", "{w}/story.txt", "--val-fraction", "-0.1", "--out", "{w}/c1"],
      "--val-fraction"),
     ("prepare-val-empty", ["prepare", "{w}/story.txt", "--val", "{w}/empty.txt", "--out", "{w}/c1"],
-     "--val"),
+     "empty.txt holds no text"),
     ("prepare-val-missing", ["prepare", "{w}/story.txt", "--val", "{w}/nope.txt", "--out", "{w}/c1"],
      "does not exist"),
     ("prepare-folder-without-text", ["prepare", "{w}/docs/sub/nothing", "--out", "{w}/c1"], "does not exist"),

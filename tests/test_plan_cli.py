@@ -82,9 +82,9 @@ def test_cli_version_and_laws():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--flops", "0"], "positive finite"),
-    (["--flops", "-1e20"], "positive finite"),
-    (["--flops", "nan"], "positive finite"),
+    (["--flops", "0"], "--flops must be a positive number"),
+    (["--flops", "-1e20"], "--flops must be a positive number"),
+    (["--flops", "nan"], "--flops must be a positive number"),
     (["--flops", "1e36"], "check the exponent"),
     (["--gpu", "h1000", "--hours", "3"], "did you mean h100"),
     (["--flops", "1e21", "--dollars", "500"], "give one budget"),

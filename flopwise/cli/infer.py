@@ -31,13 +31,13 @@ def _engine(run: str, dtype: str, threads: int):
     from flopwise.run import load_model
     from flopwise.train.probe import use_threads
 
-    require(("--dtype", dtype, dtype in ("fp32", "bf16", "int8"), "fp32, bf16 or int8"),
-            ("--threads", threads, threads >= 0, "at least 0 (0: adapt to the free cores)"))
+    require(("--dtype", dtype, dtype in ("fp32", "bf16", "int8"), "fp32, bf16 or int8"))
+    n_threads = set_threads(threads)
     if not Path(run).exists():
         raise FlopwiseError(f"{run} does not exist: give a run directory or a .gguf file")
     if Path(run).is_file() and not run.endswith(".gguf"):
         raise FlopwiseError(f"{run} is not a run directory or a .gguf file")
-    use_threads(set_threads(threads))
+    use_threads(n_threads)
     if Path(run).is_file():
         from flopwise.infer.gguf_load import load_gguf
 

@@ -86,8 +86,7 @@ def sweep_run(
     require(("--n-budgets", n_budgets, 1 <= n_budgets <= 10, "between 1 and 10"),
             ("--spread", spread, 1 < spread <= 100, "above 1 (sizes span N_opt/spread to N_opt*spread)"),
             ("--schedule", schedule, schedule in ("cosine", "wsd"), "cosine or wsd"),
-            ("--cooldown-fraction", cooldown_fraction, 0 < cooldown_fraction < 1, "between 0 and 1"),
-            ("--threads", threads, threads >= 0, "at least 0 (0: adapt to the free cores)"))
+            ("--cooldown-fraction", cooldown_fraction, 0 < cooldown_fraction < 1, "between 0 and 1"))
     load_law(prior)  # an unknown --prior fails here, naming the laws there are
     set_threads(threads)
     # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
@@ -313,8 +312,7 @@ def autopilot(
     quiet: bool = typer.Option(False, "--quiet", help="Only the closing summary."),
 ) -> None:
     """Sweep -> fit -> plan -> train -> compare -> report, on the bundled corpus by default."""
-    require(("--threads", threads, threads >= 0, "at least 0 (0: adapt to the free cores)"),
-            ("--gpus", gpus, gpus >= 1, "at least 1"),
+    require(("--gpus", gpus, gpus >= 1, "at least 1"),
             ("--mfu", mfu, 0 < mfu <= 1, "in (0, 1], e.g. 0.4"),
             ("--hours", hours, hours is None or 0 < hours < 1e6, "a positive number of hours"))
     set_threads(threads)

@@ -228,8 +228,7 @@ def eval_cmd(
 
     require(("--windows", windows, windows >= 1, "at least 1"),
             ("--behaviour-n", behaviour_n, behaviour_n >= 0, "at least 0"),
-            ("--temperature", temperature, 0 <= temperature <= 100, "between 0 (greedy) and 100"),
-            ("--threads", threads, threads >= 0, "at least 0 (0: adapt to the free cores)"))
+            ("--temperature", temperature, 0 <= temperature <= 100, "between 0 (greedy) and 100"))
     if instructions is not None and not Path(instructions).exists():
         raise FlopwiseError(f"--instructions {instructions} does not exist: give an Alpaca JSON/JSONL or chat file")
     use_threads(set_threads(threads))

@@ -60,8 +60,7 @@ def tune(
                        lora_targets=[t.strip() for t in targets.split(",") if t.strip()] if lora else D.lora_targets,
                        epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, seed=seed)
     lora_only = given(ctx, "rank", "alpha", "targets")
-    require(("--threads", threads, threads >= 0, "at least 0 (0: adapt to the free cores)"),
-            ("--behaviour-n", behaviour_n, behaviour_n >= 0, "at least 0 (0: response loss only)"))
+    require(("--behaviour-n", behaviour_n, behaviour_n >= 0, "at least 0 (0: response loss only)"))
     if lora_only and not lora:
         raise FlopwiseError(f"{', '.join(lora_only)} configure LoRA: add --lora (without it the whole model is tuned)")
     if lora:

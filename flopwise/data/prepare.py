@@ -199,6 +199,9 @@ def prepare(paths: list[str | Path] | None = None, out: str | Path | None = None
     docs = [d for f in files for d in read_documents(f, stats, whole_file=len(files) > 1)]
     if val_files:
         val_docs = [d for f in val_files for d in read_documents(f, stats, whole_file=len(val_files) > 1)]
+        if not val_docs:
+            raise FlopwiseError(f"--val {', '.join(map(str, val_paths))} holds no text: give a non-empty "
+                                "validation file, or leave --val out to split documents off")
     else:
         order = np.random.default_rng(seed).permutation(len(docs))
         n_val = max(1, int(round(len(docs) * val_fraction))) if len(docs) >= 2 else 0
