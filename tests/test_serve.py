@@ -160,6 +160,16 @@ def test_sixteen_concurrent_clients(server):
     ('{"prompt": "hi", "top_p": 0}', "top_p"),
     ('{"max_tokens": 5}', "prompt"),
     ('[1, 2]', "body"),
+    ('{"prompt": "hi", "max_tokens": -1}', "max_tokens"),
+    ('{"prompt": "hi", "max_tokens": 0}', "max_tokens"),
+    ('{"prompt": "hi", "temperature": -0.5}', "temperature"),
+    ('{"prompt": "hi", "top_p": 1.5}', "top_p"),
+    ('{"prompt": "hi", "stop": 5}', "stop"),
+    ('{"prompt": "hi", "stream": "yes"}', "stream"),
+    ('{"prompt": 42}', "prompt"),
+    ('{"prompt": "hi", "seed": "x"}', "seed"),
+    ('"just a string"', "body"),
+    ('', "body"),
 ])
 def test_bad_requests_get_openai_400s_and_the_server_survives(server, body, needle):
     r = httpx.post(f"{server}/v1/completions", content=body, headers={"content-type": "application/json"})
