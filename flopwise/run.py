@@ -88,6 +88,7 @@ def new_run(run_dir: str | Path, model: ModelConfig, train: TrainConfig, corpus:
     resolve(model, train)  # validates the options and the budget before anything is written
     require_device(train.device)
     check_training_memory(n_params_total(model.shape), "the model", "choose a smaller model")
+    corpus.tokens("train"), corpus.tokens("val")  # a damaged corpus fails here, before the run folder exists
     check_new(run_dir, f"'flopwise train {run_dir}'", log)
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(corpus.tokenizer_path, run_dir / "tokenizer.model")
