@@ -220,7 +220,7 @@ class AutopilotConfig:
             ("--seq-len", self.seq_len, 8 <= self.seq_len <= 1 << 16, "between 8 and 65536"),
             ("--workers", self.workers, self.workers >= 0, "at least 0 (0: one per core)"),
             ("--bootstrap", self.bootstrap, 0 <= self.bootstrap <= 100_000, "between 0 and 100000"),
-            ("--min-steps", self.min_steps, 1 <= self.min_steps <= 1_000_000, "at least 1"),
+            ("--min-steps", self.min_steps, 1 <= self.min_steps <= 1_000_000, "between 1 and 1000000"),
             ("--optimizer", self.optimizer, self.optimizer in ("adamw", "muon"), "adamw or muon"),
             ("--compare-optimizer", self.compare_optimizer,
              self.compare_optimizer in (None, *({"adamw", "muon"} - {self.optimizer})),

@@ -21,9 +21,15 @@ def check_output_dir(path: str | os.PathLike, option: str, ours: Callable[[Path]
     """The one rule for an output folder: new, empty, or one flopwise made (``ours``); a file, or a folder of
     other files, is refused before anything is written, so nothing the user had is replaced."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise FlopwiseError(f"{option} {path} is a broken link: give a folder (a new or empty one)")
     if path.exists() and not path.is_dir():
         raise FlopwiseError(f"{option} {path} is a file: give a folder (a new or empty one)")
-    if path.is_dir() and not ours(path) and any(path.iterdir()):
+    try:
+        other = path.is_dir() and not ours(path) and any(path.iterdir())
+    except OSError as e:
+        raise FlopwiseError(f"cannot read {option} {path} ({e.strerror}): give a folder you can write to") from None
+    if other:
         raise FlopwiseError(f"{option} {path} holds other files: give a new or empty folder (flopwise writes only "
                             "into folders it made)")
 

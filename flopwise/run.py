@@ -49,25 +49,43 @@ RUN_FILES = {"config.json", INSTRUCTIONS_FILE, "tokenizer.model", "metrics.jsonl
              "instructions-heldout.jsonl", "INSTRUCTIONS.md"}
 
 
-def never_trained(run_dir: Path) -> bool:
-    """A run folder left by a failed start: only flopwise's own files, no checkpoint, no step logged, not
-    finished, and nobody training it (e.g. the first step ran out of memory, or the start was interrupted)."""
-    if not run_dir.is_dir() or not {p.name for p in run_dir.iterdir()} <= RUN_FILES:
+def is_run(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a flopwise run: a config.json flopwise wrote (not merely a file of that name)."""
+    try:
+        config = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
         return False
-    ckpts = run_dir / "ckpt"
-    return not (run_dir / "final.json").exists() and not (ckpts.exists() and any(ckpts.iterdir())) and \
-        not read_metrics(run_dir, 1 << 62) and not run_is_locked(run_dir)
+    return isinstance(config, dict) and config.get("version") == CONFIG_VERSION and "model" in config \
+        and "train" in config
+
+
+def never_trained(run_dir: Path) -> bool:
+    """A run folder left by a failed start (e.g. the first step ran out of memory, or the start was interrupted):
+    a readable flopwise config.json, nothing but flopwise's own plain files beside it, an empty ckpt/, no step
+    logged, not finished, and nobody holding its lock."""
+    if not run_dir.is_dir() or run_dir.is_symlink() or not is_run(run_dir):
+        return False
+    for p in run_dir.iterdir():
+        if p.name not in RUN_FILES or p.is_symlink():
+            return False
+        if p.name == "ckpt" and not (p.is_dir() and not any(p.iterdir())):
+            return False
+        if p.name != "ckpt" and not p.is_file():
+            return False
+    return not (run_dir / "final.json").exists() and not read_metrics(run_dir, 1 << 62) and \
+        not run_is_locked(run_dir)
 
 
 def check_new(run_dir: Path, resume_hint: str, log=print) -> None:
     """A new run may go into a new or empty folder, or replace a failed start; nothing else is touched."""
     if never_trained(run_dir):
-        if (run_dir / "config.json").exists():
-            log(f"note: {run_dir} holds a run that never trained a step (a failed start): replacing it")
-        for p in run_dir.iterdir():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        log(f"note: {run_dir} holds a run that never trained a step (a failed start): replacing it")
+        with run_lock(run_dir):  # nobody starts or trains it while it is cleared
+            for p in run_dir.iterdir():
+                if p.name != ".lock":
+                    p.rmdir() if p.name == "ckpt" else p.unlink()  # only plain files and an empty ckpt/
         return
-    if (run_dir / "config.json").exists():
+    if is_run(run_dir):
         raise FlopwiseError(f"{run_dir} already holds a run: resume it with {resume_hint}, or choose another --out")
     check_output_dir(run_dir, "--out", lambda p: False)
 
@@ -87,7 +105,9 @@ def new_run(run_dir: str | Path, model: ModelConfig, train: TrainConfig, corpus:
         raise FlopwiseError(f"the model's vocab_size {model.vocab_size} differs from the corpus' {corpus.vocab_size}")
     resolve(model, train)  # validates the options and the budget before anything is written
     require_device(train.device)
-    check_training_memory(n_params_total(model.shape), "the model", "choose a smaller model")
+    gpu = train.device.startswith("cuda") or (train.device == "auto" and torch.cuda.is_available())
+    check_training_memory(n_params_total(model.shape), "the model", "choose a smaller model",
+                          torch.cuda.get_device_properties(0).total_memory if gpu else None)
     corpus.tokens("train"), corpus.tokens("val")  # a damaged corpus fails here, before the run folder exists
     check_new(run_dir, f"'flopwise train {run_dir}'", log)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +132,8 @@ def read_run_config(run_dir: str | Path) -> tuple[ModelConfig, TrainConfig, dict
         config = json.loads((run_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         raise FlopwiseError(f"{run_dir} is not a run directory (no readable config.json)") from None
+    if not isinstance(config, dict):
+        raise FlopwiseError(f"{run_dir} is not a run directory (its config.json is not flopwise's)")
     if config.get("version") != CONFIG_VERSION:
         raise FlopwiseError(f"{run_dir} was written by another flopwise version (config version "
                             f"{config.get('version')}, this one reads {CONFIG_VERSION})")

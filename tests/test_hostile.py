@@ -98,6 +98,10 @@ def world(bundled, tmp_path_factory):
                                                for i in range(40)]))
     (w / "noout.json").write_text(json.dumps([{"instruction": "Say hi", "input": ""}]))
     (w / "typo.json").write_text(json.dumps({"d_modle": 64, "n_layers": 2, "vocab_size": bundled.vocab_size}))
+    (w / "cfgdir").mkdir()  # a folder holding only the user's own config.json: not a failed start of ours
+    (w / "cfgdir" / "config.json").write_text(json.dumps({"d_model": 64, "n_layers": 2, "n_heads": 2,
+                                                          "n_kv_heads": 2, "d_ff": 128, "seq_len": 64,
+                                                          "vocab_size": bundled.vocab_size}))
     (w / "heads.json").write_text(json.dumps({"d_model": 64, "n_layers": 2, "n_heads": 3, "n_kv_heads": 3,
                                               "d_ff": 128, "seq_len": 64, "vocab_size": bundled.vocab_size}))
     runs = synthetic_runs(REGISTRY["epoch"], [1e17, 3e17, 1e18], n_per_budget=5)
@@ -245,6 +249,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train-out-file", ["train", "--data", "{corpus}", "--n-params", "2e5", "--tokens", "1e5", "--out",
                         "{w}/notes.txt"], "is a file"),
     ("train-not-a-run", ["train", "{w}/docs"], "not a run directory"),
+    ("train-into-folder-of-its-config", ["train", "--data", "{corpus}", "--config", "{w}/cfgdir/config.json",
+                                         "--tokens", "1e5", "--out", "{w}/cfgdir"], "holds other files"),
     ("train-missing-run", ["train", "{w}/nope"], "does not exist"),
     ("train-run-and-out", ["train", "{run}", "--out", "{w}/r2"], "not both"),
     ("train-existing-with-model", ["train", "{run}", "--n-params", "2e5"], "already holds a run"),
@@ -329,6 +335,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("export-over-user-folder", ["export", "{run}", "--format", "hf", "--out", "{w}/docs"], "docs"),
     ("export-hf-into-file", ["export", "{run}", "--format", "hf", "--out", "{w}/notes.txt"], "notes.txt"),
     ("export-user-modelfile", ["export", "{run}", "--format", "gguf", "--out", "{w}/mine/model.gguf"], "Modelfile"),
+    ("export-over-foreign-gguf", ["export", "{run}", "--format", "gguf", "--out", "{w}/notgguf.gguf"],
+     "not written by flopwise"),
     # --- plan
     ("plan-no-budget", ["plan"], "no budget given"),
     ("plan-flops-negative", ["plan", "--flops", "-1"], "--flops"),
@@ -420,6 +428,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("sweep-compare-budgets", ["sweep", "compare", "{w}/runs.csv", "{w}/runs.csv", "--budgets", "1e20,x"],
      "--budgets"),
     ("sweep-compare-level", ["sweep", "compare", "{w}/runs.csv", "{w}/runs.csv", "--level", "2"], "--level"),
+    ("sweep-compare-out-user-folder", ["sweep", "compare", "{w}/runs.csv", "{w}/runs.csv", "--out", "{w}/docs",
+                                       "--bootstrap", "0"], "holds other files"),
     ("sweep-compare-bootstrap", ["sweep", "compare", "{w}/runs.csv", "{w}/runs.csv", "--bootstrap", "-1"],
      "--bootstrap"),
     # --- autopilot
@@ -428,6 +438,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("autopilot-budget-small", ["autopilot", "--budget", "2e9", "--out", "{w}/a1"], "--budget"),
     ("autopilot-budget-tiny", ["autopilot", "--budget", "1e5", "--out", "{w}/a1"], "--budget"),
     ("autopilot-budget-absurd", ["autopilot", "--budget", "1e30", "--out", "{w}/a1"], "--budget"),
+    ("autopilot-budget-and-hours", ["autopilot", "--budget", "5e13", "--gpu", "h100", "--hours", "2", "--out",
+                                    "{w}/a1"], "not both"),
     ("autopilot-hours-without-gpu", ["autopilot", "--hours", "2", "--out", "{w}/a1"], "--gpu"),
     ("autopilot-gpu-unknown", ["autopilot", "--gpu", "h900", "--hours", "2", "--out", "{w}/a1"], "h900"),
     ("autopilot-sweep-fraction", ["autopilot", "--sweep-fraction", "1.5", "--out", "{w}/a1"], "--sweep-fraction"),

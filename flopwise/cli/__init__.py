@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> None:
         code = app(args=argv, prog_name="flopwise", standalone_mode=False)
     except FlopwiseError as e:
         _fail(str(e))
-    except NoArgsIsHelpError as e:  # 'flopwise' or 'flopwise sweep' alone: the help
-        print(e.format_message())
+    except NoArgsIsHelpError as e:  # 'flopwise' or 'flopwise sweep' alone: the help (Typer may have shown it)
+        if e.format_message().strip():
+            print(e.format_message())
         sys.exit(0)
     except ClickException as e:  # unknown option, bad value, missing argument: Typer's own checks
         _fail(f"{_usage_message(e)} (see '{_command(argv)} --help')", getattr(e, "exit_code", 2) or 2)
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever the message held
+    print("error: " + " ".join(message.strip().splitlines()), file=sys.stderr)  # one line, whatever it held
     sys.exit(code)
 
 

@@ -80,6 +80,18 @@ def fmt_count(x: float | None) -> str:
     return f"{x:.3g}"
 
 
+def plural(n: int, noun: str) -> str:
+    """'1 run', '3 runs'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def fmt_amount(x: float) -> str:
+    """Plain notation with thousands separators (1,130; 4.2; 0.031), scientific only beyond a billion."""
+    if x != x or abs(x) >= 1e9 or (x and abs(x) < 1e-3):
+        return f"{x:.3g}"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def fmt_hours(h: float) -> str:
     if h < 1 / 60:
         return f"{h * 3600:.3g} s"
@@ -87,7 +99,9 @@ def fmt_hours(h: float) -> str:
         return f"{h * 60:.3g} min"
     if h < 48:
         return f"{h:.3g} h"
-    return f"{h / 24:.3g} days"
+    if h < 24 * 730:
+        return f"{fmt_amount(h / 24)} days"
+    return f"{fmt_amount(h / 24 / 365)} years"
 
 
 _SIZE = re.compile(r"^\s*([0-9.eE+-]+)\s*([kmgt]i?b?)?\s*$", re.IGNORECASE)

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from flopwise.cli.app import app, console, fmt_count, require
+from flopwise.cli.app import app, console, fmt_count, plural, require
 from flopwise.errors import FlopwiseError
 from flopwise.fsutil import check_output_dir
 
@@ -60,7 +60,7 @@ def fit(
             ("--bootstrap", bootstrap, 0 <= bootstrap <= 100_000, "between 0 (no intervals) and 100000"),
             ("--holdout-largest", holdout_largest, holdout_largest >= 0, "at least 0"),
             ("--level", level, 0 < level < 1, "in (0, 1), e.g. 0.9"),
-            ("--delta", delta, 0 < delta < 10, "a positive number (the Huber threshold, e.g. 1e-3)"),
+            ("--delta", delta, 0 < delta < 10, "between 0 and 10 (the Huber threshold, e.g. 1e-3)"),
             ("--degree", degree, degree in (2, 3), "2 (parabola) or 3 (cubic)"),
             ("--workers", workers, workers is None or workers >= 1, "at least 1"))
     budget_list = [_float(b, "--budgets") for b in budgets.split(",")] if budgets else ()
@@ -70,7 +70,7 @@ def fit(
         raise FlopwiseError(f"{runs_path} does not exist: give a CSV or JSONL of runs, or a sweep folder")
     src = Path(runs_path)
     out_dir = Path(out) if out else (src / "fit" if src.is_dir() else src.with_name(src.stem + "-fit"))
-    _check_fit_out(out_dir, src)
+    _check_fit_out(out_dir, src, default=out is None)
     runs, others = _runs_in(runs_path, convention)
     if holdout_largest and holdout_largest >= len(runs.budgets):
         raise FlopwiseError(f"--holdout-largest {holdout_largest} leaves no budget to fit: the runs have "
@@ -104,14 +104,15 @@ def fit(
     print_fit(public(result), out_dir, plots)
 
 
-def _check_fit_out(out_dir: Path, src: Path) -> None:
-    """The output folder: new, empty, or an earlier fit of these same runs (which the new fit replaces)."""
+def _check_fit_out(out_dir: Path, src: Path, default: bool) -> None:
+    """The output folder: new, empty, or an earlier fit of these same runs (which the new fit replaces); the
+    default folder (beside or inside the runs) always holds their fit, wherever it was run from."""
     def same_runs(p: Path) -> bool:
         try:
             source = json.loads((p / "law.json").read_text()).get("source")
         except (OSError, ValueError, AttributeError):
             return False
-        if source is not None and Path(source).resolve() != src.resolve():
+        if not default and source is not None and Path(source).resolve() != src.resolve():
             raise FlopwiseError(f"{p} holds the fit of {source}, not of {src}: choose another --out")
         return True
 
@@ -170,8 +171,8 @@ def print_fit(r: dict, out_dir, plots: list[str]) -> None:
 
     from flopwise.laws.forms import FORMS
 
-    console.print(f"[bold]{r['n_runs']} runs[/bold], N counted as {r['n_convention'].replace('_', '-')} parameters, "
-                  f"D as {r['tokens']} tokens")
+    console.print(f"[bold]{plural(r['n_runs'], 'run')}[/bold], N counted as "
+                  f"{r['n_convention'].replace('_', '-')} parameters, D as {r['tokens']} tokens")
     if "forms" in r:
         print_forms(r)
     if "E" in r:
@@ -207,6 +208,17 @@ def print_fit(r: dict, out_dir, plots: list[str]) -> None:
         console.print(t)
         console.print(f"Approach 2: N_opt ∝ C^{a2['a']:.3f} {_iv(a2, 'a', '.3f')}, "
                       f"D_opt ∝ C^{a2['b']:.3f} {_iv(a2, 'b', '.3f')}")
+        if a2.get("n_boot_requested") and a2["n_boot"] < a2["n_boot_requested"]:
+            console.print(f"[dim]Approach 2's intervals: {a2['n_boot']} of {a2['n_boot_requested']} resamples gave "
+                          "every budget an interior minimum; the others were dropped[/dim]")
+        if "E" not in r and a2.get("optimal"):
+            t = Table(title="Compute-optimal allocation by Approach 2")
+            for col in ("budget (FLOPs)", "N_opt", "D_opt", "tokens/param"):
+                t.add_column(col, justify="right")
+            for row in a2["optimal"]:
+                t.add_row(f"{row['flops']:.3g}", fmt_count(row["n_opt"]), fmt_count(row["d_opt"]),
+                          f"{row['tokens_per_param']:.3g}")
+            console.print(t)
     if "approach1" in r and r["approach1"].get("a") is not None:
         a1 = r["approach1"]
         console.print(f"Approach 1 (curve envelope): N_opt ∝ C^{a1['a']:.3f}, D_opt ∝ C^{a1['b']:.3f}")

@@ -194,7 +194,7 @@ def export(
     else:
         p = Path(result["path"])
         console.print(f"wrote {p} ({quant}, {result['bytes'] / 1e6:.2f} MB, {result['bits_per_weight']:.2f} bits per "
-                      f"weight over {result['n_weights']:,} weights) and {p.with_name('Modelfile')}")
+                      f"weight over {result['n_weights']:,} weights) and {result['modelfile']}")
 
 
 @app.command()
@@ -227,6 +227,8 @@ def _check_port(host: str, port: int) -> None:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, port))
+    except socket.gaierror:
+        raise FlopwiseError(f"cannot resolve --host {host!r}: give an address such as 127.0.0.1 or 0.0.0.0") from None
     except OSError as e:
         raise FlopwiseError(f"cannot listen on {host}:{port} ({e.strerror or e}; is it in use?): choose another "
                             "--port or --host") from None

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from flopwise.cli.app import app, console, fmt_count, fmt_hours, hw_app, parse_bytes, require
+from flopwise.cli.app import app, console, fmt_amount, fmt_count, fmt_hours, hw_app, parse_bytes, require
 from flopwise.errors import FlopwiseError
 from flopwise.laws.hardware import DEVICES, GPUS
 from flopwise.laws.law import DEFAULT_LAW, REGISTRY
@@ -93,11 +93,11 @@ def print_plan(p: dict) -> None:
               f"({s['n_kv_heads']} kv), d_ff {s['d_ff']}, vocab {s['vocab_size']}, ctx {s['seq_len']}"
               f"{', tied' if s['tie_embeddings'] else ''}")
     t.add_row("shape's N", f"{s['n_params_total']:,} total, {s['n_params_non_embedding']:,} non-embedding")
-    t.add_row("training FLOPs", f"{p['flops']:.3g} by 6ND; {p['flops_exact']:.3g} by exact count "
-              f"({s['training_flops_per_token']:,} FLOPs/token)")
+    t.add_row("training FLOPs", f"{p['flops_6nd']:.3g} by 6ND; {p['flops_exact']:.3g} by the shape's exact count "
+              f"({s['training_flops_per_token']:,} FLOPs/token), which time, cost and energy use")
     t.add_row("time", f"{fmt_hours(c['hours'])} on {c['n_gpus']} × {c['gpu']} at {c['mfu']:.0%} MFU")
     t.add_row("cost", f"${c['dollars']:,.0f} at ${c['price_per_hour']:.2f}/GPU-hour")
-    t.add_row("energy", f"{c['kwh']:,.3g} kWh (PUE {c['pue']}), {c['co2e_kg']:,.3g} kg CO2e "
+    t.add_row("energy", f"{fmt_amount(c['kwh'])} kWh (PUE {c['pue']}), {fmt_amount(c['co2e_kg'])} kg CO2e "
               f"at {c['carbon_kg_per_kwh']} kg/kWh")
     if "data_constrained" in p:
         dc = p["data_constrained"]

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from flopwise.cli.app import app, console, fmt_count, require, set_threads, threads_option, warn
+from flopwise.cli.app import app, console, fmt_count, plural, require, set_threads, threads_option, warn
 from flopwise.config import AutopilotConfig, sweep_train_options
 from flopwise.data.prepare import resolve_corpus
 from flopwise.errors import FlopwiseError
@@ -81,10 +81,10 @@ def sweep_run(
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Design (or resume) an IsoFLOP sweep and train its runs."""
+    require(("--n-budgets", n_budgets, 1 <= n_budgets <= 10, "between 1 and 10"))
     AutopilotConfig(n_sizes=sizes, n_budgets=max(n_budgets, 2), vocab_size=vocab_size, seq_len=seq_len,
                     workers=workers, min_steps=min_steps, optimizer=optimizer).check()
-    require(("--n-budgets", n_budgets, 1 <= n_budgets <= 10, "between 1 and 10"),
-            ("--spread", spread, 1 < spread <= 100, "above 1 (sizes span N_opt/spread to N_opt*spread)"),
+    require(("--spread", spread, 1 < spread <= 100, "between 1 and 100 (sizes span N_opt/spread to N_opt*spread)"),
             ("--schedule", schedule, schedule in ("cosine", "wsd"), "cosine or wsd"),
             ("--cooldown-fraction", cooldown_fraction, 0 < cooldown_fraction < 1, "between 0 and 1"))
     load_law(prior)  # an unknown --prior fails here, naming the laws there are
@@ -123,7 +123,7 @@ def sweep_run(
                                 "another --out")
     workers = workers or default_workers(len(specs))
     threads, _ = worker_threads(workers)
-    t = Table(title=f"IsoFLOP sweep: {len(specs)} runs, {total_flops(specs):.3g} FLOPs")
+    t = Table(title=f"IsoFLOP sweep: {plural(len(specs), 'run')}, {total_flops(specs):.3g} FLOPs")
     for col in ("run", "budget", "N", "shape", "D", "batch", "steps", "tokens/param", "epochs"):
         t.add_column(col, justify="right")
     for s in specs:
@@ -210,6 +210,7 @@ def sweep_compare(
                                                                       "intervals", "verdict", "warnings")}
                       for n, f in zip(names, fits, strict=True)}
     out_dir = Path(out) if out else paths[0].parent / f"{paths[0].name}-vs-{paths[1].name}"
+    check_output_dir(out_dir, "--out", lambda p: (p / "compare.json").exists())
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = [] if no_plots or bootstrap == 0 else _compare_plot(result, fits, out_dir)
     atomic_write_text(out_dir / "compare.json", json.dumps(result, indent=2) + "\n")
@@ -314,7 +315,7 @@ def autopilot(
     """Sweep -> fit -> plan -> train -> compare -> report, on the bundled corpus by default."""
     require(("--gpus", gpus, gpus >= 1, "at least 1"),
             ("--mfu", mfu, 0 < mfu <= 1, "in (0, 1], e.g. 0.4"),
-            ("--hours", hours, hours is None or 0 < hours < 1e6, "a positive number of hours"))
+            ("--hours", hours, hours is None or 0 < hours < 1e6, "a positive number of hours (below 1e6)"))
     set_threads(threads)
     from flopwise.autopilot import autopilot as run_autopilot  # torch: loaded by the command
     from flopwise.laws.plan import budget_flops
@@ -322,6 +323,8 @@ def autopilot(
     auto = budget is not None and budget.strip().lower() == "auto"
     if auto and hours is not None:
         raise FlopwiseError("give --budget auto or --hours, not both")
+    if budget is not None and hours is not None:
+        raise FlopwiseError("give --budget or --gpu with --hours, not both")
     if (hours is None) != (gpu is None):
         raise FlopwiseError("a GPU-time budget needs both --gpu TYPE and --hours H (e.g. --gpu h100 --hours 2)")
     flops = (None if auto else check_flops(_number(budget, "--budget"), "--budget") if budget is not None else

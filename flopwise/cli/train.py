@@ -45,12 +45,12 @@ def prepare(
                   f"{m['bytes_train'] / max(1, m['n_tokens_train']):.2f} bytes/token")
 
 
-def _model_config(config_doc: Optional[dict], n_params: Optional[float], plan_doc: Optional[dict], vocab: int,
-                  seq_len: int):
+def _model_config(config_doc: Optional[tuple[dict, bool]], n_params: Optional[float], plan_doc: Optional[dict],
+                  vocab: int, seq_len: int):
     from flopwise.model.llama import ModelConfig  # torch: loaded by the command, not at start-up
 
     if config_doc is not None:
-        mc = ModelConfig.from_dict(config_doc, strict="shape" not in config_doc)
+        mc = ModelConfig.from_dict(config_doc[0], strict=config_doc[1])
         if mc.vocab_size != vocab:
             raise FlopwiseError(f"--config has vocab_size {mc.vocab_size} but the corpus has {vocab}: prepare the "
                                 f"corpus with --vocab-size {mc.vocab_size} (or give the text itself to --data)")
@@ -65,15 +65,18 @@ def _model_config(config_doc: Optional[dict], n_params: Optional[float], plan_do
     return ModelConfig(**suggest_shape(float(n_params), vocab_size=vocab, seq_len=seq_len).to_dict())
 
 
-def _read_config(path: str) -> dict:
+def _read_config(path: str) -> tuple[dict, bool]:
+    """The model fields of a --config file (a bare object, a run's config.json or a plan), and whether they must
+    all be ModelConfig fields (a plan's shape also carries derived counts)."""
     try:
         doc = json.loads(open(path).read())
     except (OSError, json.JSONDecodeError) as e:
         raise FlopwiseError(f"cannot read --config {path}: {e}") from None
+    strict = not (isinstance(doc, dict) and "shape" in doc and "model" not in doc)
     doc = doc.get("model", doc.get("shape", doc)) if isinstance(doc, dict) else doc
     if not isinstance(doc, dict):
         raise FlopwiseError(f"--config {path} is not a JSON object of model fields (d_model, n_layers, ...)")
-    return doc
+    return doc, strict
 
 
 def _read_plan(path: str) -> dict:
@@ -115,7 +118,7 @@ T = TrainConfig(n_tokens=0)  # the defaults shown and used
 @app.command()
 def train(
     ctx: typer.Context,
-    run: Optional[str] = typer.Argument(None, metavar="[RUN_DIR]", help="Resume this run directory."),
+    run: Optional[str] = typer.Argument(None, metavar="RUN_DIR", help="Resume this run directory."),
     data: Optional[str] = typer.Option(None, help="Prepared corpus folder, or text to prepare (default: bundled)."),
     n_params: Optional[float] = typer.Option(None, help="Target parameter count; the shape is suggested."),
     config: Optional[str] = typer.Option(None, help="Model config JSON (fields of ModelConfig)."),
@@ -146,7 +149,7 @@ def train(
 ) -> None:
     """Train a model with its schedule matched to its token budget; 'flopwise train RUN_DIR' resumes."""
     # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
-    from flopwise.run import never_trained, new_run
+    from flopwise.run import is_run, never_trained, new_run
     from flopwise.train import distributed as dist
     from flopwise.train.trainer import train as run_training
 
@@ -155,20 +158,25 @@ def train(
     if out is None and run is None:
         raise FlopwiseError("no run directory: give --out RUN_DIR for a new run, or RUN_DIR to resume one")
     run_dir = Path(out or run)
-    new_options = given(ctx, "data", "n_params", "config", "tokens", "flops", "plan_file", "seq_len", "vocab_size",
-                        "lr", "batch_tokens", "micro_batch", "schedule", "optimizer", "cooldown_fraction",
-                        "cooldown_shape", "precision", "compile_model", "device", "ckpt_every", "eval_every", "seed")
-    started = (run_dir / "config.json").exists() and not never_trained(run_dir)
-    if run is not None and not (run_dir / "config.json").exists():
-        raise FlopwiseError(f"{run_dir} does not exist: start a run with --out {run_dir}" if not run_dir.exists()
-                            else f"{run_dir} is not a run directory (no config.json): start a run with --out NEW_DIR")
-    if (run is not None or started) and new_options:
-        raise FlopwiseError(f"{run_dir} already holds a run: resume it with 'flopwise train {run_dir}' alone "
-                            f"({', '.join(new_options)} apply to a new run), or choose another --out")
+    create = False
+    if dist.launched_rank() == 0:  # under torchrun the other ranks wait at the barrier for what rank 0 makes
+        new_options = given(ctx, "data", "n_params", "config", "tokens", "flops", "plan_file", "seq_len",
+                            "vocab_size", "lr", "batch_tokens", "micro_batch", "schedule", "optimizer",
+                            "cooldown_fraction", "cooldown_shape", "precision", "compile_model", "device",
+                            "ckpt_every", "eval_every", "seed")
+        started = is_run(run_dir) and not never_trained(run_dir)
+        if run is not None and not is_run(run_dir):
+            raise FlopwiseError(f"{run_dir} does not exist: start a run with --out {run_dir}" if not run_dir.exists()
+                                else f"{run_dir} is not a run directory (no flopwise config.json): start a run with --out "
+                                "NEW_DIR")
+        if (run is not None or started) and new_options:
+            raise FlopwiseError(f"{run_dir} already holds a run: resume it with 'flopwise train {run_dir}' alone "
+                                f"({', '.join(new_options)} apply to a new run), or choose another --out")
+        # a new run: --out names a new or empty folder, or a failed start that new options replace
+        create = run is None and not started and (bool(new_options) or not is_run(run_dir))
     set_threads(threads)
     rank, _ = dist.setup()
-    # a new run: --out names a new or empty folder, or a failed start that new options replace
-    if rank == 0 and run is None and not started and (new_options or not (run_dir / "config.json").exists()):
+    if rank == 0 and create:
         tc = TrainConfig(n_tokens=1, lr=lr, batch_tokens=batch_tokens, micro_batch=micro_batch, schedule=schedule,
                          optimizer=optimizer, cooldown_fraction=cooldown_fraction, cooldown_shape=cooldown_shape,
                          precision=precision, compile=compile_model, device=device, ckpt_every=ckpt_every,
@@ -178,7 +186,7 @@ def train(
         plan_doc = _read_plan(plan_file) if plan_file else None
         config_doc = _read_config(config) if config else None
         model_vocab = (plan_doc["shape"]["vocab_size"] if plan_doc else
-                       config_doc.get("vocab_size") if config_doc else None)
+                       config_doc[0].get("vocab_size") if config_doc else None)
         if model_vocab and "--vocab-size" not in given(ctx, "vocab_size"):
             vocab_size = model_vocab  # text is prepared at the vocabulary the plan or config was made for
         corpus = resolve_corpus(data, vocab_size, log=warn)

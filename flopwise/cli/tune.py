@@ -17,11 +17,14 @@ D = TuneOptions()  # the defaults shown and used
 
 
 def _report_line(name: str, r: dict) -> str:
+    def of(n: int) -> str:  # fewer than asked: the held-out set has no more examples of that task
+        return f"of {n}" + (" (all held out)" if n < r.get("asked_per_task", n) else "")
+
     parts = [f"{name:<6} response loss {r['response_loss']:.4f}"]
     if "words_included" in r:
-        parts.append(f"words included {r['words_included']:.0%} of {r['words_n']} (each word {r['word_rate']:.0%})")
+        parts.append(f"words included {r['words_included']:.0%} {of(r['words_n'])} (each word {r['word_rate']:.0%})")
     if "continuation_ok" in r:
-        parts.append(f"continuation ok {r['continuation_ok']:.0%} of {r['continuation_n']}")
+        parts.append(f"continuation ok {r['continuation_ok']:.0%} {of(r['continuation_n'])}")
     return "  ".join(parts)
 
 
@@ -50,7 +53,7 @@ def tune(
 ) -> None:
     """Instruction-tune BASE_RUN (full or LoRA), with its evaluation before and after."""
     # torch-heavy modules load when a command needs them, so 'flopwise plan' and 'fit' start fast
-    from flopwise.run import is_tuning, load_model, never_trained, read_run_config
+    from flopwise.run import is_run, is_tuning, load_model, never_trained, read_run_config, run_lock
     from flopwise.train.trainer import train as run_training
     from flopwise.train.tune import new_tune_run, tune_report
 
@@ -66,18 +69,17 @@ def tune(
     if lora:
         require(("--rank", rank, rank >= 1, "at least 1"))
     opts.check()
-    if (out_dir / "config.json").exists() and not is_tuning(read_run_config(out_dir)[2]):
+    if is_run(out_dir) and not is_tuning(read_run_config(out_dir)[2]):
         raise FlopwiseError(f"{out_dir} is a pre-training run, not a tuning run: choose another --out")
-    check_output_dir(out_dir, "--out", lambda p: (p / "config.json").exists() or never_trained(p))
+    check_output_dir(out_dir, "--out", is_run)
     set_threads(threads)
-    resuming = (out_dir / "config.json").exists() and not never_trained(out_dir)
-    if resuming:
-        changed = given(ctx, "base", "data", "eval_data", "lora", "rank", "alpha", "targets", "epochs", "max_steps",
-                        "lr", "batch_size", "seed")
-        if changed:
-            raise FlopwiseError(f"{out_dir} already holds a tuning run: resume it with 'flopwise tune --out {out_dir}' "
-                                f"alone ({', '.join(changed)} apply to a new run), or choose another --out")
-    else:
+    changed = given(ctx, "base", "data", "eval_data", "lora", "rank", "alpha", "targets", "epochs", "max_steps",
+                    "lr", "batch_size", "seed")
+    exists = is_run(out_dir)
+    if exists and changed and not never_trained(out_dir):
+        raise FlopwiseError(f"{out_dir} already holds a tuning run: resume it with 'flopwise tune --out {out_dir}' "
+                            f"alone ({', '.join(changed)} apply to a new run), or choose another --out")
+    if not exists or changed:  # a new run (one that never trained a step is replaced by it)
         if base is None:
             raise FlopwiseError("no base run: 'flopwise tune BASE_RUN --out RUN_DIR' (or --out alone to resume)")
         with console.status("encoding instruction data…"):
@@ -89,9 +91,10 @@ def tune(
         behaviour_n = report["behaviour_n"]  # a resumed tuning evaluates as its start was told to
     report["behaviour_n"] = behaviour_n
     if "base" not in report:
-        with console.status("evaluating the base model on the held-out examples…"):
+        # held, so that no other start takes the folder for a failed one meanwhile (the trainer takes it after)
+        with run_lock(out_dir), console.status("evaluating the base model on the held-out examples…"):
             report["base"] = tune_report(load_model(tc.init_weights), out_dir, behaviour_n, seed)
-        _save(report_path, report)
+            _save(report_path, report)
     if not as_json:
         console.print(f"data: {cfg['data']['source']}, {cfg['data']['n_train']:,} train / "
                       f"{cfg['data']['n_heldout']:,} held-out examples; "

@@ -275,6 +275,7 @@ def write_gguf(model: Llama, vocab: tuple[list[bytes], list[float], list[int]], 
     try:
         w = gguf.GGUFWriter(str(tmp), "llama")
         w.add_name(name)
+        w.add_string(GGUF_MARK_KEY, __version__)  # whose file it is: a later export may replace only ours
         w.add_context_length(mc.seq_len)
         w.add_embedding_length(mc.d_model)
         w.add_block_count(mc.n_layers)
@@ -334,6 +335,8 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "f32", log=pr
     modelfile = out.with_name("Modelfile")
     if modelfile.exists() and not modelfile.read_text(errors="replace").startswith(MODELFILE_MARK):
         raise FlopwiseError(f"{modelfile} exists and was not written by flopwise: export into another folder")
+    if out.exists() and not _is_our_gguf(out):
+        raise FlopwiseError(f"{out} exists and was not written by flopwise export: choose another --out")
     mc, _, config = read_run_config(run_dir)
     _check_expressible(mc)
     model = load_model(run_dir)
@@ -344,11 +347,27 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "f32", log=pr
         log(f"note: {len(kept)} tensor(s) whose rows are not a multiple of the {quant} block stay f16: "
             + ", ".join(kept[:6]) + (" …" if len(kept) > 6 else ""))
     size = out.stat().st_size
-    write_modelfile(out, mc, is_tuning(config))
-    return {"path": str(out), "quant": quant, "bytes": size, "n_weights": int(n_weights),
+    modelfile = write_modelfile(out, mc, is_tuning(config))
+    return {"path": str(out), "modelfile": str(modelfile), "quant": quant, "bytes": size, "n_weights": int(n_weights),
             "bits_per_weight": 8 * size / n_weights, "kept_f16": kept}
 
 
+def _is_our_gguf(path: Path) -> bool:
+    """A GGUF file an earlier flopwise export wrote (its mark, or our Modelfile beside it naming it)."""
+    try:
+        if GGUF_MARK_KEY in gguf.GGUFReader(str(path)).fields:
+            return True
+    except Exception:  # noqa: BLE001  (not a readable GGUF at all: not ours)
+        return False
+    modelfile = path.with_name("Modelfile")
+    try:
+        text = modelfile.read_text(errors="replace")
+    except OSError:
+        return False
+    return text.startswith(MODELFILE_MARK) and f"FROM ./{path.name}\n" in text
+
+
+GGUF_MARK_KEY = "flopwise.version"
 MODELFILE_MARK = "# written by flopwise export"  # an existing Modelfile without it is the user's: never replaced
 
 
@@ -363,5 +382,7 @@ def write_modelfile(gguf_path: Path, mc: ModelConfig, tuned: bool) -> Path:
     else:
         lines.append('TEMPLATE """{{ .Prompt }}"""')
     path = gguf_path.with_name("Modelfile")
+    if path.exists() and f"FROM ./{gguf_path.name}\n" not in path.read_text(errors="replace"):
+        path = gguf_path.with_name(f"Modelfile.{gguf_path.stem}")  # another export's: both stay usable
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -144,7 +144,8 @@ class ParametricFit:
         if not self.converged:
             out.append("the optimiser did not report convergence: treat the fit with suspicion")
         if self.at_bounds:
-            out.append(f"the fit sits on a bound for {', '.join(self.at_bounds)}: the data do not pin "
+            names = [{"a": "A", "b": "B", "e": "E"}.get(p, p) for p in self.at_bounds]  # theta holds log A, ...
+            out.append(f"the fit sits on a bound for {', '.join(names)}: the data do not pin "
                        "these down (add runs across a wider range of N and D)")
         for term in self.negligible:
             which = "N" if term.startswith("A") else "D"

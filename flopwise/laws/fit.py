@@ -309,7 +309,8 @@ def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_larg
     forms = [get_form(f).name for f in forms]
     out: dict = {"n_runs": len(runs), "n_convention": runs.n_convention, "approach": approach,
                  "warnings": list(runs.warnings), "level": level, "bootstrap": n_boot, "seed": seed,
-                 "tokens": "raw", "form": forms[0], "optimizer": runs.optimizer}
+                 "tokens": "raw", "form": forms[0], "optimizer": runs.optimizer,
+                 "fitted_flops": [float(min(runs.budgets)), float(max(runs.budgets))]}
     raw = runs
     if effective_data or forms == ["data-constrained"]:
         if runs.epochs is None or not np.all(np.isfinite(runs.epochs)):
@@ -407,6 +408,10 @@ def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_larg
             out["warnings"].append(f"Approach 2 skipped: {e}")
         else:
             out["warnings"] += a2.pop("warnings")
+            # the allocation at the budgets asked, by the IsoFLOP minima's power laws (Approach 2's own answer)
+            a2["optimal"] = [{"flops": c, "n_opt": n, "d_opt": d, "tokens_per_param": d / n}
+                             for c in budgets for n, d in [isoflop_optimal(a2, c)]]
+            a2["n_boot_requested"] = n_boot  # n_boot: the resamples that gave every budget a minimum
             out["approach2"] = a2
     if approach in ("1", "all"):
         a1 = fit_envelope(runs)
@@ -433,7 +438,7 @@ def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_larg
 def law_json(result: dict, source: str = "") -> dict:
     """The law file ``flopwise plan --law`` reads: DESIGN.md's form plus intervals and fit metadata."""
     meta = {k: result[k] for k in ("n_runs", "approach", "bootstrap", "seed", "level", "warnings", "tokens",
-                                   "selected") if k in result}
+                                   "selected", "verdict", "fitted_flops") if k in result}
     optimizer = {"optimizer": result["optimizer"]} if result.get("optimizer") else {}
     meta["source"] = source
     if "E" in result:

@@ -13,8 +13,10 @@ from flopwise.laws.runs import Runs
 
 
 def interval(samples: np.ndarray, level: float) -> dict[str, float]:
-    lo, hi = np.percentile(samples, [50 * (1 - level), 50 * (1 + level)])
-    return {"lower": float(lo), "upper": float(hi), "level": level, "se": float(np.std(samples, ddof=1))}
+    lo, hi, s16, s84 = np.percentile(samples, [50 * (1 - level), 50 * (1 + level), 15.87, 84.13])
+    # se: half the central 68% range (a normal's standard deviation), not the std, which a few runaway
+    # resamples (a parameter at its bound) can blow up far beyond the interval shown beside it
+    return {"lower": float(lo), "upper": float(hi), "level": level, "se": float((s84 - s16) / 2)}
 
 
 # ---------------------------------------------------------------- Approach 2: IsoFLOP profiles

@@ -42,6 +42,21 @@ def budget_flops(flops: float | None = None, gpu: str | None = None, n_gpus: int
                                 "the --dollars budget")
 
 
+def _fit_warnings(law: Law, flops: float) -> list[str]:
+    """What a fitted law's own fit said about it: its verdict, and how far this budget lies beyond its runs."""
+    fit = law.extra.get("fit", {}) if isinstance(law.extra.get("fit"), dict) else {}
+    verdict = fit.get("verdict", law.extra.get("verdict"))
+    out = []
+    if verdict == "not informative":
+        out.append("the fit that made this law judged itself not informative (see its fit.json): its plan is a "
+                   "guess")
+    span = fit.get("fitted_flops")
+    if span and flops > 100 * span[1]:
+        out.append(f"the law was fitted on runs of {span[0]:.3g}-{span[1]:.3g} FLOPs; this budget is "
+                   f"{math.log10(flops / span[1]):.1f} decades beyond them, so N and D are an extrapolation")
+    return out
+
+
 def _shape_flops(law: Law, vocab_size: int | None, seq_len: int):
     """(actual N in the law's convention, exact training FLOPs/token) of the shape for a target N."""
     def f(n_target: float) -> tuple[float, float]:
@@ -63,7 +78,7 @@ def make_plan(flops: float, law: Law | str = DEFAULT_LAW, *, inference_tokens: f
                                   ("--inference-tokens", inference_tokens)) if v is not None]
     if len(given) > 1:  # each re-solves the allocation under its own constraint; they do not compose yet
         raise FlopwiseError(f"{' and '.join(given)} cannot be combined yet: plan with one of them")
-    warnings: list[str] = []
+    warnings: list[str] = list(_fit_warnings(law, flops))
     notes: list[str] = []
     out: dict = {"plan_version": PLAN_VERSION, "law": law.name, "form": law.form, "n_convention": law.n_convention,
                  "optimizer": law.extra.get("optimizer")}  # what trained the runs the law was fitted to
@@ -109,8 +124,10 @@ def make_plan(flops: float, law: Law | str = DEFAULT_LAW, *, inference_tokens: f
             d = (train_flops / _shape_flops(law, vocab_size, seq_len)(n)[1] if exact_flops
                  else train_flops / (6.0 * n))
             loss = float(law.loss(n, d)) if isinstance(law, ParametricLaw) else None
+            why = (f"half of the {dev.name}'s {dev.memory_bytes / 1e9:.3g} GB, the rest left to the system, the KV "
+                   "cache and activations" if max_memory_bytes is None else "--max-memory")
             warnings.append(f"the device caps the model at {n_cap:.3g} parameters ({bits}-bit weights in "
-                            f"{limit / 1e9:.3g} GB); the budget buys more tokens instead")
+                            f"{limit / 1e9:.3g} GB: {why}); the budget buys more tokens instead")
         out["device"] = {
             "name": dev.name if dev else "custom", "bits": bits,
             "bits_per_weight": hardware.bits_per_weight(bits), "weight_memory_limit_bytes": limit,
@@ -127,8 +144,9 @@ def make_plan(flops: float, law: Law | str = DEFAULT_LAW, *, inference_tokens: f
         "loss": loss,
         "shape": {**shape.to_dict(), "n_params_total": n_params_total(shape),
                   "n_params_non_embedding": n_params_non_embedding(shape), "training_flops_per_token": fpt},
-        "flops_exact": fpt * d,
-        "compute": hardware.cost_of(train_flops, hardware.get_gpu(gpu), n_gpus, mfu, price_per_hour, pue,
+        "flops_exact": fpt * d, "flops_6nd": 6.0 * n * d,
+        # time, cost and energy follow the FLOPs the hardware executes: the exact count of the suggested shape
+        "compute": hardware.cost_of(fpt * d, hardware.get_gpu(gpu), n_gpus, mfu, price_per_hour, pue,
                                     carbon_kg_per_kwh),
         "tradeoff": allocate.size_tradeoff(law, flops) if isinstance(law, ParametricLaw) else [],
         "warnings": warnings, "notes": notes, "citation": law.citation,

@@ -18,6 +18,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process' rank as torchrun set it ($RANK), before the process group exists; 0 when run alone."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def setup() -> tuple[int, int]:
     """(rank, world size); initialises the process group once when launched by torchrun."""
     world = world_size()

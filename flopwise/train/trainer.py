@@ -226,7 +226,7 @@ class _Run:
         if self.compiled:
             use_compile_cache()
             net = torch.compile(eager)
-        self._announce(s.step)
+        self._announce(s.step, s.model)
         metrics_path = self.run_dir / "metrics.jsonl"
         kept = read_metrics(self.run_dir, s.step)
         if self.rank == 0:
@@ -236,7 +236,7 @@ class _Run:
         train_loss = json.loads(kept[-1])["loss"] if kept else float("nan")
         kill_at = int(os.environ.get(KILL_AT_STEP_ENV) or 0)
         progress = Bar("train", self.r.steps, s.step, quiet=self.quiet)
-        t_start = time.perf_counter()
+        t_start, first_step = time.perf_counter(), s.step
         t_log, tokens_log = t_start, 0
         final_eval = None
         metrics = open(metrics_path, "a") if self.rank == 0 else None
@@ -269,9 +269,12 @@ class _Run:
                         rec["val_loss"] = val_loss
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
+                    # the bar shows the average since this start (steady, and what final.json will say), the
+                    # metrics each interval's rate
+                    avg = (step + 1 - first_step) * self.r.tokens_per_step / max(now - t_start, 1e-9)
                     progress.update(step + 1, f"step {step + 1}/{self.r.steps}  loss {train_loss:.3f}"
                                     + (f" val {val_loss:.3f}" if val_loss is not None else "")
-                                    + f"  {tok_s:,.0f} tok/s  MFU {rec['mfu']:.0%}")
+                                    + f"  {avg:,.0f} tok/s  MFU {avg * self.r.flops_per_token / self.peak:.0%}")
                 self._checkpoint(s, step + 1, last, time.perf_counter() - t_start)
                 if step + 1 == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -426,7 +429,7 @@ class _Run:
         if done % self.r.ckpt_every == 0:
             dist.barrier()
 
-    def _announce(self, start_step: int) -> None:
+    def _announce(self, start_step: int, model: torch.nn.Module) -> None:
         if self.quiet:
             return
         r, mc = self.r, self.mc
@@ -438,7 +441,10 @@ class _Run:
         est = self._remaining_flops(start_step) / rate * ETA_OVERHEAD
         if self.compiled:
             est = compiled_seconds(est, compiled_before(self._compile_key(self.precision)))
-        self.log(f"training {n_params_total(mc):,} params on {r.n_tokens:,} tokens ({epochs:.2f} epochs of "
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        what = (f"LoRA rank {self.tc.lora_rank} adapters ({trainable:,} params) of a {n_params_total(mc):,}-"
+                "param model" if self.tc.lora_rank else f"{n_params_total(mc):,} params")
+        self.log(f"training {what} on {r.n_tokens:,} tokens ({epochs:.2f} epochs of "
                  f"{self.data.n_tokens_train:,}), {r.flops:.3g} FLOPs, {r.steps} steps of {r.tokens_per_step:,} "
                  f"tokens, lr {r.lr:.2g}, {self.precision}{', compiled' if self.compiled else ''} on "
                  f"{self.device.type}{f' x{self.world}' if self.world > 1 else ''}{self._threads_note()}; "

@@ -182,7 +182,7 @@ def behaviour(model: Llama, sp, records: list[dict], max_per_task: int = 100, te
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
     words = [r for r in records if r.get("task") == "words" and r.get("words")][:max_per_task]
     cont = [r for r in records if r.get("task") == "continue" and r.get("input")][:max_per_task]
-    result: dict = {"seed": seed, "temperature": temperature, "top_k": top_k}
+    result: dict = {"seed": seed, "temperature": temperature, "top_k": top_k, "asked_per_task": max_per_task}
     samples = []
     k = 0
     if words:
