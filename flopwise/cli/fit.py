@@ -96,7 +96,7 @@ def fit(
                           budgets=budget_list, level=level, seed=seed, delta=delta, degree=degree,
                           workers=workers, progress=progress, effective_data=effective_tokens, forms=form_list,
                           conventions=others)
-    save_fit(result, str(src), out_dir)
+    save_fit(result, str(src.resolve()), out_dir)
     plots = [] if no_plots else _plots(law_tokens(runs, result), result, out_dir)
     if as_json:
         print(json.dumps({**public(result), "law_file": str(out_dir / "law.json"), "plots": plots}, indent=2))
@@ -112,7 +112,11 @@ def _check_fit_out(out_dir: Path, src: Path, default: bool) -> None:
             source = json.loads((p / "law.json").read_text()).get("source")
         except (OSError, ValueError, AttributeError):
             return False
-        if not default and source is not None and Path(source).resolve() != src.resolve():
+        if source is None:
+            return True
+        # the default folder of a sweep lies inside it (always its fit); beside a table, it must be that table's
+        same = (src.is_dir() or Path(source).name == src.name) if default else Path(source).resolve() == src.resolve()
+        if not same:
             raise FlopwiseError(f"{p} holds the fit of {source}, not of {src}: choose another --out")
         return True
 

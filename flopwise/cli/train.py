@@ -167,8 +167,8 @@ def train(
         started = is_run(run_dir) and not never_trained(run_dir)
         if run is not None and not is_run(run_dir):
             raise FlopwiseError(f"{run_dir} does not exist: start a run with --out {run_dir}" if not run_dir.exists()
-                                else f"{run_dir} is not a run directory (no flopwise config.json): start a run with --out "
-                                "NEW_DIR")
+                                else f"{run_dir} is not a run directory (no flopwise config.json): start a run "
+                                "with --out NEW_DIR")
         if (run is not None or started) and new_options:
             raise FlopwiseError(f"{run_dir} already holds a run: resume it with 'flopwise train {run_dir}' alone "
                                 f"({', '.join(new_options)} apply to a new run), or choose another --out")
