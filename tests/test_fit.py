@@ -214,3 +214,33 @@ def test_cli_fit_json_and_plots(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "flopwise", "fit", str(tmp_path / "none.csv")],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_fit_folder_allocation_by_approach2_and_plan_warnings(tmp_path):
+    """Two tables never share a fit folder; Approach 2 answers at --budgets; a plan far beyond the fit warns."""
+    import subprocess
+    import sys
+
+    from flopwise.laws.fit import synthetic_runs
+    from flopwise.laws.law import REGISTRY
+
+    runs = synthetic_runs(REGISTRY["epoch"], [1e17, 3e17, 1e18], n_per_budget=5, noise=0.01)
+    rows = list(zip(runs.n_params, runs.n_tokens, runs.loss, strict=True))
+    (tmp_path / "runs.csv").write_text("n_params,n_tokens,loss\n" + "".join(f"{n},{d},{x}\n" for n, d, x in rows))
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps({"n_params": n, "n_tokens": d, "loss": x}) + "\n"
+                                                 for n, d, x in rows))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "flopwise", *map(str, args)], capture_output=True, text=True,
+                              timeout=300)
+
+    r = cli("fit", tmp_path / "runs.csv", "--bootstrap", "0", "--no-plots", "--forms", "chinchilla", "--budgets",
+            "1e19", "--json")
+    assert r.returncode == 0, r.stderr
+    a2 = json.loads(r.stdout)["approach2"]
+    assert [row["flops"] for row in a2["optimal"]] == [1e19] and a2["optimal"][0]["n_opt"] > 0
+    r = cli("fit", tmp_path / "runs.jsonl", "--bootstrap", "0", "--no-plots")
+    assert r.returncode == 2 and "holds the fit of" in r.stderr and "choose another --out" in r.stderr
+    plan = cli("plan", "--flops", "1e24", "--law", tmp_path / "runs-fit" / "law.json", "--json")
+    assert plan.returncode == 0, plan.stderr
+    assert any("decades beyond" in w for w in json.loads(plan.stdout)["warnings"])

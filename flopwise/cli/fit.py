@@ -109,7 +109,7 @@ def _check_fit_out(out_dir: Path, src: Path, default: bool) -> None:
     default folder (beside or inside the runs) always holds their fit, wherever it was run from."""
     def same_runs(p: Path) -> bool:
         try:
-            source = json.loads((p / "law.json").read_text()).get("source")
+            source = json.loads((p / "law.json").read_text()).get("fit", {}).get("source")
         except (OSError, ValueError, AttributeError):
             return False
         if source is None:
