@@ -104,3 +104,23 @@ def test_readme_sweep_dry_runs(argv, bundled, tmp_path, monkeypatch):
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
         main([*argv, "--dry-run"])
     assert e.value.code == 0 and "ETA" in out.getvalue() and not any(tmp_path.iterdir())
+
+
+def test_every_option_is_in_the_readme():
+    """A new option cannot land undocumented: each command's options appear in README.md."""
+    from typer.main import get_command
+
+    from flopwise.cli import app
+
+    readme = README.read_text()
+
+    def leaves(cmd, path):
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                yield from leaves(sub, [*path, name])
+        else:
+            yield " ".join(path), cmd
+
+    missing = [f"{name} {opt}" for name, cmd in leaves(get_command(app), []) for p in cmd.params for opt in p.opts
+               if opt.startswith("--") and opt != "--help" and opt not in readme]
+    assert not missing, missing
