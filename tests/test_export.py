@@ -157,6 +157,16 @@ def test_quantized_gguf_tensor_types_and_sizes(bundled, tmp_path):
         assert float(kv["llama.attention.layer_norm_rms_epsilon"].parts[-1][0]) == pytest.approx(1e-6)
         assert float(kv["llama.rope.freq_base"].parts[-1][0]) == pytest.approx(500.0)
     assert sizes["q4_0"] < sizes["q8_0"] < sizes["f16"]
+    # several quantisations into one folder: each keeps a Modelfile that names its own file, and re-exporting
+    # one replaces only it (a foreign .gguf there would be refused: tests/test_hostile.py)
+    both = tmp_path / "both"
+    first = export_gguf(run, both / "m-q8.gguf", "q8_0", log=lambda m: None)
+    second = export_gguf(run, both / "m-q4.gguf", "q4_0", log=lambda m: None)
+    assert Path(first["modelfile"]).name == "Modelfile" and Path(second["modelfile"]).name == "Modelfile.m-q4"
+    assert "FROM ./m-q8.gguf\n" in Path(first["modelfile"]).read_text()
+    assert "FROM ./m-q4.gguf\n" in Path(second["modelfile"]).read_text()
+    again = export_gguf(run, both / "m-q4.gguf", "q4_0", log=lambda m: None)
+    assert again["modelfile"] == second["modelfile"] and len(list(both.iterdir())) == 4
 
 
 def test_export_bad_input_is_clear_and_leaves_nothing(bundled, tmp_path, monkeypatch):

@@ -36,6 +36,10 @@ def test_plan_exact_composes_with_a_device_cap_and_refuses_the_rest():
     p = make_plan(1e23, "chinchilla", device="rpi5", bits=4, exact_flops=True, vocab_size=32000, seq_len=2048)
     assert p["device"]["capped"] and p["notes"][0].startswith("N and D minimise the law under the exact FLOP count")
     assert p["flops_exact"] == pytest.approx(1e23, rel=0.02)  # the capped model spends the budget by exact count
+    # 6ND is of the N and D shown (below the budget here), and time is the exact count at the MFU
+    assert p["flops_6nd"] == pytest.approx(6 * p["n_params"] * p["n_tokens"]) and p["flops_6nd"] < 1e23
+    c = p["compute"]
+    assert c["hours"] == pytest.approx(p["flops_exact"] / (c["mfu"] * 989e12 * c["n_gpus"]) / 3600, rel=0.01)
     for extra in ({"unique_tokens": 1e9}, {"inference_tokens": 1e12}):
         with pytest.raises(FlopwiseError, match="--exact and --.*-tokens cannot be combined"):
             make_plan(1e21, exact_flops=True, **extra)

@@ -12,6 +12,18 @@ from flopwise import __version__
 from flopwise.config import THREADS_ENV, requested_threads
 from flopwise.errors import FlopwiseError
 
+
+def _hide_flag_types() -> None:
+    """Typer 0.29 prints '<bool>' beside plain flags (--json, --quiet) in --help: noise; print nothing there."""
+    from typer import core
+
+    shown = getattr(core.TyperOption, "display_type_rich", None)
+    if shown is not None:
+        core.TyperOption.display_type_rich = lambda self, ctx: None if getattr(self, "is_flag", False) else \
+            shown(self, ctx)
+
+
+_hide_flag_types()
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="flopwise: the best small language model a compute budget can buy.")
 hw_app = typer.Typer(no_args_is_help=True, help="Hardware presets and measurements.")
