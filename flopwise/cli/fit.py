@@ -55,6 +55,7 @@ def fit(
         save_fit,
     )
     from flopwise.laws.forms import parse_forms
+    from flopwise.progress import Bar
 
     require(("--approach", approach, approach in ("1", "2", "3", "all"), "1, 2, 3 or all"),
             ("--bootstrap", bootstrap, 0 <= bootstrap <= 100_000, "between 0 (no intervals) and 100000"),
@@ -81,15 +82,23 @@ def fit(
             form_list = ["chinchilla"]
     else:
         form_list = parse_forms(forms)
+    err = Console(stderr=True)
+    shown = not (quiet or as_json)
+    lines: dict[str, Bar] = {}  # piped: plain lines per stage (a live bar draws nothing without a terminal)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeRemainingColumn(), console=Console(stderr=True), disable=quiet or as_json,
+                  TimeRemainingColumn(), console=err, disable=not (shown and err.is_terminal),
                   transient=True) as bar:
         tasks: dict = {}
 
         def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done)
+            if err.is_terminal:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(stage, total=total)
+                bar.update(tasks[stage], completed=done)
+            elif shown:
+                if stage not in lines:
+                    lines[stage] = Bar(stage, total, console=err)
+                lines[stage].update(done)
 
         result = fit_runs(runs, approach=approach, n_boot=bootstrap, holdout_largest=holdout_largest,
                           min_steps=_sweep_min_steps(src),
