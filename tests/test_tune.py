@@ -223,7 +223,9 @@ def test_tune_resume_after_kill9_and_truncation_count(base, tmp_path):
     assert proc.returncode == -signal.SIGKILL and not (killed / "final.json").exists()
     assert torch.load(killed / "ckpt" / "latest.pt", weights_only=False)["step"] == 12
     assert len((killed / "metrics.jsonl").read_text().splitlines()) == 14
-    r = cli("tune", "--out", killed, "--behaviour-n", "0", "--quiet")
+    # the tuning was started with --behaviour-n 0 (kept in tune_eval.json): a resume without it keeps it
+    (killed / "tune_eval.json").write_text(json.dumps({"behaviour_n": 0}))
+    r = cli("tune", "--out", killed, "--quiet")
     assert r.returncode == 0, r.stderr
     losses = lambda d: [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert np.allclose(losses(killed), losses(straight), rtol=1e-6)
@@ -231,6 +233,17 @@ def test_tune_resume_after_kill9_and_truncation_count(base, tmp_path):
     assert final["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-6)
     report = json.loads((killed / "tune_eval.json").read_text())
     assert report["tuned"]["response_loss"] == pytest.approx(final["val_loss"], rel=1e-4)
+    assert report["behaviour_n"] == 0 and not {"words_n", "continuation_n"} & (set(report["base"]) |
+                                                                          set(report["tuned"]))
+
+
+def test_report_line_says_when_the_held_out_set_had_fewer_than_asked():
+    from flopwise.cli.tune import _report_line
+
+    r = {"response_loss": 1.25, "continuation_ok": 0.5, "continuation_n": 99, "asked_per_task": 100,
+         "words_included": 0.25, "words_n": 100, "word_rate": 0.5}
+    line = _report_line("tuned", r)
+    assert "continuation ok 50% of 99 (all held out)" in line and "words included 25% of 100 (each" in line
 
 
 def test_lora_tune_on_bundled_set_merges_for_loading(base, tmp_path):
