@@ -136,9 +136,9 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
         if free["verdict"] == NOT_INFORMATIVE:
             fit, law_used = _fallback_fit(runs, free, cfg, holdout, remaining, tick)
     fit_dir = out / "fit"
-    save_fit(free, str(sweep_dir), fit_dir)
+    save_fit(free, str(sweep_dir.absolute()), fit_dir)
     if fit is not free:
-        save_fit(fit, str(sweep_dir), fit_dir / "fallback")
+        save_fit(fit, str(sweep_dir.absolute()), fit_dir / "fallback")
     plots = plot_fit(law_tokens(runs, free), free, fit_dir)  # the law's D is D'; so are the plots' axes
     checks, verdict = _plan_checks(free, fit, law_used)
     log(f"fit: {verdict}" + (f" ({'; '.join(c['why'] for c in failed(checks))})" if failed(checks) else "")

@@ -15,8 +15,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 class Bar:
     def __init__(self, description: str, total: float, done: float = 0, quiet: bool = False,
                  console: Console | None = None):
-        self.console = console or Console()
+        self.console = console or Console(stderr=True)  # stdout stays for results (tables, JSON)
         self.description, self.total, self.first, self.start = description, total, done, time.perf_counter()
+        self.last = done
         self.plain = not quiet and not self.console.is_terminal
         self.next_tenth = _tenth(done, total) + 1
         self.progress = None if quiet or self.plain else Progress(
@@ -29,7 +30,11 @@ class Bar:
     def update(self, done: float, info: str = "") -> None:
         if self.progress:
             self.progress.update(self.task, completed=done, info=info)
-        elif self.plain and self.total > 0 and _tenth(done, self.total) >= self.next_tenth:
+        elif self.plain and done < self.last:  # a new stage refills the bar (the autopilot's fit): start over
+            self.first, self.start, self.next_tenth = done, time.perf_counter(), _tenth(done, self.total) + 1
+        if self.plain:
+            self.last = done
+        if self.plain and self.total > 0 and _tenth(done, self.total) >= self.next_tenth:
             self.next_tenth = _tenth(done, self.total) + 1
             elapsed = time.perf_counter() - self.start
             left = elapsed * (self.total - done) / max(done - self.first, 1e-12)

@@ -342,7 +342,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("export-hf-into-file", ["export", "{run}", "--format", "hf", "--out", "{w}/notes.txt"], "notes.txt"),
     ("export-user-modelfile", ["export", "{run}", "--format", "gguf", "--out", "{w}/mine/model.gguf"], "Modelfile"),
     ("export-over-foreign-gguf", ["export", "{run}", "--format", "gguf", "--out", "{w}/notgguf.gguf"],
-     "not written by flopwise"),
+     "without flopwise's mark"),
     # --- plan
     ("plan-no-budget", ["plan"], "no budget given"),
     ("plan-flops-negative", ["plan", "--flops", "-1"], "--flops"),

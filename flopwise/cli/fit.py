@@ -105,7 +105,7 @@ def fit(
                           budgets=budget_list, level=level, seed=seed, delta=delta, degree=degree,
                           workers=workers, progress=progress, effective_data=effective_tokens, forms=form_list,
                           conventions=others)
-    save_fit(result, str(src.resolve()), out_dir)
+    save_fit(result, str(src.absolute()), out_dir)
     plots = [] if no_plots else _plots(law_tokens(runs, result), result, out_dir)
     if as_json:
         print(json.dumps({**public(result), "law_file": str(out_dir / "law.json"), "plots": plots}, indent=2))
@@ -123,8 +123,15 @@ def _check_fit_out(out_dir: Path, src: Path, default: bool) -> None:
             return False
         if source is None:
             return True
-        # the default folder of a sweep lies inside it (always its fit); beside a table, it must be that table's
-        same = (src.is_dir() or Path(source).name == src.name) if default else Path(source).resolve() == src.resolve()
+        if not isinstance(source, str) or "\0" in source:
+            return False
+        stored = Path(source)
+        if default:  # a sweep's fit/ lies inside it; beside a table, the folder must be that table's
+            same = src.is_dir() or stored.name == src.name
+        elif stored.is_absolute():
+            same = stored == src.absolute() or stored.resolve() == src.resolve()
+        else:  # written relative to some other working directory: the name is what can be compared
+            same = stored.name == src.name
         if not same:
             raise FlopwiseError(f"{p} holds the fit of {source}, not of {src}: choose another --out")
         return True

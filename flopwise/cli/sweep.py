@@ -144,7 +144,7 @@ def sweep_run(
         return
     if not (sweep_dir / "sweep.json").exists():
         write_design(sweep_dir, specs, meta)
-    with Bar("sweep", total_flops(specs), quiet=quiet, console=console) as bar:
+    with Bar("sweep", total_flops(specs), quiet=quiet) as bar:
         run_sweep(sweep_dir, workers, ray_address=ray, progress=lambda d, tot, k, n: bar.update(d, f"{k}/{n} runs"))
     sweep_status(out)
 

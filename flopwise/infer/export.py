@@ -336,7 +336,8 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "f32", log=pr
     if modelfile.exists() and not modelfile.read_text(errors="replace").startswith(MODELFILE_MARK):
         raise FlopwiseError(f"{modelfile} exists and was not written by flopwise: export into another folder")
     if out.exists() and not _is_our_gguf(out):
-        raise FlopwiseError(f"{out} exists and was not written by flopwise export: choose another --out")
+        raise FlopwiseError(f"{out} exists without flopwise's mark (another tool's file, or an export from before "
+                            "flopwise marked its files): choose another --out, or delete it first")
     mc, _, config = read_run_config(run_dir)
     _check_expressible(mc)
     model = load_model(run_dir)
@@ -384,5 +385,7 @@ def write_modelfile(gguf_path: Path, mc: ModelConfig, tuned: bool) -> Path:
     path = gguf_path.with_name("Modelfile")
     if path.exists() and f"FROM ./{gguf_path.name}\n" not in path.read_text(errors="replace"):
         path = gguf_path.with_name(f"Modelfile.{gguf_path.stem}")  # another export's: both stay usable
+        if path.exists() and not path.read_text(errors="replace").startswith(MODELFILE_MARK):
+            raise FlopwiseError(f"{path} exists and was not written by flopwise: export into another folder")
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

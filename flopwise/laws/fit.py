@@ -189,7 +189,8 @@ def compare_forms(runs: Runs, forms, k: int, raw: Runs | None = None, n_boot: in
     ``raw``: the runs with raw tokens and epochs, for the data-constrained form (``runs`` may hold D'). A row
     is ``usable`` when the full fit is identified (no parameter on a bound or negligible term) and plans
     (beta + gamma > 0); its ``score`` is the held-out mean |relative error| with FORM_PENALTY per extra
-    parameter. Rows of forms that cannot be fitted say why (``skipped``). ``progress(done)`` after each form."""
+    parameter. Rows of forms that cannot be fitted say why (``skipped``). ``progress(done)`` before each form and
+    at the end."""
     rows = []
     for i, name in enumerate(forms):
         if progress:
@@ -214,6 +215,8 @@ def compare_forms(runs: Runs, forms, k: int, raw: Runs | None = None, n_boot: in
                     "coverage": h.get("predictive_coverage"), "score": _form_score(h["mean_abs_rel_error"], f.n_params),
                     "usable": not problems, "problems": problems})
         rows.append(row)
+    if progress:
+        progress(len(forms))
     return rows
 
 

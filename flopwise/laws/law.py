@@ -232,9 +232,10 @@ def law_from_dict(d: dict, source: str = "law") -> Law:
             f"{source} is missing {', '.join(missing)}: a {form}-form law needs {', '.join(keys)} and n_convention"
         )
     known = set(keys) | {"form", "n_convention", "name", "citation"}
-    if "checks" in d and "verdict" in d:  # a whole fit.json: its law, and the verdict as the only extra
+    if "checks" in d and "verdict" in d:  # a whole fit.json: its law, and its verdict and fitted budgets as extras
         d = {k: d[k] for k in known if k in d} | {"name": d.get("name", "fitted"), "verdict": d["verdict"]} | (
-            {"optimizer": d["optimizer"]} if d.get("optimizer") else {})
+            {"optimizer": d["optimizer"]} if d.get("optimizer") else {}) | (
+            {"fitted_flops": d["fitted_flops"]} if "fitted_flops" in d else {})
     extra = {k: v for k, v in d.items() if k not in known}
     common = dict(n_convention=d.get("n_convention", "total"), name=d.get("name", Path(source).stem),
                   citation=d.get("citation", ""), extra=extra)

@@ -50,8 +50,9 @@ def _fit_warnings(law: Law, flops: float) -> list[str]:
     if verdict == "not informative":
         out.append("the fit that made this law judged itself not informative (see its fit.json): its plan is a "
                    "guess")
-    span = fit.get("fitted_flops")
-    if span and flops > 100 * span[1]:
+    span = fit.get("fitted_flops", law.extra.get("fitted_flops"))
+    ok = isinstance(span, list) and len(span) == 2 and all(isinstance(x, (int, float)) and x > 0 for x in span)
+    if ok and flops > 100 * span[1]:
         out.append(f"the law was fitted on runs of {span[0]:.3g}-{span[1]:.3g} FLOPs; this budget is "
                    f"{math.log10(flops / span[1]):.1f} decades beyond them, so N and D are an extrapolation")
     return out
@@ -151,6 +152,10 @@ def make_plan(flops: float, law: Law | str = DEFAULT_LAW, *, inference_tokens: f
         "tradeoff": allocate.size_tradeoff(law, flops) if isinstance(law, ParametricLaw) else [],
         "warnings": warnings, "notes": notes, "citation": law.citation,
     })
+    if not exact_flops and fpt * d > 1.05 * flops:
+        out["notes"].append(f"the suggested shape's exact count is {fpt * d / flops:.2f}x the {flops:.3g}-FLOP budget "
+                            "(6ND leaves out attention and the output layer): time, cost and energy follow the exact "
+                            "count; --exact plans N and D within the budget by it")
     if not isinstance(law, ParametricLaw):
         out["notes"].append(f"law {law.name} predicts allocation only: no expected loss")
     return out
