@@ -8,7 +8,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from flopwise.errors import FlopwiseError
+from flopwise.errors import FlopwiseError, require
 from flopwise.laws.flops import BLOCK_PROJECTIONS, Shape, training_flops_per_token
 from flopwise.laws.hyper import default_lr_and_batch
 from flopwise.laws.law import DEFAULT_LAW
@@ -69,7 +69,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """Every option in range, before anything is written or trained (one line naming the option)."""
-        bad = [(f"--{name.replace('_', '-')}", value, rule) for name, value, ok, rule in (
+        require(*((f"--{name.replace('_', '-')}", value, ok, rule) for name, value, ok, rule in (
             ("micro_batch", self.micro_batch, self.micro_batch >= 1, "at least 1"),
             ("lr", self.lr, self.lr is None or 0 < self.lr < 10, "a positive number below 10"),
             ("batch_tokens", self.batch_tokens, self.batch_tokens is None or self.batch_tokens >= 1, "at least 1"),
@@ -86,10 +86,7 @@ class TrainConfig:
             ("eval_every", self.eval_every, self.eval_every >= 0, "at least 0 (0: automatic)"),
             ("ckpt_every", self.ckpt_every, self.ckpt_every >= 0, "at least 0 (0: automatic)"),
             ("threads", self.threads, self.threads >= 0, "at least 0 (0: adapt to the free cores)"),
-        ) if not ok]
-        if bad:
-            option, value, rule = bad[0]
-            raise FlopwiseError(f"{option} must be {rule}, got {value!r}")
+        )))
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -167,7 +164,7 @@ class TuneOptions:
 
     def check(self) -> None:
         """Every option in range, before any data is read or anything written (one line naming the option)."""
-        bad = [(option, value, rule) for option, value, ok, rule in (
+        require(
             ("--rank", self.lora_rank, self.lora_rank >= 0, "at least 1 (with --lora)"),
             ("--alpha", self.lora_alpha, self.lora_alpha > 0, "a positive number"),
             ("--epochs", self.epochs, 0 < self.epochs <= 1000, "a positive number of passes (at most 1000)"),
@@ -176,10 +173,7 @@ class TuneOptions:
             ("--batch-size", self.batch_size, self.batch_size >= 1, "at least 1"),
             ("--micro-batch", self.micro_batch, self.micro_batch >= 1, "at least 1"),
             ("heldout_fraction", self.heldout_fraction, 0 < self.heldout_fraction < 0.5, "in (0, 0.5)"),
-        ) if not ok]
-        if bad:
-            option, value, rule = bad[0]
-            raise FlopwiseError(f"{option} must be {rule}, got {value!r}")
+        )
         unknown = [t for t in self.lora_targets if t not in BLOCK_PROJECTIONS]
         if self.lora_rank and (unknown or not self.lora_targets):
             raise FlopwiseError(f"--targets {','.join(unknown) or '(none)'} unknown: choose from "
@@ -211,7 +205,7 @@ class AutopilotConfig:
 
     def check(self) -> None:
         """Every option in range, before the corpus is read or anything written (one line naming the option)."""
-        bad = [(option, value, rule) for option, value, ok, rule in (
+        require(
             ("--sweep-fraction", self.sweep_fraction, 0 < self.sweep_fraction < 1, "between 0 and 1, e.g. 0.4"),
             ("--n-budgets", self.n_budgets, 2 <= self.n_budgets <= 10, "between 2 and 10 (3+ to check the fit on "
              "a held-out budget)"),
@@ -225,10 +219,7 @@ class AutopilotConfig:
             ("--compare-optimizer", self.compare_optimizer,
              self.compare_optimizer in (None, *({"adamw", "muon"} - {self.optimizer})),
              f"the other optimizer than --optimizer {self.optimizer}"),
-        ) if not ok]
-        if bad:
-            option, value, rule = bad[0]
-            raise FlopwiseError(f"{option} must be {rule}, got {value!r}")
+        )
 
 
 SWEEP_MICRO_BATCH = 16  # sequences per forward pass of a sweep run (the design picks batches this layout keeps)

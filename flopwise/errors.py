@@ -3,3 +3,11 @@
 
 class FlopwiseError(Exception):
     """A problem with the user's input or environment; the message names the fix."""
+
+
+def require(*rules: tuple[str, object, bool, str]) -> None:
+    """Options checked before anything is read or written: each rule is (option, value, ok, what it must be);
+    the first that fails is the error, e.g. "--top-p must be in (0, 1], got 1.5"."""
+    for option, value, ok, rule in rules:
+        if not ok:
+            raise FlopwiseError(f"{option} must be {rule}, got {value!r}")

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from flopwise import __version__
 from flopwise.config import THREADS_ENV, requested_threads
-from flopwise.errors import FlopwiseError
+from flopwise.errors import FlopwiseError, require  # noqa: F401  (require: the commands' option checks)
 
 
 def _hide_flag_types() -> None:
@@ -35,14 +35,6 @@ err_console = Console(stderr=True)
 def warn(message: str) -> None:
     """A warning or note on stderr, so that piped output (--json) stays clean."""
     err_console.print(f"[yellow]{message}[/yellow]")
-
-
-def require(*rules: tuple[str, object, bool, str]) -> None:
-    """A command's options checked before it reads or writes anything: each rule is (option, value, ok, what it
-    must be); the first that fails is the error, e.g. "--top-p must be in (0, 1], got 1.5"."""
-    for option, value, ok, rule in rules:
-        if not ok:
-            raise FlopwiseError(f"{option} must be {rule}, got {value!r}")
 
 
 def given(ctx: typer.Context, *names: str) -> list[str]:
