@@ -101,12 +101,12 @@ def test_bad_corpora(tmp_path, monkeypatch):
         prepare([tiny], out=tmp_path / "t", vocab_size=300)
     with pytest.raises(FlopwiseError, match="does not exist"):
         prepare([tmp_path / "missing.txt"])
-    with pytest.raises(FlopwiseError, match="holds no .txt"):
+    with pytest.raises(FlopwiseError, match="holds no files flopwise reads"):
         (tmp_path / "nothing").mkdir()
         prepare([tmp_path / "nothing"])
     js = tmp_path / "x.jsonl"
     js.write_text('{"text": "fine"}\n{"txt": "no"}\n')
-    with pytest.raises(FlopwiseError, match=r"record 1 \(line 2\) has no string 'text'"):
+    with pytest.raises(FlopwiseError, match=r"record 1 \(line 2\) has no 'text' field \(its fields: txt\): give --text-field"):
         prepare([js])
     js.write_text('{"text": "fine"}\n{broken\n')
     with pytest.raises(FlopwiseError, match="line 2 is not valid JSON"):
@@ -114,10 +114,14 @@ def test_bad_corpora(tmp_path, monkeypatch):
     unreadable = tmp_path / "locked.txt"
     unreadable.write_text("x")
 
-    def deny(self):
-        raise PermissionError(13, "Permission denied")
+    real_open = open
 
-    monkeypatch.setattr(type(unreadable), "read_bytes", deny)
+    def deny(path, *args, **kwargs):  # root reads any file whatever its mode: refuse this one by name
+        if str(path).endswith("locked.txt"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", deny)
     with pytest.raises(FlopwiseError, match="cannot read .*locked.txt: Permission denied"):
         prepare([unreadable], out=tmp_path / "u")
     with pytest.raises(FlopwiseError, match="not a prepared corpus"):

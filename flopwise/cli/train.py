@@ -23,19 +23,28 @@ from flopwise.laws.shape import suggest_shape
 
 @app.command()
 def prepare(
-    paths: Optional[list[str]] = typer.Argument(None, help="Text files, folders of them, or JSONL with a 'text' "
-                                                "field (none: the bundled TinyStories sample)."),
+    paths: Optional[list[str]] = typer.Argument(None, help="Text, JSONL/JSON, Parquet or Arrow files (optionally "
+                                                ".gz/.zst/.xz/.bz2), folders of them, or a datasets.save_to_disk "
+                                                "folder (none: the bundled TinyStories sample)."),
     out: Optional[str] = typer.Option(None, help="Folder for the prepared corpus (default: the cache)."),
-    vocab_size: int = typer.Option(4096, help="Tokenizer vocabulary size."),
+    vocab_size: Optional[int] = typer.Option(None, help="Tokenizer vocabulary size (default 4096; with --tokenizer: "
+                                             "the tokenizer's)."),
     val: Optional[list[str]] = typer.Option(None, help="Validation text (default: split off documents)."),
     val_fraction: float = typer.Option(0.05, help="Fraction of documents held out when --val is not given."),
-    seed: int = typer.Option(0, help="Seed of the validation split."),
+    seed: int = typer.Option(0, help="Seed of the validation split and the tokenizer's sample."),
+    text_field: str = typer.Option("text", help="Field (JSON) or column (Parquet, Arrow) that holds the text."),
+    tokenizer: Optional[str] = typer.Option(None, help="Reuse this SentencePiece BPE model (e.g. a Llama "
+                                            "tokenizer.model) instead of training one."),
+    tokenizer_sample_mb: float = typer.Option(32, help="Train the tokenizer on a random sample of at most this many "
+                                              "million characters of documents."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     as_json: bool = typer.Option(False, "--json", help="Print the corpus' meta.json."),
 ) -> None:
-    """Text -> SentencePiece BPE tokenizer -> train/validation token files (cached by content hash)."""
-    with console.status("preparing corpus (tokenizer training, encoding)…"):
-        corpus = prepare_corpus(paths or None, out, vocab_size, val, val_fraction, seed,
-                                log=lambda m: console.print(f"[yellow]{m}[/yellow]"))
+    """Text -> SentencePiece BPE tokenizer -> train/validation token files, streamed (cached by content hash)."""
+    require(("--tokenizer-sample-mb", tokenizer_sample_mb, tokenizer_sample_mb > 0, "must be positive"),
+            ("--text-field", text_field, bool(text_field.strip()), "must name a field"))
+    corpus = prepare_corpus(paths or None, out, vocab_size, val, val_fraction, seed, log=warn, text_field=text_field,
+                            tokenizer=tokenizer, tokenizer_sample_mb=tokenizer_sample_mb, quiet=True if quiet else None)
     if as_json:
         print(json.dumps({**corpus.meta, "path": str(corpus.path)}, indent=2))
         return

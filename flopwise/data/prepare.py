@@ -16,27 +16,31 @@ JSONL files contribute their records' ``text`` fields.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
-import re
 import shutil
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
 
-from flopwise.data.tokenizer import BOS_ID, EOS_ID, UNK_ID, load_tokenizer, train_tokenizer
+from flopwise.data.sources import Source, documents, expand, split_documents  # noqa: F401 (split_documents: API)
+from flopwise.data.tokenizer import (BOS_ID, EOS_ID, UNK_ID, load_tokenizer, sentencepiece_model_type,
+                                     train_tokenizer)
 from flopwise.errors import FlopwiseError
-from flopwise.fsutil import cache_root, check_output_dir, parse_records, usual_mode
+from flopwise.fsutil import cache_root, check_output_dir, usual_mode
+from flopwise.progress import Bar
 
 DEFAULT_VOCAB_SIZE = 4096
-PREPARE_VERSION = 1  # bump when the output of prepare() changes for the same input
+DEFAULT_TOKENIZER_SAMPLE_MB = 32  # million characters of training documents the tokenizer learns from
+PREPARE_VERSION = 2  # bump when the output of prepare() changes for the same input
 MIN_TRAIN_TOKENS = 2048
-TEXT_SUFFIXES = {".txt", ".md", ".text", ".jsonl", ".json"}
-_EOT = re.compile(r"^\s*<\|endoftext\|>\s*$", re.MULTILINE)
-_BLANK = re.compile(r"\n\s*\n")
 
 
 def bundled_corpus() -> tuple[Path, Path]:
@@ -81,77 +85,61 @@ def open_corpus(path: str | Path) -> Corpus:
     return Corpus(path, meta)
 
 
-# ---------------------------------------------------------------- reading text
+# ---------------------------------------------------------------- the passes
 
 
-def _expand(paths: list[Path]) -> list[Path]:
-    files = []
-    for p in paths:
-        if not p.exists():
-            raise FlopwiseError(f"{p} does not exist: give text files, folders of them, or JSONL with a 'text' field")
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
-                           and not f.name.startswith("."))
-            if not found:
-                raise FlopwiseError(f"{p} holds no .txt, .md or .jsonl files")
-            files += found
-        else:
-            files.append(p)
-    return files
+def _content_hash(sources: list[Source], val_sources: list[Source], options: dict, bar: Bar) -> str:
+    """sha256 of the options and every source's name, size and bytes (streamed)."""
+    h = hashlib.sha256(json.dumps({**options, "version": PREPARE_VERSION}, sort_keys=True).encode())
+    done = 0
+    for tag, group in (("train", sources), ("val", val_sources)):
+        for src in group:
+            h.update(f"{tag}:{src.path.name}:{src.size}\n".encode())
+            try:
+                with open(src.path, "rb") as fh:
+                    for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                        h.update(block)
+                        done += len(block)
+                        bar.update(done)
+            except OSError as e:
+                raise FlopwiseError(f"cannot read {src.path}: {e.strerror}") from None
+    return h.hexdigest()
 
 
-def _check_text(raw: bytes, path: Path) -> None:
-    """Refuse binary data (an image, an archive, a model file): NUL bytes, or mostly bytes that are not UTF-8."""
-    head = raw[: 1 << 20]
-    bad = head.decode("utf-8", errors="replace").count("\ufffd") - head.count("\ufffd".encode())
-    if b"\0" in head or bad > 0.1 * max(1, len(head)):
-        raise FlopwiseError(f"{path} is not text (binary data): give text files (.txt, .md) or JSONL with a 'text' "
-                            "field")
+def _stream(sources: list[Source], text_field: str, stats: dict, counter: list[int], eot_seen: dict):
+    """Every document of the sources in order; in a collection of text files each file is one document."""
+    whole_file = len(sources) > 1
+    for src in sources:
+        yield from documents(src, text_field, whole_file, stats, counter, eot_seen)
 
 
-def _decode(raw: bytes, path: Path, stats: dict) -> str:
-    text = raw.decode("utf-8", errors="replace")
-    bad = text.count("\ufffd") - raw.count("\ufffd".encode())
-    if bad:
-        stats["replaced"] = stats.get("replaced", 0) + bad
-        stats.setdefault("files_with_bad_bytes", []).append(str(path))
-    return text
+class _Sample:
+    """A uniform random sample of documents, at most ``budget_chars`` long in all: every document gets a
+    seeded random key and the lowest keys are kept (a bottom-k sample bounded by length, one pass)."""
 
+    def __init__(self, budget_chars: int, seed: int):
+        self.budget, self.rng, self.heap, self.chars = budget_chars, np.random.default_rng(seed), [], 0
+        self.keys = np.empty(0)
 
-def split_documents(text: str, on_blank_lines: bool = True) -> list[str]:
-    """Documents of a text: split on <|endoftext|> lines when present, else on blank lines
-    (or not at all when ``on_blank_lines`` is false: the whole text is one document)."""
-    if _EOT.search(text):
-        parts = _EOT.split(text)
-    else:
-        parts = _BLANK.split(text) if on_blank_lines else [text]
-    return [p.strip("\n") for p in parts if p.strip()]
+    def add(self, index: int, doc: str) -> None:
+        if index % 65536 == 0:
+            self.keys = self.rng.random(65536)  # drawn in blocks: the same keys for the same documents
+        key = -self.keys[index % 65536]
+        if self.chars + len(doc) > self.budget and self.heap and key < self.heap[0][0]:
+            return  # a higher key than all kept, and no room: it would be dropped at once
+        heapq.heappush(self.heap, (key, index, doc))
+        self.chars += len(doc)
+        while self.chars > self.budget and len(self.heap) > 1:
+            self.chars -= len(heapq.heappop(self.heap)[2])
 
-
-def read_documents(path: Path, stats: dict, whole_file: bool = False) -> list[str]:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise FlopwiseError(f"cannot read {path}: {e.strerror}") from None
-    _check_text(raw, path)
-    text = _decode(raw, path, stats)
-    if path.suffix.lower() not in (".jsonl", ".json"):
-        return split_documents(text, on_blank_lines=not whole_file)
-    docs = []
-    for where, r in parse_records(text, str(path)):
-        if not isinstance(r, dict) or not isinstance(r.get("text"), str):
-            raise FlopwiseError(f"{path}: {where} has no string 'text' field")
-        if r["text"].strip():
-            docs.append(r["text"])
-    return docs
-
-
-# ---------------------------------------------------------------- encoding
+    def documents(self, exclude) -> list[str]:
+        """The sample in corpus order, without the documents ``exclude(index)`` holds out."""
+        return [doc for _, i, doc in sorted(self.heap, key=lambda t: t[1]) if not exclude(i)]
 
 
 def encode_documents(sp, docs: list[str], dtype) -> np.ndarray:
     """[bos] doc [eos] for every document, concatenated."""
-    ids = sp.encode(docs)
+    ids = sp.encode(docs, num_threads=os.cpu_count() or 1)  # SentencePiece's own threads, the GIL released
     out = np.empty(sum(len(x) + 2 for x in ids), dtype=dtype)
     pos = 0
     for x in ids:
@@ -162,82 +150,203 @@ def encode_documents(sp, docs: list[str], dtype) -> np.ndarray:
     return out
 
 
-def _content_hash(files: list[Path], val_files: list[Path], options: dict) -> str:
-    h = hashlib.sha256(json.dumps({**options, "version": PREPARE_VERSION}, sort_keys=True).encode())
-    for tag, group in (("train", files), ("val", val_files)):
-        for f in group:
-            h.update(f"{tag}:{f.name}:{f.stat().st_size}\n".encode())
-            with open(f, "rb") as fh:
-                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()
+class _Writer:
+    """Encodes chunks of documents in a second thread while the first reads the next chunk, and appends
+    the tokens to the split's file in order. Bytes and tokens per split are counted."""
+
+    CHUNK_CHARS = 4 << 20
+
+    def __init__(self, sp, dtype, files: dict[str, Path]):
+        self.sp, self.dtype = sp, dtype
+        self.fh = {split: open(path, "wb") for split, path in files.items()}
+        self.tokens = dict.fromkeys(files, 0)
+        self.utf8_bytes = dict.fromkeys(files, 0)
+        self.pool = ThreadPoolExecutor(1)
+        self.pending = None
+        self.chunk: dict[str, list[str]] = {split: [] for split in files}
+        self.chars = 0
+
+    def add(self, split: str, doc: str) -> None:
+        self.chunk[split].append(doc)
+        self.chars += len(doc)
+        if self.chars >= self.CHUNK_CHARS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            self.pending.result()  # one chunk in flight: memory stays a few chunks
+        chunk, self.chunk, self.chars = self.chunk, {split: [] for split in self.fh}, 0
+        self.pending = self.pool.submit(self._write, chunk)
+
+    def _write(self, chunk: dict[str, list[str]]) -> None:
+        for split, docs in chunk.items():
+            if docs:
+                ids = encode_documents(self.sp, docs, self.dtype)
+                ids.tofile(self.fh[split])
+                self.tokens[split] += len(ids)
+                self.utf8_bytes[split] += sum(len(d.encode()) for d in docs)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+            self.pending.result()
+        finally:
+            self.pool.shutdown()
+            for fh in self.fh.values():
+                fh.close()
 
 
-def prepare(paths: list[str | Path] | None = None, out: str | Path | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE,
+def _tokenizer_options(path: Path) -> dict:
+    """What a reused tokenizer is: its size, and the content hash that keys the corpus."""
+    try:
+        raw = path.read_bytes()
+        sp = spm.SentencePieceProcessor(model_proto=raw)
+    except (OSError, RuntimeError) as e:
+        raise FlopwiseError(f"--tokenizer {path} is not a SentencePiece model ({str(e).splitlines()[0] if str(e) else e}"
+                            "): give a tokenizer.model file") from None
+    ids = (sp.unk_id(), sp.bos_id(), sp.eos_id())
+    if ids != (UNK_ID, BOS_ID, EOS_ID):
+        raise FlopwiseError(f"--tokenizer {path} has unk/bos/eos ids {ids}, not Llama's ({UNK_ID}, {BOS_ID}, "
+                            f"{EOS_ID}) that flopwise's token files and exports use: give a Llama-style tokenizer")
+    model_type = sentencepiece_model_type(raw)
+    if model_type != "bpe":
+        raise FlopwiseError(f"--tokenizer {path} is a {model_type} model; flopwise exports BPE tokenizers (as Llama's "
+                            "is): give a BPE tokenizer, or leave --tokenizer out to train one")
+    return {"vocab_size": sp.get_piece_size(), "sha256": hashlib.sha256(raw).hexdigest(), "sp": sp}
+
+
+def prepare(paths: list[str | Path] | None = None, out: str | Path | None = None, vocab_size: int | None = None,
             val_paths: list[str | Path] | None = None, val_fraction: float = 0.05, seed: int = 0,
-            log=print) -> Corpus:
-    """Prepare a corpus (the bundled TinyStories sample when ``paths`` is empty); see the module doc."""
+            log=print, text_field: str = "text", tokenizer: str | Path | None = None,
+            tokenizer_sample_mb: float = DEFAULT_TOKENIZER_SAMPLE_MB, quiet: bool | None = None) -> Corpus:
+    """Prepare a corpus (the bundled TinyStories sample when ``paths`` is empty); see the module doc.
+
+    ``vocab_size`` defaults to DEFAULT_VOCAB_SIZE, or follows ``tokenizer`` (an existing SentencePiece
+    model to reuse instead of training one). The tokenizer is trained on a seeded random sample of
+    at most ``tokenizer_sample_mb`` million characters of training documents. Progress bars show on
+    stderr for corpora of 64 MB and more unless ``quiet``.
+    """
     if not paths:
         train, valid = bundled_corpus()
         paths, val_paths = [train], [valid]
-    files = _expand([Path(p) for p in paths])
-    val_files = _expand([Path(p) for p in val_paths]) if val_paths else []
-    if not (256 + 3 <= vocab_size <= 1 << 20):
-        raise FlopwiseError(f"--vocab-size must be between 259 (256 bytes + 3 specials) and 1048576, got {vocab_size}")
     if not (0 < val_fraction < 0.5):
         raise FlopwiseError(f"--val-fraction must be between 0 and 0.5, got {val_fraction}")
-    options = {"vocab_size": vocab_size, "val_fraction": val_fraction if not val_files else None, "seed": seed}
-    digest = _content_hash(files, val_files, options)
+    if not tokenizer_sample_mb > 0:
+        raise FlopwiseError(f"--tokenizer-sample-mb must be positive, got {tokenizer_sample_mb}")
+    if not text_field:
+        raise FlopwiseError("--text-field must name a field, got an empty one")
+    reuse = _tokenizer_options(Path(tokenizer)) if tokenizer else None
+    if reuse and vocab_size not in (None, reuse["vocab_size"]):
+        raise FlopwiseError(f"--vocab-size {vocab_size} differs from --tokenizer's {reuse['vocab_size']} tokens: "
+                            "leave --vocab-size out (it follows the tokenizer)")
+    vocab_size = reuse["vocab_size"] if reuse else (vocab_size or DEFAULT_VOCAB_SIZE)
+    if not (256 + 3 <= vocab_size <= 1 << 20):
+        raise FlopwiseError(f"--vocab-size must be between 259 (256 bytes + 3 specials) and 1048576, got {vocab_size}")
+    sources = expand([Path(p) for p in paths], log)
+    val_sources = expand([Path(p) for p in val_paths], log) if val_paths else []
+    total_bytes = sum(s.size for s in sources + val_sources)
+    quiet = total_bytes < 64 << 20 if quiet is None else quiet
+    options = {"vocab_size": vocab_size, "val_fraction": val_fraction if not val_sources else None, "seed": seed,
+               "text_field": text_field, "tokenizer": reuse["sha256"] if reuse else None,
+               "tokenizer_sample_mb": None if reuse else tokenizer_sample_mb}
+    with Bar("hashing", total_bytes, quiet=quiet) as bar:
+        digest = _content_hash(sources, val_sources, options, bar)
     out = Path(out) if out else cache_root() / "corpora" / digest[:16]
     check_output_dir(out, "--out", lambda p: (p / "meta.json").exists())  # a corpus flopwise prepared there
     if (out / "meta.json").exists():
         existing = open_corpus(out)
         if existing.meta.get("hash") == digest:
             return existing
+
+    # pass 1: count the documents (for a split by document) and sample them for the tokenizer
     stats: dict = {}
-    # one text file is split into documents; in a collection of files each file is one document
-    docs = [d for f in files for d in read_documents(f, stats, whole_file=len(files) > 1)]
-    if val_files:
-        val_docs = [d for f in val_files for d in read_documents(f, stats, whole_file=len(val_files) > 1)]
-        if not val_docs:
+    eot_seen: dict = {}
+    counter = [0]
+    sample = _Sample(int(tokenizer_sample_mb * 1e6), seed)
+    n_docs = n_chars = 0
+    with Bar("reading", total_bytes, quiet=quiet) as bar:
+        for doc in _stream(sources, text_field, stats, counter, eot_seen):
+            if not reuse:
+                sample.add(n_docs, doc)
+            n_docs += 1
+            n_chars += len(doc)
+            if n_docs % 1024 == 0:
+                bar.update(counter[0], f"{n_docs:,} documents")
+        n_val_docs = 0
+        for _ in _stream(val_sources, text_field, stats, counter, eot_seen):
+            n_val_docs += 1
+            if n_val_docs % 1024 == 0:
+                bar.update(counter[0], f"{n_docs + n_val_docs:,} documents")
+    if val_sources:
+        held_out = np.zeros(n_docs, dtype=bool)
+        if not n_val_docs:
             raise FlopwiseError(f"--val {', '.join(map(str, val_paths))} holds no text: give a non-empty "
                                 "validation file, or leave --val out to split documents off")
-    else:
-        order = np.random.default_rng(seed).permutation(len(docs))
-        n_val = max(1, int(round(len(docs) * val_fraction))) if len(docs) >= 2 else 0
-        val_idx = set(order[:n_val].tolist())
-        val_docs = [d for i, d in enumerate(docs) if i in val_idx]
-        docs = [d for i, d in enumerate(docs) if i not in val_idx]
-    if not docs or not sum(len(d) for d in docs):
+    else:  # the same split as ever: the first documents of a seeded permutation are held out
+        order = np.random.default_rng(seed).permutation(n_docs)
+        n_val_docs = max(1, int(round(n_docs * val_fraction))) if n_docs >= 2 else 0
+        held_out = np.zeros(n_docs, dtype=bool)
+        held_out[order[:n_val_docs]] = True
+        del order
+    if not n_docs - (0 if val_sources else n_val_docs) or not n_chars:
         raise FlopwiseError(f"the corpus ({', '.join(map(str, paths))}) holds no text: give non-empty files")
-    if not val_docs:
+    if not n_val_docs:
         raise FlopwiseError("the corpus has a single document, too few to split off validation: add documents "
                             "or give --val FILE")
     if stats.get("replaced"):
         log(f"warning: replaced {stats['replaced']} invalid UTF-8 byte sequence(s) with U+FFFD in "
             f"{len(stats['files_with_bad_bytes'])} file(s), e.g. {stats['files_with_bad_bytes'][0]}")
+    if stats.get("null_records"):
+        log(f"note: skipped {stats['null_records']:,} record(s) whose '{text_field}' is null")
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     usual_mode(tmp)
     try:
-        train_tokenizer(docs, vocab_size, tmp / "tokenizer.model", seed)
+        if reuse:
+            (tmp / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
+            sampled = None
+        else:
+            docs = sample.documents(lambda i: held_out[i])
+            sampled = {"documents": len(docs), "chars": sum(map(len, docs)), "seed": seed,
+                       "limit_mb": tokenizer_sample_mb}
+            del sample
+            if n_chars > tokenizer_sample_mb * 1e6:
+                log(f"note: training the tokenizer on a {sampled['chars'] / 1e6:,.0f}M-character random sample "
+                    f"({len(docs):,} of {n_docs:,} documents; --tokenizer-sample-mb sets its size)")
+            train_tokenizer(docs, vocab_size, tmp / "tokenizer.model", seed)
+            del docs
         sp = load_tokenizer(tmp / "tokenizer.model")
         dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
-        train_ids = encode_documents(sp, docs, dtype)
-        val_ids = encode_documents(sp, val_docs, dtype)
-        if len(train_ids) < MIN_TRAIN_TOKENS:
-            raise FlopwiseError(f"the corpus is only {len(train_ids)} tokens, shorter than a few context windows "
-                                f"({MIN_TRAIN_TOKENS}): give more text")
-        train_ids.tofile(tmp / "tokens-train.bin")
-        val_ids.tofile(tmp / "tokens-val.bin")
+
+        # pass 2: encode, in a second thread, into the two token files
+        counter[0] = 0
+        writer = _Writer(sp, dtype, {"train": tmp / "tokens-train.bin", "val": tmp / "tokens-val.bin"})
+        try:
+            with Bar("encoding", total_bytes, quiet=quiet) as bar:
+                start = time.perf_counter()
+                for i, doc in enumerate(_stream(sources, text_field, {}, counter, eot_seen)):
+                    writer.add("val" if held_out[i] else "train", doc)
+                    if i % 1024 == 0:
+                        rate = counter[0] / 1e6 / max(time.perf_counter() - start, 1e-9)
+                        bar.update(counter[0], f"{rate:.1f} MB/s")
+                for doc in _stream(val_sources, text_field, {}, counter, eot_seen):
+                    writer.add("val", doc)
+        finally:
+            writer.close()
+        if writer.tokens["train"] < MIN_TRAIN_TOKENS:
+            raise FlopwiseError(f"the corpus is only {writer.tokens['train']} tokens, shorter than a few context "
+                                f"windows ({MIN_TRAIN_TOKENS}): give more text")
         meta = {
             "version": PREPARE_VERSION, "hash": digest, "vocab_size": vocab_size,
             "dtype": np.dtype(dtype).name, "bos_id": BOS_ID, "eos_id": EOS_ID, "unk_id": UNK_ID,
-            "n_tokens_train": int(len(train_ids)), "n_tokens_val": int(len(val_ids)),
-            "n_docs_train": len(docs), "n_docs_val": len(val_docs),
-            "bytes_train": sum(len(d.encode()) for d in docs), "bytes_val": sum(len(d.encode()) for d in val_docs),
-            "sources": [str(f) for f in files], "val_sources": [str(f) for f in val_files] or "split",
-            "replaced_bytes": stats.get("replaced", 0), "seed": seed,
+            "n_tokens_train": writer.tokens["train"], "n_tokens_val": writer.tokens["val"],
+            "n_docs_train": int(n_docs - (0 if val_sources else n_val_docs)), "n_docs_val": int(n_val_docs),
+            "bytes_train": writer.utf8_bytes["train"], "bytes_val": writer.utf8_bytes["val"],
+            "sources": [str(s.path) for s in sources], "val_sources": [str(s.path) for s in val_sources] or "split",
+            "replaced_bytes": stats.get("replaced", 0), "null_records": stats.get("null_records", 0), "seed": seed,
+            "text_field": text_field, "tokenizer": str(Path(tokenizer).resolve()) if reuse else "trained",
+            "tokenizer_sample": sampled,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists():

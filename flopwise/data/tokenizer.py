@@ -42,6 +42,44 @@ def train_tokenizer(docs: list[str], vocab_size: int, out_path: Path, seed: int 
     out_path.write_bytes(model.getvalue())
 
 
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+
+
+def _fields(buf: bytes):
+    """(field number, value) of a protobuf message's top-level fields: ints for varints, bytes otherwise."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + size], pos + size
+        elif wire in (1, 5):
+            value, pos = buf[pos:pos + (8 if wire == 1 else 4)], pos + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+        yield number, value
+
+
+def sentencepiece_model_type(model_proto: bytes) -> str:
+    """'bpe', 'unigram', 'word' or 'char': ModelProto.trainer_spec (field 2) .model_type (field 3), read
+    without the protobuf package (SentencePiece's Python module does not expose it)."""
+    for number, value in _fields(model_proto):
+        if number == 2:
+            types = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
+            return next((types.get(v, "unknown") for n, v in _fields(value) if n == 3), "unigram")  # proto default
+    return "unigram"
+
+
 def token_byte_lengths(sp) -> list[int]:
     """UTF-8 bytes each token id stands for (specials 0, byte pieces 1), for bits per byte.
 
