@@ -14,10 +14,10 @@ setup: $(DEV)
 $(BASE): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e ".[all]"
 	touch $(BASE)
 
-# test tools (pytest, ruff, ray for the Ray sweep test) on top of the runtime
+# test tools (pytest, ruff, ray, transformers, openai, build) on top of the runtime
 $(DEV): $(BASE)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(DEV)

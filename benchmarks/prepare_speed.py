@@ -107,7 +107,8 @@ def main() -> None:
                 print(f"  {which:9s} {size_mb:8,.0f} MB  {size_mb / r['seconds']:6.2f} MB/s  peak RSS "
                       f"{r['peak_rss_mb']:6,.0f} MB  ({r['seconds']:.1f} s)", flush=True)
             corpus.unlink()
-    print(f"\n{'prepare':10s} {'corpus MB':>10s} {'MB/s':>7s} {'peak RSS MB':>12s} {'RSS/corpus':>11s} {'vs baseline':>12s}")
+    print(f"\n{'prepare':10s} {'corpus MB':>10s} {'MB/s':>7s} {'peak RSS MB':>12s} {'RSS/corpus':>11s} "
+          f"{'vs baseline':>12s}")
     base = {size: rate for which, size, rate, _, _ in rows if which == "baseline"}
     for which, size, rate, rss, _ in rows:
         ratio = f"{rate / base[size]:.2f}x" if size in base else "-"

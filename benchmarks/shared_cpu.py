@@ -37,7 +37,7 @@ def worker(size: str, out: str) -> None:
     from flopwise.data.prepare import prepare
     from flopwise.model.llama import ModelConfig
     from flopwise.run import new_run
-    from flopwise.train.trainer import train
+    from flopwise.training.trainer import train
 
     shape, batch = SIZES[size]
     corpus = prepare(vocab_size=1024 if size == "sweep" else 4096, log=lambda m: None)

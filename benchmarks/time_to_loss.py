@@ -30,9 +30,9 @@ from flopwise.data.prepare import prepare
 from flopwise.laws.flops import n_params_total
 from flopwise.model.llama import ModelConfig
 from flopwise.run import new_run
-from flopwise.train.batches import eval_windows
-from flopwise.train.schedule import lr_at
-from flopwise.train.trainer import evaluate, train
+from flopwise.training.batches import eval_windows
+from flopwise.training.schedule import lr_at
+from flopwise.training.trainer import evaluate, train
 
 CONFIGS = {  # context 256, batch 16 x 256 tokens
     "10M": (dict(d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, d_ff=1024, seq_len=256), 400_000),

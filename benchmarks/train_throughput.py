@@ -29,10 +29,10 @@ from flopwise.data.prepare import prepare
 from flopwise.laws.flops import n_params_total, training_flops_per_token
 from flopwise.model.llama import Llama, ModelConfig
 from flopwise.run import new_run
-from flopwise.train.batches import Batches
-from flopwise.train.probe import probe
-from flopwise.train.schedule import lr_at
-from flopwise.train.trainer import train
+from flopwise.training.batches import Batches
+from flopwise.training.probe import probe
+from flopwise.training.schedule import lr_at
+from flopwise.training.trainer import train
 
 CONFIGS = {
     "10M": dict(d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, d_ff=1024, seq_len=256),

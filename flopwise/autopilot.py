@@ -59,7 +59,7 @@ from flopwise.sweep.design import (
     write_design,
 )
 from flopwise.sweep.runner import default_workers, run_sweep, sweep_seconds, worker_threads
-from flopwise.train.trainer import train
+from flopwise.training.trainer import train
 
 
 def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | None = None, log=print,

@@ -275,7 +275,7 @@ def test_llama_cpp_f32_logits_and_tokens_match(bundled, tmp_path, n_kv_heads, ti
 @pytest.mark.interop
 @pytest.mark.skipif(llama_cpp is None, reason="llama_cpp is not importable (make test-interop)")
 def test_llama_cpp_q8_0_argmax_agrees_on_a_trained_model(bundled, tmp_path):
-    from flopwise.train.trainer import train
+    from flopwise.training.trainer import train
 
     mc = ModelConfig(vocab_size=bundled.vocab_size, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256,
                      seq_len=128)

@@ -79,7 +79,7 @@ def world(bundled, tmp_path_factory):
     from flopwise.laws.law import REGISTRY
     from flopwise.model.llama import ModelConfig
     from flopwise.run import new_run
-    from flopwise.train.trainer import train
+    from flopwise.training.trainer import train
 
     w = tmp_path_factory.mktemp("world")
     (w / "notes.txt").write_text("my own notes\n")

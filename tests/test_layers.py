@@ -19,16 +19,17 @@ LAYERS = [
     ("model", ("flopwise.model",)),
     ("run", ("flopwise.config", "flopwise.run")),
     ("infer", ("flopwise.infer",)),
-    ("train", ("flopwise.train",)),
+    ("training", ("flopwise.training",)),
     ("sweep", ("flopwise.sweep",)),
     ("report", ("flopwise.report",)),
     ("autopilot", ("flopwise.autopilot",)),
+    ("api", ("flopwise.api",)),
     ("cli", ("flopwise.cli", "flopwise.__main__")),
 ]
 
 
 def layer_of(module: str) -> int:
-    """Index in LAYERS of the longest prefix that names ``module`` (flopwise.train.probe -> train)."""
+    """Index in LAYERS of the longest prefix that names ``module`` (flopwise.training.probe -> train)."""
     best, best_len = None, -1
     for i, (_, prefixes) in enumerate(LAYERS):
         for p in prefixes:
@@ -101,25 +102,26 @@ def test_flopwise_imports_only_downward_and_has_no_circles():
 
 
 @pytest.mark.parametrize("files,expected", [
-    ({"laws/bad.py": "from flopwise.train.trainer import train\n"}, "flopwise.laws.bad (laws) imports "
-                                                                     "flopwise.train.trainer (train), a higher layer"),
-    ({"infer/bad.py": "def f():\n    from flopwise.train import trainer\n"}, "imports flopwise.train.trainer"),
-    ({"train/a.py": "from flopwise.train import b\n", "train/b.py": "import flopwise.train.a\n"}, "import circle"),
+    ({"laws/bad.py": "from flopwise.training.trainer import train\n"},
+     "flopwise.laws.bad (laws) imports flopwise.training.trainer (training), a higher layer"),
+    ({"infer/bad.py": "def f():\n    from flopwise.training import trainer\n"}, "imports flopwise.training.trainer"),
+    ({"training/a.py": "from flopwise.training import b\n", "training/b.py": "import flopwise.training.a\n"},
+     "import circle"),
 ])
 def test_the_check_catches_upward_imports_and_circles(tmp_path, files, expected):
     root = tmp_path / "flopwise"
-    for name in ("laws", "train", "infer", "run"):
+    for name in ("laws", "training", "infer", "run"):
         (root / name).mkdir(parents=True, exist_ok=True)
     (root / "__init__.py").write_text("")
-    (root / "train" / "trainer.py").write_text("from flopwise.laws import flops\n")
+    (root / "training" / "trainer.py").write_text("from flopwise.laws import flops\n")
     (root / "laws" / "flops.py").write_text("")
     for rel, text in files.items():
         (root / rel).write_text(text)
     found = violations(import_graph(root))
     assert any(expected in v for v in found), found
     clean = tmp_path / "clean" / "flopwise"
-    (clean / "train").mkdir(parents=True)
+    (clean / "training").mkdir(parents=True)
     (clean / "laws").mkdir()
-    (clean / "train" / "trainer.py").write_text("from flopwise.laws import flops\n")
+    (clean / "training" / "trainer.py").write_text("from flopwise.laws import flops\n")
     (clean / "laws" / "flops.py").write_text("")
     assert violations(import_graph(clean)) == []

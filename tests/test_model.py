@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from flopwise.laws.flops import n_params_total
 from flopwise.laws.hyper import default_lr_and_batch
 from flopwise.model.llama import Llama, ModelConfig, apply_rope, cross_entropy, rope_tables
-from flopwise.train.schedule import lr_at
+from flopwise.training.schedule import lr_at
 
 CONFIGS = [
     ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, seq_len=16),

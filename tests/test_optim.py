@@ -7,7 +7,7 @@ from flopwise.config import TrainConfig
 from flopwise.errors import FlopwiseError
 from flopwise.model.llama import Llama, ModelConfig
 from flopwise.model.lora import apply_lora
-from flopwise.train.trainer import make_optimizer, param_groups
+from flopwise.training.trainer import make_optimizer, param_groups
 
 HIDDEN = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 

@@ -106,7 +106,8 @@ def test_bad_corpora(tmp_path, monkeypatch):
         prepare([tmp_path / "nothing"])
     js = tmp_path / "x.jsonl"
     js.write_text('{"text": "fine"}\n{"txt": "no"}\n')
-    with pytest.raises(FlopwiseError, match=r"record 1 \(line 2\) has no 'text' field \(its fields: txt\): give --text-field"):
+    with pytest.raises(FlopwiseError, match=r"record 1 \(line 2\) has no 'text' field \(its fields: txt\): "
+                                            "give --text-field"):
         prepare([js])
     js.write_text('{"text": "fine"}\n{broken\n')
     with pytest.raises(FlopwiseError, match="line 2 is not valid JSON"):

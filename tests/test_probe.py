@@ -4,7 +4,7 @@ import os
 import pytest
 
 from flopwise.laws.hardware import get_gpu
-from flopwise.train.probe import probe, save_probe
+from flopwise.training.probe import probe, save_probe
 
 
 def test_probe_measures_and_feeds_local_preset(tmp_path, monkeypatch):
@@ -18,7 +18,7 @@ def test_probe_measures_and_feeds_local_preset(tmp_path, monkeypatch):
 
 def test_cpu_share_uses_the_cores_other_processes_leave(monkeypatch):
     """The decision, on made-up /proc/stat readings: 2 cores, and other processes using 0.1, 0.9 or 2 of them."""
-    import flopwise.train.probe as pr
+    import flopwise.training.probe as pr
 
     monkeypatch.setattr(pr, "_allowed_cpus", lambda: {0, 1})
     monkeypatch.setattr(pr.time, "sleep", lambda s: None)
@@ -44,7 +44,7 @@ def test_cpu_share_drops_a_thread_beside_a_busy_process():
 
     import torch
 
-    from flopwise.train.probe import CpuShare
+    from flopwise.training.probe import CpuShare
 
     if (os.cpu_count() or 1) < 2:
         pytest.skip("needs two cores")
@@ -80,7 +80,7 @@ def test_threads_option_and_environment(monkeypatch):
 def test_auto_precision_is_the_faster_one_measured_per_shape(monkeypatch):
     import torch
 
-    from flopwise.train import probe
+    from flopwise.training import probe
 
     measured = []
 

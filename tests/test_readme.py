@@ -137,3 +137,15 @@ def test_every_option_is_in_the_readme():
     missing = [f"{name} {opt}" for name, cmd in leaves(get_command(app), []) for p in cmd.params for opt in p.opts
                if opt.startswith("--") and opt != "--help" and not re.search(re.escape(opt) + r"(?![\w-])", readme)]
     assert not missing, missing
+
+
+def test_the_python_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's "From Python" block, run as written in an empty folder."""
+    section = README.read_text().split("## From Python", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"^```python\n(.*?)^```", section, re.S | re.M).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md (From Python)", "exec"), {"__name__": "readme"})
+    out = capsys.readouterr().out
+    assert re.search(r"a = 0\.4\d\d \(Chinchilla: 0.45\), verdict: ", out)  # the fit recovers the law's a
+    assert (tmp_path / "my-fit" / "law.json").exists() and (tmp_path / "my-run" / "final.json").exists()
+    assert re.search(r"val loss \d\.\d{3} nats/token after 20\d,\d{3} tokens", out)

@@ -35,7 +35,7 @@ def test_streaming_split_equals_the_whole_text_split():
         text = "\n".join(rng.choice(atoms) for _ in range(rng.randint(0, 30))) + rng.choice(["", "\n"])
         lines = text.splitlines(keepends=True)
         cuts = sorted(rng.sample(range(len(lines) + 1), min(len(lines) + 1, rng.randint(1, 6))))
-        pieces = ["".join(lines[a:b]) for a, b in zip([0] + cuts, cuts + [len(lines)])]
+        pieces = ["".join(lines[a:b]) for a, b in zip([0] + cuts, cuts + [len(lines)], strict=True)]
         sep = _EOT if _EOT.search(text) else _BLANK
         assert list(_split_stream(iter(pieces), sep)) == split_documents(text), repr(text)
 
@@ -82,7 +82,8 @@ def test_json_records_name_file_row_and_field(tmp_path, stories):
     lines = tmp_path / "r.jsonl"
     lines.write_text('{"content": "a"}\n\n{"content": null}\n{"content": "b"}\n{"title": "c"}\n')
     stats = {}
-    with pytest.raises(FlopwiseError, match=r"r.jsonl: record 3 \(line 5\) has no 'content' field \(its fields: title\)"):
+    with pytest.raises(FlopwiseError, match=r"r.jsonl: record 3 \(line 5\) has no 'content' field "
+                                            r"\(its fields: title\)"):
         [d for src in expand([lines]) for d in documents(src, "content", stats=stats)]
     assert stats["null_records"] == 1
 
@@ -135,7 +136,7 @@ def test_prepare_reads_a_mixed_folder_and_keys_the_cache_by_field(tmp_path, stor
     (folder / "notes.bin").write_bytes(b"\0\1")  # an unknown kind inside a folder is left alone
     c = prepare([folder], out=tmp_path / "p", vocab_size=512)
     assert c.meta["n_docs_train"] + c.meta["n_docs_val"] == len(stories)
-    assert [s.split("/")[-1] for s in c.meta["sources"]] == ["a.txt", "c.parquet", "b.jsonl.gz"]  # path order: deep/ after c
+    assert [s.split("/")[-1] for s in c.meta["sources"]] == ["a.txt", "c.parquet", "b.jsonl.gz"]  # deep/ after c
     train = np.asarray(c.tokens("train"))
     assert int((train == 2).sum()) == c.meta["n_docs_train"]
     assert c.tokenizer().decode(train[: int(np.argmax(train == 2))].tolist()) in stories

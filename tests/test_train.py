@@ -19,7 +19,7 @@ from flopwise.infer.generate import Engine, Sampling
 from flopwise.laws.flops import training_flops_per_token
 from flopwise.model.llama import Llama, ModelConfig
 from flopwise.run import load_model, new_run, read_run_config
-from flopwise.train.trainer import KILL_AT_STEP_ENV, train
+from flopwise.training.trainer import KILL_AT_STEP_ENV, train
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -236,7 +236,7 @@ def test_oom_failed_start_is_replaced_and_a_trained_run_is_not(bundled, tmp_path
 
 def test_wsd_branch_continues_its_trunk_exactly(bundled, tmp_path):
     """A cooldown branch started from a constant-LR trunk's checkpoint equals a WSD run from scratch."""
-    from flopwise.train.schedule import wsd_cooldown_start
+    from flopwise.training.schedule import wsd_cooldown_start
 
     steps, warmup = 30, 3
     start = wsd_cooldown_start(steps, warmup, 0.2) + 1
@@ -257,7 +257,7 @@ def test_wsd_branch_continues_its_trunk_exactly(bundled, tmp_path):
 def test_compiled_run_tracks_eager_and_keeps_its_choice(bundled, tmp_path):
     """--compile on: the same run as eager (same seed) to within compiled-kernel rounding, the choice recorded in
     speed.json and in final.json; where this machine cannot compile, the run says so and trains eager."""
-    from flopwise.train.probe import can_compile
+    from flopwise.training.probe import can_compile
     mc = ModelConfig(vocab_size=bundled.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=96,
                      seq_len=32, tie_embeddings=True)
     tc = dict(n_tokens=32 * 8 * 20, batch_tokens=32 * 8, micro_batch=8, eval_every=10, eval_windows=8,
@@ -274,7 +274,7 @@ def test_compiled_run_tracks_eager_and_keeps_its_choice(bundled, tmp_path):
 
 def test_compile_option_values_and_legacy_runs(bundled, tmp_path):
     from flopwise.run import read_speed
-    from flopwise.train.probe import can_compile, choose_compile, compiled_seconds
+    from flopwise.training.probe import can_compile, choose_compile, compiled_seconds
     assert TrainConfig.from_dict({"n_tokens": 10, "compile": True}).compile == "on"
     assert TrainConfig.from_dict({"n_tokens": 10, "compile": False}).compile == "off"
     with pytest.raises(FlopwiseError, match="--compile must be auto, on or off, got 'yes'"):

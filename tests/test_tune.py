@@ -25,8 +25,8 @@ from flopwise.errors import FlopwiseError
 from flopwise.model.llama import Llama, ModelConfig
 from flopwise.model.lora import apply_lora, merge_lora
 from flopwise.run import load_model, new_run
-from flopwise.train.trainer import KILL_AT_STEP_ENV, train
-from flopwise.train.tune import continuation_ok, new_tune_run
+from flopwise.training.trainer import KILL_AT_STEP_ENV, train
+from flopwise.training.tune import continuation_ok, new_tune_run
 
 OPTS = TuneOptions(max_steps=40, batch_size=8, micro_batch=4)
 

@@ -16,6 +16,10 @@ from flopwise.cli import fit, infer, plan, sweep, train, tune  # noqa: F401  (th
 from flopwise.cli.app import app
 from flopwise.errors import FlopwiseError
 
+# optional dependencies (pyproject's extras): a command that needs one names the extra to install
+EXTRAS = {"torch": "train", "safetensors": "train", "gguf": "train", "fastapi": "serve", "uvicorn": "serve",
+          "pyarrow": "data", "zstandard": "data", "tensorboard": "track", "wandb": "wandb"}
+
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI. A problem with the user's input is one line on stderr and exit code 2, never a traceback."""
@@ -30,6 +34,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     except ClickException as e:  # unknown option, bad value, missing argument: Typer's own checks
         _fail(f"{_usage_message(e)} (see '{_command(argv)} --help')", getattr(e, "exit_code", 2) or 2)
+    except ModuleNotFoundError as e:  # an optional part that this install left out (pip install flopwise: planner only)
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        _fail(f"'{_command(argv)}' needs {e.name.split('.')[0]}, which is not installed: pip install "
+              f"'flopwise[{extra}]'")
     except Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)

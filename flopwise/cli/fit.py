@@ -49,6 +49,7 @@ def fit(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from flopwise.laws.fit import (  # scipy: loaded by the command, not at start-up
+        default_forms,
         fit_runs,
         law_tokens,
         public,
@@ -76,12 +77,7 @@ def fit(
     if holdout_largest and holdout_largest >= len(runs.budgets):
         raise FlopwiseError(f"--holdout-largest {holdout_largest} leaves no budget to fit: the runs have "
                             f"{len(runs.budgets)} budget(s), so hold out at most {len(runs.budgets) - 1}")
-    if forms is None:  # the default: compare where the runs allow it
-        form_list = [f for f in parse_forms("all") if f != "data-constrained" or runs.repeated]
-        if len(runs.budgets) < 3 or approach not in ("3", "all"):
-            form_list = ["chinchilla"]
-    else:
-        form_list = parse_forms(forms)
+    form_list = default_forms(runs, approach) if forms is None else parse_forms(forms)
     err = Console(stderr=True)
     shown = not (quiet or as_json)
     lines: dict[str, Bar] = {}  # piped: plain lines per stage (a live bar draws nothing without a terminal)

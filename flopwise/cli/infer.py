@@ -29,7 +29,7 @@ def _engine(run: str, dtype: str, threads: int):
     # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
     from flopwise.infer.generate import Engine
     from flopwise.run import load_model
-    from flopwise.train.probe import use_threads
+    from flopwise.training.probe import use_threads
 
     require(("--dtype", dtype, dtype in ("fp32", "bf16", "int8"), "fp32, bf16 or int8"))
     n_threads = set_threads(threads)

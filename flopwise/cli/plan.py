@@ -158,7 +158,7 @@ def hw_probe(device: Optional[str] = typer.Option(None, help="torch device (defa
              as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Measure this machine's matmul peak (fp32, bf16) and memory bandwidth; saved for MFU."""
     from flopwise.run import require_device
-    from flopwise.train.probe import probe, save_probe  # torch: loaded by the command, not at start-up
+    from flopwise.training.probe import probe, save_probe  # torch: loaded by the command, not at start-up
 
     require(("--device", device, device in (None, "cpu", "mps") or device.split(":")[0] == "cuda",
              "cpu, cuda or mps"))

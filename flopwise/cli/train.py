@@ -159,8 +159,8 @@ def train(
     """Train a model with its schedule matched to its token budget; 'flopwise train RUN_DIR' resumes."""
     # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
     from flopwise.run import is_run, never_trained, new_run
-    from flopwise.train import distributed as dist
-    from flopwise.train.trainer import train as run_training
+    from flopwise.training import distributed as dist
+    from flopwise.training.trainer import train as run_training
 
     if out is not None and run is not None:
         raise FlopwiseError("give RUN_DIR (to resume a run) or --out RUN_DIR (to start one), not both")
@@ -238,10 +238,10 @@ def eval_cmd(
     """Validation loss (nats/token) and bits per byte of a run on a prepared corpus, or its instruction following."""
     # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
     from flopwise.run import is_tuning, load_model, read_run_config
-    from flopwise.train.batches import eval_windows
-    from flopwise.train.probe import pick_device, pick_precision, use_threads
-    from flopwise.train.trainer import evaluate
-    from flopwise.train.tune import evaluate_instructions
+    from flopwise.training.batches import eval_windows
+    from flopwise.training.probe import pick_device, pick_precision, use_threads
+    from flopwise.training.trainer import evaluate
+    from flopwise.training.tune import evaluate_instructions
 
     require(("--windows", windows, windows >= 1, "at least 1"),
             ("--behaviour-n", behaviour_n, behaviour_n >= 0, "at least 0"),

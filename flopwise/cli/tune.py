@@ -54,8 +54,8 @@ def tune(
     """Instruction-tune BASE_RUN (full or LoRA), with its evaluation before and after."""
     # torch-heavy modules load when a command needs them, so 'flopwise plan' and 'fit' start fast
     from flopwise.run import is_run, is_tuning, load_model, never_trained, read_run_config, run_lock
-    from flopwise.train.trainer import train as run_training
-    from flopwise.train.tune import new_tune_run, tune_report
+    from flopwise.training.trainer import train as run_training
+    from flopwise.training.tune import new_tune_run, tune_report
 
     out_dir = Path(out)
     log = (lambda m: None) if as_json else warn

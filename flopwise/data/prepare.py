@@ -31,8 +31,7 @@ import numpy as np
 import sentencepiece as spm
 
 from flopwise.data.sources import Source, documents, expand, split_documents  # noqa: F401 (split_documents: API)
-from flopwise.data.tokenizer import (BOS_ID, EOS_ID, UNK_ID, load_tokenizer, sentencepiece_model_type,
-                                     train_tokenizer)
+from flopwise.data.tokenizer import BOS_ID, EOS_ID, UNK_ID, load_tokenizer, sentencepiece_model_type, train_tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.fsutil import cache_root, check_output_dir, usual_mode
 from flopwise.progress import Bar
@@ -202,8 +201,9 @@ def _tokenizer_options(path: Path) -> dict:
         raw = path.read_bytes()
         sp = spm.SentencePieceProcessor(model_proto=raw)
     except (OSError, RuntimeError) as e:
-        raise FlopwiseError(f"--tokenizer {path} is not a SentencePiece model ({str(e).splitlines()[0] if str(e) else e}"
-                            "): give a tokenizer.model file") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FlopwiseError(f"--tokenizer {path} is not a SentencePiece model ({why}): give a tokenizer.model "
+                            "file") from None
     ids = (sp.unk_id(), sp.bos_id(), sp.eos_id())
     if ids != (UNK_ID, BOS_ID, EOS_ID):
         raise FlopwiseError(f"--tokenizer {path} has unk/bos/eos ids {ids}, not Llama's ({UNK_ID}, {BOS_ID}, "

@@ -82,7 +82,8 @@ def _saved_dataset(folder: Path, log: Callable[[str], None]) -> list[Path] | Non
             raise FlopwiseError(f"{folder}/dataset_dict.json cannot be read: save the dataset again") from None
         if "train" not in splits:
             raise FlopwiseError(f"{folder} is a saved DatasetDict without a 'train' split (splits: "
-                                f"{', '.join(map(str, splits))}): give the split's folder, e.g. {folder / str(splits[0])}")
+                                f"{', '.join(map(str, splits))}): give the split's folder, e.g. "
+                                f"{folder / str(splits[0])}")
         others = [s for s in splits if s != "train"]
         log(f"note: {folder} is a saved DatasetDict: reading its 'train' split"
             + (f" (for validation give --val {folder / others[0]})" if others else ""))
@@ -110,8 +111,8 @@ def expand(paths: list[Path], log: Callable[[str], None] = print) -> list[Source
         if saved is not None:
             missing = [f for f in saved if not f.is_file()]
             if missing or not saved:
-                raise FlopwiseError(f"{p} is a saved dataset without its data files ({missing[0] if missing else 'none'}"
-                                    "): save the dataset again")
+                raise FlopwiseError(f"{p} is a saved dataset without its data files "
+                                    f"({missing[0] if missing else 'none'}): save the dataset again")
             out += [Source(f, "arrow") for f in saved]
             continue
         found = sorted(f for f in p.rglob("*") if f.is_file() and _known(f)
@@ -346,7 +347,8 @@ def _columnar_documents(src: Source, field: str, stats: dict, counter) -> Iterat
             schema, total_rows = reader.schema if hasattr(reader, "schema") else None, None
             batches = reader
     except (OSError, pa.ArrowException) as e:
-        raise FlopwiseError(f"{src.path} cannot be read as {src.kind} ({str(e).splitlines()[0]}): check the file") from None
+        raise FlopwiseError(f"{src.path} cannot be read as {src.kind} ({str(e).splitlines()[0]}): check the "
+                            "file") from None
     size, row = src.size, 0
     try:
         for batch in batches:
@@ -369,7 +371,8 @@ def _columnar_documents(src: Source, field: str, stats: dict, counter) -> Iterat
             if counter is not None and total_rows:
                 counter[0] += int(size * batch.num_rows / total_rows)
     except (OSError, pa.ArrowException) as e:
-        raise FlopwiseError(f"{src.path}: row {row} cannot be read ({str(e).splitlines()[0]}): check the file") from None
+        raise FlopwiseError(f"{src.path}: row {row} cannot be read ({str(e).splitlines()[0]}): check the "
+                            "file") from None
     if counter is not None and not total_rows:
         counter[0] += size
 

@@ -27,7 +27,7 @@ from flopwise.laws.approach3 import (
     optimal_from_thetas,
     theta_to_params,
 )
-from flopwise.laws.forms import get_form
+from flopwise.laws.forms import get_form, parse_forms
 from flopwise.laws.isoflop import fit_envelope, fit_isoflop, interval, isoflop_optimal
 from flopwise.laws.law import ParametricLaw, law_from_dict, save_law
 from flopwise.laws.runs import Runs
@@ -280,6 +280,14 @@ def convention_disagreement(blocks: dict[str, dict]) -> float:
         return 1.0
     per_budget = zip(*(b["optimal"] for b in blocks.values()), strict=True)
     return max(max(r["d_opt"] for r in rows) / min(r["d_opt"] for r in rows) for rows in per_budget)
+
+
+def default_forms(runs: Runs, approach: str = "all") -> list[str]:
+    """The forms fitted when none are named: all that apply where the runs allow comparing them (three or
+    more budgets, Approach 3 run), else Chinchilla's; the data-constrained form only where data repeated."""
+    if len(runs.budgets) < 3 or approach not in ("3", "all"):
+        return ["chinchilla"]
+    return [f for f in parse_forms("all") if f != "data-constrained" or runs.repeated]
 
 
 def fit_runs(runs: Runs, approach: str = "all", n_boot: int = 1000, holdout_largest: int = 0,

@@ -22,7 +22,7 @@ from flopwise.laws.hardware import check_training_memory
 from flopwise.laws.hyper import default_lr_and_batch
 from flopwise.laws.law import DEFAULT_LAW, Law, load_law
 from flopwise.laws.shape import FAMILY_HEAD_DIM, family_depth, family_shape, family_shape_at
-from flopwise.train.schedule import wsd_cooldown_start
+from flopwise.training.schedule import wsd_cooldown_start
 
 SWEEP_VERSION = 1
 

@@ -25,8 +25,8 @@ from flopwise.laws.flops import Shape
 from flopwise.model.llama import ModelConfig
 from flopwise.run import latest_checkpoint, new_run, read_final, run_is_locked
 from flopwise.sweep.design import RunSpec, read_design
-from flopwise.train.probe import ETA_OVERHEAD, expected_seconds, training_rate
-from flopwise.train.trainer import train
+from flopwise.training.probe import ETA_OVERHEAD, expected_seconds, training_rate
+from flopwise.training.trainer import train
 
 
 def sweep_seconds(specs: list[RunSpec], workers: int, threads: int) -> float:

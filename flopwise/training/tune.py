@@ -39,8 +39,8 @@ from flopwise.infer.generate import Engine, Sampling
 from flopwise.model.llama import Llama
 from flopwise.model.lora import parse_targets
 from flopwise.run import INSTRUCTIONS_FILE, check_new, latest_checkpoint, read_run_config, write_config
-from flopwise.train.batches import content_hash, read_instructions
-from flopwise.train.trainer import evaluate
+from flopwise.training.batches import content_hash, read_instructions
+from flopwise.training.trainer import evaluate
 
 MAX_HELDOUT = 500  # examples split off a user's file for the held-out loss
 WARMUP_FRACTION = 0.03  # of a tuning run's steps (Alpaca's recipe)

@@ -41,9 +41,9 @@ from flopwise.run import (
     write_final,
     write_speed,
 )
-from flopwise.train import distributed as dist
-from flopwise.train.batches import TrainingData, training_data
-from flopwise.train.probe import (
+from flopwise.training import distributed as dist
+from flopwise.training.batches import TrainingData, training_data
+from flopwise.training.probe import (
     ETA_OVERHEAD,
     CpuShare,
     choose_compile,
@@ -58,7 +58,7 @@ from flopwise.train.probe import (
     training_rate,
     use_compile_cache,
 )
-from flopwise.train.schedule import lr_at
+from flopwise.training.schedule import lr_at
 
 # Testing hook: the process kills itself (SIGKILL, as `kill -9`) once this many steps are done and logged,
 # so resume tests interrupt a run at a known step instead of racing it.
