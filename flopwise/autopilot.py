@@ -353,7 +353,8 @@ def _train_final(run_dir: Path, spec: dict, corpus, cfg: AutopilotConfig, log, q
         s = family_shape(spec["n_params_target"], spec["shape"]["n_layers"], corpus.vocab_size, cfg.seq_len, step=32)
         shape, n_tokens = s.to_dict(), int(spec["flops"] / training_flops_per_token(s))
     if not (run_dir / "config.json").exists():
-        new_run(run_dir, ModelConfig(**shape), TrainConfig(n_tokens=n_tokens, seed=cfg.seed, optimizer=cfg.optimizer),
+        new_run(run_dir, ModelConfig(**shape), TrainConfig(n_tokens=n_tokens, seed=cfg.seed, optimizer=cfg.optimizer,
+                                                             log_to=cfg.log_to),
                 corpus)
     return train(run_dir, quiet=quiet, log=log)
 

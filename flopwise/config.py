@@ -3,6 +3,7 @@ torch-free, so the CLI shows these defaults without importing torch. config.json
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -66,6 +67,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: list(BLOCK_PROJECTIONS))
     extra: dict = field(default_factory=dict)  # copied into final.json, e.g. a sweep run's budget
+    log_to: str = "none"  # none | tensorboard | wandb: metrics mirrored there too (training/tracking.py)
 
     def check(self) -> None:
         """Every option in range, before anything is written or trained (one line naming the option)."""
@@ -87,6 +89,7 @@ class TrainConfig:
             ("ckpt_every", self.ckpt_every, self.ckpt_every >= 0, "at least 0 (0: automatic)"),
             ("threads", self.threads, self.threads >= 0, "at least 0 (0: adapt to the free cores)"),
         )))
+        check_tracker(self.log_to)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -161,6 +164,7 @@ class TuneOptions:
     micro_batch: int = 16
     seed: int = 0
     heldout_fraction: float = 0.05  # of --data, when no --eval-data is given
+    log_to: str = "none"  # TrainConfig.log_to
 
     def check(self) -> None:
         """Every option in range, before any data is read or anything written (one line naming the option)."""
@@ -174,6 +178,7 @@ class TuneOptions:
             ("--micro-batch", self.micro_batch, self.micro_batch >= 1, "at least 1"),
             ("heldout_fraction", self.heldout_fraction, 0 < self.heldout_fraction < 0.5, "in (0, 0.5)"),
         )
+        check_tracker(self.log_to)
         unknown = [t for t in self.lora_targets if t not in BLOCK_PROJECTIONS]
         if self.lora_rank and (unknown or not self.lora_targets):
             raise FlopwiseError(f"--targets {','.join(unknown) or '(none)'} unknown: choose from "
@@ -202,6 +207,7 @@ class AutopilotConfig:
     optimizer: str = "adamw"  # of the sweep's runs and the final run (TrainConfig.optimizer)
     compare_optimizer: str | None = None  # also sweep with this optimizer and compare the two laws (extra FLOPs)
     resume: bool = False
+    log_to: str = "none"  # every run's metrics mirrored there too (TrainConfig.log_to)
 
     def check(self) -> None:
         """Every option in range, before the corpus is read or anything written (one line naming the option)."""
@@ -220,6 +226,7 @@ class AutopilotConfig:
              self.compare_optimizer in (None, *({"adamw", "muon"} - {self.optimizer})),
              f"the other optimizer than --optimizer {self.optimizer}"),
         )
+        check_tracker(self.log_to)
 
 
 SWEEP_MICRO_BATCH = 16  # sequences per forward pass of a sweep run (the design picks batches this layout keeps)
@@ -228,4 +235,19 @@ SWEEP_MICRO_BATCH = 16  # sequences per forward pass of a sweep run (the design 
 def sweep_train_options(cfg: AutopilotConfig) -> dict:
     # one evaluation at the end on fixed windows shared by all runs, so their losses compare closely
     return {"eval_every": 10**9, "eval_windows": 8, "final_eval_windows": 256, "seed": cfg.seed,
-            "micro_batch": SWEEP_MICRO_BATCH, "optimizer": cfg.optimizer}
+            "micro_batch": SWEEP_MICRO_BATCH, "optimizer": cfg.optimizer,
+            **({"log_to": cfg.log_to} if cfg.log_to != "none" else {})}
+
+
+TRACKERS = ("none", "tensorboard", "wandb")
+_TRACKER_NEEDS = {"tensorboard": ("tensorboard", "track"), "wandb": ("wandb", "wandb")}
+
+
+def check_tracker(kind: str) -> None:
+    """Refuse a --log-to that is unknown or not installed, before a run starts (training/tracking.py)."""
+    if kind not in TRACKERS:
+        raise FlopwiseError(f"--log-to must be {', '.join(TRACKERS)}, got {kind!r}")
+    if kind in _TRACKER_NEEDS and importlib.util.find_spec(_TRACKER_NEEDS[kind][0]) is None:
+        module, extra = _TRACKER_NEEDS[kind]
+        raise FlopwiseError(f"--log-to {kind} needs {module}, which is not installed: pip install "
+                            f"'flopwise[{extra}]' (or --log-to none)")

@@ -49,6 +49,11 @@ def given(ctx: typer.Context, *names: str) -> list[str]:
     return out
 
 
+def log_to_option():
+    return typer.Option("none", "--log-to", help="Also log metrics to tensorboard or wandb (metrics.jsonl stays the "
+                        "record; wandb is offline unless WANDB_MODE or WANDB_API_KEY say otherwise), or none.")
+
+
 def threads_option():
     return typer.Option(0, "--threads", help="CPU threads, fixed (0: all cores while the machine is idle, fewer "
                         "while other processes are busy). Also $FLOPWISE_THREADS.")

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from flopwise.cli.app import app, console, fmt_count, plural, require, set_threads, threads_option, warn
+from flopwise.cli.app import (app, console, fmt_count, log_to_option, plural, require, set_threads, threads_option,
+                              warn)
 from flopwise.config import AutopilotConfig, sweep_train_options
 from flopwise.data.prepare import resolve_corpus
 from flopwise.errors import FlopwiseError
@@ -78,12 +79,13 @@ def sweep_run(
                                   "sweeps with 'flopwise sweep compare'."),
     min_steps: int = typer.Option(A.min_steps, help="Optimizer steps every run gets at least (small budgets shrink "
                                   "the batch for it; a budget that still falls short is refused)."),
+    log_to: str = log_to_option(),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Design (or resume) an IsoFLOP sweep and train its runs."""
     require(("--n-budgets", n_budgets, 1 <= n_budgets <= 10, "between 1 and 10"))
     AutopilotConfig(n_sizes=sizes, n_budgets=max(n_budgets, 2), vocab_size=vocab_size, seq_len=seq_len,
-                    workers=workers, min_steps=min_steps, optimizer=optimizer).check()
+                    workers=workers, min_steps=min_steps, optimizer=optimizer, log_to=log_to).check()
     require(("--spread", spread, 1 < spread <= 100, "between 1 and 100 (sizes span N_opt/spread to N_opt*spread)"),
             ("--schedule", schedule, schedule in ("cosine", "wsd"), "cosine or wsd"),
             ("--cooldown-fraction", cooldown_fraction, 0 < cooldown_fraction < 1, "between 0 and 1"))
@@ -112,7 +114,7 @@ def sweep_run(
     check_feasible(specs, corpus.meta["n_tokens_train"])
     meta = {"corpus": str(corpus.path), "corpus_hash": corpus.meta["hash"],
             "budgets": sorted({s.budget for s in specs}),
-            "prior": prior, "train_options": sweep_train_options(AutopilotConfig(optimizer=optimizer)),
+            "prior": prior, "train_options": sweep_train_options(AutopilotConfig(optimizer=optimizer, log_to=log_to)),
             "schedule": schedule,
             "min_steps": min_steps}
     if (sweep_dir / "sweep.json").exists():
@@ -308,6 +310,7 @@ def autopilot(
     resume: bool = typer.Option(False, "--resume", help="Finish the sweep already in --out, whatever its design."),
     workers: int = typer.Option(A.workers, help="Parallel sweep runs (0: one per core)."),
     threads: int = threads_option(),
+    log_to: str = log_to_option(),
     seed: int = typer.Option(A.seed, help="Seed of everything."),
     out: str = typer.Option("autopilot", help="Output folder."),
     quiet: bool = typer.Option(False, "--quiet", help="Only the closing summary."),
@@ -332,7 +335,8 @@ def autopilot(
     cfg = AutopilotConfig(budget_flops=flops, sweep_fraction=sweep_fraction, n_budgets=n_budgets, n_sizes=sizes,
                           min_steps=min_steps,
                           vocab_size=vocab_size, seq_len=seq_len, workers=workers, bootstrap=bootstrap, seed=seed,
-                          compare=compare, resume=resume, optimizer=optimizer, compare_optimizer=compare_optimizer)
+                          compare=compare, resume=resume, optimizer=optimizer, compare_optimizer=compare_optimizer,
+                          log_to=log_to)
     if not quiet:
         console.print(f"[bold]flopwise autopilot[/bold]: budget {'auto' if auto else f'{flops:.3g} FLOPs'}, "
                       f"{sweep_fraction:.0%} for the sweep, output {out}/")

@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from flopwise.cli.app import app, console, given, require, set_threads, threads_option, warn
+from flopwise.cli.app import app, console, given, log_to_option, require, set_threads, threads_option, warn
 from flopwise.config import TrainConfig
 from flopwise.data.prepare import open_corpus, resolve_corpus
 from flopwise.data.prepare import prepare as prepare_corpus
@@ -153,6 +153,7 @@ def train(
     eval_every: int = typer.Option(T.eval_every, help="Evaluate every K steps (0: about 10 per run)."),
     seed: int = typer.Option(T.seed, help="Seed for init and data order."),
     threads: int = threads_option(),
+    log_to: str = log_to_option(),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
     as_json: bool = typer.Option(False, "--json", help="Print final.json."),
 ) -> None:
@@ -172,7 +173,7 @@ def train(
         new_options = given(ctx, "data", "n_params", "config", "tokens", "flops", "plan_file", "seq_len",
                             "vocab_size", "lr", "batch_tokens", "micro_batch", "schedule", "optimizer",
                             "cooldown_fraction", "cooldown_shape", "precision", "compile_model", "device",
-                            "ckpt_every", "eval_every", "seed")
+                            "ckpt_every", "eval_every", "seed", "log_to")
         started = is_run(run_dir) and not never_trained(run_dir)
         if run is not None and not is_run(run_dir):
             raise FlopwiseError(f"{run_dir} does not exist: start a run with --out {run_dir}" if not run_dir.exists()
@@ -189,7 +190,7 @@ def train(
         tc = TrainConfig(n_tokens=1, lr=lr, batch_tokens=batch_tokens, micro_batch=micro_batch, schedule=schedule,
                          optimizer=optimizer, cooldown_fraction=cooldown_fraction, cooldown_shape=cooldown_shape,
                          precision=precision, compile=compile_model, device=device, ckpt_every=ckpt_every,
-                         eval_every=eval_every, seed=seed, threads=threads)
+                         eval_every=eval_every, seed=seed, threads=threads, log_to=log_to)
         _check_new_run(tc, n_params, tokens, flops, seq_len, vocab_size, [config, n_params, plan_file])
         check_output_dir(run_dir, "--out", lambda p: never_trained(p))
         plan_doc = _read_plan(plan_file) if plan_file else None

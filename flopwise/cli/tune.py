@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from flopwise.cli.app import app, console, given, require, set_threads, threads_option, warn
+from flopwise.cli.app import app, console, given, log_to_option, require, set_threads, threads_option, warn
 from flopwise.config import TuneOptions
 from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text, check_output_dir
@@ -46,6 +46,7 @@ def tune(
     batch_size: int = typer.Option(D.batch_size, help="Examples per optimizer step."),
     seed: int = typer.Option(D.seed, help="Seed of data order, held-out split, LoRA init and evaluation sampling."),
     threads: int = threads_option(),
+    log_to: str = log_to_option(),
     behaviour_n: int = typer.Option(100, help="Generations per behavioural task in the before/after evaluation "
                                     "(0: response loss only)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
@@ -61,7 +62,7 @@ def tune(
     log = (lambda m: None) if as_json else warn
     opts = TuneOptions(lora_rank=rank if lora else 0, lora_alpha=alpha,
                        lora_targets=[t.strip() for t in targets.split(",") if t.strip()] if lora else D.lora_targets,
-                       epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, seed=seed)
+                       epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, seed=seed, log_to=log_to)
     lora_only = given(ctx, "rank", "alpha", "targets")
     require(("--behaviour-n", behaviour_n, behaviour_n >= 0, "at least 0 (0: response loss only)"))
     if lora_only and not lora:
@@ -74,7 +75,7 @@ def tune(
     check_output_dir(out_dir, "--out", is_run)
     set_threads(threads)
     changed = given(ctx, "base", "data", "eval_data", "lora", "rank", "alpha", "targets", "epochs", "max_steps",
-                    "lr", "batch_size", "seed")
+                    "lr", "batch_size", "seed", "log_to")
     exists = is_run(out_dir)
     if exists and changed and not never_trained(out_dir):
         raise FlopwiseError(f"{out_dir} already holds a tuning run: resume it with 'flopwise tune --out {out_dir}' "

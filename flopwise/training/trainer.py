@@ -42,6 +42,7 @@ from flopwise.run import (
     write_speed,
 )
 from flopwise.training import distributed as dist
+from flopwise.training.tracking import Tracker, open_tracker
 from flopwise.training.batches import TrainingData, training_data
 from flopwise.training.probe import (
     ETA_OVERHEAD,
@@ -203,6 +204,7 @@ class _Run:
     def __init__(self, run_dir: Path, quiet: bool, log):
         self.run_dir, self.log = run_dir, log
         self.mc, self.tc, config = read_run_config(run_dir)
+        self.config = config
         self.rank, self.world = dist.setup()
         self.device = pick_device(self.tc.device) if self.world == 1 else dist.device_for(self.rank, self.tc.device)
         self.r: Resolved = resolve(self.mc, self.tc, self.world)
@@ -240,6 +242,8 @@ class _Run:
         t_log, tokens_log = t_start, 0
         final_eval = None
         metrics = open(metrics_path, "a") if self.rank == 0 else None
+        tracker = open_tracker(self.tc.log_to, self.run_dir, self.config, s.step) if self.rank == 0 else Tracker()
+        final = None
         try:
             for step in range(s.step, self.r.steps):
                 self.cpu.update()
@@ -269,6 +273,7 @@ class _Run:
                         rec["val_loss"] = val_loss
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
+                    tracker.log(rec)
                     # the bar shows the average since this start (steady, and what final.json will say), the
                     # metrics each interval's rate
                     avg = (step + 1 - first_step) * self.r.tokens_per_step / max(now - t_start, 1e-9)
@@ -278,13 +283,15 @@ class _Run:
                 self._checkpoint(s, step + 1, last, time.perf_counter() - t_start)
                 if step + 1 == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
+            if final_eval is None:
+                final_eval = self._evaluate(s.model, final=True)
+            final = self._finish(final_eval, train_loss, s.wall_before + time.perf_counter() - t_start)
+            return final
         finally:
             progress.close()
             if metrics:
                 metrics.close()
-        if final_eval is None:
-            final_eval = self._evaluate(s.model, final=True)
-        return self._finish(final_eval, train_loss, s.wall_before + time.perf_counter() - t_start)
+            tracker.finish(final)
 
     def _speed(self) -> tuple[str, bool]:
         """(precision, compiled): as asked, else chosen at the run's first start (measured) and kept on resume."""
