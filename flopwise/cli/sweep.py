@@ -8,8 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from flopwise.cli.app import (app, console, fmt_count, log_to_option, plural, require, set_threads, threads_option,
-                              warn)
+from flopwise.cli.app import app, console, fmt_count, log_to_option, plural, require, set_threads, threads_option, warn
 from flopwise.config import AutopilotConfig, sweep_train_options
 from flopwise.data.prepare import resolve_corpus
 from flopwise.errors import FlopwiseError

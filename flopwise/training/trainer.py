@@ -42,7 +42,6 @@ from flopwise.run import (
     write_speed,
 )
 from flopwise.training import distributed as dist
-from flopwise.training.tracking import Tracker, open_tracker
 from flopwise.training.batches import TrainingData, training_data
 from flopwise.training.probe import (
     ETA_OVERHEAD,
@@ -60,6 +59,7 @@ from flopwise.training.probe import (
     use_compile_cache,
 )
 from flopwise.training.schedule import lr_at
+from flopwise.training.tracking import Tracker, open_tracker
 
 # Testing hook: the process kills itself (SIGKILL, as `kill -9`) once this many steps are done and logged,
 # so resume tests interrupt a run at a known step instead of racing it.
