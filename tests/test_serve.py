@@ -132,6 +132,30 @@ def test_streaming_matches_non_streaming(server):
         "content"]
 
 
+def test_the_official_openai_client(server, engine):
+    """What users point at the server: openai's own Python client, completions and chat, whole and streamed."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    c = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, temperature=0)
+    raw = httpx.post(f"{server}/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 8,
+                                                       "temperature": 0}).json()
+    assert c.choices[0].text == raw["choices"][0]["text"] and c.usage.completion_tokens == raw["usage"][
+        "completion_tokens"]
+    streamed = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, temperature=0,
+                                         stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed) == c.choices[0].text
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "A story?"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].finish_reason in ("stop", "length")
+    parts = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True)
+    assert "".join(p.choices[0].delta.content or "" for p in parts).strip() == chat.choices[0].message.content
+    with pytest.raises(openai.NotFoundError, match="model_not_found|'tiny'"):
+        client.completions.create(model="gpt-4", prompt="Hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="Hi", max_tokens=-1)
+
+
 def test_sixteen_concurrent_clients(server):
     def one(i):
         if i % 2:
