@@ -1,5 +1,8 @@
+import html
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,18 +116,28 @@ def test_sweep_cli_dry_run_and_status(bundled, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
-def test_autopilot_end_to_end_on_a_folder_of_text(tmp_path):
+@pytest.fixture(scope="module")
+def autopilot_run(tmp_path_factory):
+    """One autopilot on a folder of text (--budget auto), shared by the tests that read what it wrote."""
     from flopwise.autopilot import autopilot
     from flopwise.config import AutopilotConfig
     from flopwise.data.prepare import bundled_corpus
 
+    tmp_path = tmp_path_factory.mktemp("autopilot")
     folder = tmp_path / "texts"
     folder.mkdir()
     for i, story in enumerate(bundled_corpus()[0].read_text().split("<|endoftext|>")[:800]):
         (folder / f"story{i:04d}.txt").write_text(story.strip() + "\n")
     cfg = AutopilotConfig(budget_flops=None, sweep_fraction=0.6, n_budgets=3, n_sizes=4, budget_ratio=1.4,
                           bootstrap=40, vocab_size=384, seq_len=64)  # --budget auto: the smallest informative one
-    s = autopilot(tmp_path / "ap", str(folder), cfg, log=lambda m: None)
+    return tmp_path, folder, autopilot(tmp_path / "ap", str(folder), cfg, log=lambda m: None)
+
+
+def test_autopilot_end_to_end_on_a_folder_of_text(autopilot_run):
+    from flopwise.autopilot import autopilot
+    from flopwise.config import AutopilotConfig
+
+    tmp_path, folder, s = autopilot_run
     for key in ("budget_flops", "sweep_flops", "n_params_opt", "n_tokens_opt", "predicted_loss",
                 "predicted_loss_interval", "measured_loss", "bigger_model_n_params", "bigger_model_loss", "epochs",
                 "swept_n_params_min", "swept_n_params_max", "verdict", "checks", "law_used"):
@@ -148,6 +161,41 @@ def test_autopilot_end_to_end_on_a_folder_of_text(tmp_path):
     with pytest.raises(FlopwiseError, match="holds another sweep"):
         autopilot(tmp_path / "ap", str(folder), other, log=lambda m: None)
     assert read_design(tmp_path / "ap" / "sweep")[0] and total_flops(read_design(tmp_path / "ap" / "sweep")[0]) > 0
+
+
+# reports what the page did once loaded: every image decoded, and no error (script, resource or console)
+PROBE = """<script>
+window.__errors = [];
+window.addEventListener("error",
+  e => __errors.push(String(e.message || (e.target && (e.target.src || e.target.href)))), true);
+const _error = console.error; console.error = (...a) => { __errors.push(a.join(" ")); _error(...a); };
+window.addEventListener("load", () => {
+  const images = [...document.images];
+  const pre = document.createElement("pre"); pre.id = "probe";
+  pre.textContent = JSON.stringify({images: images.length, errors: __errors,
+    undecoded: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt)});
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def _browser():
+    return next((b for b in ("chromium", "chromium-browser", "google-chrome", "chrome") if shutil.which(b)), None)
+
+
+@pytest.mark.skipif(_browser() is None, reason="no Chromium or Chrome on this machine")
+def test_the_report_in_a_real_browser(autopilot_run, tmp_path):
+    """report.html opened by headless Chromium: its plots decode (naturalWidth > 0) and nothing errs."""
+    page = (autopilot_run[0] / "ap" / "report.html").read_text()
+    assert page.count("<head>") == 1
+    probed = tmp_path / "report.html"
+    probed.write_text(page.replace("<head>", "<head>" + PROBE, 1))
+    done = subprocess.run([_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                           "--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=120)
+    found = re.search(r'<pre id="probe">(.*?)</pre>', done.stdout, re.S)
+    assert found, done.stderr[-2000:]
+    result = json.loads(html.unescape(found.group(1)))
+    assert result["images"] >= 3 and result["undecoded"] == [] and result["errors"] == [], result
 
 
 def test_sweep_on_a_local_ray_instance(bundled, tmp_path):
