@@ -118,7 +118,9 @@ def train(out: str | Path, *, data: str | Path | None = None, n_params: float | 
         raise FlopwiseError("give n_params= or plan= for a new run")
     if sum(x is not None for x in (tokens, flops)) + (plan is not None and tokens is None and flops is None) != 1:
         raise FlopwiseError("give one token budget: tokens= or flops= (or a plan, which carries its own)")
-    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TrainConfig)} - {"n_tokens"})
+    if "n_tokens" in options:
+        raise FlopwiseError("give the token budget as tokens= (or flops=), not n_tokens=")
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise FlopwiseError(f"unknown training option(s) {', '.join(unknown)}: see flopwise.config.TrainConfig")
     tc = TrainConfig(n_tokens=1, **options)

@@ -9,7 +9,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from flopwise.errors import FlopwiseError, require
+from flopwise.errors import FlopwiseError, install_hint, require
 from flopwise.laws.flops import BLOCK_PROJECTIONS, Shape, training_flops_per_token
 from flopwise.laws.hyper import default_lr_and_batch
 from flopwise.laws.law import DEFAULT_LAW
@@ -240,14 +240,14 @@ def sweep_train_options(cfg: AutopilotConfig) -> dict:
 
 
 TRACKERS = ("none", "tensorboard", "wandb")
-_TRACKER_NEEDS = {"tensorboard": ("tensorboard", "track"), "wandb": ("wandb", "wandb")}
+_TRACKER_NEEDS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # the module each one imports
 
 
 def check_tracker(kind: str) -> None:
     """Refuse a --log-to that is unknown or not installed, before a run starts (training/tracking.py)."""
     if kind not in TRACKERS:
         raise FlopwiseError(f"--log-to must be {', '.join(TRACKERS)}, got {kind!r}")
-    if kind in _TRACKER_NEEDS and importlib.util.find_spec(_TRACKER_NEEDS[kind][0]) is None:
-        module, extra = _TRACKER_NEEDS[kind]
-        raise FlopwiseError(f"--log-to {kind} needs {module}, which is not installed: pip install "
-                            f"'flopwise[{extra}]' (or --log-to none)")
+    if kind in _TRACKER_NEEDS and importlib.util.find_spec(_TRACKER_NEEDS[kind]) is None:
+        module = _TRACKER_NEEDS[kind]
+        raise FlopwiseError(f"--log-to {kind} needs {module}, which is not installed: {install_hint(module)} "
+                            "(or --log-to none)")

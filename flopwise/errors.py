@@ -11,3 +11,13 @@ def require(*rules: tuple[str, object, bool, str]) -> None:
     for option, value, ok, rule in rules:
         if not ok:
             raise FlopwiseError(f"{option} must be {rule}, got {value!r}")
+
+
+# optional dependencies, each with the pyproject extra that installs it (pip install flopwise: the planner only)
+EXTRAS = {"torch": "train", "safetensors": "train", "gguf": "train", "fastapi": "serve", "uvicorn": "serve",
+          "pyarrow": "data", "zstandard": "data", "tensorboard": "track", "wandb": "wandb", "ray": "ray"}
+
+
+def install_hint(module: str) -> str:
+    """How to install an optional dependency, e.g. "pip install 'flopwise[data]'"."""
+    return f"pip install 'flopwise[{EXTRAS[module]}]'"

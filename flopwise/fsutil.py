@@ -62,21 +62,30 @@ def _umask() -> int:
     return mask
 
 
+def json_array(text: str, source: str) -> list:
+    """A JSON document's value (a file holding a JSON array); a parse error names the line and column."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FlopwiseError(f"{source} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+
+
+def json_line(line: str, number: int, source: str) -> object:
+    """The value on line ``number`` (1-based) of a JSONL file; a parse error names the line."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise FlopwiseError(f"{source}: line {number} is not valid JSON ({e.msg}); JSONL needs one record per "
+                            "line") from None
+
+
 def parse_records(text: str, source: str) -> list[tuple[str, object]]:
     """Records of a JSON array or of JSONL (one value per line, blank lines skipped), each with where it
     came from ("record 3" or "record 3 (line 5)") for error messages; a parse error names the line."""
     if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise FlopwiseError(f"{source} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-        return [(f"record {i}", r) for i, r in enumerate(records)]
+        return [(f"record {i}", r) for i, r in enumerate(json_array(text, source))]
     out = []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            try:
-                out.append((f"record {len(out)} (line {n})", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise FlopwiseError(f"{source}: line {n} is not valid JSON ({e.msg}); JSONL needs one record per "
-                                    "line") from None
+            out.append((f"record {len(out)} (line {n})", json_line(line, n, source)))
     return out

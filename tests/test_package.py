@@ -80,3 +80,17 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs(dist, tmp_path):
     assert train.returncode == 2 and train.stderr.strip() == ("error: 'flopwise train' needs torch, which is not "
                                                               "installed: pip install 'flopwise[train]'")
     assert not (tmp_path / "r").exists()
+
+
+def test_every_optional_module_names_the_extra_that_installs_it():
+    """The one-line 'needs X: pip install flopwise[extra]' hints must name an extra that holds X."""
+    import re
+
+    import tomllib
+
+    from flopwise.errors import EXTRAS
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for module, extra in EXTRAS.items():
+        names = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in extras[extra]}
+        assert module in names, (module, extra, names)

@@ -70,6 +70,18 @@ def test_damaged_compressed_file_names_it(tmp_path, stories):
     (tmp_path / "cut.txt.gz").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(FlopwiseError, match=r"cut.txt.gz is damaged or not .gz"):
         _docs(tmp_path / "cut.txt.gz")
+    bad = bytearray(raw)
+    bad[len(raw) // 2: len(raw) // 2 + 64] = bytes(64)  # a damaged middle: zlib's own error, not an OSError
+    (tmp_path / "hole.txt.gz").write_bytes(bytes(bad))
+    with pytest.raises(FlopwiseError, match=r"hole.txt.gz is damaged or not .gz"):
+        _docs(tmp_path / "hole.txt.gz")
+
+
+def test_a_long_document_without_separators_streams_whole(tmp_path, stories, monkeypatch):
+    monkeypatch.setattr("flopwise.data.sources.BLOCK_BYTES", 500)  # hundreds of blocks, no blank line in any
+    text = "\n".join(re.sub(r"\s*\n\s*", " ", s) for s in stories[:300]) + "\n\n" + stories[300]
+    (tmp_path / "lines.txt").write_text(text)
+    assert _docs(tmp_path / "lines.txt") == split_documents(text) and len(split_documents(text)) == 2
 
 
 def test_json_records_name_file_row_and_field(tmp_path, stories):
@@ -120,6 +132,23 @@ def test_parquet_and_arrow(tmp_path, stories):
     notes = []
     assert [d for src in expand([ddict], notes.append) for d in documents(src, "content")] == stories[:299]
     assert "--val" in notes[0] and "validation" in notes[0]
+    # a folder holding saved datasets among other files: their Arrow files in their place, not their metadata
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    ddict.rename(mixed / "b-dict")
+    (mixed / "a.txt").write_text(stories[299])
+    (mixed / "c" / "state.json").parent.mkdir()
+    (mixed / "c" / "state.json").write_text('{"step": 3}')  # some other program's state: read as a record
+    with pytest.raises(FlopwiseError, match=r"state.json: record 0 \(line 1\) has no 'content' field"):
+        _docs(mixed, text_field="content")
+    (mixed / "c" / "state.json").unlink()
+    (mixed / "c" / "more.jsonl").write_text(json.dumps({"content": stories[300]}) + "\n")
+    sources = expand([mixed], lambda m: None)
+    assert [s.path.name for s in sources] == ["a.txt", "data-00000-of-00002.arrow", "data-00001-of-00002.arrow",
+                                              "more.jsonl"]
+    (mixed / "b-dict" / "dataset_dict.json").write_text('{"splits": []}')
+    with pytest.raises(FlopwiseError, match="dataset_dict.json cannot be read or lists no splits"):
+        expand([mixed])
 
 
 def test_prepare_reads_a_mixed_folder_and_keys_the_cache_by_field(tmp_path, stories):
@@ -140,6 +169,22 @@ def test_prepare_reads_a_mixed_folder_and_keys_the_cache_by_field(tmp_path, stor
     train = np.asarray(c.tokens("train"))
     assert int((train == 2).sum()) == c.meta["n_docs_train"]
     assert c.tokenizer().decode(train[: int(np.argmax(train == 2))].tolist()) in stories
+    # the same file read through another field is another corpus: its own hash, not the cached one
+    both = tmp_path / "both.jsonl"
+    both.write_text("".join(json.dumps({"text": s, "alt": s.upper()}) + "\n" for s in stories[:300]))
+    first, second = (prepare([both], out=tmp_path / f, vocab_size=400, text_field=f) for f in ("text", "alt"))
+    assert first.meta["hash"] != second.meta["hash"] and second.meta["text_field"] == "alt"
+
+
+def test_records_all_null_or_a_missing_tokenizer_say_so(tmp_path):
+    nulls = tmp_path / "n.jsonl"
+    nulls.write_text('{"text": null}\n' * 5)
+    with pytest.raises(FlopwiseError, match=r"holds no text: all 5 of its records have a null 'text': check "
+                                            "--text-field"):
+        prepare([nulls], out=tmp_path / "p")
+    with pytest.raises(FlopwiseError, match=r"--tokenizer .*nope.model does not exist"):
+        prepare([nulls], out=tmp_path / "p", tokenizer=tmp_path / "nope.model")
+    assert not (tmp_path / "p").exists()
 
 
 def test_tokenizer_sample_is_bounded_and_seeded(tmp_path, stories):

@@ -53,7 +53,20 @@ def test_tensorboard_mirrors_metrics_and_a_resume_leaves_no_duplicate_steps(bund
     vals = events.Scalars("val_loss")
     assert [e.step for e in vals] == [10, 20, 30] and vals[-1].value == pytest.approx(final["val_loss"], rel=1e-6)
     assert events.Scalars("final/val_loss")[0].value == pytest.approx(final["val_loss"], rel=1e-6)
-    assert "config" in events.Tags()["tensors"][0] or events.Tags()["tensors"]  # the run's config as text
+    assert events.Tags()["tensors"] == ["config/text_summary"]  # the run's config as text
+
+
+def test_a_resumed_runs_event_file_sorts_after_the_killed_runs(tmp_path):
+    """Readers take event files in name order (creation second, host, pid): a resume within the same second
+    as the killed run, from a process with a smaller pid, must still come second for its purge to apply."""
+    import time
+
+    from flopwise.training.tracking import _after_existing_events
+
+    now = int(time.time())
+    (tmp_path / f"events.out.tfevents.{now}.host.99999.0").write_bytes(b"")
+    _after_existing_events(tmp_path)
+    assert int(time.time()) > now
 
 
 def test_wandb_offline_run_holds_the_metrics(bundled, tmp_path, monkeypatch):

@@ -70,11 +70,12 @@ def test_real_run_learns_english(bundled, tmp_path):
     # samples are English: most generated words occur in the training stories
     model = load_model(run)
     sp = bundled.tokenizer()
-    text = Engine(model, sp).generate(["Once upon a time"], Sampling(max_new_tokens=80, temperature=0.8, top_k=40,
-                                                                     seed=0))[0]
+    # three stories, so that one that ends early (eos) still leaves words enough to judge
+    text = " ".join(Engine(model, sp).generate(["Once upon a time", "One day", "The little dog"],
+                                               Sampling(max_new_tokens=80, temperature=0.8, top_k=40, seed=0)))
     words = re.findall(r"[a-z]+", text.lower())
     known = set(re.findall(r"[a-z]+", Path(bundled.meta["sources"][0]).read_text().lower()))
-    assert len(words) > 20 and np.mean([w in known for w in words]) > 0.85, text
+    assert len(words) > 30 and np.mean([w in known for w in words]) > 0.85, text
 
 
 def _losses(run):

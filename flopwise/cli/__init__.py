@@ -14,11 +14,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError  # Typer >
 
 from flopwise.cli import fit, infer, plan, sweep, train, tune  # noqa: F401  (they register their commands)
 from flopwise.cli.app import app
-from flopwise.errors import FlopwiseError
-
-# optional dependencies (pyproject's extras): a command that needs one names the extra to install
-EXTRAS = {"torch": "train", "safetensors": "train", "gguf": "train", "fastapi": "serve", "uvicorn": "serve",
-          "pyarrow": "data", "zstandard": "data", "tensorboard": "track", "wandb": "wandb"}
+from flopwise.errors import EXTRAS, FlopwiseError, install_hint
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,11 +31,10 @@ def main(argv: list[str] | None = None) -> None:
     except ClickException as e:  # unknown option, bad value, missing argument: Typer's own checks
         _fail(f"{_usage_message(e)} (see '{_command(argv)} --help')", getattr(e, "exit_code", 2) or 2)
     except ModuleNotFoundError as e:  # an optional part that this install left out (pip install flopwise: planner only)
-        extra = EXTRAS.get((e.name or "").split(".")[0])
-        if extra is None:
+        module = (e.name or "").split(".")[0]
+        if module not in EXTRAS:
             raise
-        _fail(f"'{_command(argv)}' needs {e.name.split('.')[0]}, which is not installed: pip install "
-              f"'flopwise[{extra}]'")
+        _fail(f"'{_command(argv)}' needs {module}, which is not installed: {install_hint(module)}")
     except Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)

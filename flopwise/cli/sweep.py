@@ -122,6 +122,10 @@ def sweep_run(
                 old_meta.get("train_options", {}).get("optimizer", "adamw") != optimizer:
             raise FlopwiseError(f"{sweep_dir} holds another sweep: resume it with the same options, or choose "
                                 "another --out")
+        before = old_meta.get("train_options", {}).get("log_to", "none")
+        if before != log_to:
+            warn(f"note: --log-to {log_to} is not applied: the sweep's runs keep the tracker they were designed "
+                 f"with ({before})")
     workers = workers or default_workers(len(specs))
     threads, _ = worker_threads(workers)
     t = Table(title=f"IsoFLOP sweep: {plural(len(specs), 'run')}, {total_flops(specs):.3g} FLOPs")

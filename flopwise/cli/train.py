@@ -12,7 +12,7 @@ import typer
 
 from flopwise.cli.app import app, console, given, log_to_option, require, set_threads, threads_option, warn
 from flopwise.config import TrainConfig
-from flopwise.data.prepare import open_corpus, resolve_corpus
+from flopwise.data.prepare import DEFAULT_TOKENIZER_SAMPLE_MB, open_corpus, resolve_corpus
 from flopwise.data.prepare import prepare as prepare_corpus
 from flopwise.data.tokenizer import load_tokenizer, token_byte_lengths
 from flopwise.errors import FlopwiseError
@@ -35,14 +35,12 @@ def prepare(
     text_field: str = typer.Option("text", help="Field (JSON) or column (Parquet, Arrow) that holds the text."),
     tokenizer: Optional[str] = typer.Option(None, help="Reuse this SentencePiece BPE model (e.g. a Llama "
                                             "tokenizer.model) instead of training one."),
-    tokenizer_sample_mb: float = typer.Option(32, help="Train the tokenizer on a random sample of at most this many "
-                                              "million characters of documents."),
+    tokenizer_sample_mb: float = typer.Option(DEFAULT_TOKENIZER_SAMPLE_MB, help="Train the tokenizer on a random "
+                                              "sample of at most this many million characters of documents."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     as_json: bool = typer.Option(False, "--json", help="Print the corpus' meta.json."),
 ) -> None:
     """Text -> SentencePiece BPE tokenizer -> train/validation token files, streamed (cached by content hash)."""
-    require(("--tokenizer-sample-mb", tokenizer_sample_mb, tokenizer_sample_mb > 0, "must be positive"),
-            ("--text-field", text_field, bool(text_field.strip()), "must name a field"))
     corpus = prepare_corpus(paths or None, out, vocab_size, val, val_fraction, seed, log=warn, text_field=text_field,
                             tokenizer=tokenizer, tokenizer_sample_mb=tokenizer_sample_mb, quiet=True if quiet else None)
     if as_json:
@@ -78,7 +76,7 @@ def _read_config(path: str) -> tuple[dict, bool]:
     """The model fields of a --config file (a bare object, a run's config.json or a plan), and whether they must
     all be ModelConfig fields (a plan's shape also carries derived counts)."""
     try:
-        doc = json.loads(open(path).read())
+        doc = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise FlopwiseError(f"cannot read --config {path}: {e}") from None
     strict = not (isinstance(doc, dict) and "shape" in doc and "model" not in doc)
@@ -92,7 +90,7 @@ def _read_plan(path: str) -> dict:
     from flopwise.laws.plan import PLAN_VERSION  # scipy: loaded by the command, not at start-up
 
     try:
-        doc = json.loads(open(path).read())
+        doc = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise FlopwiseError(f"cannot read --plan {path}: {e}; "
                             "write it with 'flopwise plan --json > plan.json'") from None

@@ -172,10 +172,18 @@ class _Writer:
             self.flush()
 
     def flush(self) -> None:
-        if self.pending is not None:
-            self.pending.result()  # one chunk in flight: memory stays a few chunks
+        self._wait()  # one chunk in flight: memory stays a few chunks
         chunk, self.chunk, self.chars = self.chunk, {split: [] for split in self.fh}, 0
         self.pending = self.pool.submit(self._write, chunk)
+
+    def _wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            try:
+                pending.result()
+            except OSError as e:
+                raise FlopwiseError(f"cannot write the token files ({e.strerror}): free some space or choose "
+                                    "another --out") from None
 
     def _write(self, chunk: dict[str, list[str]]) -> None:
         for split, docs in chunk.items():
@@ -186,17 +194,22 @@ class _Writer:
                 self.utf8_bytes[split] += sum(len(d.encode()) for d in docs)
 
     def close(self) -> None:
-        try:
-            self.flush()
-            self.pending.result()
-        finally:
-            self.pool.shutdown()
-            for fh in self.fh.values():
-                fh.close()
+        """Write what is left and close the files (raises what writing raised)."""
+        self.flush()
+        self._wait()
+        self.abort()
+
+    def abort(self) -> None:
+        """Stop without writing more (on an error or Ctrl-C); closing twice is harmless."""
+        self.pool.shutdown(cancel_futures=True)
+        for fh in self.fh.values():
+            fh.close()
 
 
 def _tokenizer_options(path: Path) -> dict:
-    """What a reused tokenizer is: its size, and the content hash that keys the corpus."""
+    """What a reused tokenizer is: its size, its bytes, and the content hash that keys the corpus."""
+    if not path.is_file():
+        raise FlopwiseError(f"--tokenizer {path} does not exist: give a SentencePiece tokenizer.model file")
     try:
         raw = path.read_bytes()
         sp = spm.SentencePieceProcessor(model_proto=raw)
@@ -212,7 +225,7 @@ def _tokenizer_options(path: Path) -> dict:
     if model_type != "bpe":
         raise FlopwiseError(f"--tokenizer {path} is a {model_type} model; flopwise exports BPE tokenizers (as Llama's "
                             "is): give a BPE tokenizer, or leave --tokenizer out to train one")
-    return {"vocab_size": sp.get_piece_size(), "sha256": hashlib.sha256(raw).hexdigest(), "sp": sp}
+    return {"vocab_size": sp.get_piece_size(), "sha256": hashlib.sha256(raw).hexdigest(), "bytes": raw}
 
 
 def prepare(paths: list[str | Path] | None = None, out: str | Path | None = None, vocab_size: int | None = None,
@@ -289,7 +302,10 @@ def prepare(paths: list[str | Path] | None = None, out: str | Path | None = None
         held_out[order[:n_val_docs]] = True
         del order
     if not n_docs - (0 if val_sources else n_val_docs) or not n_chars:
-        raise FlopwiseError(f"the corpus ({', '.join(map(str, paths))}) holds no text: give non-empty files")
+        nulls = stats.get("null_records")
+        raise FlopwiseError(f"the corpus ({', '.join(map(str, paths))}) holds no text"
+                            + (f": all {nulls:,} of its records have a null '{text_field}': check --text-field"
+                               if nulls else ": give non-empty files"))
     if not n_val_docs:
         raise FlopwiseError("the corpus has a single document, too few to split off validation: add documents "
                             "or give --val FILE")
@@ -304,7 +320,7 @@ def prepare(paths: list[str | Path] | None = None, out: str | Path | None = None
     usual_mode(tmp)
     try:
         if reuse:
-            (tmp / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
+            (tmp / "tokenizer.model").write_bytes(reuse["bytes"])
             sampled = None
         else:
             docs = sample.documents(lambda i: held_out[i])
@@ -325,15 +341,23 @@ def prepare(paths: list[str | Path] | None = None, out: str | Path | None = None
         try:
             with Bar("encoding", total_bytes, quiet=quiet) as bar:
                 start = time.perf_counter()
+                i = -1
                 for i, doc in enumerate(_stream(sources, text_field, {}, counter, eot_seen)):
+                    if i >= n_docs:
+                        break
                     writer.add("val" if held_out[i] else "train", doc)
                     if i % 1024 == 0:
                         rate = counter[0] / 1e6 / max(time.perf_counter() - start, 1e-9)
                         bar.update(counter[0], f"{rate:.1f} MB/s")
+                if i + 1 != n_docs:
+                    raise FlopwiseError(f"the corpus changed while it was read ({n_docs:,} documents, then "
+                                        f"{'more' if i >= n_docs else f'{i + 1:,}'}): prepare it again when no "
+                                        "program writes to it")
                 for doc in _stream(val_sources, text_field, {}, counter, eot_seen):
                     writer.add("val", doc)
-        finally:
             writer.close()
+        finally:
+            writer.abort()
         if writer.tokens["train"] < MIN_TRAIN_TOKENS:
             raise FlopwiseError(f"the corpus is only {writer.tokens['train']} tokens, shorter than a few context "
                                 f"windows ({MIN_TRAIN_TOKENS}): give more text")

@@ -7,9 +7,9 @@ A folder contributes every such file below it, in name order; a folder saved by 
 ``datasets`` contributes its Arrow files in the order its ``state.json`` lists them (a
 ``DatasetDict`` folder: its ``train`` split).
 
-Documents come out one at a time, so memory stays flat in the corpus size: text is read in
-blocks, records line by line, Parquet and Arrow by record batch. The one exception is a JSON
-array, which the standard library can only parse whole.
+Documents come out one at a time, so memory grows with the longest document, not with the corpus:
+text is read in blocks, records line by line, Parquet and Arrow by record batch. The one exception
+is a JSON array, which the standard library can only parse whole.
 
 How text splits into documents (``split_documents`` is the definition; the streaming reader
 gives the same documents): on lines holding only ``<|endoftext|>`` when the file has any;
@@ -26,11 +26,14 @@ import itertools
 import json
 import lzma
 import re
+import zlib
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from flopwise.errors import FlopwiseError
+from flopwise.errors import FlopwiseError, install_hint
+from flopwise.fsutil import json_array, json_line
 
 TEXT_KINDS = {".txt": "text", ".md": "text", ".text": "text", ".jsonl": "json", ".ndjson": "json",
               ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
@@ -79,7 +82,10 @@ def _saved_dataset(folder: Path, log: Callable[[str], None]) -> list[Path] | Non
         try:
             splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
         except (OSError, ValueError, KeyError, TypeError):
-            raise FlopwiseError(f"{folder}/dataset_dict.json cannot be read: save the dataset again") from None
+            splits = None
+        if not isinstance(splits, list) or not splits:
+            raise FlopwiseError(f"{folder}/dataset_dict.json cannot be read or lists no splits: save the dataset "
+                                "again") from None
         if "train" not in splits:
             raise FlopwiseError(f"{folder} is a saved DatasetDict without a 'train' split (splits: "
                                 f"{', '.join(map(str, splits))}): give the split's folder, e.g. "
@@ -87,15 +93,48 @@ def _saved_dataset(folder: Path, log: Callable[[str], None]) -> list[Path] | Non
         others = [s for s in splits if s != "train"]
         log(f"note: {folder} is a saved DatasetDict: reading its 'train' split"
             + (f" (for validation give --val {folder / others[0]})" if others else ""))
-        return _saved_dataset(folder / "train", log) or []
+        files = _saved_dataset(folder / "train", log)
+        if files is None:
+            raise FlopwiseError(f"{folder / 'train'} is not a saved dataset (no state.json listing its data files): "
+                                "save the dataset again")
+        return files
     state = folder / "state.json"
-    if not state.is_file():
+    try:
+        files = json.loads(state.read_text())["_data_files"] if state.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # some other state.json: not a saved dataset
+    if files is None:
         return None
     try:
-        files = [folder / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        found = [folder / f["filename"] for f in files]
+    except (KeyError, TypeError):
         raise FlopwiseError(f"{state} cannot be read as a saved dataset's state: save the dataset again") from None
-    return files
+    missing = [f for f in found if not f.is_file()]
+    if missing or not found:
+        raise FlopwiseError(f"{folder} is a saved dataset without its data files "
+                            f"({missing[0] if missing else 'none'}): save the dataset again")
+    return found
+
+
+def _scan(folder: Path, log: Callable[[str], None]) -> list[Source]:
+    """What a folder holds, in path order: the files flopwise reads, hidden ones skipped, and in the place
+    of a saved dataset below it, that dataset's Arrow files (not its metadata or cache files)."""
+    def hidden(p: Path) -> bool:
+        return any(part.startswith(".") for part in p.relative_to(folder).parts)
+
+    datasets: dict[Path, list[Path]] = {}
+    for marker in sorted(folder.rglob("dataset_dict.json")) + sorted(folder.rglob("state.json")):
+        d = marker.parent
+        if hidden(marker) or any(d == k or k in d.parents for k in datasets):
+            continue
+        files = _saved_dataset(d, log)
+        if files is not None:
+            datasets[d] = files
+    entries: list[tuple[Path, list[Source]]] = [(d, [Source(f, "arrow") for f in files])
+                                                for d, files in datasets.items()]
+    entries += [(f, [source_of(f)]) for f in folder.rglob("*")
+                if f.is_file() and _known(f) and not hidden(f) and not any(k in f.parents for k in datasets)]
+    return [src for _, group in sorted(entries, key=lambda e: e[0]) for src in group]
 
 
 def expand(paths: list[Path], log: Callable[[str], None] = print) -> list[Source]:
@@ -109,45 +148,44 @@ def expand(paths: list[Path], log: Callable[[str], None] = print) -> list[Source
             continue
         saved = _saved_dataset(p, log)
         if saved is not None:
-            missing = [f for f in saved if not f.is_file()]
-            if missing or not saved:
-                raise FlopwiseError(f"{p} is a saved dataset without its data files "
-                                    f"({missing[0] if missing else 'none'}): save the dataset again")
             out += [Source(f, "arrow") for f in saved]
             continue
-        found = sorted(f for f in p.rglob("*") if f.is_file() and _known(f)
-                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        found = _scan(p, log)
         if not found:
             raise FlopwiseError(f"{p} holds no files flopwise reads: {FORMATS_HINT}")
-        out += [source_of(f) for f in found]
+        out += found
     return out
 
 
 # ---------------------------------------------------------------- bytes
 
 
-def open_bytes(src: Source, counter: list[int] | None = None) -> io.BufferedIOBase:
-    """The decompressed bytes of a source; ``counter[0]`` grows by the raw (on-disk) bytes read."""
+@contextmanager
+def open_bytes(src: Source, counter: list[int] | None = None) -> Iterator[io.BufferedIOBase]:
+    """The decompressed bytes of a source, closed with every layer below them on leaving the ``with``;
+    ``counter[0]`` grows by the raw (on-disk) bytes read."""
     try:
         raw = open(src.path, "rb")
     except OSError as e:
         raise FlopwiseError(f"cannot read {src.path}: {e.strerror}") from None
-    if counter is not None:
-        raw = _Counting(raw, counter)
-    if src.compression == ".gz":
-        return gzip.GzipFile(fileobj=raw)
-    if src.compression == ".xz":
-        return lzma.LZMAFile(raw)
-    if src.compression == ".bz2":
-        return bz2.BZ2File(raw)
-    if src.compression in (".zst", ".zstd"):
-        try:
-            import zstandard
-        except ImportError:
-            raise FlopwiseError(f"{src.path}: reading .zst needs the zstandard package: pip install "
-                                "'flopwise[data]'") from None
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
-    return raw
+    with ExitStack() as layers:
+        layers.enter_context(raw)
+        if counter is not None:
+            raw = _Counting(raw, counter)
+        if src.compression == ".gz":
+            raw = layers.enter_context(gzip.GzipFile(fileobj=raw))
+        elif src.compression == ".xz":
+            raw = layers.enter_context(lzma.LZMAFile(raw))
+        elif src.compression == ".bz2":
+            raw = layers.enter_context(bz2.BZ2File(raw))
+        elif src.compression in (".zst", ".zstd"):
+            try:
+                import zstandard
+            except ImportError:
+                raise FlopwiseError(f"{src.path}: reading .zst needs the zstandard package: "
+                                    f"{install_hint('zstandard')}") from None
+            raw = layers.enter_context(io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw)))
+        yield raw
 
 
 class _Counting(io.RawIOBase):
@@ -185,7 +223,7 @@ def _blocks(src: Source, counter: list[int] | None = None) -> Iterator[bytes]:
                     check_text(block, src.path)
                     first = False
                 yield block
-    except (OSError, EOFError, lzma.LZMAError) as e:
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
         raise FlopwiseError(f"{src.path} is damaged or not {src.compression or 'text'} ({e}): check the file") from None
     except Exception as e:  # zstandard.ZstdError: its module may not be imported here
         if type(e).__name__ != "ZstdError":
@@ -236,21 +274,27 @@ def _has_eot(src: Source, seen: dict) -> bool:
 
 def _split_stream(texts: Iterator[str], sep: re.Pattern) -> Iterator[str]:
     """split_documents over a text that arrives in pieces cut at line ends: what follows the last
-    separator (the separator included, as more of it may follow) waits for the next piece."""
-    carry = ""
+    separator (the separator included, as more of it may follow) waits for the next piece. Text held
+    without a separator is searched again only once it has doubled (a long document costs linear time:
+    searching later is the same as cutting the pieces coarser, which the split does not depend on)."""
+    held: list[str] = []
+    held_chars = searched = 0
     for piece in texts:
-        text = carry + piece
+        held.append(piece)
+        held_chars += len(piece)
+        if held_chars < 2 * searched:
+            continue
+        text = "".join(held)
         last = None
         for last in sep.finditer(text):  # noqa: B007 (only the last match is wanted)
             pass
-        if last is None:
-            carry = text
-            continue
-        for p in sep.split(text[: last.start()]):
-            if p.strip():
-                yield p.strip("\n")
-        carry = text[last.start():]
-    for p in sep.split(carry):
+        if last is not None:
+            for p in sep.split(text[: last.start()]):
+                if p.strip():
+                    yield p.strip("\n")
+            text = text[last.start():]
+        held, held_chars, searched = [text], len(text), len(text)
+    for p in sep.split("".join(held)):
         if p.strip():
             yield p.strip("\n")
 
@@ -289,11 +333,7 @@ def _json_documents(src: Source, field: str, stats: dict, counter) -> Iterator[s
     blocks = _blocks(src, counter)
     first = next(blocks, b"")
     if first.lstrip().startswith(b"["):  # a JSON array: parsed whole (the standard library has no streaming parser)
-        text = decode(first + b"".join(blocks), stats, src.path)
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise FlopwiseError(f"{src.path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        records = json_array(decode(first + b"".join(blocks), stats, src.path), str(src.path))
         for i, r in enumerate(records):
             value = _field(r, field, f"record {i}", src, stats)
             if value and value.strip():
@@ -305,11 +345,7 @@ def _json_documents(src: Source, field: str, stats: dict, counter) -> Iterator[s
             n_line += 1
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FlopwiseError(f"{src.path}: line {n_line} is not valid JSON ({e.msg}); JSONL needs one record "
-                                    "per line") from None
+            record = json_line(line, n_line, str(src.path))
             value = _field(record, field, f"record {n_record} (line {n_line})", src, stats)
             n_record += 1
             if value and value.strip():
@@ -326,19 +362,25 @@ def _pyarrow():
         import pyarrow.ipc  # noqa: F401
         import pyarrow.parquet  # noqa: F401
     except ImportError:
-        raise FlopwiseError("reading Parquet or Arrow needs pyarrow: pip install 'flopwise[data]'") from None
+        raise FlopwiseError(f"reading Parquet or Arrow needs pyarrow: {install_hint('pyarrow')}") from None
     return pyarrow
 
 
 def _columnar_documents(src: Source, field: str, stats: dict, counter) -> Iterator[str]:
+    with ExitStack() as files:
+        yield from _columnar_open(src, field, stats, counter, files)
+
+
+def _columnar_open(src: Source, field: str, stats: dict, counter, files: ExitStack) -> Iterator[str]:
     pa = _pyarrow()
     try:
         if src.kind == "parquet":
             reader = pa.parquet.ParquetFile(src.path)
+            files.callback(reader.close)
             schema, total_rows = reader.schema_arrow, reader.metadata.num_rows
             batches = reader.iter_batches(batch_size=4096, columns=[field] if field in schema.names else None)
         else:
-            source = pa.memory_map(str(src.path))
+            source = files.enter_context(pa.memory_map(str(src.path)))
             try:
                 reader = pa.ipc.open_stream(source)
             except pa.ArrowInvalid:
@@ -365,8 +407,6 @@ def _columnar_documents(src: Source, field: str, stats: dict, counter) -> Iterat
                 if value is None:
                     stats["null_records"] = stats.get("null_records", 0) + 1
                 elif value.strip():
-                    if "\ufffd" in value:
-                        decode(value.encode(), stats, src.path)  # counts nothing: arrow strings are valid UTF-8
                     yield value
             if counter is not None and total_rows:
                 counter[0] += int(size * batch.num_rows / total_rows)

@@ -20,7 +20,7 @@ import torch
 
 from flopwise.config import THREADS_ENV, TrainConfig, requested_threads, resolve
 from flopwise.data.prepare import open_corpus
-from flopwise.errors import FlopwiseError
+from flopwise.errors import FlopwiseError, install_hint
 from flopwise.laws.flops import Shape
 from flopwise.model.llama import ModelConfig
 from flopwise.run import latest_checkpoint, new_run, read_final, run_is_locked
@@ -193,7 +193,7 @@ def _run_ray(args, todo: list[RunSpec], address: str, threads: tuple[int, bool],
     try:
         import ray  # optional: only sweeps on a Ray cluster need it
     except ImportError:
-        raise FlopwiseError("--ray needs Ray: pip install 'flopwise[ray]'") from None
+        raise FlopwiseError(f"--ray needs Ray: {install_hint('ray')}") from None
     if not ray.is_initialized():
         ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False)
     remote = ray.remote(num_cpus=threads[0])(_ray_task)

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
 from flopwise.config import check_tracker
+from flopwise.errors import FlopwiseError
 
 _SCALARS = ("loss", "val_loss", "lr", "tok_per_s", "mfu", "threads", "tokens", "flops")
 
@@ -38,8 +40,10 @@ class TensorBoard(Tracker):
     def __init__(self, run_dir: Path, config: dict, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
+        folder = run_dir / "tensorboard"
+        _after_existing_events(folder)
         # steps are counted done (1 after the first): what a resumed run redoes begins at start_step + 1
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.writer = SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)
         if not start_step:
             self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
 
@@ -56,6 +60,17 @@ class TensorBoard(Tracker):
                 if isinstance(final.get(key), (int, float)):
                     self.writer.add_scalar(f"final/{key}", final[key], step)
         self.writer.close()
+
+
+def _after_existing_events(folder: Path) -> None:
+    """Wait (at most a second) until a new event file's name sorts after the folder's others: readers take
+    the files in name order, whose first field is the creation second, and a resumed run's purge only
+    works when its file comes after the killed run's (within one second the names sort by process id)."""
+    seconds = [int(f.name.split(".")[3]) for f in folder.glob("events.out.tfevents.*")
+               if f.name.split(".")[3:4] and f.name.split(".")[3].isdigit()]
+    if seconds:
+        while time.time() < max(seconds) + 1:
+            time.sleep(0.05)
 
 
 class WandB(Tracker):
@@ -81,8 +96,12 @@ class WandB(Tracker):
 def open_tracker(kind: str, run_dir: Path, config: dict, start_step: int) -> Tracker:
     """The tracker --log-to names, started for a run at ``start_step`` (0: a new run)."""
     check_tracker(kind)
-    if kind == "tensorboard":
-        return TensorBoard(run_dir, config, start_step)
-    if kind == "wandb":
-        return WandB(run_dir, config, start_step)
+    try:
+        if kind == "tensorboard":
+            return TensorBoard(run_dir, config, start_step)
+        if kind == "wandb":
+            return WandB(run_dir, config, start_step)
+    except Exception as e:  # a tracker's own failure (login, disk, service) must read as one line
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FlopwiseError(f"--log-to {kind} could not start ({why}): fix that, or train with --log-to none") from None
     return Tracker()

@@ -242,9 +242,10 @@ class _Run:
         t_log, tokens_log = t_start, 0
         final_eval = None
         metrics = open(metrics_path, "a") if self.rank == 0 else None
-        tracker = open_tracker(self.tc.log_to, self.run_dir, self.config, s.step) if self.rank == 0 else Tracker()
-        final = None
+        tracker, final = Tracker(), None
         try:
+            if self.rank == 0:
+                tracker = open_tracker(self.tc.log_to, self.run_dir, self.config, s.step)
             for step in range(s.step, self.r.steps):
                 self.cpu.update()
                 lr = lr_at(step, self.r.steps, self.r.lr, self.r.warmup_steps, self.tc.min_lr_ratio,
