@@ -1,12 +1,16 @@
-"""Decode speed: flopwise's CPU runtime against Hugging Face generate (and llama.cpp if installed).
+"""Decode speed: flopwise's CPU runtime against Hugging Face generate and llama.cpp (if installed).
 
 One invocation, same machine, same weights (random: speed does not depend on training), batch 1,
 a 16-token prompt, 128 new tokens, greedy, eos ignored so every run decodes the whole budget.
 Models: ~15M parameters (6 layers, d_model 288, vocab 32000, llama2.c's "stories15M" shape)
-and ~110M (12 layers, d_model 768). The ceiling is memory bandwidth over the weight bytes each
-token reads (bandwidth measured here with a large array copy).
+and ~110M (12 layers, d_model 768). Rows: HF generate (fp32); flopwise at each dtype, eager and
+with the compiled decode step (its compile seconds apart); llama.cpp at f32, f16 and q8_0 (its
+logits read back and argmax-ed each token, as a decoder must). Ratios: against HF, and against
+llama.cpp at the same precision (fp32: f32, bf16: f16, int8: q8_0). The ceiling is memory bandwidth
+over the weight bytes each token reads (bandwidth measured here with a large array copy). Then the
+OpenAI server's throughput (15M, fp32) with 1, 4 and 16 clients streaming at once.
 
-    python benchmarks/decode_speed.py [--only 15m|110m] [--tokens 128] [--threads N]
+    python benchmarks/decode_speed.py [--only 15m|110m] [--tokens 128] [--threads N] [--no-compile] [--no-server]
 """
 
 from __future__ import annotations
@@ -56,18 +60,23 @@ def weight_bytes_per_token(mc: ModelConfig, bytes_per_weight: float) -> float:
     return (mc.n_layers * per_layer + mc.vocab_size * d) * bytes_per_weight
 
 
-def time_flopwise(model: Llama, dtype: str, new_tokens: int) -> float:
-    eng = Engine(model, sp=None, dtype=dtype)
+def time_flopwise(model: Llama, dtype: str, new_tokens: int, compile: str = "off") -> tuple[float, float]:
+    """(tokens/s, seconds the first call took beyond a warm one: the compile)."""
+    eng = Engine(model, sp=None, dtype=dtype, compile=compile, log=lambda m: print("   ", m))
     prompt = [[1] + list(range(10, 10 + PROMPT - 1))]
     s = Sampling(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    t = time.perf_counter()
     for _ in eng.stream_ids(prompt, Sampling(max_new_tokens=8, temperature=0, ignore_eos=True)):
         pass
+    first = time.perf_counter() - t
     best = 0.0
-    for _ in range(2):
+    for _ in range(3):
         t = time.perf_counter()
         n = sum(1 for _ in eng.stream_ids(prompt, s))
         best = max(best, n / (time.perf_counter() - t))
-    return best
+    if compile == "on" and not eng.compiled:
+        return float("nan"), first
+    return best, max(0.0, first - 8 / best)
 
 
 def time_hf(model: Llama, new_tokens: int) -> float | None:
@@ -113,17 +122,63 @@ def time_llama_cpp(model: Llama, quant: str, new_tokens: int, threads: int) -> f
                               use_extra_bufts=False)
         prompt = [1] + list(range(300, 300 + PROMPT - 1))
         best = 0.0
-        for _ in range(2):
+        for _ in range(3):
             llm.reset()
             t = time.perf_counter()
             llm.eval(prompt)
             n = 0
-            for _ in range(new_tokens):
-                tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            for _ in range(new_tokens):  # the logits read back and argmax-ed, as a decoder must
+                row = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+                tok = int(np.argmax(np.ctypeslib.as_array(row, shape=(v,))))
                 llm.eval([tok])
                 n += 1
             best = max(best, n / (time.perf_counter() - t))
         return best
+
+
+def server_throughput(model: Llama, clients: int, new_tokens: int) -> float:
+    """Completion tokens per second of flopwise serve with ``clients`` streaming requests at once."""
+    import socket
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import uvicorn
+
+    from flopwise.infer.server import create_app
+
+    class Ids:  # the server's tokenizer: the benchmark's prompts are digits, one token each
+        def encode(self, text):
+            return [10 + int(c) for c in text if c.isdigit()]
+
+        def decode(self, ids):
+            return "".join(chr(0x4E00 + i % 20000) for i in ids)
+
+    eng = Engine(model, sp=Ids(), dtype="fp32")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(eng, "bench", max_queue=64), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    threading.Thread(target=srv.run, daemon=True).start()
+    while not srv.started:
+        time.sleep(0.05)
+
+    def one(i: int) -> int:
+        body = {"prompt": "1234567890123456"[: PROMPT - 1], "max_tokens": new_tokens, "temperature": 0,
+                "stream": True}
+        n = 0
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=600) as r:
+            for line in r.iter_lines():
+                n += line.startswith("data: {")
+        return n
+
+    one(0)  # warm-up
+    t = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        tokens = sum(pool.map(one, range(clients)))
+    srv.should_exit = True
+    return tokens / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -131,11 +186,14 @@ def main() -> None:
     ap.add_argument("--only", choices=list(SHAPES))
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows (each compiles ~10-30 s)")
+    ap.add_argument("--no-server", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     bw = bandwidth_gb_s()
     print(f"torch {torch.__version__}, {args.threads} threads, measured memory bandwidth {bw:.1f} GB/s, "
-          f"batch 1, prompt {PROMPT}, {args.tokens} new tokens (tokens/s, best of 2)")
+          f"batch 1, prompt {PROMPT}, {args.tokens} new tokens (tokens/s, best of 3)")
+    same = {"fp32": "llama.cpp f32", "bf16": "llama.cpp f16", "int8": "llama.cpp q8_0"}
     for name, mc in SHAPES.items():
         if args.only and name != args.only:
             continue
@@ -144,21 +202,34 @@ def main() -> None:
         n = model.n_params()
         print(f"\n== {name}: {n / 1e6:.1f}M parameters ({mc.n_layers} layers, d_model {mc.d_model}, vocab "
               f"{mc.vocab_size})")
-        hf = time_hf(model, args.tokens)
-        rows = [("hf generate fp32", hf, 4)]
+        rows = [("hf generate fp32", time_hf(model, args.tokens), 4, None)]
         for dtype, bpw in (("fp32", 4), ("bf16", 2), ("int8", 1)):
-            rows.append((f"flopwise {dtype}", time_flopwise(copy.deepcopy(model), dtype, args.tokens), bpw))
-        for quant, bpw in (("f32", 4), ("q8_0", 34 / 32)):
-            rows.append((f"llama.cpp {quant}", time_llama_cpp(model, quant, args.tokens, args.threads), bpw))
-        fp32 = rows[1][1]
-        print(f"{'runtime':<20}{'tok/s':>9}{'vs HF':>8}{'vs fp32':>9}{'ceiling':>9}")
-        for label, tps, bpw in rows:
-            if tps is None:
-                print(f"{label:<20}{'n/a':>9}")
+            tps, _ = time_flopwise(copy.deepcopy(model), dtype, args.tokens)
+            rows.append((f"flopwise {dtype}", tps, bpw, None))
+            if not args.no_compile and dtype != "int8":  # int8's quantised modules do not compile: eager only
+                tps, seconds = time_flopwise(copy.deepcopy(model), dtype, args.tokens, compile="on")
+                rows.append((f"flopwise {dtype} compiled", tps, bpw, seconds))
+        for quant, bpw in (("f32", 4), ("f16", 2), ("q8_0", 34 / 32)):
+            rows.append((f"llama.cpp {quant}", time_llama_cpp(model, quant, args.tokens, args.threads), bpw, None))
+        rate = {label: tps for label, tps, _, _ in rows}
+        hf = rate["hf generate fp32"]
+        print(f"{'runtime':<26}{'tok/s':>9}{'vs HF':>8}{'vs llama.cpp':>14}{'ceiling':>9}  compile")
+        for label, tps, bpw, seconds in rows:
+            if tps is None or tps != tps:
+                print(f"{label:<26}{'n/a':>9}")
                 continue
             ceiling = bw * 1e9 / weight_bytes_per_token(mc, bpw)
             vs_hf = f"{tps / hf:.2f}x" if hf else "n/a"
-            print(f"{label:<20}{tps:>9.1f}{vs_hf:>8}{tps / fp32:>8.2f}x{ceiling:>9.0f}")
+            ref = rate.get(same.get(label.split()[1], "")) if label.startswith("flopwise") else None
+            vs_cpp = f"{tps / ref:.2f}x" if ref else ""
+            print(f"{label:<26}{tps:>9.1f}{vs_hf:>8}{vs_cpp:>14}{ceiling:>9.0f}  "
+                  + (f"{seconds:.0f} s" if seconds is not None else ""))
+    if not args.no_server and (not args.only or args.only == "15m"):
+        torch.manual_seed(0)
+        model = Llama(SHAPES["15m"]).eval()
+        print("\n== flopwise serve (15M, fp32, 64 new tokens a request, streamed): completion tokens/s")
+        for clients in (1, 4, 16):
+            print(f"{clients:>3} clients: {server_throughput(model, clients, 64):8.1f}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ def require(*rules: tuple[str, object, bool, str]) -> None:
 
 # optional dependencies, each with the pyproject extra that installs it (pip install flopwise: the planner only)
 EXTRAS = {"torch": "train", "safetensors": "train", "gguf": "train", "fastapi": "serve", "uvicorn": "serve",
-          "pyarrow": "data", "zstandard": "data", "tensorboard": "track", "wandb": "wandb", "ray": "ray"}
+          "pyarrow": "data", "zstandard": "data", "tensorboard": "track", "wandb": "wandb", "ray": "ray",
+          "llama_cpp": "interop"}
 
 
 def install_hint(module: str) -> str:

@@ -294,3 +294,38 @@ def test_llama_cpp_q8_0_argmax_agrees_on_a_trained_model(bundled, tmp_path):
     theirs = np.array(llm.scores[:len(ids)])
     agree = float((theirs.argmax(-1) == ours.argmax(-1)).mean())
     assert agree > 0.95, agree
+
+
+def test_llama_cpp_backend_without_llama_cpp_is_one_line(monkeypatch):
+    from flopwise.infer.llamacpp import llama_cpp_module
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
+    with pytest.raises(FlopwiseError, match=r"--backend llama.cpp needs llama-cpp-python, which is not installed: "
+                                            r"pip install 'flopwise\[interop\]'"):
+        llama_cpp_module()
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(llama_cpp is None, reason="llama_cpp is not importable (make test-interop)")
+def test_llama_cpp_backend_decodes_what_the_native_engine_does(bundled, tmp_path):
+    """generate --backend llama.cpp: the same greedy text as flopwise's engine, for a run (exported once to a cached
+    GGUF) and for a .gguf file; a batch; the same sampled text for the same seed from the same backend."""
+    run = make_run(bundled, tmp_path / "run")
+    env = {**os.environ, "FLOPWISE_CACHE": str(tmp_path / "cache")}
+
+    def gen(target, *extra):
+        r = subprocess.run([sys.executable, "-m", "flopwise", "generate", str(target), "--prompt", "Once upon a time",
+                            "--prompt", "The dog", "--max-tokens", "24", "--temperature", "0", "--json", *extra],
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout), r.stderr
+
+    native, _ = gen(run)
+    ours, notes = gen(run, "--backend", "llama.cpp")
+    assert ours == native and "exporting" in notes
+    again, notes = gen(run, "--backend", "llama.cpp")
+    assert again == native and "exporting" not in notes and len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
+    path = export_gguf(run, tmp_path / "m.gguf", "f32", log=lambda m: None)["path"]
+    assert gen(path, "--backend", "llama.cpp")[0] == native
+    seeded = [gen(run, "--backend", "llama.cpp", "--temperature", "1", "--seed", "3")[0] for _ in range(2)]
+    assert seeded[0] == seeded[1]

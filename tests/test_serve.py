@@ -64,6 +64,47 @@ def test_engine_greedy_matches_full_forward_and_batches_agree(engine):
     assert a == engine.generate(["Once upon a time"], Sampling(max_new_tokens=20, seed=3))
 
 
+def test_compiled_decode_step_matches_eager_reuses_its_cache_and_falls_back(engine, tmp_path, monkeypatch):
+    """--compile on: the static-cache step compiled by inductor gives eager's greedy tokens and logits (a padded
+    batch too), compiles once across calls, and a compile that fails decodes eagerly with one note."""
+    from flopwise.infer.generate import record_speed
+
+    monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    notes = []
+    compiled = Engine(engine.reference, engine.sp, compile="on", log=notes.append)
+    prompts = [engine.encode_prompt("Once upon a time"), engine.encode_prompt("The dog ran to the big red house")]
+    s = Sampling(max_new_tokens=16, temperature=0, ignore_eos=True)
+    ours = [t.tolist() for t in compiled.stream_ids(prompts, s)]  # left-padded: the key mask is used
+    assert ours == [t.tolist() for t in engine.stream_ids(prompts, s)] and compiled.compiled, notes
+    cache, step = compiled.cache, compiled._step
+    assert [t.tolist() for t in compiled.stream_ids(prompts, s)] == ours  # the same cache, the same compiled step
+    assert compiled.cache[0] is cache[0] and compiled._step is step
+    with torch.inference_mode():
+        ids = torch.tensor([prompts[1][:6], prompts[1][1:7]])
+        for e in (engine, compiled):
+            e._forward(ids[:, :5], 0, None)
+        eager_logits = engine._decode(ids[:, 5:], 5, None)
+        compiled_logits = compiled._decode(ids[:, 5:], 5, None)
+    assert compiled._step is step and torch.allclose(eager_logits, compiled_logits, atol=1e-4)
+
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    fallback = Engine(engine.reference, engine.sp, compile="on", log=notes.append)
+    assert [t.tolist() for t in fallback.stream_ids(prompts, s)] == ours and not fallback.compiled
+    assert notes == ["note: the compiled decode step failed (no C++ compiler); decoding eagerly"]
+    # auto compiles only where this machine measured the compiled step faster
+    auto = Engine(engine.reference, engine.sp, compile="auto")
+    assert not auto.compiled
+    record_speed(auto.speed_key, False, 100.0)
+    record_speed(auto.speed_key, True, 150.0)
+    assert Engine(engine.reference, engine.sp, compile="auto").compiled
+    record_speed(auto.speed_key, True, 101.0)
+    assert not Engine(engine.reference, engine.sp, compile="auto").compiled
+
+
 def test_sampling_filters():
     from flopwise.infer.generate import sample_next
 

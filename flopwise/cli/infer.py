@@ -24,26 +24,46 @@ def _sampling_rules(max_tokens: int, temperature: float, top_k: int, top_p: floa
             ("--repetition-penalty", repetition_penalty, 0 < repetition_penalty <= 100, "in (0, 100] (1: off)"))
 
 
-def _engine(run: str, dtype: str, threads: int):
-    """An engine for a run directory or a .gguf file (dequantised into flopwise's model), on --threads."""
+BACKENDS = ("flopwise", "llama.cpp")
+
+
+def backend_option():
+    return typer.Option("flopwise", help="flopwise (its own CPU engine) or llama.cpp (needs llama-cpp-python; a run "
+                        "is exported to a cached GGUF at --dtype: f32, f16 for bf16, q8_0 for int8).")
+
+
+def compile_option():
+    return typer.Option("auto", "--compile", help="Decode through a torch.compile'd step: on, off, or auto (on only "
+                        "where 'generate --bench' measured it faster on this machine for this model).")
+
+
+def _engine(run: str, dtype: str, threads: int, backend: str = "flopwise", compile_mode: str = "auto"):
+    """An engine for a run directory or a .gguf file (dequantised into flopwise's model, or run by llama.cpp),
+    on --threads."""
     # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
     from flopwise.infer.generate import Engine
     from flopwise.run import load_model
     from flopwise.training.probe import use_threads
 
-    require(("--dtype", dtype, dtype in ("fp32", "bf16", "int8"), "fp32, bf16 or int8"))
+    require(("--dtype", dtype, dtype in ("fp32", "bf16", "int8"), "fp32, bf16 or int8"),
+            ("--backend", backend, backend in BACKENDS, " or ".join(BACKENDS)),
+            ("--compile", compile_mode, compile_mode in ("auto", "on", "off"), "auto, on or off"))
     n_threads = set_threads(threads)
     if not Path(run).exists():
         raise FlopwiseError(f"{run} does not exist: give a run directory or a .gguf file")
     if Path(run).is_file() and not run.endswith(".gguf"):
         raise FlopwiseError(f"{run} is not a run directory or a .gguf file")
     use_threads(n_threads)
+    if backend == "llama.cpp":
+        from flopwise.infer.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine.open(run, dtype, n_threads, log=warn)
     if Path(run).is_file():
         from flopwise.infer.gguf_load import load_gguf
 
         model, sp = load_gguf(run)
-        return Engine(model, sp, dtype)
-    return Engine(load_model(run), load_tokenizer(Path(run) / "tokenizer.model"), dtype)
+        return Engine(model, sp, dtype, compile_mode, log=warn)
+    return Engine(load_model(run), load_tokenizer(Path(run) / "tokenizer.model"), dtype, compile_mode, log=warn)
 
 
 @app.command()
@@ -58,6 +78,8 @@ def generate(
     stop: Optional[list[str]] = typer.Option(None, help="Stop string (repeatable)."),
     seed: Optional[int] = typer.Option(None, help="Sampling seed (same seed, same text)."),
     dtype: str = typer.Option("fp32", help="Runtime weights: fp32, bf16 or int8."),
+    backend: str = backend_option(),
+    compile_mode: str = compile_option(),
     threads: int = threads_option(),
     instruct: bool = typer.Option(False, "--instruct", help="Wrap the prompt in the Alpaca template."),
     bench: bool = typer.Option(False, "--bench", help="Print prompt and decode tokens/s and peak memory."),
@@ -67,11 +89,12 @@ def generate(
     from flopwise.infer.generate import Sampling  # torch: loaded by the command, not at start-up
 
     _sampling_rules(max_tokens, temperature, top_k, top_p, repetition_penalty)
-    eng = _engine(run, dtype, threads)
+    eng = _engine(run, dtype, threads, backend, compile_mode)
     if bench:
         r = eng.bench()
         print(json.dumps(r, indent=2)) if as_json else console.print(
-            f"{dtype}: prompt {r['prompt_tok_per_s']:,.0f} tok/s, decode {r['decode_tok_per_s']:,.1f} tok/s "
+            f"{r['dtype']}{' compiled' if r.get('compiled') else ''}: prompt {r['prompt_tok_per_s']:,.0f} tok/s, "
+            f"decode {r['decode_tok_per_s']:,.1f} tok/s "
             f"(batch {r['batch']}, {r['new_tokens']} new tokens), peak RSS {r['peak_rss_mb']:,.0f} MB")
         return
     prompts = prompt or [sys.stdin.read()]
@@ -112,13 +135,15 @@ def chat(
     seed: Optional[int] = typer.Option(None, help="Sampling seed."),
     system: Optional[str] = typer.Option(None, help="Replace the Alpaca preamble."),
     dtype: str = typer.Option("fp32", help="fp32, bf16 or int8."),
+    backend: str = backend_option(),
+    compile_mode: str = compile_option(),
     threads: int = threads_option(),
 ) -> None:
     """Chat in the terminal with the Alpaca template; replies stream token by token. Ctrl-D or /exit ends."""
     from flopwise.infer.generate import Sampling  # torch: loaded by the command, not at start-up
 
     _sampling_rules(max_tokens, temperature, top_k)
-    eng = _engine(run, dtype, threads)
+    eng = _engine(run, dtype, threads, backend, compile_mode)
     ctx = eng.config.seq_len
     console.print(f"[dim]{run}: context {ctx} tokens; /reset clears the history, /exit or Ctrl-D ends[/dim]")
     history: list[tuple[str, str]] = []  # (user, reply) of earlier turns
@@ -203,6 +228,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 exposes it to the network)."),
     port: int = typer.Option(8000, help="TCP port."),
     dtype: str = typer.Option("fp32", help="fp32, bf16 or int8."),
+    backend: str = backend_option(),
+    compile_mode: str = compile_option(),
     threads: int = threads_option(),
     max_queue: int = typer.Option(32, help="Requests waiting at most; more get 503."),
     name: Optional[str] = typer.Option(None, help="Model id in the API (default: the run folder's name)."),
@@ -213,7 +240,7 @@ def serve(
     require(("--port", port, 0 < port < 65536, "between 1 and 65535"),
             ("--max-queue", max_queue, max_queue >= 1, "at least 1"))
     _check_port(host, port)
-    eng = _engine(run, dtype, threads)
+    eng = _engine(run, dtype, threads, backend, compile_mode)
     model_name = name or Path(run).resolve().name
     console.print(f"serving {model_name} on http://{host}:{port}/v1 (context {eng.config.seq_len} tokens)")
     run_server(eng, model_name, host, port, max_queue)

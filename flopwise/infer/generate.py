@@ -7,8 +7,11 @@ depend only on relative positions, so a uniform shift of a row's positions chang
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import math
 import resource
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -20,7 +23,11 @@ import torch.nn.functional as F
 
 from flopwise.data.tokenizer import BOS_ID, EOS_ID
 from flopwise.errors import FlopwiseError
+from flopwise.fsutil import atomic_write_text, cache_root
+from flopwise.model.compiling import use_compile_cache
 from flopwise.model.llama import Llama, apply_rope
+
+COMPILE_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -52,6 +59,8 @@ class Sampling:
 def sample_next(logits: torch.Tensor, s: Sampling, history: torch.Tensor | None,
                 generator: torch.Generator | None) -> torch.Tensor:
     """Next token ids (B,) from logits (B, V); ``history`` (B, T) feeds the repetition penalty."""
+    if s.temperature <= 0 and not s.ignore_eos and (s.repetition_penalty == 1.0 or history is None):
+        return logits.argmax(-1)  # greedy, nothing to edit: no copy
     logits = logits.float().clone()  # a normal tensor (not an inference-mode one) that may be edited in place
     if s.ignore_eos:
         logits[:, EOS_ID] = float("-inf")
@@ -104,37 +113,89 @@ class DecodeModel(nn.Module):
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
 
-    def new_cache(self, batch: int, dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def new_cache(self, batch: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every layer, (layers, batch, kv heads, context, head dim): one static shape."""
         c = self.config
-        shape = (batch, c.n_kv_heads, c.seq_len, c.head_dim)
-        return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(c.n_layers)]
+        shape = (c.n_layers, batch, c.n_kv_heads, c.seq_len, c.head_dim)
+        return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+
+    def step(self, token: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor,
+             values: torch.Tensor) -> torch.Tensor:
+        """One decoded token per row at position ``pos`` (1,), over the whole static cache (keys where ``valid``
+        (B, context) is false are masked), the cache written in place: every shape is fixed, so this is the
+        graph torch.compile captures once per (model, dtype, batch). Returns the logits (B, vocab)."""
+        b = token.shape[0]
+        x = self.embed(token)
+        cos, sin = self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos)
+        for i, layer in enumerate(self.layers):
+            hd, nh, nkv = layer.head_dim, layer.n_heads, layer.n_kv_heads
+            qkv = _linear(layer.qkv, _rms(x, layer.attn_norm)).view(b, 1, nh + 2 * nkv, hd).transpose(1, 2)
+            qk = apply_rope(qkv[:, :nh + nkv], cos, sin)
+            keys[i].index_copy_(2, pos, qk[:, nh:])
+            values[i].index_copy_(2, pos, qkv[:, nh + nkv:])
+            y = _decode_attention(qk[:, :nh], keys[i], values[i], valid)
+            x = x + _linear(layer.wo, y.transpose(1, 2).reshape(b, 1, -1))
+            gu = _linear(layer.gate_up, _rms(x, layer.mlp_norm))
+            x = x + _linear(layer.w_down, F.silu(gu[..., :layer.d_ff]) * gu[..., layer.d_ff:])
+        return _linear(self.head, _rms(x[:, -1], self.norm))
 
 
 class Engine:
-    """A model prepared for decoding: inference mode, one KV cache reused across calls."""
+    """A model prepared for decoding: inference mode, one KV cache reused across calls.
 
-    def __init__(self, model: Llama, sp, dtype: str = "fp32"):
+    ``compile``: on runs every single-token step through torch.compile (inductor's C++ code; compiled
+    once per batch size, cached on disk), off never, auto only where this machine measured the compiled
+    step faster (``flopwise generate --bench --compile on`` and ``off`` record it). Prefill stays eager.
+    A compile that fails falls back to eager for good, with one line on ``log``."""
+
+    def __init__(self, model: Llama, sp, dtype: str = "fp32", compile: str = "off", log=None):
+        if compile not in COMPILE_MODES:
+            raise FlopwiseError(f"--compile must be {', '.join(COMPILE_MODES)}, got {compile!r}")
         self.sp, self.dtype = sp, dtype
         self.config = model.config
         # a private copy: casting or quantising must not change the caller's model
         self.model = prepare_model(DecodeModel(copy.deepcopy(model).eval()).eval(), dtype)
         self.cache = None
+        self.log = log or (lambda m: print(m, file=sys.stderr))
+        self.speed_key = json.dumps([torch.__version__, sorted(dataclasses.asdict(self.config).items()), dtype,
+                                     torch.get_num_threads()])
+        self.compiled = compile == "on" or (compile == "auto" and _measured_faster(self.speed_key))
+        self._step = None  # the compiled step, made on first use
 
     # -- tokens --
     def encode_prompt(self, prompt: str) -> list[int]:
         return [BOS_ID] + self.sp.encode(prompt)
 
-    def _cache(self, batch: int) -> list:
-        if self.cache is None or self.cache[0][0].shape[0] < batch:
+    def _cache(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cache is None or self.cache[0].shape[1] != batch:  # a static shape: one per batch size
             act = torch.bfloat16 if self.dtype == "bf16" else torch.float32
             self.cache = self.model.new_cache(batch, dtype=act)
         return self.cache
 
     @torch.inference_mode()
+    def _decode(self, tokens: torch.Tensor, pos: int, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Logits after one new token per row at ``pos``: the compiled step where it is on, else eager."""
+        if not self.compiled:
+            return self._forward(tokens, pos, None if key_mask is None else key_mask[:, :pos + 1])
+        keys, values = self._cache(tokens.shape[0])
+        valid = torch.arange(self.config.seq_len) <= pos
+        valid = valid[None] if key_mask is None else valid[None] & key_mask
+        try:
+            if self._step is None:
+                use_compile_cache()
+                self._step = torch.compile(self.model.step, fullgraph=True, dynamic=False)
+            return self._step(tokens, torch.tensor([pos]), valid, keys, values)
+        except Exception as e:  # inductor raises many kinds (no compiler, an unsupported op): decode eagerly instead
+            why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            self.log(f"note: the compiled decode step failed ({why}); decoding eagerly")
+            self.compiled, self._step = False, None
+            return self._forward(tokens, pos, None if key_mask is None else key_mask[:, :pos + 1])
+
+    @torch.inference_mode()
     def _forward(self, tokens: torch.Tensor, start: int, key_mask: torch.Tensor | None) -> torch.Tensor:
         """Logits of the last position; ``key_mask`` (B, start + T) marks real (non-pad) tokens."""
         m, b, t = self.model, tokens.shape[0], tokens.shape[1]
-        cache = self._cache(b)
+        keys, values = self._cache(b)
         cos, sin = m.rope_cos[start:start + t], m.rope_sin[start:start + t]
         x = m.embed(tokens)
         if t == 1 and key_mask is None:
@@ -144,22 +205,22 @@ class Engine:
             mask = causal[None, None] if key_mask is None else causal[None, None] & key_mask[:, None, None, :]
             if key_mask is not None:  # a pad query sees itself, so no row is fully masked (no NaN in the cache)
                 mask = mask | torch.eye(t, start + t, dtype=torch.bool).roll(start, 1)[None, None]
-        for layer, (kc, vc) in zip(m.layers, cache, strict=False):
+        for layer, kc, vc in zip(m.layers, keys, values, strict=True):
             hd, nh, nkv = layer.head_dim, layer.n_heads, layer.n_kv_heads
-            qkv = layer.qkv(_rms(x, layer.attn_norm)).view(b, t, nh + 2 * nkv, hd).transpose(1, 2)
+            qkv = _linear(layer.qkv, _rms(x, layer.attn_norm)).view(b, t, nh + 2 * nkv, hd).transpose(1, 2)
             qk = apply_rope(qkv[:, :nh + nkv], cos, sin)  # q and k rotated in one pass
             q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]
-            kc[:b, :, start:start + t] = k
-            vc[:b, :, start:start + t] = v
+            kc[:, :, start:start + t] = k
+            vc[:, :, start:start + t] = v
             if t == 1:
-                y = _decode_attention(q, kc[:b, :, :start + 1], vc[:b, :, :start + 1], key_mask)
+                y = _decode_attention(q, kc[:, :, :start + 1], vc[:, :, :start + 1], key_mask)
             else:
-                y = F.scaled_dot_product_attention(q, kc[:b, :, :start + t], vc[:b, :, :start + t], attn_mask=mask,
+                y = F.scaled_dot_product_attention(q, kc[:, :, :start + t], vc[:, :, :start + t], attn_mask=mask,
                                                    enable_gqa=nkv != nh)
-            x = x + layer.wo(y.transpose(1, 2).reshape(b, t, -1))
-            gu = layer.gate_up(_rms(x, layer.mlp_norm))
-            x = x + layer.w_down(F.silu(gu[..., :layer.d_ff]) * gu[..., layer.d_ff:])
-        return m.head(_rms(x[:, -1], m.norm))
+            x = x + _linear(layer.wo, y.transpose(1, 2).reshape(b, t, -1))
+            gu = _linear(layer.gate_up, _rms(x, layer.mlp_norm))
+            x = x + _linear(layer.w_down, F.silu(gu[..., :layer.d_ff]) * gu[..., layer.d_ff:])
+        return _linear(m.head, _rms(x[:, -1], m.norm))
 
     def stream_ids(self, prompts: list[list[int]], s: Sampling) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, step by step, until all rows hit eos or the budget."""
@@ -191,8 +252,7 @@ class Engine:
             if bool(done.all()) or i == budget - 1:
                 return
             history = torch.cat([history, nxt[:, None]], 1)
-            pos = width + i
-            logits = self._forward(nxt[:, None], pos, None if key_mask is None else key_mask[:, :pos + 1])
+            logits = self._decode(nxt[:, None], width + i, key_mask)
 
     def stream_text(self, prompt: str | list[int], s: Sampling, info: dict | None = None) -> Iterator[str]:
         """Decoded text pieces as they are generated; stops at eos or a stop string (not yielded).
@@ -256,14 +316,41 @@ class Engine:
         t0 = time.perf_counter()
         n = sum(1 for _ in self.stream_ids(prompt, s))
         t_all = time.perf_counter() - t0
-        return {"prompt_tok_per_s": batch * prompt_tokens / t_prompt,
-                "decode_tok_per_s": batch * max(n - 1, 1) / max(t_all - t_prompt, 1e-9), "new_tokens": n,
-                "batch": batch, "dtype": self.dtype,
+        decode = batch * max(n - 1, 1) / max(t_all - t_prompt, 1e-9)
+        if batch == 1:
+            record_speed(self.speed_key, self.compiled, decode)  # what --compile auto decides by
+        return {"prompt_tok_per_s": batch * prompt_tokens / t_prompt, "decode_tok_per_s": decode, "new_tokens": n,
+                "batch": batch, "dtype": self.dtype, "compiled": self.compiled,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _speeds_path():
+    return cache_root() / "decode_speed.json"
+
+
+def _measured_faster(key: str) -> bool:
+    """Whether this machine measured the compiled step faster than eager for this key (by over 5%)."""
+    try:
+        rates = json.loads(_speeds_path().read_text()).get(key, {})
+        return rates.get("compiled", 0) > 1.05 * rates.get("eager", float("inf"))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+
+
+def record_speed(key: str, compiled: bool, tokens_per_s: float) -> None:
+    try:
+        speeds = json.loads(_speeds_path().read_text())
+        speeds = speeds if isinstance(speeds, dict) else {}
+    except (OSError, ValueError):
+        speeds = {}
+    speeds.setdefault(key, {})["compiled" if compiled else "eager"] = tokens_per_s
+    atomic_write_text(_speeds_path(), json.dumps(speeds) + "\n")
 
 
 def _rms(x: torch.Tensor, norm) -> torch.Tensor:
     """RMSNorm in one fused op, in fp32 as the training-time module computes it."""
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
     return F.rms_norm(x.float(), (x.shape[-1],), norm.weight.float(), norm.eps).to(x.dtype)
 
 
@@ -285,33 +372,68 @@ def _first_stop(text: str, stops: list[str]) -> int | None:
     return min(hits) if hits else None
 
 
-class TLinear(nn.Module):
-    """y = x W^T with W stored transposed: for one row of x, CPU BLAS reads a (in, out) matrix up to 3x
-    faster than the (out, in) one nn.Linear keeps (measured on 37 MB heads: 1.2 ms against 3.9 ms)."""
+def _split_matmul(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """x (..., in) times a transposed weight cut into column blocks (parts, in, out / parts)."""
+    if weight_t.shape[0] == 1:
+        return x @ weight_t[0]
+    rows = x.reshape(1, -1, x.shape[-1]).expand(weight_t.shape[0], -1, -1)
+    y = torch.bmm(rows, weight_t)  # (parts, rows, out / parts): one block a thread
+    return y.transpose(0, 1).reshape(*x.shape[:-1], -1)
 
-    def __init__(self, lin: nn.Linear):
+
+# the same product as one opaque op for torch.compile: inductor fuses what lies between the matmuls, and
+# the matmuls stay BLAS calls cut across threads (inductor's own lowering of this bmm ran 3x slower)
+@torch.library.custom_op("flopwise::split_matmul", mutates_args=())
+def split_matmul(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    return _split_matmul(x, weight_t)
+
+
+@split_matmul.register_fake
+def _(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight_t.shape[0] * weight_t.shape[2]))
+
+
+def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, TLinear) and torch.compiler.is_compiling():
+        return split_matmul(x, module.weight_t)
+    return module(x)
+
+
+class TLinear(nn.Module):
+    """y = x W^T for decoding, W stored transposed, (in, out), and cut into ``parts`` column blocks,
+    (parts, in, out / parts), so that one batched matmul runs each block on its own thread. For a single row
+    of x, CPU BLAS reads a transposed matrix up to 3x faster than nn.Linear's (out, in) one, and runs a
+    plain matrix-vector product on one thread whatever the thread count (measured on a 2-core EPYC, all
+    the GEMVs of a 15M model: 3.1 ms as x @ W on 1 or 2 threads, 1.9 ms cut in two)."""
+
+    def __init__(self, lin: nn.Linear, parts: int = 1):
         super().__init__()
-        self.weight_t = nn.Parameter(lin.weight.detach().t().contiguous(), requires_grad=False)
+        w = lin.weight.detach().t()
+        n_in, n_out = w.shape
+        parts = parts if parts > 1 and n_out % parts == 0 else 1
+        self.weight_t = nn.Parameter(w.reshape(n_in, parts, n_out // parts).transpose(0, 1).contiguous(),
+                                     requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight_t
+        return _split_matmul(x, self.weight_t)
 
 
-def _transpose_linears(module: nn.Module) -> nn.Module:
+def _transpose_linears(module: nn.Module, parts: int) -> nn.Module:
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, TLinear(child))
+            setattr(module, name, TLinear(child, parts))
         else:
-            _transpose_linears(child)
+            _transpose_linears(child, parts)
     return module
 
 
 def prepare_model(model: nn.Module, dtype: str) -> nn.Module:
     """fp32 as is; bf16 weights; int8: dynamically quantized linear layers (weights int8 per channel)."""
+    parts = torch.get_num_threads()  # the threads decoding will run on (the CLI sets them first)
     if dtype == "fp32":
-        return _transpose_linears(model.float())
+        return _transpose_linears(model.float(), parts)
     if dtype == "bf16":
-        return model.to(torch.bfloat16)
+        return _transpose_linears(model.to(torch.bfloat16), parts)
     if dtype == "int8":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -65,17 +65,28 @@ def _tokenizer(reader):
 
 def load_gguf(path: str | Path) -> tuple[Llama, object]:
     """(model, SentencePiece tokenizer) of a llama-architecture GGUF file."""
-    path = Path(path)
+    return _reading(Path(path), _load)
+
+
+def gguf_config_and_tokenizer(path: str | Path) -> tuple[ModelConfig, object]:
+    """(model config, SentencePiece tokenizer) of a GGUF file, its weights left unread."""
+    def read(p: Path) -> tuple[ModelConfig, object]:
+        reader = gguf.GGUFReader(str(p))
+        return _config(reader, p), _tokenizer(reader)
+
+    return _reading(Path(path), read)
+
+
+def _reading(path: Path, read):
     try:
-        return _load(path)
+        return read(path)
     except (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError) as e:
         # the reader memory-maps the file and finds a cut or garbled one only as it goes
         raise FlopwiseError(f"cannot read GGUF file {path}: it is damaged or truncated ({type(e).__name__}: "
                             f"{str(e)[:120]}): export it again") from None
 
 
-def _load(path: Path) -> tuple[Llama, object]:
-    reader = gguf.GGUFReader(str(path))
+def _config(reader, path: Path) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise FlopwiseError(f"{path} holds a {arch!r} model; flopwise runs the llama architecture only")
@@ -84,13 +95,19 @@ def _load(path: Path) -> tuple[Llama, object]:
     tensors = {t.name: t for t in reader.tensors}
     emb = tensors["token_embd.weight"]
     vocab, d_model = int(emb.shape[1]), int(emb.shape[0])
-    mc = ModelConfig(vocab_size=vocab, d_model=d_model, n_layers=int(_field(reader, k + "block_count")),
+    return ModelConfig(vocab_size=vocab, d_model=d_model, n_layers=int(_field(reader, k + "block_count")),
                      n_heads=n_heads, n_kv_heads=int(_field(reader, k + "attention.head_count_kv", n_heads)),
                      d_ff=int(_field(reader, k + "feed_forward_length")),
                      seq_len=int(_field(reader, k + "context_length")),
                      tie_embeddings="output.weight" not in tensors,
                      norm_eps=float(_field(reader, k + "attention.layer_norm_rms_epsilon", 1e-5)),
                      rope_theta=float(_field(reader, k + "rope.freq_base", 10000.0)))
+
+
+def _load(path: Path) -> tuple[Llama, object]:
+    reader = gguf.GGUFReader(str(path))
+    mc = _config(reader, path)
+    tensors = {t.name: t for t in reader.tensors}
 
     def get(name: str) -> torch.Tensor:
         t = tensors[name]

@@ -9,7 +9,6 @@ import functools
 import json
 import os
 import platform
-import shutil
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text, cache_root
 from flopwise.laws.flops import training_flops_per_token
 from flopwise.laws.hardware import probe_cache_path
+from flopwise.model.compiling import can_compile, use_compile_cache  # noqa: F401  (re-exported: the trainer, tests)
 from flopwise.model.llama import Llama, ModelConfig
 from flopwise.run import require_device
 
@@ -266,12 +266,6 @@ def _measure_rate(mc: ModelConfig, micro_batch: int, steps: int, bf16: bool) -> 
 # model on 3M tokens, 2 threads: 43 s eager; 61 s compiled from a cold cache and 33 s from a warm one.
 COMPILE_SPEEDUP = 1.5  # assumed when deciding and estimating: below every measured figure, so a chosen compile pays
 COMPILE_SECONDS = {False: 40.0, True: 10.0}  # by whether this machine compiled the same graph before (warm cache)
-INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
-
-
-def can_compile(device: torch.device) -> bool:
-    """Whether auto may compile here: a CPU (CUDA stays eager unless asked) with a C++ compiler for inductor."""
-    return device.type == "cpu" and any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++"))
 
 
 def compile_key(shape: dict, micro_batch: int, precision: str, tuning: bool = False, lora_rank: int = 0) -> str:
@@ -299,26 +293,6 @@ def remember_compiled(key: str) -> None:
         keys = []
     if key not in keys:
         atomic_write_text(_compiled_path(), json.dumps(keys[-499:] + [key]) + "\n")
-
-
-def use_compile_cache() -> None:
-    """Settings for flopwise's compiles. Inductor's cache beside flopwise's own (unless the user placed it
-    elsewhere), so that 'compiled before' stays true as long as the cache does (inductor's default lives in /tmp);
-    kernels that read the thread count when they run, not when they were compiled, so that a compiled run still
-    follows CpuShare to fewer threads while other processes are busy."""
-    try:
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-        default = os.path.abspath(default_cache_dir())
-    except ImportError:
-        default = None
-    current = os.environ.get(INDUCTOR_CACHE_ENV)
-    if current is None or os.path.abspath(current) == default:  # inductor writes its default into the variable
-        os.environ[INDUCTOR_CACHE_ENV] = str(cache_root() / "inductor")
-    try:
-        import torch._inductor.config as inductor_config
-        inductor_config.cpp.dynamic_threads = True
-    except (ImportError, AttributeError):
-        pass
 
 
 def compiled_seconds(eager_seconds: float, warm: bool) -> float:
