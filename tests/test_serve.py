@@ -216,6 +216,31 @@ def test_sixteen_concurrent_clients(server):
     assert alone == results[3][1]
 
 
+def test_concurrent_greedy_requests_share_batches_and_get_their_solo_text(server, engine, monkeypatch):
+    """Requests that wait while the worker is busy decode as one batch; each still gets exactly the text it
+    gets alone (its own budget and stop strings); seeded sampled requests never share a batch."""
+    bodies = [{"prompt": f"The {w} went to", "max_tokens": 4 + 3 * i, "temperature": 0,
+               **({"stop": ["e"]} if i % 3 == 0 else {})} for i, w in enumerate(["cat", "little dog", "sun", "boy",
+                                                                                 "old tree", "girl", "red ball"])]
+    solo = [httpx.post(f"{server}/v1/completions", json=b, timeout=120).json()["choices"][0] for b in bodies]
+    sizes = []
+    real = engine.stream_texts
+
+    def spy(prompts, samplings):
+        sizes.append((len(prompts), [x.seed for x in samplings]))
+        time.sleep(0.2)  # keep the worker busy while the other requests arrive
+        yield from real(prompts, samplings)
+
+    monkeypatch.setattr(engine, "stream_texts", spy)
+    seeded = [{"prompt": "Story", "max_tokens": 5, "temperature": 0.8, "seed": k} for k in range(3)]
+    with ThreadPoolExecutor(10) as pool:
+        got = list(pool.map(lambda b: httpx.post(f"{server}/v1/completions", json=b, timeout=120).json(),
+                            bodies + seeded))
+    assert [g["choices"][0] for g in got[:len(bodies)]] == solo
+    assert max(n for n, _ in sizes) > 1, sizes  # some requests did share a step
+    assert all(n == 1 for n, seeds in sizes if any(x is not None for x in seeds)), sizes
+
+
 @pytest.mark.parametrize("body,needle", [
     ('{"prompt": ', "parse the JSON"),
     ('{"prompt": "hi", "max_tokens": 100000}', "maximum context length is 128"),
@@ -260,3 +285,41 @@ def test_bf16_and_int8_runtimes_stay_close_to_fp32(engine, bundled, dtype, tol):
     assert len(eng.generate(["Once upon a time"], Sampling(max_new_tokens=5, seed=0))) == 1
     b = eng.bench(prompt_tokens=8, new_tokens=8)
     assert (b["new_tokens"], b["batch"], b["dtype"]) == (8, 1, dtype)  # the whole budget, ignoring eos
+
+
+def test_flopwise_serve_answers_and_stops_on_ctrl_c(bundled, tmp_path):
+    """The CLI server: HTTP on a thread, decoding on the main one; a request is answered and SIGINT ends it."""
+    import signal
+    import subprocess
+    import sys
+
+    from flopwise.config import TrainConfig
+    from flopwise.run import new_run
+
+    mc = ModelConfig(vocab_size=bundled.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64,
+                     seq_len=64)
+    run = new_run(tmp_path / "run", mc, TrainConfig(n_tokens=64 * 64, batch_tokens=64 * 8), bundled)
+    (run / "ckpt").mkdir()
+    torch.save({"model": Llama(mc).state_dict()}, run / "ckpt" / "latest.pt")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "flopwise", "serve", str(run), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else ""
+                time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "Once", "max_tokens": 5,
+                                                                         "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.kill()
+

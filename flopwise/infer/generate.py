@@ -260,34 +260,38 @@ class Engine:
         ``prompt`` is text (encoded after a bos) or token ids. ``info`` receives ``finish_reason``
         ('stop' or 'length'), ``prompt_tokens`` and ``completion_tokens``.
         """
-        ids: list[int] = []
-        sent = 0
-        hold = max((len(x) for x in s.stop), default=0)
         prompt_ids = self.encode_prompt(prompt) if isinstance(prompt, str) else prompt
-        info = {} if info is None else info
-        info.update(finish_reason="length", prompt_tokens=len(prompt_ids), completion_tokens=0)
-        for nxt in self.stream_ids([prompt_ids], s):
-            info["completion_tokens"] += 1
-            if int(nxt[0]) == EOS_ID:
-                info["finish_reason"] = "stop"
-                break
-            ids.append(int(nxt[0]))
-            text = self.sp.decode(ids)
-            cut = _first_stop(text, s.stop)
-            if cut is not None:
-                info["finish_reason"] = "stop"
-                if cut > sent:
-                    yield text[sent:cut]
+        for _, piece, done in self.stream_texts([prompt_ids], [s]):
+            if piece:
+                yield piece
+            if done is not None and info is not None:
+                info.update(done)
+
+    def stream_texts(self, prompts: list[list[int]], samplings: list[Sampling]
+                     ) -> Iterator[tuple[int, str | None, dict | None]]:
+        """Several prompts decoded as one batch, each with its own token budget and stop strings (the other
+        sampling fields must agree: see ``batchable``). Yields (row, text piece, None) as text arrives and
+        (row, None, info) once when a row ends; info as in stream_text. Ends when every row has ended."""
+        shared = dataclasses.replace(samplings[0], max_new_tokens=max(x.max_new_tokens for x in samplings))
+        rows = [_TextRow(self.sp, p, x) for p, x in zip(prompts, samplings, strict=True)]
+        live = len(rows)
+        for nxt in self.stream_ids(prompts, shared):
+            for i, row in enumerate(rows):
+                if row.info["finish_reason"] is None:
+                    piece = row.add(int(nxt[i]))
+                    if piece:
+                        yield i, piece, None
+                    if row.info["finish_reason"] is not None:
+                        live -= 1
+                        yield i, None, row.info
+            if not live:
                 return
-            safe = len(text) - hold  # hold back what could be the start of a stop string
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence from byte tokens
-                safe = min(safe, len(text.rstrip("\ufffd")))
-            if safe > sent:
-                yield text[sent:safe]
-                sent = safe
-        text = self.sp.decode(ids)
-        if len(text) > sent:
-            yield text[sent:]
+        for i, row in enumerate(rows):  # the context ran out before a row's budget
+            if row.info["finish_reason"] is None:
+                piece = row.finish("length")
+                if piece:
+                    yield i, piece, None
+                yield i, None, row.info
 
     def generate(self, prompts: list[str], s: Sampling) -> list[str]:
         """Completions of a batch of prompts (stop strings cut)."""
@@ -367,6 +371,51 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mas
     return y.view(b, nh, 1, hd)
 
 
+def batchable(a: Sampling, b: Sampling) -> bool:
+    """Whether two requests may decode in one batch: the same token choice rule, and no seed (a seeded
+    request must give the text it gives alone; a batch draws its random numbers for every row at once)."""
+    same = dataclasses.replace(a, max_new_tokens=0, stop=[], seed=None) == dataclasses.replace(
+        b, max_new_tokens=0, stop=[], seed=None)
+    return same and (a.temperature <= 0 or (a.seed is None and b.seed is None))
+
+
+class _TextRow:
+    """One row's text as its tokens arrive: its budget, eos, stop strings (cut, never sent), and pieces
+    held back while they could still become a stop string or an incomplete UTF-8 sequence."""
+
+    def __init__(self, sp, prompt: list[int], s: Sampling):
+        self.sp, self.s, self.ids, self.sent = sp, s, [], 0
+        self.hold = max((len(x) for x in s.stop), default=0)
+        self.info = {"finish_reason": None, "prompt_tokens": len(prompt), "completion_tokens": 0}
+
+    def add(self, token: int) -> str | None:
+        self.info["completion_tokens"] += 1
+        if token == EOS_ID:
+            return self.finish("stop")
+        self.ids.append(token)
+        text = self.sp.decode(self.ids)
+        cut = _first_stop(text, self.s.stop)
+        if cut is not None:
+            self.info["finish_reason"] = "stop"
+            piece, self.sent = text[self.sent:cut] if cut > self.sent else None, max(cut, self.sent)
+            return piece
+        if self.info["completion_tokens"] >= self.s.max_new_tokens:
+            return self.finish("length", text)
+        safe = len(text) - self.hold  # hold back what could be the start of a stop string
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence from byte tokens
+            safe = min(safe, len(text.rstrip("\ufffd")))
+        if safe > self.sent:
+            piece, self.sent = text[self.sent:safe], safe
+            return piece
+        return None
+
+    def finish(self, reason: str, text: str | None = None) -> str | None:
+        self.info["finish_reason"] = reason
+        text = self.sp.decode(self.ids) if text is None else text
+        piece, self.sent = (text[self.sent:] if len(text) > self.sent else None), len(text)
+        return piece
+
+
 def _first_stop(text: str, stops: list[str]) -> int | None:
     hits = [i for i in (text.find(x) for x in stops if x) if i >= 0]
     return min(hits) if hits else None
@@ -432,8 +481,8 @@ def prepare_model(model: nn.Module, dtype: str) -> nn.Module:
     parts = torch.get_num_threads()  # the threads decoding will run on (the CLI sets them first)
     if dtype == "fp32":
         return _transpose_linears(model.float(), parts)
-    if dtype == "bf16":
-        return _transpose_linears(model.to(torch.bfloat16), parts)
+    if dtype == "bf16":  # nn.Linear's bf16 kernel (oneDNN): 1.3x faster than x @ W^T at 110M, 1.15x slower at 15M
+        return model.to(torch.bfloat16)
     if dtype == "int8":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
