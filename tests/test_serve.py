@@ -65,8 +65,9 @@ def test_engine_greedy_matches_full_forward_and_batches_agree(engine):
 
 
 def test_compiled_decode_step_matches_eager_reuses_its_cache_and_falls_back(engine, tmp_path, monkeypatch):
-    """--compile on: the static-cache step compiled by inductor gives eager's greedy tokens and logits (a padded
-    batch too), compiles once across calls, and a compile that fails decodes eagerly with one note."""
+    """--compile on: the static-cache step compiled by inductor gives eager's greedy tokens and logits for a
+    single prompt, compiles once across calls (a batch decodes eagerly), and a compile that fails decodes
+    eagerly with one note; auto follows what this machine measured, timing it once where nothing is recorded."""
     from flopwise.infer.generate import record_speed
 
     monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path))
@@ -75,34 +76,39 @@ def test_compiled_decode_step_matches_eager_reuses_its_cache_and_falls_back(engi
     compiled = Engine(engine.reference, engine.sp, compile="on", log=notes.append)
     prompts = [engine.encode_prompt("Once upon a time"), engine.encode_prompt("The dog ran to the big red house")]
     s = Sampling(max_new_tokens=16, temperature=0, ignore_eos=True)
-    ours = [t.tolist() for t in compiled.stream_ids(prompts, s)]  # left-padded: the key mask is used
-    assert ours == [t.tolist() for t in engine.stream_ids(prompts, s)] and compiled.compiled, notes
+    ours = [t.tolist() for t in compiled.stream_ids(prompts[1:], s)]
+    assert ours == [t.tolist() for t in engine.stream_ids(prompts[1:], s)] and compiled.compiled, notes
     cache, step = compiled.cache, compiled._step
-    assert [t.tolist() for t in compiled.stream_ids(prompts, s)] == ours  # the same cache, the same compiled step
-    assert compiled.cache[0] is cache[0] and compiled._step is step
+    assert [t.tolist() for t in compiled.stream_ids(prompts[1:], s)] == ours  # the same cache and compiled step
+    assert compiled.cache[0][0] is cache[0][0] and compiled._step is step
+    batch = [t.tolist() for t in compiled.stream_ids(prompts, s)]  # two rows: eager, no second compile
+    assert batch == [t.tolist() for t in engine.stream_ids(prompts, s)] and compiled._step is step
     with torch.inference_mode():
-        ids = torch.tensor([prompts[1][:6], prompts[1][1:7]])
+        ids = torch.tensor([prompts[1][:6]])
         for e in (engine, compiled):
             e._forward(ids[:, :5], 0, None)
         eager_logits = engine._decode(ids[:, 5:], 5, None)
         compiled_logits = compiled._decode(ids[:, 5:], 5, None)
     assert compiled._step is step and torch.allclose(eager_logits, compiled_logits, atol=1e-4)
+    # auto: nothing recorded yet, so a long-lived command times both once (the compile is cached by now)
+    auto = Engine(engine.reference, engine.sp, compile="auto", log=notes.append)
+    assert not auto.compiled
+    rates = auto.settle_compile(steps=8)
+    assert set(rates) == {"eager", "compiled"} and auto.compiled == (rates["compiled"] > 1.05 * rates["eager"])
+    assert auto.settle_compile() is None  # recorded: not timed again
+    record_speed(auto.speed_key, True, 2 * rates["eager"])
+    assert Engine(engine.reference, engine.sp, compile="auto").compiled
+    record_speed(auto.speed_key, True, rates["eager"])
+    assert not Engine(engine.reference, engine.sp, compile="auto").compiled
 
     def broken(*a, **k):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(torch, "compile", broken)
+    notes.clear()
     fallback = Engine(engine.reference, engine.sp, compile="on", log=notes.append)
-    assert [t.tolist() for t in fallback.stream_ids(prompts, s)] == ours and not fallback.compiled
+    assert [t.tolist() for t in fallback.stream_ids(prompts[1:], s)] == ours and not fallback.compiled
     assert notes == ["note: the compiled decode step failed (no C++ compiler); decoding eagerly"]
-    # auto compiles only where this machine measured the compiled step faster
-    auto = Engine(engine.reference, engine.sp, compile="auto")
-    assert not auto.compiled
-    record_speed(auto.speed_key, False, 100.0)
-    record_speed(auto.speed_key, True, 150.0)
-    assert Engine(engine.reference, engine.sp, compile="auto").compiled
-    record_speed(auto.speed_key, True, 101.0)
-    assert not Engine(engine.reference, engine.sp, compile="auto").compiled
 
 
 def test_sampling_filters():
@@ -304,7 +310,8 @@ def test_flopwise_serve_answers_and_stops_on_ctrl_c(bundled, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "flopwise", "serve", str(run), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "flopwise", "serve", str(run), "--port", str(port), "--compile",
+                             "off"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60

@@ -33,8 +33,9 @@ def backend_option():
 
 
 def compile_option():
-    return typer.Option("auto", "--compile", help="Decode through a torch.compile'd step: on, off, or auto (on only "
-                        "where 'generate --bench' measured it faster on this machine for this model).")
+    return typer.Option("auto", "--compile", help="Decode single prompts through a torch.compile'd step: on, off, "
+                        "or auto (on where this machine measured it faster for this model: chat and serve time "
+                        "it once, generate --bench records it).")
 
 
 def _engine(run: str, dtype: str, threads: int, backend: str = "flopwise", compile_mode: str = "auto"):
@@ -144,6 +145,8 @@ def chat(
 
     _sampling_rules(max_tokens, temperature, top_k)
     eng = _engine(run, dtype, threads, backend, compile_mode)
+    if backend == "flopwise":
+        eng.settle_compile()  # a session decodes many tokens: worth timing the compiled step once
     ctx = eng.config.seq_len
     console.print(f"[dim]{run}: context {ctx} tokens; /reset clears the history, /exit or Ctrl-D ends[/dim]")
     history: list[tuple[str, str]] = []  # (user, reply) of earlier turns
@@ -241,6 +244,8 @@ def serve(
             ("--max-queue", max_queue, max_queue >= 1, "at least 1"))
     _check_port(host, port)
     eng = _engine(run, dtype, threads, backend, compile_mode)
+    if backend == "flopwise":
+        eng.settle_compile()  # a server decodes many tokens: worth timing the compiled step once
     model_name = name or Path(run).resolve().name
     console.print(f"serving {model_name} on http://{host}:{port}/v1 (context {eng.config.seq_len} tokens)")
     run_server(eng, model_name, host, port, max_queue)

@@ -113,14 +113,16 @@ class DecodeModel(nn.Module):
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
 
-    def new_cache(self, batch: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of every layer, (layers, batch, kv heads, context, head dim): one static shape."""
+    def new_cache(self, batch: int, dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Keys and values, a tensor a layer of one static shape (batch, kv heads, context, head dim). One tensor
+        a layer, not one for all: a compiled step that writes into a slice of one big input copies all of it."""
         c = self.config
-        shape = (c.n_layers, batch, c.n_kv_heads, c.seq_len, c.head_dim)
-        return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        shape = (batch, c.n_kv_heads, c.seq_len, c.head_dim)
+        return ([torch.zeros(shape, dtype=dtype) for _ in range(c.n_layers)],
+                [torch.zeros(shape, dtype=dtype) for _ in range(c.n_layers)])
 
-    def step(self, token: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor,
-             values: torch.Tensor) -> torch.Tensor:
+    def step(self, token: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, keys: list[torch.Tensor],
+             values: list[torch.Tensor]) -> torch.Tensor:
         """One decoded token per row at position ``pos`` (1,), over the whole static cache (keys where ``valid``
         (B, context) is false are masked), the cache written in place: every shape is fixed, so this is the
         graph torch.compile captures once per (model, dtype, batch). Returns the logits (B, vocab)."""
@@ -159,31 +161,64 @@ class Engine:
         self.log = log or (lambda m: print(m, file=sys.stderr))
         self.speed_key = json.dumps([torch.__version__, sorted(dataclasses.asdict(self.config).items()), dtype,
                                      torch.get_num_threads()])
+        self.mode = compile
         self.compiled = compile == "on" or (compile == "auto" and _measured_faster(self.speed_key))
         self._step = None  # the compiled step, made on first use
+
+    def settle_compile(self, steps: int = 48) -> dict | None:
+        """For --compile auto in a long-lived command (chat, serve): where this machine has no measurement for
+        this model yet, time ``steps`` eager and compiled batch-1 steps (compiling once: 5-30 s), record both and
+        keep the faster. Returns the rates measured, or None when nothing was measured."""
+        if self.mode != "auto" or _recorded(self.speed_key):
+            return None
+        self.log("note: timing the compiled decode step against eager once for this model on this machine "
+                 "(--compile auto; compiling takes 5-30 s; --compile off skips this)")
+        prompt = [[BOS_ID] + [3 + (i * 7) % (self.config.vocab_size - 3) for i in range(15)]]
+        s = Sampling(max_new_tokens=min(steps, self.config.seq_len - 16), temperature=0, ignore_eos=True)
+        rates = {}
+        for compiled in (False, True):
+            self.compiled = compiled
+            for _ in self.stream_ids(prompt, Sampling(max_new_tokens=4, temperature=0)):  # warm-up (compiles)
+                pass
+            if compiled and not self.compiled:  # the compile failed: eager it stays, and auto does not try again
+                record_speed(self.speed_key, True, 0.0)
+                return rates
+            t0 = time.perf_counter()
+            n = sum(1 for _ in self.stream_ids(prompt, s))
+            rates["compiled" if compiled else "eager"] = n / (time.perf_counter() - t0)
+            record_speed(self.speed_key, compiled, rates["compiled" if compiled else "eager"])
+        self.compiled = _measured_faster(self.speed_key)
+        self.log(f"note: decoding at {rates['eager']:,.0f} tok/s eager, {rates['compiled']:,.0f} compiled: "
+                 f"{'compiled' if self.compiled else 'eager'} from now on")
+        return rates
 
     # -- tokens --
     def encode_prompt(self, prompt: str) -> list[int]:
         return [BOS_ID] + self.sp.encode(prompt)
 
-    def _cache(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cache is None or self.cache[0].shape[1] != batch:  # a static shape: one per batch size
+    def _cache(self, batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if self.cache is None or self.cache[0][0].shape[0] != batch:  # a static shape: one per batch size
             act = torch.bfloat16 if self.dtype == "bf16" else torch.float32
             self.cache = self.model.new_cache(batch, dtype=act)
         return self.cache
 
     @torch.inference_mode()
     def _decode(self, tokens: torch.Tensor, pos: int, key_mask: torch.Tensor | None) -> torch.Tensor:
-        """Logits after one new token per row at ``pos``: the compiled step where it is on, else eager."""
-        if not self.compiled:
+        """Logits after one new token per row at ``pos``: the compiled step for a single row where it is on
+        (batch 1 is where per-op overhead costs most; a batch of rows shares it, and would compile again
+        for each new batch size), else eager."""
+        if not self.compiled or tokens.shape[0] != 1:
             return self._forward(tokens, pos, None if key_mask is None else key_mask[:, :pos + 1])
-        keys, values = self._cache(tokens.shape[0])
-        valid = torch.arange(self.config.seq_len) <= pos
-        valid = valid[None] if key_mask is None else valid[None] & key_mask
+        keys, values = self._cache(1)
+        valid = (torch.arange(self.config.seq_len) <= pos)[None]
+        if key_mask is not None:
+            valid = valid & key_mask
         try:
             if self._step is None:
                 use_compile_cache()
-                self._step = torch.compile(self.model.step, fullgraph=True, dynamic=False)
+                # guards on the module's weights cost ~0.1 ms a call; they cannot change inside an engine
+                self._step = torch.compile(self.model.step, fullgraph=True, dynamic=False, options={
+                    "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
             return self._step(tokens, torch.tensor([pos]), valid, keys, values)
         except Exception as e:  # inductor raises many kinds (no compiler, an unsupported op): decode eagerly instead
             why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
@@ -337,6 +372,14 @@ def _measured_faster(key: str) -> bool:
     try:
         rates = json.loads(_speeds_path().read_text()).get(key, {})
         return rates.get("compiled", 0) > 1.05 * rates.get("eager", float("inf"))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+
+
+def _recorded(key: str) -> bool:
+    try:
+        rates = json.loads(_speeds_path().read_text()).get(key, {})
+        return "compiled" in rates and "eager" in rates
     except (OSError, ValueError, AttributeError, TypeError):
         return False
 
