@@ -78,9 +78,9 @@ def test_compiled_decode_step_matches_eager_reuses_its_cache_and_falls_back(engi
     s = Sampling(max_new_tokens=16, temperature=0, ignore_eos=True)
     ours = [t.tolist() for t in compiled.stream_ids(prompts[1:], s)]
     assert ours == [t.tolist() for t in engine.stream_ids(prompts[1:], s)] and compiled.compiled, notes
-    cache, step = compiled.cache, compiled._step
+    cache, step = compiled.cache1, compiled._step
     assert [t.tolist() for t in compiled.stream_ids(prompts[1:], s)] == ours  # the same cache and compiled step
-    assert compiled.cache[0][0] is cache[0][0] and compiled._step is step
+    assert compiled.cache1[0][0] is cache[0][0] and compiled._step is step
     batch = [t.tolist() for t in compiled.stream_ids(prompts, s)]  # two rows: eager, no second compile
     assert batch == [t.tolist() for t in engine.stream_ids(prompts, s)] and compiled._step is step
     with torch.inference_mode():
@@ -247,6 +247,28 @@ def test_concurrent_greedy_requests_share_batches_and_get_their_solo_text(server
     assert all(n == 1 for n, seeds in sizes if any(x is not None for x in seeds)), sizes
 
 
+def test_a_client_that_leaves_stops_its_decoding(server, engine, monkeypatch):
+    produced, closed = [], threading.Event()
+    real = engine.stream_texts
+
+    def slow(prompts, samplings):
+        try:
+            for event in real(prompts, samplings):
+                produced.append(event)
+                time.sleep(0.01)
+                yield event
+        finally:
+            closed.set()
+
+    monkeypatch.setattr(engine, "stream_texts", slow)
+    body = {"prompt": "Once upon a time", "max_tokens": 100, "temperature": 0.8, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i == 6:
+                break  # the client hangs up after a few tokens
+    assert closed.wait(10) and len(produced) < 60, len(produced)
+
+
 @pytest.mark.parametrize("body,needle", [
     ('{"prompt": ', "parse the JSON"),
     ('{"prompt": "hi", "max_tokens": 100000}', "maximum context length is 128"),
@@ -293,8 +315,10 @@ def test_bf16_and_int8_runtimes_stay_close_to_fp32(engine, bundled, dtype, tol):
     assert (b["new_tokens"], b["batch"], b["dtype"]) == (8, 1, dtype)  # the whole budget, ignoring eos
 
 
-def test_flopwise_serve_answers_and_stops_on_ctrl_c(bundled, tmp_path):
-    """The CLI server: HTTP on a thread, decoding on the main one; a request is answered and SIGINT ends it."""
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_flopwise_serve_answers_and_stops_on_ctrl_c(bundled, tmp_path, stop):
+    """The CLI server: HTTP on a thread, decoding on the main one; a request is answered, and Ctrl-C or SIGTERM
+    ends it cleanly."""
     import signal
     import subprocess
     import sys
@@ -325,7 +349,7 @@ def test_flopwise_serve_answers_and_stops_on_ctrl_c(bundled, tmp_path):
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "Once", "max_tokens": 5,
                                                                          "temperature": 0}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, stop))
         assert proc.wait(timeout=20) == 0
     finally:
         proc.kill()

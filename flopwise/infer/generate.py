@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import resource
 import sys
 import time
+import types
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from flopwise.model.compiling import use_compile_cache
 from flopwise.model.llama import Llama, apply_rope
 
 COMPILE_MODES = ("auto", "on", "off")
+_STEP_IDS = itertools.count()
 
 
 @dataclass
@@ -143,12 +146,12 @@ class DecodeModel(nn.Module):
 
 
 class Engine:
-    """A model prepared for decoding: inference mode, one KV cache reused across calls.
+    """A model prepared for decoding: inference mode, KV caches reused across calls.
 
-    ``compile``: on runs every single-token step through torch.compile (inductor's C++ code; compiled
-    once per batch size, cached on disk), off never, auto only where this machine measured the compiled
-    step faster (``flopwise generate --bench --compile on`` and ``off`` record it). Prefill stays eager.
-    A compile that fails falls back to eager for good, with one line on ``log``."""
+    ``compile``: on runs a single prompt's decode steps through torch.compile (inductor's C++ code, compiled
+    once, cached on disk), off never, auto where this machine measured the compiled step faster for this
+    model (``settle_compile`` times it; ``generate --bench`` records its mode's rate). Prefill and batches
+    stay eager. A compile that fails falls back to eager for good, with one line on ``log``."""
 
     def __init__(self, model: Llama, sp, dtype: str = "fp32", compile: str = "off", log=None):
         if compile not in COMPILE_MODES:
@@ -157,7 +160,9 @@ class Engine:
         self.config = model.config
         # a private copy: casting or quantising must not change the caller's model
         self.model = prepare_model(DecodeModel(copy.deepcopy(model).eval()).eval(), dtype)
-        self.cache = None
+        self.cache = None  # eager: grows to the largest batch seen, rows sliced off for smaller ones
+        self.cache1 = None  # the compiled step's: one row, a static shape
+        self._views = None
         self.log = log or (lambda m: print(m, file=sys.stderr))
         self.speed_key = json.dumps([torch.__version__, sorted(dataclasses.asdict(self.config).items()), dtype,
                                      torch.get_num_threads()])
@@ -169,12 +174,13 @@ class Engine:
         """For --compile auto in a long-lived command (chat, serve): where this machine has no measurement for
         this model yet, time ``steps`` eager and compiled batch-1 steps (compiling once: 5-30 s), record both and
         keep the faster. Returns the rates measured, or None when nothing was measured."""
-        if self.mode != "auto" or _recorded(self.speed_key):
+        width = min(16, self.config.seq_len // 4)
+        if self.mode != "auto" or _recorded(self.speed_key) or width < 2:
             return None
         self.log("note: timing the compiled decode step against eager once for this model on this machine "
                  "(--compile auto; compiling takes 5-30 s; --compile off skips this)")
-        prompt = [[BOS_ID] + [3 + (i * 7) % (self.config.vocab_size - 3) for i in range(15)]]
-        s = Sampling(max_new_tokens=min(steps, self.config.seq_len - 16), temperature=0, ignore_eos=True)
+        prompt = [[BOS_ID] + [3 + (i * 7) % (self.config.vocab_size - 3) for i in range(width - 1)]]
+        s = Sampling(max_new_tokens=min(steps, self.config.seq_len - width), temperature=0, ignore_eos=True)
         rates = {}
         for compiled in (False, True):
             self.compiled = compiled
@@ -197,10 +203,18 @@ class Engine:
         return [BOS_ID] + self.sp.encode(prompt)
 
     def _cache(self, batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        if self.cache is None or self.cache[0][0].shape[0] != batch:  # a static shape: one per batch size
-            act = torch.bfloat16 if self.dtype == "bf16" else torch.float32
-            self.cache = self.model.new_cache(batch, dtype=act)
-        return self.cache
+        act = torch.bfloat16 if self.dtype == "bf16" else torch.float32
+        if batch == 1 and self.compiled:
+            if self.cache1 is None:
+                self.cache1 = self.model.new_cache(1, dtype=act)
+            return self.cache1
+        if self.cache is None or self.cache[0][0].shape[0] < batch:
+            self.cache, self._views = self.model.new_cache(batch, dtype=act), None
+        if self.cache[0][0].shape[0] == batch:
+            return self.cache
+        if self._views is None or self._views[0] != batch:
+            self._views = (batch, tuple([t[:batch] for t in kv] for kv in self.cache))
+        return self._views[1]
 
     @torch.inference_mode()
     def _decode(self, tokens: torch.Tensor, pos: int, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -216,14 +230,21 @@ class Engine:
         try:
             if self._step is None:
                 use_compile_cache()
-                # guards on the module's weights cost ~0.1 ms a call; they cannot change inside an engine
-                self._step = torch.compile(self.model.step, fullgraph=True, dynamic=False, options={
+                # guards on the module's weights cost ~0.1 ms a call, and they cannot change inside an engine; dynamo
+                # keeps compiled graphs per code object, so each engine gets its own copy of step's code: another
+                # engine's model (other weights, heads) can never reuse this one's unguarded graph
+                fn = DecodeModel.step
+                code = fn.__code__.replace(co_name=f"step_{next(_STEP_IDS)}")
+                own = types.MethodType(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
+                                                          fn.__closure__), self.model)
+                self._step = torch.compile(own, fullgraph=True, dynamic=False, options={
                     "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
             return self._step(tokens, torch.tensor([pos]), valid, keys, values)
         except Exception as e:  # inductor raises many kinds (no compiler, an unsupported op): decode eagerly instead
             why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
             self.log(f"note: the compiled decode step failed ({why}); decoding eagerly")
             self.compiled, self._step = False, None
+            self.cache, self._views = self.cache1, None  # it holds this prompt's keys so far
             return self._forward(tokens, pos, None if key_mask is None else key_mask[:, :pos + 1])
 
     @torch.inference_mode()
@@ -296,6 +317,8 @@ class Engine:
         ('stop' or 'length'), ``prompt_tokens`` and ``completion_tokens``.
         """
         prompt_ids = self.encode_prompt(prompt) if isinstance(prompt, str) else prompt
+        if info is not None:
+            info.update(finish_reason="length", prompt_tokens=len(prompt_ids), completion_tokens=0)
         for _, piece, done in self.stream_texts([prompt_ids], [s]):
             if piece:
                 yield piece
@@ -385,13 +408,19 @@ def _recorded(key: str) -> bool:
 
 
 def record_speed(key: str, compiled: bool, tokens_per_s: float) -> None:
+    """Remember a measured rate (best effort: a cache folder that cannot be written only costs re-measuring)."""
     try:
         speeds = json.loads(_speeds_path().read_text())
         speeds = speeds if isinstance(speeds, dict) else {}
     except (OSError, ValueError):
         speeds = {}
-    speeds.setdefault(key, {})["compiled" if compiled else "eager"] = tokens_per_s
-    atomic_write_text(_speeds_path(), json.dumps(speeds) + "\n")
+    if not isinstance(speeds.get(key), dict):
+        speeds[key] = {}
+    speeds[key]["compiled" if compiled else "eager"] = tokens_per_s
+    try:
+        atomic_write_text(_speeds_path(), json.dumps(speeds) + "\n")
+    except OSError:
+        pass
 
 
 def _rms(x: torch.Tensor, norm) -> torch.Tensor:
@@ -415,11 +444,11 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mas
 
 
 def batchable(a: Sampling, b: Sampling) -> bool:
-    """Whether two requests may decode in one batch: the same token choice rule, and no seed (a seeded
-    request must give the text it gives alone; a batch draws its random numbers for every row at once)."""
-    same = dataclasses.replace(a, max_new_tokens=0, stop=[], seed=None) == dataclasses.replace(
-        b, max_new_tokens=0, stop=[], seed=None)
-    return same and (a.temperature <= 0 or (a.seed is None and b.seed is None))
+    """Whether two requests may decode in one batch: the same token choice rule and no seed. A seeded request
+    must give exactly the text it gives alone; a batch draws its random numbers for every row at once, and
+    its matrix products round differently from a single row's (greedy text can differ at a near-tie)."""
+    same = dataclasses.replace(a, max_new_tokens=0, stop=[]) == dataclasses.replace(b, max_new_tokens=0, stop=[])
+    return same and a.seed is None and b.seed is None
 
 
 class _TextRow:

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flopwise import __version__
 from flopwise.data.tokenizer import BOS_ID, EOS_ID, load_tokenizer
 from flopwise.errors import FlopwiseError, install_hint
 from flopwise.fsutil import cache_root
-from flopwise.infer.export import _vocab, write_gguf
+from flopwise.infer.export import _check_expressible, _vocab, write_gguf
 from flopwise.infer.generate import Engine, Sampling, sample_next
 from flopwise.model.llama import ModelConfig
 from flopwise.run import latest_checkpoint, load_model, read_run_config
@@ -33,23 +34,32 @@ GGUF_QUANT = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}
 def llama_cpp_module():
     try:
         import llama_cpp
-    except ImportError:
+    except (ImportError, OSError, RuntimeError):  # not installed, or its shared library does not load
         raise FlopwiseError(f"--backend llama.cpp needs llama-cpp-python, which is not installed: "
                             f"{install_hint('llama_cpp')} (or 'make test-interop', which builds it)") from None
     return llama_cpp
 
 
 def run_gguf(run_dir: Path, dtype: str, log=print) -> Path:
-    """A GGUF file of a run's latest weights at ``dtype``'s precision, written once into the cache."""
-    ckpt = latest_checkpoint(run_dir)
-    stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
-             for p in (ckpt, run_dir / "tokenizer.model", run_dir / "config.json")]
-    key = hashlib.sha256(repr((stamp, GGUF_QUANT[dtype])).encode()).hexdigest()[:20]
-    path = cache_root() / "gguf" / f"{key}.gguf"
+    """A GGUF file of a run's latest weights at ``dtype``'s precision, written once into the cache (one file a
+    run and precision: a newer checkpoint's replaces the older one's)."""
+    files = (latest_checkpoint(run_dir), run_dir / "tokenizer.model", run_dir / "config.json")
+    missing = [p for p in files if not p.is_file()]
+    if missing:
+        raise FlopwiseError(f"{run_dir} has no {missing[0].name}: train it first (or give a .gguf file)")
+    mc = read_run_config(run_dir)[0]
+    _check_expressible(mc)
+    stamp = [(p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    run_key = hashlib.sha256(f"{run_dir.resolve()} {GGUF_QUANT[dtype]}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(repr((stamp, __version__)).encode()).hexdigest()[:12]
+    path = cache_root() / "gguf" / f"{run_key}-{key}.gguf"
     if not path.exists():
         log(f"note: exporting {run_dir} to GGUF ({GGUF_QUANT[dtype]}) for llama.cpp, once: {path}")
         write_gguf(load_model(run_dir), _vocab(load_tokenizer(run_dir / "tokenizer.model")), path,
                    GGUF_QUANT[dtype], run_dir.resolve().name)
+        for old in path.parent.glob(f"{run_key}-*.gguf"):  # the same run's earlier weights
+            if old != path:
+                old.unlink(missing_ok=True)
     return path
 
 
@@ -59,7 +69,6 @@ class LlamaCppEngine(Engine):
     def __init__(self, gguf_path: Path, config: ModelConfig, sp, dtype: str, threads: int | None = None):
         self._llama_cpp = llama_cpp = llama_cpp_module()
         self.sp, self.dtype, self.config, self.path = sp, dtype, config, Path(gguf_path)
-        self.cache = None
         threads = threads or torch.get_num_threads()
         try:
             # an f32 KV cache at fp32, so greedy decoding agrees with the native engine token for token
@@ -79,6 +88,8 @@ class LlamaCppEngine(Engine):
             from flopwise.infer.gguf_load import gguf_config_and_tokenizer
 
             config, sp = gguf_config_and_tokenizer(path)
+            if dtype != "fp32":
+                log(f"note: --dtype {dtype} does not apply to a .gguf file: llama.cpp runs it as it is stored")
             return cls(path, config, sp, "file", threads)
         config = read_run_config(path)[0]
         return cls(run_gguf(path, dtype, log), config, load_tokenizer(path / "tokenizer.model"), dtype, threads)
@@ -88,9 +99,15 @@ class LlamaCppEngine(Engine):
         row = self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
         return torch.from_numpy(np.ctypeslib.as_array(row, shape=(self.config.vocab_size,)).copy())[None]
 
+    def _eval(self, ids: list[int]) -> None:
+        try:
+            self.llm.eval(ids)
+        except RuntimeError as e:
+            raise FlopwiseError(f"llama.cpp failed to decode ({e}): use --backend flopwise") from None
+
     def _row(self, prompt: list[int], s: Sampling, budget: int, gen) -> Iterator[int]:
         self.llm.reset()
-        self.llm.eval(prompt)
+        self._eval(prompt)
         history = torch.tensor([prompt])
         for i in range(budget):
             nxt = int(sample_next(self._logits(), s, history if s.repetition_penalty != 1.0 else None, gen)[0])
@@ -98,7 +115,7 @@ class LlamaCppEngine(Engine):
             if nxt == EOS_ID or i == budget - 1:
                 return
             history = torch.cat([history, torch.tensor([[nxt]])], 1)
-            self.llm.eval([nxt])
+            self._eval([nxt])
 
     def stream_ids(self, prompts: list[list[int]], s: Sampling) -> Iterator[torch.Tensor]:
         s.check()
@@ -116,6 +133,14 @@ class LlamaCppEngine(Engine):
         rows = [list(self._row(p, s, budget, gen)) for p in prompts]
         for i in range(max(map(len, rows))):
             yield torch.tensor([r[i] if i < len(r) else EOS_ID for r in rows])
+
+    def stream_texts(self, prompts: list[list[int]], samplings: list[Sampling]
+                     ) -> Iterator[tuple[int, str | None, dict | None]]:
+        """One row after another (this context decodes one sequence), each streamed as it goes and stopped at
+        its own budget and stop strings."""
+        for i, (p, s) in enumerate(zip(prompts, samplings, strict=True)):
+            for _, piece, info in super().stream_texts([p], [s]):
+                yield i, piece, info
 
     def bench(self, prompt_tokens: int = 32, new_tokens: int = 128, batch: int = 1) -> dict:
         prompt = [BOS_ID] + [3 + (i * 7) % (self.config.vocab_size - 3) for i in range(prompt_tokens - 1)]

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import dataclasses
 import json
+import signal
 import threading
 import time
 import uuid
@@ -100,6 +101,7 @@ class Job:
     on_piece: object
     on_end: object
     on_error: object
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)  # its client left
 
 
 class Batcher:
@@ -110,6 +112,7 @@ class Batcher:
     def __init__(self, engine: Engine, max_batch: int = 16, thread: bool = True):
         self.engine, self.max_batch = engine, max_batch
         self.jobs: collections.deque[Job] = collections.deque()
+        self.current: list[Job] = []
         self.ready = threading.Condition()
         if thread:
             threading.Thread(target=self.work, daemon=True, name="flopwise-decode").start()
@@ -121,7 +124,11 @@ class Batcher:
 
     def _take(self, stop) -> list[Job]:
         with self.ready:
-            while not self.jobs:
+            while True:
+                while self.jobs and self.jobs[0].cancelled.is_set():
+                    self.jobs.popleft()  # its client left before it started
+                if self.jobs:
+                    break
                 if stop():
                     return []
                 self.ready.wait(0.5)
@@ -131,7 +138,9 @@ class Batcher:
                 if len(batch) == self.max_batch:
                     break
                 rows = batch + [job]
-                if batchable(batch[0].sampling, job.sampling) and \
+                if job.cancelled.is_set():
+                    self.jobs.remove(job)
+                elif batchable(batch[0].sampling, job.sampling) and \
                         max(len(j.ids) for j in rows) + max(j.sampling.max_new_tokens for j in rows) <= ctx:
                     self.jobs.remove(job)
                     batch.append(job)
@@ -144,7 +153,7 @@ class Batcher:
             batch = self._take(stop)
             if not batch:
                 return
-            ended = set()
+            self.current, ended = batch, set()
             try:
                 for row, piece, info in self.engine.stream_texts([j.ids for j in batch], [j.sampling for j in batch]):
                     if piece:
@@ -152,10 +161,20 @@ class Batcher:
                     if info is not None:
                         ended.add(row)
                         batch[row].on_end(info)
+                    if all(r in ended or j.cancelled.is_set() for r, j in enumerate(batch)):
+                        break  # every client still there has its answer: stop decoding
             except Exception as e:  # reported to each request still waiting; the worker goes on
                 for row, job in enumerate(batch):
                     if row not in ended:
                         job.on_error(f"{type(e).__name__}: {e}")
+            self.current = []
+
+    def fail_all(self, message: str) -> None:
+        """Answer every waiting and running job with an error (the server is stopping)."""
+        with self.ready:
+            jobs, self.jobs = list(self.jobs) + self.current, collections.deque()
+        for job in jobs:
+            job.on_error(message)
 
 
 def create_app(engine: Engine, model_name: str, max_queue: int = 32, batcher: Batcher | None = None) -> FastAPI:
@@ -192,13 +211,18 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 32, batcher: Ba
         finally:
             waiting["n"] -= 1
 
-    def submit(ids: list[int], s: Sampling, put) -> None:
+    def submit(ids: list[int], s: Sampling, put) -> Job:
         """A job whose events (piece, end, error) reach ``put`` on the event loop's thread."""
         loop = asyncio.get_running_loop()
 
         def post(kind):
-            return lambda value: loop.call_soon_threadsafe(put, (kind, value))
-        batcher.submit(Job(ids, s, post("piece"), post("end"), post("error")))
+            def send(value):
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(put, (kind, value))
+            return send
+        job = Job(ids, s, post("piece"), post("end"), post("error"))
+        batcher.submit(job)
+        return job
 
     async def complete_all(prompts: list[list[int]], samplings: list[Sampling], n: int) -> list[tuple[str, dict]]:
         """Every prompt n times (choice k seeded with seed + k), all submitted at once: they may share batches."""
@@ -235,7 +259,7 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 32, batcher: Ba
                 yield "data: " + json.dumps({"error": {"message": "server busy", "type": "server_error"}}) + "\n\n"
                 return
             queue: asyncio.Queue = asyncio.Queue()
-            submit(ids, s, queue.put_nowait)
+            job = submit(ids, s, queue.put_nowait)
             try:
                 yield "data: " + json.dumps(chunk(None, None, first=True)) + "\n\n"
                 while True:
@@ -250,6 +274,7 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 32, batcher: Ba
                         break
                 yield "data: [DONE]\n\n"
             finally:
+                job.cancelled.set()  # a client that left early: its job is dropped or stops being decoded
                 slot.__exit__(None, None, None)
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -338,16 +363,25 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 32, batcher: Ba
 
 def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 32,
           log_level: str = "info") -> None:
-    """Serve until Ctrl-C: HTTP on a thread, decoding on this one (the thread that built the engine)."""
+    """Serve until Ctrl-C or SIGTERM: HTTP on a thread, decoding on this one (the thread that built the engine).
+    On the way out every waiting or running request is answered with an error, then the server closes."""
     batcher = Batcher(engine, thread=False)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, model_name, max_queue, batcher), host=host, port=port,
-                                           log_level=log_level))
+                                           log_level=log_level, timeout_graceful_shutdown=5))
     http = threading.Thread(target=server.run, daemon=True, name="flopwise-http")
+
+    def stop(signum, frame):  # uvicorn installs no handlers off the main thread: SIGTERM ends us as Ctrl-C does
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, stop)
     http.start()
     try:
         batcher.work(stop=lambda: not http.is_alive())
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
+        batcher.fail_all("the server is shutting down")
         server.should_exit = True
         http.join(10)
+    if not server.started:
+        raise FlopwiseError(f"could not serve on {host}:{port} (see the message above): choose another --port")
