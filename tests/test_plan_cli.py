@@ -116,6 +116,9 @@ def test_cli_law_file_missing_keys(tmp_path):
     (["serve", "any-run", "--port", "70000"], "--port must be between 1 and 65535, got 70000"),
     (["serve", "any-run", "--max-queue", "0"], "--max-queue must be at least 1"),
     (["generate", "any-run", "--threads", "-2"], "--threads must be 0"),
+    (["generate", "any-run", "--backend", "vllm"], "--backend must be flopwise or llama.cpp, got 'vllm'"),
+    (["chat", "any-run", "--compile", "yes"], "--compile must be auto, on or off, got 'yes'"),
+    (["serve", "any-run", "--compile", "maybe"], "--compile must be auto, on or off, got 'maybe'"),
 ])
 def test_serving_options_are_checked_before_loading(args, msg):
     r = run_cli(*args)
