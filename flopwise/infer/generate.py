@@ -128,7 +128,7 @@ class DecodeModel(nn.Module):
              values: list[torch.Tensor]) -> torch.Tensor:
         """One decoded token per row at position ``pos`` (1,), over the whole static cache (keys where ``valid``
         (B, context) is false are masked), the cache written in place: every shape is fixed, so this is the
-        graph torch.compile captures once per (model, dtype, batch). Returns the logits (B, vocab)."""
+        graph torch.compile captures once (the engine runs it for single prompts). Returns the logits (B, vocab)."""
         b = token.shape[0]
         x = self.embed(token)
         cos, sin = self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos)
@@ -179,7 +179,7 @@ class Engine:
             return None
         self.log("note: timing the compiled decode step against eager once for this model on this machine "
                  "(--compile auto; compiling takes 5-30 s; --compile off skips this)")
-        prompt = [[BOS_ID] + [3 + (i * 7) % (self.config.vocab_size - 3) for i in range(width - 1)]]
+        prompt = [bench_prompt(self.config.vocab_size, width)]
         s = Sampling(max_new_tokens=min(steps, self.config.seq_len - width), temperature=0, ignore_eos=True)
         rates = {}
         for compiled in (False, True):
@@ -263,7 +263,7 @@ class Engine:
                 mask = mask | torch.eye(t, start + t, dtype=torch.bool).roll(start, 1)[None, None]
         for layer, kc, vc in zip(m.layers, keys, values, strict=True):
             hd, nh, nkv = layer.head_dim, layer.n_heads, layer.n_kv_heads
-            qkv = _linear(layer.qkv, _rms(x, layer.attn_norm)).view(b, t, nh + 2 * nkv, hd).transpose(1, 2)
+            qkv = layer.qkv(_rms(x, layer.attn_norm)).view(b, t, nh + 2 * nkv, hd).transpose(1, 2)
             qk = apply_rope(qkv[:, :nh + nkv], cos, sin)  # q and k rotated in one pass
             q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]
             kc[:, :, start:start + t] = k
@@ -273,10 +273,10 @@ class Engine:
             else:
                 y = F.scaled_dot_product_attention(q, kc[:, :, :start + t], vc[:, :, :start + t], attn_mask=mask,
                                                    enable_gqa=nkv != nh)
-            x = x + _linear(layer.wo, y.transpose(1, 2).reshape(b, t, -1))
-            gu = _linear(layer.gate_up, _rms(x, layer.mlp_norm))
-            x = x + _linear(layer.w_down, F.silu(gu[..., :layer.d_ff]) * gu[..., layer.d_ff:])
-        return _linear(m.head, _rms(x[:, -1], m.norm))
+            x = x + layer.wo(y.transpose(1, 2).reshape(b, t, -1))
+            gu = layer.gate_up(_rms(x, layer.mlp_norm))
+            x = x + layer.w_down(F.silu(gu[..., :layer.d_ff]) * gu[..., layer.d_ff:])
+        return m.head(_rms(x[:, -1], m.norm))
 
     def stream_ids(self, prompts: list[list[int]], s: Sampling) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, step by step, until all rows hit eos or the budget."""
@@ -367,7 +367,7 @@ class Engine:
 
     def bench(self, prompt_tokens: int = 32, new_tokens: int = 128, batch: int = 1) -> dict:
         """Prompt and decode tokens/s (greedy, no early stop) and peak resident memory."""
-        prompt = [[BOS_ID] + [3 + (i * 7) % (self.config.vocab_size - 3) for i in range(prompt_tokens - 1)]] * batch
+        prompt = [bench_prompt(self.config.vocab_size, prompt_tokens)] * batch
         new_tokens = min(new_tokens, self.config.seq_len - prompt_tokens)
         s = Sampling(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
         for _ in self.stream_ids(prompt, Sampling(max_new_tokens=4, temperature=0)):  # warm-up
@@ -386,36 +386,38 @@ class Engine:
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def bench_prompt(vocab_size: int, tokens: int) -> list[int]:
+    """A fixed prompt of ``tokens`` ids (bos, then a spread of ordinary ids) for timing a decoder."""
+    return [BOS_ID] + [3 + (i * 7) % (vocab_size - 3) for i in range(tokens - 1)]
+
+
 def _speeds_path():
     return cache_root() / "decode_speed.json"
 
 
+def _speeds() -> dict:
+    """Every recorded rate, {key: {"eager": tok/s, "compiled": tok/s}}; nothing where the file is missing or bad."""
+    try:
+        speeds = json.loads(_speeds_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in speeds.items() if isinstance(v, dict)} if isinstance(speeds, dict) else {}
+
+
 def _measured_faster(key: str) -> bool:
     """Whether this machine measured the compiled step faster than eager for this key (by over 5%)."""
-    try:
-        rates = json.loads(_speeds_path().read_text()).get(key, {})
-        return rates.get("compiled", 0) > 1.05 * rates.get("eager", float("inf"))
-    except (OSError, ValueError, AttributeError, TypeError):
-        return False
+    rates = _speeds().get(key, {})
+    return rates.get("compiled", 0) > 1.05 * rates.get("eager", float("inf"))
 
 
 def _recorded(key: str) -> bool:
-    try:
-        rates = json.loads(_speeds_path().read_text()).get(key, {})
-        return "compiled" in rates and "eager" in rates
-    except (OSError, ValueError, AttributeError, TypeError):
-        return False
+    return {"compiled", "eager"} <= set(_speeds().get(key, {}))
 
 
 def record_speed(key: str, compiled: bool, tokens_per_s: float) -> None:
     """Remember a measured rate (best effort: a cache folder that cannot be written only costs re-measuring)."""
-    try:
-        speeds = json.loads(_speeds_path().read_text())
-        speeds = speeds if isinstance(speeds, dict) else {}
-    except (OSError, ValueError):
-        speeds = {}
-    if not isinstance(speeds.get(key), dict):
-        speeds[key] = {}
+    speeds = _speeds()
+    speeds.setdefault(key, {})
     speeds[key]["compiled" if compiled else "eager"] = tokens_per_s
     try:
         atomic_write_text(_speeds_path(), json.dumps(speeds) + "\n")
@@ -515,7 +517,8 @@ def _(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
 
 
 def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if isinstance(module, TLinear) and torch.compiler.is_compiling():
+    """A linear layer inside the compiled step: TLinear's product as the opaque op, anything else as it is."""
+    if isinstance(module, TLinear):
         return split_matmul(x, module.weight_t)
     return module(x)
 

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from flopwise import __version__
-from flopwise.data.tokenizer import BOS_ID, EOS_ID, load_tokenizer
+from flopwise.data.tokenizer import EOS_ID, load_tokenizer
 from flopwise.errors import FlopwiseError, install_hint
 from flopwise.fsutil import cache_root
 from flopwise.infer.export import _check_expressible, _vocab, write_gguf
-from flopwise.infer.generate import Engine, Sampling, sample_next
+from flopwise.infer.generate import Engine, Sampling, bench_prompt, sample_next
 from flopwise.model.llama import ModelConfig
 from flopwise.run import latest_checkpoint, load_model, read_run_config
 
@@ -143,7 +143,7 @@ class LlamaCppEngine(Engine):
                 yield i, piece, info
 
     def bench(self, prompt_tokens: int = 32, new_tokens: int = 128, batch: int = 1) -> dict:
-        prompt = [BOS_ID] + [3 + (i * 7) % (self.config.vocab_size - 3) for i in range(prompt_tokens - 1)]
+        prompt = bench_prompt(self.config.vocab_size, prompt_tokens)
         new_tokens = min(new_tokens, self.config.seq_len - prompt_tokens)
         s = Sampling(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
         for _ in self.stream_ids([prompt], Sampling(max_new_tokens=4, temperature=0)):  # warm-up

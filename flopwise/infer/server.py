@@ -106,7 +106,7 @@ class Job:
 
 class Batcher:
     """The one thread that decodes: each step takes the oldest waiting job and every other waiting job it
-    can batch with (the same sampling rule, no seed unless greedy, the context big enough for the longest
+    can batch with (``batchable``: the same sampling rule and no seed; the context big enough for the longest
     prompt plus the largest budget), at most ``max_batch`` rows."""
 
     def __init__(self, engine: Engine, max_batch: int = 16, thread: bool = True):

@@ -19,7 +19,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text, cache_root
 from flopwise.laws.flops import training_flops_per_token
 from flopwise.laws.hardware import probe_cache_path
-from flopwise.model.compiling import can_compile, use_compile_cache  # noqa: F401  (re-exported: the trainer, tests)
+from flopwise.model.compiling import can_compile
 from flopwise.model.llama import Llama, ModelConfig
 from flopwise.run import require_device
 

@@ -25,6 +25,7 @@ from flopwise.config import Resolved, TrainConfig, resolve
 from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text
 from flopwise.laws.flops import BLOCK_PROJECTIONS, flops_6nd, n_params_non_embedding, n_params_total
+from flopwise.model.compiling import use_compile_cache
 from flopwise.model.llama import Llama
 from flopwise.model.lora import apply_lora
 from flopwise.progress import Bar
@@ -56,7 +57,6 @@ from flopwise.training.probe import (
     remember_compiled,
     requested_threads,
     training_rate,
-    use_compile_cache,
 )
 from flopwise.training.schedule import lr_at
 from flopwise.training.tracking import Tracker, open_tracker
