@@ -276,25 +276,63 @@ def test_compiled_run_tracks_eager_and_keeps_its_choice(bundled, tmp_path):
 
 def test_compile_option_values_and_legacy_runs(bundled, tmp_path):
     from flopwise.run import read_speed
-    from flopwise.training.probe import can_compile, choose_compile, compiled_seconds
+    from flopwise.training.probe import choose_compile
     assert TrainConfig.from_dict({"n_tokens": 10, "compile": True}).compile == "on"
     assert TrainConfig.from_dict({"n_tokens": 10, "compile": False}).compile == "off"
     with pytest.raises(FlopwiseError, match="--compile must be auto, on or off, got 'yes'"):
         TrainConfig(n_tokens=10, compile="yes").check()
     cpu = torch.device("cpu")
     shape = dict(vocab_size=bundled.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=96, seq_len=32)
-
-    def choose(mode, seconds):
-        return choose_compile(mode, cpu, shape, 4, lambda: seconds, precision="fp32", eager_precision="fp32")[0]
-
-    assert choose("on", 1.0) and not choose("off", 1e6)
-    # auto compiles only where the time it saves exceeds the time it costs
-    assert not choose("auto", 5.0)
-    assert choose("auto", 1e4) is can_compile(cpu)
-    assert compiled_seconds(300.0, warm=False) > compiled_seconds(300.0, warm=True)
+    assert choose_compile("on", cpu, shape, 4, lambda: 1.0, precision="fp32", eager_precision="fp32")[0]
+    assert not choose_compile("off", cpu, shape, 4, lambda: 1e6, precision="fp32", eager_precision="fp32")[0]
     # a run started before speed.json: its precision.txt still decides, eager
     (tmp_path / "precision.txt").write_text("bf16\n")
     assert read_speed(tmp_path) == {"precision": "bf16", "compile": False}
+
+
+def test_auto_compiles_where_the_measured_compiled_rate_repays_the_compile(monkeypatch, tmp_path):
+    """auto's decision from measured rates (compiled FLOP/s per precision, measured once per shape and remembered)
+    against the run's measured eager rate: never by an assumed speed-up once measured."""
+    import flopwise.training.probe as pr
+    monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path))
+    monkeypatch.setattr(pr, "can_compile", lambda device: True)
+    monkeypatch.setattr(pr, "cpu_has_fast_bf16", lambda: True)
+    measured = []
+    speeds = {"fp32": 1.2e9, "bf16": 2.0e9}  # FLOP/s, compiled; eager: 1e9
+
+    def fake_measure(mc, micro_batch, steps, bf16, compiled=False):
+        assert compiled
+        measured.append("bf16" if bf16 else "fp32")
+        return speeds[measured[-1]]
+
+    monkeypatch.setattr(pr, "_measure_rate", fake_measure)
+    cpu = torch.device("cpu")
+    shape = dict(vocab_size=512, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=96, seq_len=32)
+
+    def choose(seconds, measure=True):
+        return pr.choose_compile("auto", cpu, shape, 4, lambda: seconds, eager_precision="fp32",
+                                 eager_rate=lambda: 1e9, measure=measure)
+
+    # too short to repay even a compile at the usual speed-up: nothing is measured
+    assert choose(60.0) == (False, "fp32") and measured == []
+    # long enough: both precisions are measured once; bf16 compiled is 2x eager: 10 s + 300 / 2 < 300
+    assert choose(300.0) == (True, "bf16") and sorted(measured) == ["bf16", "fp32"]
+    assert choose(300.0) == (True, "bf16") and len(measured) == 2  # remembered, not measured again
+    assert pr.recorded_compiled_rate(shape, 4, "bf16", torch.get_num_threads()) == 2.0e9
+    assert choose(15.0) == (False, "fp32")  # measured, but 10 s + 7.5 s > 15 s
+    # measured slower than eager: never compiled, however long the run
+    speeds.update(fp32=0.8e9, bf16=0.9e9)
+    monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path / "other"))
+    assert choose(1e5) == (False, "fp32") and len(measured) == 4
+    # the sweep's estimate measures nothing: an unmeasured shape is estimated at the usual speed-up
+    monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path / "third"))
+    assert pr.expected_seconds(300.0, 1e9, shape, 4) == pytest.approx(pr.compiled_seconds(300.0, False))
+    assert len(measured) == 4
+    # an older registry (a list of compiled keys) still reads, as graphs compiled before
+    key = pr.compile_key(shape, 4, "fp32")
+    (tmp_path / "third").mkdir(exist_ok=True)
+    (tmp_path / "third" / "compiled.json").write_text(json.dumps([key]))
+    assert pr.compiled_before(key) and pr.recorded_compiled_rate(shape, 4, "fp32", 1) is None
 
 
 def test_a_failed_compile_trains_eager_and_says_so(bundled, tmp_path, monkeypatch):

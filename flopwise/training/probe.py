@@ -239,19 +239,22 @@ def training_rate(shape_dict: dict, threads: int | None = None, micro_batch: int
         torch.set_num_threads(before)
 
 
-def _measure_rate(mc: ModelConfig, micro_batch: int, steps: int, bf16: bool) -> float:
+def _measure_rate(mc: ModelConfig, micro_batch: int, steps: int, bf16: bool, compiled: bool = False) -> float:
     model = Llama(mc)
+    net = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, mc.vocab_size, (micro_batch, mc.seq_len))
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(x, x)
+            loss = net(x, x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     step()
+    if compiled:
+        step()  # the second call may compile again (e.g. the backward's grad mode)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
@@ -259,12 +262,14 @@ def _measure_rate(mc: ModelConfig, micro_batch: int, steps: int, bf16: bool) -> 
     return training_flops_per_token(mc) * micro_batch * mc.seq_len / seconds
 
 
-# ---- torch.compile: when it pays ----
-# Measured on a 2-core Xeon with AMX, one thread, batch 32 x 128 tokens (benchmarks/train_throughput.py): compiled bf16
-# steps ran 2.8x, 1.9x and 1.7x faster than eager fp32 ones at d_model 32, 64 and 128, and compiling took 11-27 s the
-# first time a shape was seen, ~4 s once inductor's on-disk cache held it. A whole 'flopwise train' of a 170K-param
-# model on 3M tokens, 2 threads: 43 s eager; 61 s compiled from a cold cache and 33 s from a warm one.
-COMPILE_SPEEDUP = 1.5  # assumed when deciding and estimating: below every measured figure, so a chosen compile pays
+# ---- torch.compile: when it pays, by measurement ----
+# How much compiling gains differs by machine and shape: on a 2-core Xeon with AMX, compiled bf16 steps ran
+# 2.8x, 1.9x and 1.7x faster than eager fp32 at d_model 32, 64 and 128 (batch 32 x 128); on a 2-core AMD EPYC
+# (AVX-512 BF16, no AMX) compiled bf16 ran 1.19x faster than eager bf16 at d128 L4 (context 256, batch 16) and
+# compiled fp32 was slower than eager bf16 there. So a run that may compile measures compiled steps in each
+# precision once per shape and machine (remembered in compiled.json), and compiles only where the measured rate
+# repays the compile. Compiling took 8-27 s the first time a shape was seen, ~4-10 s with inductor's cache warm.
+COMPILE_SPEEDUP = 1.5  # assumed only before measuring: whether measuring could pay, and the sweep's ETA
 COMPILE_SECONDS = {False: 40.0, True: 10.0}  # by whether this machine compiled the same graph before (warm cache)
 
 
@@ -277,81 +282,125 @@ def _compiled_path() -> Path:
     return cache_root() / "compiled.json"
 
 
-def compiled_before(key: str) -> bool:
+def _registry() -> dict:
+    """compiled.json: {"keys": graphs compiled here before, "rates": measured compiled FLOP/s by key and
+    threads}; an older file is a list of keys."""
     try:
-        return key in json.loads(_compiled_path().read_text())
-    except (OSError, ValueError, TypeError):
-        return False
+        data = json.loads(_compiled_path().read_text())
+    except (OSError, ValueError):
+        return {"keys": [], "rates": {}}
+    if isinstance(data, list):
+        return {"keys": [k for k in data if isinstance(k, str)], "rates": {}}
+    if not isinstance(data, dict):
+        return {"keys": [], "rates": {}}
+    keys, rates = data.get("keys"), data.get("rates")
+    return {"keys": [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else [],
+            "rates": {k: v for k, v in rates.items() if isinstance(v, (int, float)) and v > 0}
+            if isinstance(rates, dict) else {}}
+
+
+def _save_registry(reg: dict) -> None:
+    reg = {"keys": reg["keys"][-500:], "rates": dict(list(reg["rates"].items())[-500:])}
+    try:
+        atomic_write_text(_compiled_path(), json.dumps(reg) + "\n")
+    except OSError:
+        pass  # the registry only sharpens decisions and estimates
+
+
+def compiled_before(key: str) -> bool:
+    return key in _registry()["keys"]
 
 
 def remember_compiled(key: str) -> None:
+    reg = _registry()
+    if key not in reg["keys"]:
+        reg["keys"].append(key)
+        _save_registry(reg)
+
+
+def _rate_key(shape: dict, micro_batch: int, precision: str, threads: int) -> str:
+    return json.dumps([compile_key(shape, micro_batch, precision), threads])
+
+
+def recorded_compiled_rate(shape: dict, micro_batch: int, precision: str, threads: int) -> float | None:
+    """Compiled training FLOP/s of this shape measured here before, if it was."""
+    return _registry()["rates"].get(_rate_key(shape, micro_batch, precision, threads))
+
+
+def compiled_rate(shape: dict, micro_batch: int, precision: str, threads: int | None = None,
+                  steps: int = 3) -> float:
+    """Measured training FLOP/s of this shape compiled (a throwaway model; its graphs land in inductor's cache,
+    so the run's own compile is then warm), remembered in compiled.json."""
+    threads = threads or torch.get_num_threads()
+    known = recorded_compiled_rate(shape, micro_batch, precision, threads)
+    if known:
+        return known
+    from flopwise.model.compiling import use_compile_cache
+    use_compile_cache()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        keys = json.loads(_compiled_path().read_text())
-    except (OSError, ValueError):
-        keys = []
-    if not isinstance(keys, list):
-        keys = []
-    if key not in keys:
-        atomic_write_text(_compiled_path(), json.dumps(keys[-499:] + [key]) + "\n")
+        rate = _measure_rate(ModelConfig(**shape), micro_batch, steps, precision == "bf16", compiled=True)
+    finally:
+        torch.set_num_threads(before)
+    reg = _registry()
+    reg["rates"][_rate_key(shape, micro_batch, precision, threads)] = rate
+    if (key := compile_key(shape, micro_batch, precision)) not in reg["keys"]:
+        reg["keys"].append(key)
+    _save_registry(reg)
+    return rate
 
 
-def compiled_seconds(eager_seconds: float, warm: bool) -> float:
-    """Expected wall seconds of a run that takes ``eager_seconds`` eager, compiled instead."""
-    return COMPILE_SECONDS[warm] + eager_seconds / COMPILE_SPEEDUP
+def compiled_seconds(eager_seconds: float, warm: bool, speedup: float = COMPILE_SPEEDUP) -> float:
+    """Expected wall seconds of a run that takes ``eager_seconds`` eager, compiled instead (``speedup``: compiled
+    rate over eager rate)."""
+    return COMPILE_SECONDS[warm] + eager_seconds / speedup
 
 
 def choose_compile(mode: str, device: torch.device, shape: dict, micro_batch: int, eager_seconds,
                    precision: str = "auto", eager_precision: str = "fp32", tuning: bool = False,
-                   lora_rank: int = 0) -> tuple[bool, str]:
+                   lora_rank: int = 0, eager_rate=None, measure: bool = True) -> tuple[bool, str]:
     """(whether to compile, the precision to train in) for a single-process run. on / off as asked; auto: compile
-    where it can and the time it saves exceeds the time it costs, ``eager_seconds()`` (called only then) being the
-    run's time eager in ``eager_precision``. Compiled, precision auto is ``compiled_precision``."""
+    where it can and the time it saves exceeds the time it costs. ``eager_seconds()`` is the run's time eager in
+    ``eager_precision`` and ``eager_rate()`` its FLOP/s (each called only when needed). Compiled, precision auto
+    is the faster one compiled, measured (``measure``) or recorded; where neither is known, the eager one."""
     if mode == "off" or (mode == "auto" and not can_compile(device)):
         return False, eager_precision
-    chosen = compiled_precision(shape, micro_batch) if precision == "auto" and device.type == "cpu" else eager_precision
+    threads = torch.get_num_threads()
+    candidates = (["fp32", "bf16"] if cpu_has_fast_bf16() else ["fp32"]) \
+        if precision == "auto" and device.type == "cpu" else [eager_precision]
+
+    def known() -> dict[str, float]:
+        return {p: r for p in candidates if (r := recorded_compiled_rate(shape, micro_batch, p, threads))}
+
+    rates = known()
     if mode == "on":
-        return True, chosen
+        if len(rates) < len(candidates) and measure and len(candidates) > 1:
+            rates = {p: compiled_rate(shape, micro_batch, p, threads) for p in candidates}
+        return True, max(rates, key=rates.get) if len(rates) == len(candidates) else eager_precision
     seconds = eager_seconds()
-    if compiled_seconds(seconds, compiled_before(compile_key(shape, micro_batch, chosen, tuning, lora_rank))) < seconds:
-        return True, chosen
+    if len(rates) < len(candidates):  # not measured here yet: could compiling pay, at the usual speed-up?
+        if not measure or compiled_seconds(seconds, False) >= seconds:
+            return False, eager_precision
+        rates = {p: compiled_rate(shape, micro_batch, p, threads) for p in candidates}
+    best = max(rates, key=rates.get)
+    warm = compiled_before(compile_key(shape, micro_batch, best, tuning, lora_rank)) or (not tuning and not lora_rank)
+    if compiled_seconds(seconds, warm, rates[best] / eager_rate()) < seconds:
+        return True, best
     return False, eager_precision
 
 
-def expected_seconds(eager_seconds: float, shape: dict, micro_batch: int, mode: str = "auto") -> float:
-    """Wall seconds of a CPU run (single process, precision auto) that takes ``eager_seconds`` eager, with the
-    compile choice the trainer will make."""
-    compiled, precision = choose_compile(mode, torch.device("cpu"), shape, micro_batch, lambda: eager_seconds)
-    if not compiled:
-        return eager_seconds
-    return compiled_seconds(eager_seconds, compiled_before(compile_key(shape, micro_batch, precision)))
-
-
-def gemm_speedup(shapes: tuple[tuple[int, int, int], ...], repeats: int = 5) -> float:
-    """How much faster this CPU runs the matmuls (rows x d_in) @ (d_in x d_out) of ``shapes``, together, in bf16
-    than in fp32."""
-    seconds = {torch.float32: 0.0, torch.bfloat16: 0.0}
-    for rows, d_in, d_out in shapes:
-        for dtype in seconds:
-            a, b = torch.randn(rows, d_in, dtype=dtype), torch.randn(d_in, d_out, dtype=dtype)
-            seconds[dtype] += _best_seconds(lambda a=a, b=b: a @ b, lambda: None, repeats)
-    return seconds[torch.float32] / seconds[torch.bfloat16]
-
-
-# Compiled, bf16 when the model's matmuls run this much faster in it. Measured on a 2-core Xeon with AMX, batch
-# 32 x 128, vocabulary 1,024: at d_model 32 the matmuls gained 1.8x and compiled fp32 trained 1.45x faster than
-# compiled bf16 (235K vs 162K tok/s); at d_model 64 they gained 3.3x and bf16 was 1.26x faster (98K vs 78K).
-BF16_GEMM_GAIN = 2.5
-
-
-@functools.lru_cache(maxsize=64)
-def _gemm_gain(rows: int, d_model: int, d_ff: int, vocab_size: int) -> float:
-    return gemm_speedup(((rows, d_model, d_model), (rows, d_model, d_ff), (rows, d_ff, d_model),
-                         (rows, d_model, vocab_size)))
-
-
-def compiled_precision(shape: dict, micro_batch: int) -> str:
-    """bf16 or fp32 for a compiled run: compiled, the element-wise work is fused and the matmuls decide."""
-    if not cpu_has_fast_bf16():
-        return "fp32"
-    gain = _gemm_gain(micro_batch * shape["seq_len"], shape["d_model"], shape["d_ff"], shape["vocab_size"])
-    return "bf16" if gain >= BF16_GEMM_GAIN else "fp32"
+def expected_seconds(eager_seconds: float, eager_rate: float, shape: dict, micro_batch: int,
+                     mode: str = "auto") -> float:
+    """Wall seconds of a CPU run (single process, precision auto) that takes ``eager_seconds`` eager (at
+    ``eager_rate`` FLOP/s), with the compile choice the trainer will make (as far as it is known without
+    measuring: a shape never measured here compiles at the usual speed-up where that would pay)."""
+    cpu = torch.device("cpu")
+    compiled, precision = choose_compile(mode, cpu, shape, micro_batch, lambda: eager_seconds,
+                                         eager_rate=lambda: eager_rate, measure=False)
+    rate = recorded_compiled_rate(shape, micro_batch, precision, torch.get_num_threads())
+    if compiled and rate:
+        return compiled_seconds(eager_seconds, True, rate / eager_rate)
+    if mode == "auto" and can_compile(cpu) and compiled_seconds(eager_seconds, False) < eager_seconds:
+        return compiled_seconds(eager_seconds, False)  # the trainer will measure, and likely compile
+    return eager_seconds

@@ -54,6 +54,7 @@ from flopwise.training.probe import (
     measured_peak,
     pick_device,
     pick_precision,
+    recorded_compiled_rate,
     remember_compiled,
     requested_threads,
     training_rate,
@@ -124,9 +125,10 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float) -> Opt
     Muon (torch.optim.Muon: Newton-Schulz orthogonalised Nesterov momentum, Jordan et al. 2024) runs with
     ``adjust_lr_fn="match_rms_adamw"``: each matrix's learning rate is multiplied by 0.2 sqrt(max(rows, cols)), so
     its update has an RMS of about 0.2 like AdamW's, the scaling Moonshot's "Muon is Scalable" (Liu et al. 2025)
-    derive so that AdamW's learning rate and weight decay carry over unchanged, width included; so both optimizers
-    share the schedule's one learning rate. Newton-Schulz's FLOPs (about 5 d / tokens-per-step of a d x d
-    matrix's training FLOPs) are not in a run's FLOP count, which follows the model (C = 6ND)."""
+    derive so that AdamW's learning rate and weight decay carry over, width included. Both optimizers follow the
+    schedule's one learning rate, Muon's times ``MUON_LR_SCALE`` (each group's ``lr_scale``; its decoupled weight
+    decay, lr x decay, scales with it). Newton-Schulz's FLOPs (about 5 d / tokens-per-step of a d x d matrix's
+    training FLOPs) are not in a run's FLOP count, which follows the model (C = 6ND)."""
     g = param_groups(model, train.optimizer)
     adamw = [grp for grp in ({"params": [p for _, p in g["adamw_decay"]], "weight_decay": train.weight_decay},
                              {"params": [p for _, p in g["adamw"]], "weight_decay": 0.0}) if grp["params"]]
@@ -141,10 +143,20 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float) -> Opt
                                 f"{torch.__version__}: upgrade torch or use --optimizer adamw")
         out["muon"] = torch.optim.Muon([p for _, p in g["muon"]], lr=lr, weight_decay=train.weight_decay,
                                        momentum=MUON_MOMENTUM, nesterov=True, adjust_lr_fn="match_rms_adamw")
+        for grp in out["muon"].param_groups:  # kept in the checkpoint: a resumed run keeps its scale
+            grp["lr_scale"] = MUON_LR_SCALE
     return Optimizers(out)
 
 
 MUON_MOMENTUM = 0.95  # Jordan et al.'s and Moonshot's value (torch's default)
+# Muon's learning rate over AdamW's, on top of match_rms_adamw. Moonshot matched the update RMS to AdamW's at
+# their LRs; at the small, short runs flopwise trains (DeepSeek's LR rule clipped at 3e-3) that update was too
+# small. Measured on the bundled corpus (time_to_loss.py's runs, val loss; lower is better):
+#   d128 L4, 958K tokens: scale 1 3.530, 3 3.396, 4 3.392, 6 3.381, 12 3.450
+#   d384 L6, 139K tokens: scale 1 4.216, 4 4.198, 8 4.249
+# 4 is near the best at both widths; modded-nanogpt's Muon (lr 0.05, sqrt(rows/cols) scaling) updates a
+# 768 x 768 matrix about 3x as much as match_rms_adamw at 3e-3 does, the same direction.
+MUON_LR_SCALE = 4.0
 
 
 @torch.no_grad()
@@ -321,7 +333,8 @@ class _Run:
             compiled, precision = choose_compile(
                 tc.compile, self.device, shape, micro,
                 lambda: self._remaining_flops(0) / self._eager_rate(eager) * ETA_OVERHEAD, precision=tc.precision,
-                eager_precision=eager, tuning=self._tuning, lora_rank=tc.lora_rank)
+                eager_precision=eager, tuning=self._tuning, lora_rank=tc.lora_rank,
+                eager_rate=lambda: self._eager_rate(eager))
         except RuntimeError:  # e.g. out of memory while measuring: the run says so, clearly, in its first step
             self.eager_rate = None
             return precision, tc.compile == "on"
@@ -399,7 +412,7 @@ class _Run:
         """One optimizer step over this process' micro-batches; returns the step's mean training loss."""
         r = self.r
         for g in s.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         lo = self.rank * r.micro_batch * r.grad_accum
         loss_sum = 0.0
         try:
@@ -442,13 +455,17 @@ class _Run:
             return
         r, mc = self.r, self.mc
         epochs = r.n_tokens / self.data.n_tokens_train
+        compiled_rate = recorded_compiled_rate(mc.shape.to_dict(), r.micro_batch, self.precision,
+                                               torch.get_num_threads()) if self.compiled else None
         try:
-            rate = self._eager_rate(self.precision) if self.device.type == "cpu" else self.peak * 0.4
+            rate = compiled_rate or (self._eager_rate(self.precision) if self.device.type == "cpu"
+                                     else self.peak * 0.4)
         except RuntimeError:  # e.g. out of memory: the first step says so, clearly
             rate = float("nan")
         est = self._remaining_flops(start_step) / rate * ETA_OVERHEAD
         if self.compiled:
-            est = compiled_seconds(est, compiled_before(self._compile_key(self.precision)))
+            warm = compiled_before(self._compile_key(self.precision))
+            est = compiled_seconds(est, warm, 1.0) if compiled_rate else compiled_seconds(est, warm)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         what = (f"LoRA rank {self.tc.lora_rank} adapters ({trainable:,} params) of a {n_params_total(mc):,}-"
                 "param model" if self.tc.lora_rank else f"{n_params_total(mc):,} params")
