@@ -44,7 +44,7 @@ def worker(size: str, out: str) -> None:
     mc = ModelConfig(vocab_size=corpus.vocab_size, **shape)
     tokens_per_step = batch * mc.seq_len
     tc = TrainConfig(n_tokens=tokens_per_step * 10**6, batch_tokens=tokens_per_step, micro_batch=batch, lr=1e-3,
-                     log_every=1, eval_every=10**9, ckpt_every=10**9, eval_windows=1)
+                     log_every=1, eval_every=10**9, ckpt_every=10**9, eval_windows=1, optimizer="adamw")
     train(new_run(Path(out) / "run", mc, tc, corpus), quiet=True)
 
 

@@ -106,7 +106,7 @@ def main() -> None:
             tc = TrainConfig(n_tokens=tokens_per_step * args.steps, batch_tokens=tokens_per_step,
                              micro_batch=micro, eval_every=10**9, ckpt_every=10**9, log_every=1,
                              final_eval_windows=1, eval_windows=1, precision=args.precision,
-                             compile="on" if compiled else "off")
+                             compile="on" if compiled else "off", optimizer="adamw")  # the loop's optimizer
             tok_s, loss, precision, first_s = _flopwise(corpus, mc, tc)
             label = f"flopwise {'compiled' if compiled else 'eager'} ({args.precision} -> {precision})"
             rows.append((label + (f", compiling {first_s:.0f} s" if compiled else ""), tok_s, loss))

@@ -266,8 +266,10 @@ def _new_design(cfg: AutopilotConfig, corpus, data, least: float, sweep_dir: Pat
             "min_steps": cfg.min_steps}
     if (sweep_dir / "sweep.json").exists():
         old_specs, old_meta = read_design(sweep_dir)
-        if [s.__dict__ for s in old_specs] != [s.__dict__ for s in specs] or old_meta["corpus_hash"] != m["hash"] \
-                or old_meta.get("train_options", {}).get("optimizer", "adamw") != cfg.optimizer:
+        if (was := old_meta.get("train_options", {}).get("optimizer", "adamw")) != cfg.optimizer:
+            raise FlopwiseError(f"{out} holds a sweep trained with {was}: use --resume to finish it, or "
+                                f"--optimizer {was}, or choose another --out")
+        if [s.__dict__ for s in old_specs] != [s.__dict__ for s in specs] or old_meta["corpus_hash"] != m["hash"]:
             raise FlopwiseError(f"{out} holds another sweep (different budget, data or options): use --resume to "
                                 "finish that one, or choose another --out")
         return old_specs, old_meta

@@ -45,7 +45,8 @@ class TrainConfig:
     cooldown_shape: str = "linear"
     batch_tokens: int | None = None  # global batch in tokens; None: DeepSeek LLM's rule
     micro_batch: int = 16  # sequences per forward pass per process (gradient accumulation covers the rest)
-    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' hidden matrices, AdamW for the rest)
+    # muon (Muon for the blocks' hidden matrices, AdamW for the rest) | adamw: muon by measurement (README, Optimizer)
+    optimizer: str = "muon"
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -99,6 +100,7 @@ class TrainConfig:
             d.setdefault("init_weights" if Path(legacy).suffix != ".pt" else "branch_from", legacy)
         if isinstance(d.get("compile"), bool):  # runs written when --compile was a flag keep what they did
             d["compile"] = "on" if d["compile"] else "off"
+        d.setdefault("optimizer", "adamw")  # runs written before Muon trained with AdamW
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -204,7 +206,7 @@ class AutopilotConfig:
     seed: int = 0
     prior: str = DEFAULT_LAW  # the law that centres the sweep's sizes and backs the fallback fit
     compare: bool = False  # also train a 4x larger model with the final budget
-    optimizer: str = "adamw"  # of the sweep's runs and the final run (TrainConfig.optimizer)
+    optimizer: str = "muon"  # of the sweep's runs and the final run (TrainConfig.optimizer)
     compare_optimizer: str | None = None  # also sweep with this optimizer and compare the two laws (extra FLOPs)
     resume: bool = False
     log_to: str = "none"  # every run's metrics mirrored there too (TrainConfig.log_to)

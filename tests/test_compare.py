@@ -100,7 +100,7 @@ def test_autopilot_optimizer_comparison_section_and_option_check(tmp_path):
     from flopwise.report.report import _optimizer_section
 
     with pytest.raises(FlopwiseError, match="--compare-optimizer must be the other optimizer"):
-        autopilot(tmp_path / "ap", None, AutopilotConfig(compare_optimizer="adamw"), log=lambda m: None)
+        autopilot(tmp_path / "ap", None, AutopilotConfig(compare_optimizer="muon"), log=lambda m: None)
     assert not (tmp_path / "ap").exists()  # refused before anything is written
     a = fit_runs(synthetic_runs(BASE, BUDGETS, 7, noise=0.003, seed=0), approach="3", n_boot=100)
     b = fit_runs(synthetic_runs(better_by(1.5), BUDGETS, 7, noise=0.003, seed=1), approach="3", n_boot=100, seed=1)

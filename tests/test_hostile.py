@@ -456,7 +456,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("autopilot-bootstrap", ["autopilot", "--bootstrap", "-1", "--out", "{w}/a1"], "--bootstrap"),
     ("autopilot-min-steps", ["autopilot", "--min-steps", "0", "--out", "{w}/a1"], "--min-steps"),
     ("autopilot-optimizer", ["autopilot", "--optimizer", "sgd", "--out", "{w}/a1"], "--optimizer"),
-    ("autopilot-compare-same", ["autopilot", "--compare-optimizer", "adamw", "--out", "{w}/a1"],
+    ("autopilot-compare-same", ["autopilot", "--compare-optimizer", "muon", "--out", "{w}/a1"],
      "--compare-optimizer"),
     ("autopilot-workers", ["autopilot", "--workers", "-1", "--out", "{w}/a1"], "--workers"),
     ("autopilot-mfu", ["autopilot", "--gpu", "h100", "--hours", "1", "--mfu", "0", "--out", "{w}/a1"], "--mfu"),

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from flopwise.config import TrainConfig
+from flopwise.config import AutopilotConfig, TrainConfig
 from flopwise.errors import FlopwiseError
 from flopwise.model.llama import Llama, ModelConfig
 from flopwise.model.lora import apply_lora
-from flopwise.training.trainer import make_optimizer, param_groups
+from flopwise.training.trainer import MUON_LR_SCALE, make_optimizer, param_groups
 
 HIDDEN = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
@@ -30,6 +30,15 @@ def test_every_parameter_in_exactly_one_group_and_muon_gets_only_hidden_matrices
     assert len(stepped) == len(set(stepped)) and set(stepped) == {id(p) for p in model.parameters()}
     assert (model.head.weight is model.embed.weight) == tied
     assert {g["weight_decay"] for g in opt.optimizers["adamw"].param_groups} == {0.1, 0.0}
+    # Muon's learning rate is the schedule's times MUON_LR_SCALE, AdamW's the schedule's
+    assert [g["lr_scale"] for g in opt.optimizers["muon"].param_groups] == [MUON_LR_SCALE]
+    assert all("lr_scale" not in g for g in opt.optimizers["adamw"].param_groups)
+
+
+def test_muon_is_the_default_and_runs_from_before_it_stay_adamw():
+    assert TrainConfig(n_tokens=1).optimizer == "muon" and AutopilotConfig().optimizer == "muon"
+    assert TrainConfig.from_dict({"n_tokens": 1}).optimizer == "adamw"  # a config.json written before Muon
+    assert TrainConfig.from_dict({"n_tokens": 1, "optimizer": "muon"}).optimizer == "muon"
 
 
 def test_lora_adapters_are_not_given_to_muon():
@@ -41,11 +50,11 @@ def test_lora_adapters_are_not_given_to_muon():
 
 def test_a_checkpoint_of_another_optimizer_is_refused_with_the_fix():
     model = Llama(ModelConfig(vocab_size=96, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64, seq_len=16))
-    adamw = make_optimizer(model, TrainConfig(n_tokens=1), 1e-3).state_dict()
+    adamw = make_optimizer(model, TrainConfig(n_tokens=1, optimizer="adamw"), 1e-3).state_dict()
     muon = make_optimizer(model, TrainConfig(n_tokens=1, optimizer="muon"), 1e-3)
     with pytest.raises(FlopwiseError, match="train it with the optimizer it started with"):
         muon.load_state_dict(adamw)
-    legacy = make_optimizer(model, TrainConfig(n_tokens=1), 1e-3)  # a checkpoint from before Muon: one AdamW
+    legacy = make_optimizer(model, TrainConfig(n_tokens=1, optimizer="adamw"), 1e-3)  # from before Muon: one AdamW
     legacy.load_state_dict(adamw["adamw"])
     with pytest.raises(FlopwiseError, match="--optimizer must be adamw or muon"):
         TrainConfig(n_tokens=1, optimizer="sgd").check()

@@ -74,7 +74,7 @@ def sweep_run(
     schedule: str = typer.Option("cosine", help="cosine (independent runs) or wsd (shared constant-LR trunks "
                                  "with cooldown branches, Hägele et al. 2024)."),
     cooldown_fraction: float = typer.Option(0.2, help="WSD: fraction of each run's steps in its cooldown."),
-    optimizer: str = typer.Option(A.optimizer, help="adamw or muon (see 'flopwise train --help'); compare two "
+    optimizer: str = typer.Option(A.optimizer, help="muon or adamw (see 'flopwise train --help'); compare two "
                                   "sweeps with 'flopwise sweep compare'."),
     min_steps: int = typer.Option(A.min_steps, help="Optimizer steps every run gets at least (small budgets shrink "
                                   "the batch for it; a budget that still falls short is refused)."),
@@ -118,10 +118,12 @@ def sweep_run(
             "min_steps": min_steps}
     if (sweep_dir / "sweep.json").exists():
         old, old_meta = read_design(sweep_dir)
-        if [s.__dict__ for s in old] != [s.__dict__ for s in specs] or \
-                old_meta.get("train_options", {}).get("optimizer", "adamw") != optimizer:
+        if [s.__dict__ for s in old] != [s.__dict__ for s in specs]:
             raise FlopwiseError(f"{sweep_dir} holds another sweep: resume it with the same options, or choose "
                                 "another --out")
+        if (was := old_meta.get("train_options", {}).get("optimizer", "adamw")) != optimizer:
+            raise FlopwiseError(f"{sweep_dir} holds a sweep trained with {was}: resume it with --optimizer {was}, "
+                                "or choose another --out")
         before = old_meta.get("train_options", {}).get("log_to", "none")
         if before != log_to:
             warn(f"note: --log-to {log_to} is not applied: the sweep's runs keep the tracker they were designed "
@@ -306,7 +308,7 @@ def autopilot(
     bootstrap: int = typer.Option(A.bootstrap, help="Bootstrap resamples of the fit."),
     min_steps: int = typer.Option(A.min_steps, help="Optimizer steps every sweep run gets at least."),
     compare: bool = typer.Option(False, "--compare", help="Also train a 4x larger model with the final budget."),
-    optimizer: str = typer.Option(A.optimizer, help="adamw or muon, for the sweep and the final run."),
+    optimizer: str = typer.Option(A.optimizer, help="muon or adamw, for the sweep and the final run."),
     compare_optimizer: Optional[str] = typer.Option(None, help="Also run the sweep with this optimizer (the other "
                                                     "one; its FLOPs come on top of the budget) and report what "
                                                     "it is worth in FLOPs."),

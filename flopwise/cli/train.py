@@ -139,8 +139,8 @@ def train(
     batch_tokens: Optional[int] = typer.Option(None, help="Global batch in tokens (default: by compute)."),
     micro_batch: int = typer.Option(T.micro_batch, help="Sequences per forward pass; accumulation covers the rest."),
     schedule: str = typer.Option(T.schedule, help="cosine or wsd."),
-    optimizer: str = typer.Option(T.optimizer, help="adamw, or muon: Muon for the blocks' hidden matrices and "
-                                  "AdamW for embeddings, head and gains, at the same learning rate."),
+    optimizer: str = typer.Option(T.optimizer, help="muon: Muon for the blocks' hidden matrices and AdamW for "
+                                  "embeddings, head and gains; or adamw throughout."),
     cooldown_fraction: float = typer.Option(T.cooldown_fraction, help="WSD: fraction of steps in the cooldown."),
     cooldown_shape: str = typer.Option(T.cooldown_shape, help="WSD cooldown: linear or 1-sqrt."),
     precision: str = typer.Option(T.precision, help="auto, bf16 or fp32."),

@@ -108,6 +108,7 @@ def new_tune_run(out: str | Path, base_run: str | Path, data: str | Path | None 
     tc = TrainConfig(n_tokens=steps * tokens_per_step, lr=opts.lr or default_lr(base_config, opts.lora_rank > 0),
                      batch_tokens=tokens_per_step, micro_batch=min(opts.micro_batch, opts.batch_size),
                      warmup_fraction=WARMUP_FRACTION, weight_decay=0.0, seed=opts.seed, init_weights=base,
+                     optimizer="adamw",  # tuning keeps AdamW: Muon for fine-tuning was not measured
                      lora_rank=opts.lora_rank, lora_alpha=opts.lora_alpha, log_to=opts.log_to,
                      lora_targets=list(parse_targets(opts.lora_targets)), precision=base_tc.precision,
                      device=base_tc.device, eval_windows=len(held_ex), final_eval_windows=len(held_ex),
