@@ -93,7 +93,10 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     if cfg.resume and (sweep_dir / "sweep.json").exists():  # finish the sweep already there, whatever its design
         specs, meta = read_design(sweep_dir)
         # the law will hold for the optimizer that trains the sweep: the final run uses the same one
-        cfg = replace(cfg, optimizer=meta.get("train_options", {}).get("optimizer", "adamw"))
+        cfg = replace(cfg, optimizer=meta["train_options"]["optimizer"])
+        if cfg.compare_optimizer == cfg.optimizer:
+            raise FlopwiseError(f"--compare-optimizer must be the other optimizer than the sweep's ({cfg.optimizer}), "
+                                f"got {cfg.compare_optimizer}")
     else:
         specs, meta = _new_design(cfg, corpus, data, least, sweep_dir, out)
     budgets = sorted({s.budget for s in specs})

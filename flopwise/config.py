@@ -30,6 +30,16 @@ def requested_threads(threads: int = 0) -> int:
     return int(env or 0)
 
 
+# Muon's learning rate over AdamW's, on top of match_rms_adamw. Moonshot matched the update RMS to AdamW's at
+# their LRs; at the small, short runs flopwise trains (DeepSeek's LR rule clipped at 3e-3) that update was too
+# small. Measured on the bundled corpus (time_to_loss.py's runs, val loss; lower is better):
+#   d128 L4, 958K tokens: scale 1 3.530, 3 3.396, 4 3.392, 6 3.381, 12 3.450
+#   d384 L6, 139K tokens: scale 1 4.216, 4 4.198, 8 4.249
+# 4 is near the best at both widths; modded-nanogpt's Muon (lr 0.05, sqrt(rows/cols) scaling) updates a
+# 768 x 768 matrix about 3x as much as match_rms_adamw at 3e-3 does, the same direction.
+MUON_LR_SCALE = 4.0
+
+
 @dataclass
 class TrainConfig:
     """How to train. ``n_tokens`` is the planned D; the schedule ends exactly there."""
@@ -47,6 +57,7 @@ class TrainConfig:
     micro_batch: int = 16  # sequences per forward pass per process (gradient accumulation covers the rest)
     # muon (Muon for the blocks' hidden matrices, AdamW for the rest) | adamw: muon by measurement (README, Optimizer)
     optimizer: str = "muon"
+    muon_lr_scale: float = MUON_LR_SCALE  # Muon's learning rate (and decoupled weight decay) over the schedule's
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -85,6 +96,7 @@ class TrainConfig:
              "auto, cpu, cuda or mps"),
             ("weight_decay", self.weight_decay, self.weight_decay >= 0, "at least 0"),
             ("optimizer", self.optimizer, self.optimizer in ("adamw", "muon"), "adamw or muon"),
+            ("muon_lr_scale", self.muon_lr_scale, 0 < self.muon_lr_scale <= 100, "in (0, 100]"),
             ("grad_clip", self.grad_clip, self.grad_clip >= 0, "at least 0 (0: off)"),
             ("eval_every", self.eval_every, self.eval_every >= 0, "at least 0 (0: automatic)"),
             ("ckpt_every", self.ckpt_every, self.ckpt_every >= 0, "at least 0 (0: automatic)"),
@@ -101,6 +113,7 @@ class TrainConfig:
         if isinstance(d.get("compile"), bool):  # runs written when --compile was a flag keep what they did
             d["compile"] = "on" if d["compile"] else "off"
         d.setdefault("optimizer", "adamw")  # runs written before Muon trained with AdamW
+        d.setdefault("muon_lr_scale", 1.0)  # and Muon runs written before the scale at 1
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -225,7 +238,8 @@ class AutopilotConfig:
             ("--min-steps", self.min_steps, 1 <= self.min_steps <= 1_000_000, "between 1 and 1000000"),
             ("--optimizer", self.optimizer, self.optimizer in ("adamw", "muon"), "adamw or muon"),
             ("--compare-optimizer", self.compare_optimizer,
-             self.compare_optimizer in (None, *({"adamw", "muon"} - {self.optimizer})),
+             # resumed, the sweep's own optimizer counts (checked once it is read)
+             self.compare_optimizer in (None, *({"adamw", "muon"} - (set() if self.resume else {self.optimizer}))),
              f"the other optimizer than --optimizer {self.optimizer}"),
         )
         check_tracker(self.log_to)
@@ -237,7 +251,7 @@ SWEEP_MICRO_BATCH = 16  # sequences per forward pass of a sweep run (the design 
 def sweep_train_options(cfg: AutopilotConfig) -> dict:
     # one evaluation at the end on fixed windows shared by all runs, so their losses compare closely
     return {"eval_every": 10**9, "eval_windows": 8, "final_eval_windows": 256, "seed": cfg.seed,
-            "micro_batch": SWEEP_MICRO_BATCH, "optimizer": cfg.optimizer,
+            "micro_batch": SWEEP_MICRO_BATCH, "optimizer": cfg.optimizer, "muon_lr_scale": MUON_LR_SCALE,
             **({"log_to": cfg.log_to} if cfg.log_to != "none" else {})}
 
 

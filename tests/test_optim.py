@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from flopwise.config import AutopilotConfig, TrainConfig
+from flopwise.config import MUON_LR_SCALE, AutopilotConfig, TrainConfig
 from flopwise.errors import FlopwiseError
 from flopwise.model.llama import Llama, ModelConfig
 from flopwise.model.lora import apply_lora
-from flopwise.training.trainer import MUON_LR_SCALE, make_optimizer, param_groups
+from flopwise.training.trainer import make_optimizer, param_groups
 
 HIDDEN = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
@@ -33,12 +33,27 @@ def test_every_parameter_in_exactly_one_group_and_muon_gets_only_hidden_matrices
     # Muon's learning rate is the schedule's times MUON_LR_SCALE, AdamW's the schedule's
     assert [g["lr_scale"] for g in opt.optimizers["muon"].param_groups] == [MUON_LR_SCALE]
     assert all("lr_scale" not in g for g in opt.optimizers["adamw"].param_groups)
+    other = make_optimizer(model, TrainConfig(n_tokens=1, optimizer="muon", muon_lr_scale=2.5), 1e-3)
+    assert [g["lr_scale"] for g in other.optimizers["muon"].param_groups] == [2.5]
 
 
 def test_muon_is_the_default_and_runs_from_before_it_stay_adamw():
     assert TrainConfig(n_tokens=1).optimizer == "muon" and AutopilotConfig().optimizer == "muon"
     assert TrainConfig.from_dict({"n_tokens": 1}).optimizer == "adamw"  # a config.json written before Muon
     assert TrainConfig.from_dict({"n_tokens": 1, "optimizer": "muon"}).optimizer == "muon"
+    assert TrainConfig(n_tokens=1).muon_lr_scale == MUON_LR_SCALE == 4.0
+    assert TrainConfig.from_dict({"n_tokens": 1, "optimizer": "muon"}).muon_lr_scale == 1.0  # before the scale
+
+
+def test_a_sweep_designed_before_muon_trains_its_missing_runs_with_adamw(tmp_path):
+    import json
+
+    from flopwise.sweep.design import SWEEP_VERSION, read_design
+    old = {"version": SWEEP_VERSION, "runs": [], "train_options": {"seed": 0}}
+    (tmp_path / "sweep.json").write_text(json.dumps(old))
+    _, meta = read_design(tmp_path)
+    assert meta["train_options"] == {"seed": 0, "optimizer": "adamw", "muon_lr_scale": 1.0}
+    assert TrainConfig(n_tokens=1, **meta["train_options"]).optimizer == "adamw"  # as runner.run_one builds it
 
 
 def test_lora_adapters_are_not_given_to_muon():

@@ -293,8 +293,10 @@ def test_compile_option_values_and_legacy_runs(bundled, tmp_path):
 def test_auto_compiles_where_the_measured_compiled_rate_repays_the_compile(monkeypatch, tmp_path):
     """auto's decision from measured rates (compiled FLOP/s per precision, measured once per shape and remembered)
     against the run's measured eager rate: never by an assumed speed-up once measured."""
+    import flopwise.model.compiling
     import flopwise.training.probe as pr
     monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path))
+    monkeypatch.setattr(flopwise.model.compiling, "use_compile_cache", lambda: None)
     monkeypatch.setattr(pr, "can_compile", lambda device: True)
     monkeypatch.setattr(pr, "cpu_has_fast_bf16", lambda: True)
     measured = []
@@ -324,9 +326,21 @@ def test_auto_compiles_where_the_measured_compiled_rate_repays_the_compile(monke
     speeds.update(fp32=0.8e9, bf16=0.9e9)
     monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path / "other"))
     assert choose(1e5) == (False, "fp32") and len(measured) == 4
+    assert pr.expected_seconds(1e5, 1e9, shape, 4) == 1e5  # and the estimate knows it
+    # a compile that fails while measuring leaves the run eager
+    monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path / "failing"))
+
+    def failing(*a, **k):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(pr, "_measure_rate", failing)
+    assert choose(1e5) == (False, "fp32")
+    # tuning runs (their graphs differ from the measured one) are never measured
+    assert pr.choose_compile("auto", cpu, shape, 4, lambda: 1e5, eager_rate=lambda: 1e9, tuning=True) == (False, "fp32")
     # the sweep's estimate measures nothing: an unmeasured shape is estimated at the usual speed-up
     monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path / "third"))
-    assert pr.expected_seconds(300.0, 1e9, shape, 4) == pytest.approx(pr.compiled_seconds(300.0, False))
+    monkeypatch.setattr(pr, "_measure_rate", fake_measure)
+    assert pr.expected_seconds(300.0, 1e9, shape, 4) == pytest.approx(pr.compiled_seconds(300.0, False) + 40)
     assert len(measured) == 4
     # an older registry (a list of compiled keys) still reads, as graphs compiled before
     key = pr.compile_key(shape, 4, "fp32")

@@ -159,7 +159,8 @@ def sweep_run(
 @sweep_app.command("compare")
 def sweep_compare(
     sweep_a: str = typer.Argument(..., metavar="SWEEP_A", help="A sweep folder (or a runs table)."),
-    sweep_b: str = typer.Argument(..., metavar="SWEEP_B", help="Another, e.g. the same budgets with --optimizer muon."),
+    sweep_b: str = typer.Argument(..., metavar="SWEEP_B",
+                                  help="Another, e.g. the same budgets with --optimizer adamw."),
     budgets: Optional[str] = typer.Option(None, help="Comma-separated FLOP budgets to compare at (default: the "
                                           "sweeps' budgets, and 10x and 100x the largest)."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples of each fit (0: no intervals)."),

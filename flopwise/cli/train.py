@@ -135,7 +135,8 @@ def train(
     out: Optional[str] = typer.Option(None, help="Run directory to create."),
     seq_len: int = typer.Option(256, help="Context length (with --n-params)."),
     vocab_size: int = typer.Option(4096, help="Vocabulary when --data needs preparing."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: by compute, DeepSeek LLM rule)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: by compute, DeepSeek LLM rule; "
+                                       "Muon's matrices get 4x)."),
     batch_tokens: Optional[int] = typer.Option(None, help="Global batch in tokens (default: by compute)."),
     micro_batch: int = typer.Option(T.micro_batch, help="Sequences per forward pass; accumulation covers the rest."),
     schedule: str = typer.Option(T.schedule, help="cosine or wsd."),

@@ -243,6 +243,9 @@ def read_design(sweep_dir: str | Path) -> tuple[list[RunSpec], dict]:
     if doc.get("version") != SWEEP_VERSION:
         raise FlopwiseError(f"{path} has version {doc.get('version')}, this flopwise reads {SWEEP_VERSION}")
     runs = [RunSpec(**r) for r in doc.pop("runs")]
+    # sweeps designed before Muon became the default trained every run with AdamW: so do their missing runs
+    doc.setdefault("train_options", {}).setdefault("optimizer", "adamw")
+    doc["train_options"].setdefault("muon_lr_scale", 1.0)  # and Muon sweeps before the scale at 1
     for r in runs:  # sweeps written before branch_from named a WSD branch's trunk checkpoint init_from
         if "init_from" in r.options:
             r.options["branch_from"] = r.options.pop("init_from")

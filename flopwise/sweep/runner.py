@@ -45,7 +45,7 @@ def sweep_seconds(specs: list[RunSpec], workers: int, threads: int) -> float:
     def seconds(s: RunSpec) -> float:
         eager = s.flops / rate(s.n_params) * ETA_OVERHEAD
         micro = resolve(Shape(**s.shape), TrainConfig(n_tokens=s.n_tokens, **s.options)).micro_batch
-        return expected_seconds(eager, rate(s.n_params), s.shape, micro, s.options.get("compile", "auto"))
+        return expected_seconds(eager, rate(s.n_params), s.shape, micro, s.options.get("compile", "auto"), threads)
 
     return sum(seconds(s) for s in specs) / workers
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import platform
 import time
@@ -295,7 +296,8 @@ def _registry() -> dict:
         return {"keys": [], "rates": {}}
     keys, rates = data.get("keys"), data.get("rates")
     return {"keys": [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else [],
-            "rates": {k: v for k, v in rates.items() if isinstance(v, (int, float)) and v > 0}
+            "rates": {k: v for k, v in rates.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0}
             if isinstance(rates, dict) else {}}
 
 
@@ -359,30 +361,41 @@ def compiled_seconds(eager_seconds: float, warm: bool, speedup: float = COMPILE_
 
 def choose_compile(mode: str, device: torch.device, shape: dict, micro_batch: int, eager_seconds,
                    precision: str = "auto", eager_precision: str = "fp32", tuning: bool = False,
-                   lora_rank: int = 0, eager_rate=None, measure: bool = True) -> tuple[bool, str]:
+                   lora_rank: int = 0, eager_rate=None, measure: bool = True,
+                   threads: int | None = None) -> tuple[bool, str]:
     """(whether to compile, the precision to train in) for a single-process run. on / off as asked; auto: compile
     where it can and the time it saves exceeds the time it costs. ``eager_seconds()`` is the run's time eager in
     ``eager_precision`` and ``eager_rate()`` its FLOP/s (each called only when needed). Compiled, precision auto
-    is the faster one compiled, measured (``measure``) or recorded; where neither is known, the eager one."""
+    is the faster one compiled, measured (``measure``; not for tuning, whose graphs differ) or recorded; where
+    neither is known, the eager one. A compile that fails while measuring leaves the run eager."""
     if mode == "off" or (mode == "auto" and not can_compile(device)):
         return False, eager_precision
-    threads = torch.get_num_threads()
+    threads = threads or torch.get_num_threads()
     candidates = (["fp32", "bf16"] if cpu_has_fast_bf16() else ["fp32"]) \
         if precision == "auto" and device.type == "cpu" else [eager_precision]
+    measure = measure and not tuning and not lora_rank and can_compile(device)
+    rates = {p: r for p in candidates if (r := recorded_compiled_rate(shape, micro_batch, p, threads))}
 
-    def known() -> dict[str, float]:
-        return {p: r for p in candidates if (r := recorded_compiled_rate(shape, micro_batch, p, threads))}
+    def measured() -> dict[str, float] | None:
+        try:
+            return {p: compiled_rate(shape, micro_batch, p, threads) for p in candidates}
+        except Exception:  # inductor raises many kinds; the run itself will say so if it compiles
+            return None
 
-    rates = known()
     if mode == "on":
         if len(rates) < len(candidates) and measure and len(candidates) > 1:
-            rates = {p: compiled_rate(shape, micro_batch, p, threads) for p in candidates}
+            rates = measured() or {}
         return True, max(rates, key=rates.get) if len(rates) == len(candidates) else eager_precision
     seconds = eager_seconds()
-    if len(rates) < len(candidates):  # not measured here yet: could compiling pay, at the usual speed-up?
-        if not measure or compiled_seconds(seconds, False) >= seconds:
+    if len(rates) < len(candidates):
+        # not measured here yet: could compiling pay at the usual speed-up, after one cold compile per
+        # precision measured (the run's own compile is then warm)?
+        cost = len(candidates) * COMPILE_SECONDS[False]
+        if not measure or cost + seconds / COMPILE_SPEEDUP >= seconds:
             return False, eager_precision
-        rates = {p: compiled_rate(shape, micro_batch, p, threads) for p in candidates}
+        rates = measured()
+        if rates is None:
+            return False, eager_precision
     best = max(rates, key=rates.get)
     warm = compiled_before(compile_key(shape, micro_batch, best, tuning, lora_rank)) or (not tuning and not lora_rank)
     if compiled_seconds(seconds, warm, rates[best] / eager_rate()) < seconds:
@@ -391,16 +404,20 @@ def choose_compile(mode: str, device: torch.device, shape: dict, micro_batch: in
 
 
 def expected_seconds(eager_seconds: float, eager_rate: float, shape: dict, micro_batch: int,
-                     mode: str = "auto") -> float:
-    """Wall seconds of a CPU run (single process, precision auto) that takes ``eager_seconds`` eager (at
-    ``eager_rate`` FLOP/s), with the compile choice the trainer will make (as far as it is known without
-    measuring: a shape never measured here compiles at the usual speed-up where that would pay)."""
-    cpu = torch.device("cpu")
+                     mode: str = "auto", threads: int | None = None) -> float:
+    """Wall seconds of a CPU run (single process, precision auto, ``threads`` threads) that takes
+    ``eager_seconds`` eager (at ``eager_rate`` FLOP/s), with the compile choice the trainer will make, as far as
+    it is known without measuring: a shape never measured here is estimated at the usual speed-up where the
+    trainer would measure it."""
+    cpu, threads = torch.device("cpu"), threads or torch.get_num_threads()
     compiled, precision = choose_compile(mode, cpu, shape, micro_batch, lambda: eager_seconds,
-                                         eager_rate=lambda: eager_rate, measure=False)
-    rate = recorded_compiled_rate(shape, micro_batch, precision, torch.get_num_threads())
+                                         eager_rate=lambda: eager_rate, measure=False, threads=threads)
+    rate = recorded_compiled_rate(shape, micro_batch, precision, threads)
     if compiled and rate:
         return compiled_seconds(eager_seconds, True, rate / eager_rate)
-    if mode == "auto" and can_compile(cpu) and compiled_seconds(eager_seconds, False) < eager_seconds:
-        return compiled_seconds(eager_seconds, False)  # the trainer will measure, and likely compile
+    candidates = ["fp32", "bf16"] if cpu_has_fast_bf16() else ["fp32"]
+    unmeasured = any(recorded_compiled_rate(shape, micro_batch, p, threads) is None for p in candidates)
+    if mode != "off" and can_compile(cpu) and unmeasured \
+            and len(candidates) * COMPILE_SECONDS[False] + eager_seconds / COMPILE_SPEEDUP < eager_seconds:
+        return compiled_seconds(eager_seconds, False) + (len(candidates) - 1) * COMPILE_SECONDS[False]
     return eager_seconds

@@ -126,7 +126,7 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float) -> Opt
     ``adjust_lr_fn="match_rms_adamw"``: each matrix's learning rate is multiplied by 0.2 sqrt(max(rows, cols)), so
     its update has an RMS of about 0.2 like AdamW's, the scaling Moonshot's "Muon is Scalable" (Liu et al. 2025)
     derive so that AdamW's learning rate and weight decay carry over, width included. Both optimizers follow the
-    schedule's one learning rate, Muon's times ``MUON_LR_SCALE`` (each group's ``lr_scale``; its decoupled weight
+    schedule's one learning rate, Muon's times ``train.muon_lr_scale`` (the group's ``lr_scale``; its decoupled weight
     decay, lr x decay, scales with it). Newton-Schulz's FLOPs (about 5 d / tokens-per-step of a d x d matrix's
     training FLOPs) are not in a run's FLOP count, which follows the model (C = 6ND)."""
     g = param_groups(model, train.optimizer)
@@ -144,19 +144,11 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float) -> Opt
         out["muon"] = torch.optim.Muon([p for _, p in g["muon"]], lr=lr, weight_decay=train.weight_decay,
                                        momentum=MUON_MOMENTUM, nesterov=True, adjust_lr_fn="match_rms_adamw")
         for grp in out["muon"].param_groups:  # kept in the checkpoint: a resumed run keeps its scale
-            grp["lr_scale"] = MUON_LR_SCALE
+            grp["lr_scale"] = train.muon_lr_scale
     return Optimizers(out)
 
 
 MUON_MOMENTUM = 0.95  # Jordan et al.'s and Moonshot's value (torch's default)
-# Muon's learning rate over AdamW's, on top of match_rms_adamw. Moonshot matched the update RMS to AdamW's at
-# their LRs; at the small, short runs flopwise trains (DeepSeek's LR rule clipped at 3e-3) that update was too
-# small. Measured on the bundled corpus (time_to_loss.py's runs, val loss; lower is better):
-#   d128 L4, 958K tokens: scale 1 3.530, 3 3.396, 4 3.392, 6 3.381, 12 3.450
-#   d384 L6, 139K tokens: scale 1 4.216, 4 4.198, 8 4.249
-# 4 is near the best at both widths; modded-nanogpt's Muon (lr 0.05, sqrt(rows/cols) scaling) updates a
-# 768 x 768 matrix about 3x as much as match_rms_adamw at 3e-3 does, the same direction.
-MUON_LR_SCALE = 4.0
 
 
 @torch.no_grad()
@@ -455,8 +447,10 @@ class _Run:
             return
         r, mc = self.r, self.mc
         epochs = r.n_tokens / self.data.n_tokens_train
-        compiled_rate = recorded_compiled_rate(mc.shape.to_dict(), r.micro_batch, self.precision,
-                                               torch.get_num_threads()) if self.compiled else None
+        compiled_rate = None  # measured per process on a CPU
+        if self.compiled and self.device.type == "cpu":
+            one = recorded_compiled_rate(mc.shape.to_dict(), r.micro_batch, self.precision, torch.get_num_threads())
+            compiled_rate = one * self.world if one else None
         try:
             rate = compiled_rate or (self._eager_rate(self.precision) if self.device.type == "cpu"
                                      else self.peak * 0.4)
@@ -494,6 +488,7 @@ class _Run:
                  "tokens_per_s": r.n_tokens / wall if wall > 0 else None,
                  "mfu": r.flops / wall / self.peak if wall > 0 else None, "precision": self.precision,
                  "compiled": self.compiled, "optimizer": self.tc.optimizer,
+                 **({"muon_lr_scale": self.tc.muon_lr_scale} if self.tc.optimizer == "muon" else {}),
                  "device": self.device.type, "world_size": self.world, "threads_mean": self.cpu.mean_threads,
                  "val_tokens": int(val_final[:, 1:].size if val_final_mask is None else val_final_mask.sum()),
                  **self.tc.extra}
