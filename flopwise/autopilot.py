@@ -98,6 +98,9 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
             raise FlopwiseError(f"--compare-optimizer must be the other optimizer than the sweep's ({cfg.optimizer}), "
                                 f"got {cfg.compare_optimizer}")
     else:
+        if cfg.compare_optimizer == cfg.optimizer:  # --resume with nothing to resume: checked as a new run
+            raise FlopwiseError(f"--compare-optimizer must be the other optimizer than --optimizer {cfg.optimizer}, "
+                                f"got {cfg.compare_optimizer}")
         specs, meta = _new_design(cfg, corpus, data, least, sweep_dir, out)
     budgets = sorted({s.budget for s in specs})
     if total_flops(specs) >= cfg.budget_flops:

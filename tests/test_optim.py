@@ -52,8 +52,11 @@ def test_a_sweep_designed_before_muon_trains_its_missing_runs_with_adamw(tmp_pat
     old = {"version": SWEEP_VERSION, "runs": [], "train_options": {"seed": 0}}
     (tmp_path / "sweep.json").write_text(json.dumps(old))
     _, meta = read_design(tmp_path)
-    assert meta["train_options"] == {"seed": 0, "optimizer": "adamw", "muon_lr_scale": 1.0}
+    assert meta["train_options"] == {"seed": 0, "optimizer": "adamw"}
     assert TrainConfig(n_tokens=1, **meta["train_options"]).optimizer == "adamw"  # as runner.run_one builds it
+    old["train_options"]["optimizer"] = "muon"  # a Muon sweep from before the scale: its missing runs at 1x
+    (tmp_path / "sweep.json").write_text(json.dumps(old))
+    assert read_design(tmp_path)[1]["train_options"]["muon_lr_scale"] == 1.0
 
 
 def test_lora_adapters_are_not_given_to_muon():

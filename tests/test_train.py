@@ -336,7 +336,9 @@ def test_auto_compiles_where_the_measured_compiled_rate_repays_the_compile(monke
     monkeypatch.setattr(pr, "_measure_rate", failing)
     assert choose(1e5) == (False, "fp32")
     # tuning runs (their graphs differ from the measured one) are never measured
+    monkeypatch.setattr(pr, "_measure_rate", fake_measure)
     assert pr.choose_compile("auto", cpu, shape, 4, lambda: 1e5, eager_rate=lambda: 1e9, tuning=True) == (False, "fp32")
+    assert len(measured) == 4
     # the sweep's estimate measures nothing: an unmeasured shape is estimated at the usual speed-up
     monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path / "third"))
     monkeypatch.setattr(pr, "_measure_rate", fake_measure)

@@ -295,7 +295,7 @@ def sweep_status(sweep_dir: str = typer.Argument(..., metavar="SWEEP_DIR")) -> N
 @app.command()
 def autopilot(
     data: Optional[str] = typer.Option(None, help="Text, folder or prepared corpus (default: bundled TinyStories)."),
-    budget: Optional[str] = typer.Option(None, help=f"Total FLOPs (default {A.budget_flops:g}: ~8 min on a 2-core "
+    budget: Optional[str] = typer.Option(None, help=f"Total FLOPs (default {A.budget_flops:g}: ~8-12 min on a 2-core "
                                          "CPU), or 'auto': the smallest whose sweep is informative on this corpus."),
     gpu: Optional[str] = typer.Option(None, help="Budget as GPU time: GPU type (with --hours)."),
     gpus: int = typer.Option(1, help="Number of GPUs (with --hours)."),

@@ -244,8 +244,12 @@ def read_design(sweep_dir: str | Path) -> tuple[list[RunSpec], dict]:
         raise FlopwiseError(f"{path} has version {doc.get('version')}, this flopwise reads {SWEEP_VERSION}")
     runs = [RunSpec(**r) for r in doc.pop("runs")]
     # sweeps designed before Muon became the default trained every run with AdamW: so do their missing runs
-    doc.setdefault("train_options", {}).setdefault("optimizer", "adamw")
-    doc["train_options"].setdefault("muon_lr_scale", 1.0)  # and Muon sweeps before the scale at 1
+    if not isinstance(doc.get("train_options"), dict):
+        doc["train_options"] = {}
+    options = doc["train_options"]
+    options.setdefault("optimizer", "adamw")
+    if options["optimizer"] == "muon":
+        options.setdefault("muon_lr_scale", 1.0)  # and Muon sweeps designed before the scale at 1
     for r in runs:  # sweeps written before branch_from named a WSD branch's trunk checkpoint init_from
         if "init_from" in r.options:
             r.options["branch_from"] = r.options.pop("init_from")
