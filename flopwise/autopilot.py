@@ -90,17 +90,16 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
         cfg = replace(cfg, budget_flops=least)
         log(f"budget: {least:.2g} FLOPs, the smallest whose sweep is informative on this corpus (--budget auto)")
     sweep_dir = out / "sweep"
-    if cfg.resume and (sweep_dir / "sweep.json").exists():  # finish the sweep already there, whatever its design
+    resuming = cfg.resume and (sweep_dir / "sweep.json").exists()  # finish that sweep, whatever its design
+    if resuming:
         specs, meta = read_design(sweep_dir)
         # the law will hold for the optimizer that trains the sweep: the final run uses the same one
         cfg = replace(cfg, optimizer=meta["train_options"]["optimizer"])
-        if cfg.compare_optimizer == cfg.optimizer:
-            raise FlopwiseError(f"--compare-optimizer must be the other optimizer than the sweep's ({cfg.optimizer}), "
-                                f"got {cfg.compare_optimizer}")
-    else:
-        if cfg.compare_optimizer == cfg.optimizer:  # --resume with nothing to resume: checked as a new run
-            raise FlopwiseError(f"--compare-optimizer must be the other optimizer than --optimizer {cfg.optimizer}, "
-                                f"got {cfg.compare_optimizer}")
+    if cfg.compare_optimizer == cfg.optimizer:  # AutopilotConfig.check leaves this to here under --resume
+        what = "the sweep's" if resuming else "--optimizer"
+        raise FlopwiseError(f"--compare-optimizer must be the other optimizer than {what} {cfg.optimizer}, got "
+                            f"{cfg.compare_optimizer}")
+    if not resuming:
         specs, meta = _new_design(cfg, corpus, data, least, sweep_dir, out)
     budgets = sorted({s.budget for s in specs})
     if total_flops(specs) >= cfg.budget_flops:
@@ -272,7 +271,7 @@ def _new_design(cfg: AutopilotConfig, corpus, data, least: float, sweep_dir: Pat
             "min_steps": cfg.min_steps}
     if (sweep_dir / "sweep.json").exists():
         old_specs, old_meta = read_design(sweep_dir)
-        if (was := old_meta.get("train_options", {}).get("optimizer", "adamw")) != cfg.optimizer:
+        if (was := old_meta["train_options"]["optimizer"]) != cfg.optimizer:  # read_design: adamw if unrecorded
             raise FlopwiseError(f"{out} holds a sweep trained with {was}: use --resume to finish it, or "
                                 f"--optimizer {was}, or choose another --out")
         if [s.__dict__ for s in old_specs] != [s.__dict__ for s in specs] or old_meta["corpus_hash"] != m["hash"]:

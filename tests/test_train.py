@@ -293,10 +293,9 @@ def test_compile_option_values_and_legacy_runs(bundled, tmp_path):
 def test_auto_compiles_where_the_measured_compiled_rate_repays_the_compile(monkeypatch, tmp_path):
     """auto's decision from measured rates (compiled FLOP/s per precision, measured once per shape and remembered)
     against the run's measured eager rate: never by an assumed speed-up once measured."""
-    import flopwise.model.compiling
     import flopwise.training.probe as pr
     monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path))
-    monkeypatch.setattr(flopwise.model.compiling, "use_compile_cache", lambda: None)
+    monkeypatch.setattr(pr, "use_compile_cache", lambda: None)
     monkeypatch.setattr(pr, "can_compile", lambda device: True)
     monkeypatch.setattr(pr, "cpu_has_fast_bf16", lambda: True)
     measured = []

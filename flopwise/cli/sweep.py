@@ -121,7 +121,7 @@ def sweep_run(
         if [s.__dict__ for s in old] != [s.__dict__ for s in specs]:
             raise FlopwiseError(f"{sweep_dir} holds another sweep: resume it with the same options, or choose "
                                 "another --out")
-        if (was := old_meta.get("train_options", {}).get("optimizer", "adamw")) != optimizer:
+        if (was := old_meta["train_options"]["optimizer"]) != optimizer:  # read_design: adamw if unrecorded
             raise FlopwiseError(f"{sweep_dir} holds a sweep trained with {was}: resume it with --optimizer {was}, "
                                 "or choose another --out")
         before = old_meta.get("train_options", {}).get("log_to", "none")

@@ -5,6 +5,7 @@ MFU is computed against these measured numbers, never against a hard-coded part.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -20,7 +21,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text, cache_root
 from flopwise.laws.flops import training_flops_per_token
 from flopwise.laws.hardware import probe_cache_path
-from flopwise.model.compiling import can_compile
+from flopwise.model.compiling import can_compile, use_compile_cache
 from flopwise.model.llama import Llama, ModelConfig
 from flopwise.run import require_device
 
@@ -227,15 +228,22 @@ _RATES: dict[tuple, float] = {}  # measured once per process: precision auto and
 def training_rate(shape_dict: dict, threads: int | None = None, micro_batch: int = 16, steps: int = 3,
                   precision: str = "auto") -> float:
     """Measured training FLOP/s (exact count) of a model of this shape on this CPU: a few real steps (eager)."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         bf16 = pick_precision(precision, torch.device("cpu"), shape_dict, micro_batch) == "bf16"  # auto: as trained
         key = (tuple(sorted(shape_dict.items())), torch.get_num_threads(), micro_batch, bf16)
         if key not in _RATES:
             _RATES[key] = _measure_rate(ModelConfig(**shape_dict), micro_batch, steps, bf16)
         return _RATES[key]
+
+
+@contextlib.contextmanager
+def _threads(threads: int | None):
+    """torch at ``threads`` threads inside (all it has, if None), as before outside."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
     finally:
         torch.set_num_threads(before)
 
@@ -337,19 +345,13 @@ def compiled_rate(shape: dict, micro_batch: int, precision: str, threads: int | 
     known = recorded_compiled_rate(shape, micro_batch, precision, threads)
     if known:
         return known
-    from flopwise.model.compiling import use_compile_cache
     use_compile_cache()
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         rate = _measure_rate(ModelConfig(**shape), micro_batch, steps, precision == "bf16", compiled=True)
-    finally:
-        torch.set_num_threads(before)
     reg = _registry()
     reg["rates"][_rate_key(shape, micro_batch, precision, threads)] = rate
-    if (key := compile_key(shape, micro_batch, precision)) not in reg["keys"]:
-        reg["keys"].append(key)
     _save_registry(reg)
+    remember_compiled(compile_key(shape, micro_batch, precision))
     return rate
 
 
@@ -357,6 +359,19 @@ def compiled_seconds(eager_seconds: float, warm: bool, speedup: float = COMPILE_
     """Expected wall seconds of a run that takes ``eager_seconds`` eager, compiled instead (``speedup``: compiled
     rate over eager rate)."""
     return COMPILE_SECONDS[warm] + eager_seconds / speedup
+
+
+def _candidates(precision: str, device: torch.device, eager_precision: str) -> list[str]:
+    """The precisions a compiled run may take: both on a CPU with fast bf16 under precision auto."""
+    if precision == "auto" and device.type == "cpu":
+        return ["fp32", "bf16"] if cpu_has_fast_bf16() else ["fp32"]
+    return [eager_precision]
+
+
+def _worth_measuring(eager_seconds: float, n_precisions: int) -> bool:
+    """Whether compiling could pay at the usual speed-up after one cold compile per precision measured (the
+    run's own compile is then warm)."""
+    return n_precisions * COMPILE_SECONDS[False] + eager_seconds / COMPILE_SPEEDUP < eager_seconds
 
 
 def choose_compile(mode: str, device: torch.device, shape: dict, micro_batch: int, eager_seconds,
@@ -371,8 +386,7 @@ def choose_compile(mode: str, device: torch.device, shape: dict, micro_batch: in
     if mode == "off" or (mode == "auto" and not can_compile(device)):
         return False, eager_precision
     threads = threads or torch.get_num_threads()
-    candidates = (["fp32", "bf16"] if cpu_has_fast_bf16() else ["fp32"]) \
-        if precision == "auto" and device.type == "cpu" else [eager_precision]
+    candidates = _candidates(precision, device, eager_precision)
     measure = measure and not tuning and not lora_rank and can_compile(device)
     rates = {p: r for p in candidates if (r := recorded_compiled_rate(shape, micro_batch, p, threads))}
 
@@ -387,11 +401,8 @@ def choose_compile(mode: str, device: torch.device, shape: dict, micro_batch: in
             rates = measured() or {}
         return True, max(rates, key=rates.get) if len(rates) == len(candidates) else eager_precision
     seconds = eager_seconds()
-    if len(rates) < len(candidates):
-        # not measured here yet: could compiling pay at the usual speed-up, after one cold compile per
-        # precision measured (the run's own compile is then warm)?
-        cost = len(candidates) * COMPILE_SECONDS[False]
-        if not measure or cost + seconds / COMPILE_SPEEDUP >= seconds:
+    if len(rates) < len(candidates):  # not measured here yet
+        if not measure or not _worth_measuring(seconds, len(candidates)):
             return False, eager_precision
         rates = measured()
         if rates is None:
@@ -415,9 +426,8 @@ def expected_seconds(eager_seconds: float, eager_rate: float, shape: dict, micro
     rate = recorded_compiled_rate(shape, micro_batch, precision, threads)
     if compiled and rate:
         return compiled_seconds(eager_seconds, True, rate / eager_rate)
-    candidates = ["fp32", "bf16"] if cpu_has_fast_bf16() else ["fp32"]
+    candidates = _candidates("auto", cpu, "fp32")
     unmeasured = any(recorded_compiled_rate(shape, micro_batch, p, threads) is None for p in candidates)
-    if mode != "off" and can_compile(cpu) and unmeasured \
-            and len(candidates) * COMPILE_SECONDS[False] + eager_seconds / COMPILE_SPEEDUP < eager_seconds:
+    if mode != "off" and can_compile(cpu) and unmeasured and _worth_measuring(eager_seconds, len(candidates)):
         return compiled_seconds(eager_seconds, False) + (len(candidates) - 1) * COMPILE_SECONDS[False]
     return eager_seconds
