@@ -57,7 +57,7 @@ if which == "streaming":
     prepare([path], out=out, vocab_size=vocab, quiet=True, log=lambda m: None)
 else:  # the previous prepare: everything in memory, the tokenizer trained on all of it
     import numpy as np
-    from flopwise.data.prepare import encode_documents
+    from flopwise.data.tokenizer import encode_documents
     from flopwise.data.sources import split_documents
     from flopwise.data.tokenizer import load_tokenizer, train_tokenizer
     docs = split_documents(Path(path).read_bytes().decode("utf-8", errors="replace"))

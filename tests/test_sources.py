@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 
 from flopwise.data.prepare import bundled_corpus, prepare
-from flopwise.data.sources import _BLANK, _EOT, _split_stream, documents, expand, source_of, split_documents
+from flopwise.data.sources import (
+    _BLANK,
+    _EOT,
+    _separators,
+    _split_stream,
+    documents,
+    expand,
+    source_of,
+    split_documents,
+)
 from flopwise.data.tokenizer import sentencepiece_model_type
 from flopwise.errors import FlopwiseError
 
@@ -30,7 +39,8 @@ def _docs(path, **kw):
 def test_streaming_split_equals_the_whole_text_split():
     """Text arrives in blocks cut at line ends; the documents must not depend on where the cuts fall."""
     rng = random.Random(0)
-    atoms = ["a", "b c", "", " ", "\t", "<|endoftext|>", " <|endoftext|> ", "x<|endoftext|>", "\r", "é"]
+    atoms = ["a", "b c", "", " ", "\t", "<|endoftext|>", " <|endoftext|> ", "x<|endoftext|>", "\r", "é", "\u00a0",
+             "\u00a0<|endoftext|>", "<|endoftext|>\x0b", "<|endoftext|><|endoftext|>", "\x1c"]
     for _ in range(3000):
         text = "\n".join(rng.choice(atoms) for _ in range(rng.randint(0, 30))) + rng.choice(["", "\n"])
         lines = text.splitlines(keepends=True)
@@ -38,6 +48,16 @@ def test_streaming_split_equals_the_whole_text_split():
         pieces = ["".join(lines[a:b]) for a, b in zip([0] + cuts, cuts + [len(lines)], strict=True)]
         sep = _EOT if _EOT.search(text) else _BLANK
         assert list(_split_stream(iter(pieces), sep)) == split_documents(text), repr(text)
+
+
+def test_the_separator_search_finds_what_the_regex_finds():
+    """<|endoftext|> lines are found from the token's occurrences, not by trying the regex at every character:
+    the same matches, whatever whitespace (Unicode's too) and stray tokens surround them."""
+    rng = random.Random(1)
+    atoms = ["<|endoftext|>", "\n", " ", "\t", "\u00a0", "\u2028", "\x1c", "a", "<|endo", "\r\n", "\n\n"]
+    for _ in range(5000):
+        text = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 25)))
+        assert _separators(text, _EOT) == [m.span() for m in _EOT.finditer(text)], repr(text)
 
 
 def test_large_text_streams_in_blocks(tmp_path, stories, monkeypatch):

@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
@@ -31,7 +32,17 @@ import numpy as np
 import sentencepiece as spm
 
 from flopwise.data.sources import Source, documents, expand, split_documents  # noqa: F401 (split_documents: API)
-from flopwise.data.tokenizer import BOS_ID, EOS_ID, UNK_ID, load_tokenizer, sentencepiece_model_type, train_tokenizer
+from flopwise.data.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    UNK_ID,
+    encode_by_words,
+    encode_documents,
+    encodes_by_words,
+    load_tokenizer,
+    sentencepiece_model_type,
+    train_tokenizer,
+)
 from flopwise.errors import FlopwiseError
 from flopwise.fsutil import cache_root, check_output_dir, usual_mode
 from flopwise.progress import Bar
@@ -136,32 +147,24 @@ class _Sample:
         return [doc for _, i, doc in sorted(self.heap, key=lambda t: t[1]) if not exclude(i)]
 
 
-def encode_documents(sp, docs: list[str], dtype) -> np.ndarray:
-    """[bos] doc [eos] for every document, concatenated."""
-    ids = sp.encode(docs, num_threads=os.cpu_count() or 1)  # SentencePiece's own threads, the GIL released
-    out = np.empty(sum(len(x) + 2 for x in ids), dtype=dtype)
-    pos = 0
-    for x in ids:
-        out[pos] = BOS_ID
-        out[pos + 1:pos + 1 + len(x)] = x
-        out[pos + 1 + len(x)] = EOS_ID
-        pos += len(x) + 2
-    return out
-
-
 class _Writer:
-    """Encodes chunks of documents in a second thread while the first reads the next chunk, and appends
-    the tokens to the split's file in order. Bytes and tokens per split are counted."""
+    """Encodes chunks of documents in two threads while the main one reads the next chunk (SentencePiece, Arrow
+    and NumPy release the GIL), and appends the tokens to the split's file in order. Bytes and tokens per split are
+    counted."""
 
     CHUNK_CHARS = 4 << 20
+    IN_FLIGHT = 2  # chunks being encoded at once: memory stays a few chunks
+    CHECK_DOCS = 2000  # the first chunk's first documents are encoded by SentencePiece too, and must agree
 
-    def __init__(self, sp, dtype, files: dict[str, Path]):
+    def __init__(self, sp, dtype, files: dict[str, Path], by_words: bool = False):
         self.sp, self.dtype = sp, dtype
+        self.by_words = by_words  # encode_by_words, once the first chunk agrees with SentencePiece
+        self.checked = False
         self.fh = {split: open(path, "wb") for split, path in files.items()}
         self.tokens = dict.fromkeys(files, 0)
         self.utf8_bytes = dict.fromkeys(files, 0)
-        self.pool = ThreadPoolExecutor(1)
-        self.pending = None
+        self.pool = ThreadPoolExecutor(self.IN_FLIGHT)
+        self.pending: deque = deque()
         self.chunk: dict[str, list[str]] = {split: [] for split in files}
         self.chars = 0
 
@@ -172,31 +175,46 @@ class _Writer:
             self.flush()
 
     def flush(self) -> None:
-        self._wait()  # one chunk in flight: memory stays a few chunks
+        while len(self.pending) >= self.IN_FLIGHT or (self.pending and not self.checked):
+            self._wait_one()  # the first chunk decides how the others are encoded
         chunk, self.chunk, self.chars = self.chunk, {split: [] for split in self.fh}, 0
-        self.pending = self.pool.submit(self._write, chunk)
+        before = self.pending[-1] if self.pending else None
+        self.pending.append(self.pool.submit(self._write, chunk, before))
 
-    def _wait(self) -> None:
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            try:
-                pending.result()
-            except OSError as e:
-                raise FlopwiseError(f"cannot write the token files ({e.strerror}): free some space or choose "
-                                    "another --out") from None
+    def _wait_one(self) -> None:
+        try:
+            self.pending.popleft().result()
+        except OSError as e:
+            raise FlopwiseError(f"cannot write the token files ({e.strerror}): free some space or choose "
+                                "another --out") from None
 
-    def _write(self, chunk: dict[str, list[str]]) -> None:
-        for split, docs in chunk.items():
-            if docs:
-                ids = encode_documents(self.sp, docs, self.dtype)
-                ids.tofile(self.fh[split])
-                self.tokens[split] += len(ids)
-                self.utf8_bytes[split] += sum(len(d.encode()) for d in docs)
+    def _write(self, chunk: dict[str, list[str]], before) -> None:
+        encoded = {split: (self._encode(docs), sum(len(d.encode()) for d in docs))
+                   for split, docs in chunk.items() if docs}
+        if before is not None:
+            before.result()  # the chunk before is written first (or failed: then this one is not written)
+        for split, (ids, utf8_bytes) in encoded.items():
+            ids.tofile(self.fh[split])
+            self.tokens[split] += len(ids)
+            self.utf8_bytes[split] += utf8_bytes
+
+    def _encode(self, docs: list[str]) -> np.ndarray:
+        if not self.by_words:
+            return encode_documents(self.sp, docs, self.dtype)
+        ids = encode_by_words(self.sp, docs, self.dtype)
+        if not self.checked:  # belt and braces, for a tokenizer whose settings pass but whose words do not
+            self.checked = True
+            reference = encode_documents(self.sp, docs[:self.CHECK_DOCS], self.dtype)
+            if not np.array_equal(reference, ids[:len(reference)]):
+                self.by_words = False
+                return encode_documents(self.sp, docs, self.dtype)
+        return ids
 
     def close(self) -> None:
         """Write what is left and close the files (raises what writing raised)."""
         self.flush()
-        self._wait()
+        while self.pending:
+            self._wait_one()
         self.abort()
 
     def abort(self) -> None:
@@ -204,6 +222,15 @@ class _Writer:
         self.pool.shutdown(cancel_futures=True)
         for fh in self.fh.values():
             fh.close()
+
+
+def _can_encode_by_words(tokenizer_path: Path) -> bool:
+    """encode_by_words serves (it needs pyarrow, from flopwise[data]) and gives this tokenizer's tokens."""
+    try:
+        import pyarrow.compute  # noqa: F401
+    except ImportError:
+        return False
+    return encodes_by_words(tokenizer_path.read_bytes())
 
 
 def _tokenizer_options(path: Path) -> dict:
@@ -337,7 +364,8 @@ def prepare(paths: list[str | Path] | None = None, out: str | Path | None = None
 
         # pass 2: encode, in a second thread, into the two token files
         counter[0] = 0
-        writer = _Writer(sp, dtype, {"train": tmp / "tokens-train.bin", "val": tmp / "tokens-val.bin"})
+        writer = _Writer(sp, dtype, {"train": tmp / "tokens-train.bin", "val": tmp / "tokens-val.bin"},
+                         by_words=_can_encode_by_words(tmp / "tokenizer.model"))
         try:
             with Bar("encoding", total_bytes, quiet=quiet) as bar:
                 start = time.perf_counter()
