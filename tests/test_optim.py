@@ -7,6 +7,7 @@ from flopwise.config import MUON_LR_SCALE, AutopilotConfig, TrainConfig
 from flopwise.errors import FlopwiseError
 from flopwise.model.llama import Llama, ModelConfig
 from flopwise.model.lora import apply_lora
+from flopwise.training.muon import BATCH_MAX_ELEMENTS, BatchedMuon
 from flopwise.training.trainer import make_optimizer, param_groups
 
 HIDDEN = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -35,6 +36,32 @@ def test_every_parameter_in_exactly_one_group_and_muon_gets_only_hidden_matrices
     assert all("lr_scale" not in g for g in opt.optimizers["adamw"].param_groups)
     other = make_optimizer(model, TrainConfig(n_tokens=1, optimizer="muon", muon_lr_scale=2.5), 1e-3)
     assert [g["lr_scale"] for g in other.optimizers["muon"].param_groups] == [2.5]
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_batched_muon_updates_exactly_as_torchs_muon(nesterov):
+    """Same-shape matrices orthogonalised together (and a large one alone, as torch does) give torch.optim.Muon's
+    parameters bit for bit, step after step; the optimizer state reads across both ways."""
+    torch.manual_seed(0)
+    shapes = [(24, 24)] * 4 + [(72, 24), (72, 24), (24, 72), (40, 16)] + [(1024, BATCH_MAX_ELEMENTS // 1024 + 1)] * 2
+    start = [torch.randn(s) for s in shapes]
+    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov, adjust_lr_fn="match_rms_adamw")
+    theirs, ours = [p.clone().requires_grad_() for p in start], [p.clone().requires_grad_() for p in start]
+    reference, batched = torch.optim.Muon(theirs, **kw), BatchedMuon(ours, **kw)
+    for _ in range(3):
+        for a, b in zip(theirs, ours, strict=True):
+            a.grad = torch.randn(a.shape)
+            b.grad = a.grad.clone()
+        reference.step()
+        batched.step()
+        for a, b in zip(theirs, ours, strict=True):
+            assert torch.equal(a, b)
+    assert not torch.equal(theirs[0], start[0])
+    resumed = BatchedMuon([p.detach().clone().requires_grad_() for p in theirs], **kw)
+    resumed.load_state_dict(reference.state_dict())
+    torch.optim.Muon([p.detach().clone().requires_grad_() for p in ours], **kw).load_state_dict(batched.state_dict())
+    assert torch.equal(resumed.state_dict()["state"][0]["momentum_buffer"],
+                       batched.state_dict()["state"][0]["momentum_buffer"])
 
 
 def test_muon_is_the_default_and_runs_from_before_it_stay_adamw():
