@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 import torch
-from train_throughput import plain_setup  # the same plain loop (benchmarks/ is on the path of a script)
+
+# the same plain loop (benchmarks/ is on the path of a script)
+from train_throughput import in_fresh_process, plain_setup
 
 from flopwise.config import TrainConfig, resolve
 from flopwise.data.prepare import prepare
@@ -103,7 +105,7 @@ def main() -> None:
         tokens = args.tokens or default_tokens
         mc = ModelConfig(vocab_size=corpus.vocab_size, tie_embeddings=True, **shape)
         step_tokens = BATCH_SEQS * mc.seq_len
-        target, base_s = plain_loop(mc, config(mc, tokens, tokens), corpus)
+        target, base_s = in_fresh_process(plain_loop, mc, config(mc, tokens, tokens), corpus)
         print(f"\n{name}: {n_params_total(mc):,} params ({mc.n_layers} x d{mc.d_model}, ctx {mc.seq_len}, vocab "
               f"{mc.vocab_size}), batch {BATCH_SEQS} x {mc.seq_len}; plain fp32 AdamW loop: {tokens:,} tokens "
               f"-> val loss {target:.4f} in {base_s:.1f} s", flush=True)

@@ -20,6 +20,8 @@ import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -54,6 +56,13 @@ def plain_setup(mc: ModelConfig, tc: TrainConfig, corpus, r) -> tuple[Llama, tor
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=r.lr, betas=(tc.beta1, tc.beta2))
     return model, opt, Batches(corpus.tokens("train"), mc.seq_len, r.global_batch, tc.seed)
+
+
+def in_fresh_process(fn, *args):
+    """fn(*args) in a new process: the plain loop gets the allocator as a plain script has it (flopwise's trainer
+    sets glibc's thresholds for its whole process: training/malloc.py)."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def baseline(mc: ModelConfig, tc: TrainConfig, corpus, r: dict) -> tuple[float, float]:
@@ -111,7 +120,7 @@ def main() -> None:
             label = f"flopwise {'compiled' if compiled else 'eager'} ({args.precision} -> {precision})"
             rows.append((label + (f", compiling {first_s:.0f} s" if compiled else ""), tok_s, loss))
         r = resolve(mc, tc)
-        base_tok_s, base_loss = baseline(mc, tc, corpus, r)
+        base_tok_s, base_loss = in_fresh_process(baseline, mc, tc, corpus, r)
         rows.append(("baseline (fp32 eager loop)", base_tok_s, base_loss))
         fpt = training_flops_per_token(mc)
         print(f"\n{name}: {n_params_total(mc):,} params, {mc.n_layers} layers x d_model {mc.d_model}, vocab "

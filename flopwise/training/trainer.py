@@ -44,6 +44,7 @@ from flopwise.run import (
 )
 from flopwise.training import distributed as dist
 from flopwise.training.batches import TrainingData, training_data
+from flopwise.training.malloc import keep_freed_memory
 from flopwise.training.muon import BatchedMuon
 from flopwise.training.probe import (
     ETA_OVERHEAD,
@@ -187,6 +188,7 @@ def train(run_dir: str | Path, quiet: bool = False, log=print) -> dict:
     done = read_final(run_dir)
     if done is not None:
         return done
+    keep_freed_memory()  # every step frees what the next allocates: no page faults for it (training/malloc.py)
     rank = int(os.environ.get("RANK", "0"))
     with run_lock(run_dir, rank):
         run = _Run(run_dir, quiet, log)
