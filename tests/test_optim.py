@@ -1,5 +1,7 @@
 """Muon beside AdamW: which parameters each updates, and what a run records."""
 
+import copy
+
 import pytest
 import torch
 
@@ -38,30 +40,37 @@ def test_every_parameter_in_exactly_one_group_and_muon_gets_only_hidden_matrices
     assert [g["lr_scale"] for g in other.optimizers["muon"].param_groups] == [2.5]
 
 
-@pytest.mark.parametrize("nesterov", [True, False])
-def test_batched_muon_updates_exactly_as_torchs_muon(nesterov):
-    """Same-shape matrices orthogonalised together (and a large one alone, as torch does) give torch.optim.Muon's
-    parameters bit for bit, step after step; the optimizer state reads across both ways."""
+@pytest.mark.parametrize("nesterov, adjust", [(True, "match_rms_adamw"), (False, "match_rms_adamw"),
+                                              (True, None), (True, "original")])
+def test_batched_muon_updates_exactly_as_torchs_muon(nesterov, adjust):
+    """Same-shape matrices orthogonalised together (a matrix beside its transpose; a large one alone, as torch does)
+    give torch.optim.Muon's parameters bit for bit, step after step; the state resumes across both ways."""
     torch.manual_seed(0)
     shapes = [(24, 24)] * 4 + [(72, 24), (72, 24), (24, 72), (40, 16)] + [(1024, BATCH_MAX_ELEMENTS // 1024 + 1)] * 2
     start = [torch.randn(s) for s in shapes]
-    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov, adjust_lr_fn="match_rms_adamw")
+    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov, adjust_lr_fn=adjust)
+
+    def steps(optimizers, params, n):
+        for _ in range(n):
+            grads = [torch.randn(s) for s in shapes]
+            for ps in params:
+                for p, g in zip(ps, grads, strict=True):
+                    p.grad = g.clone()
+            for o in optimizers:
+                o.step()
+            for same in zip(*params, strict=True):
+                assert all(torch.equal(same[0], p) for p in same[1:])
+
     theirs, ours = [p.clone().requires_grad_() for p in start], [p.clone().requires_grad_() for p in start]
     reference, batched = torch.optim.Muon(theirs, **kw), BatchedMuon(ours, **kw)
-    for _ in range(3):
-        for a, b in zip(theirs, ours, strict=True):
-            a.grad = torch.randn(a.shape)
-            b.grad = a.grad.clone()
-        reference.step()
-        batched.step()
-        for a, b in zip(theirs, ours, strict=True):
-            assert torch.equal(a, b)
+    steps([reference, batched], [theirs, ours], 3)
     assert not torch.equal(theirs[0], start[0])
-    resumed = BatchedMuon([p.detach().clone().requires_grad_() for p in theirs], **kw)
-    resumed.load_state_dict(reference.state_dict())
-    torch.optim.Muon([p.detach().clone().requires_grad_() for p in ours], **kw).load_state_dict(batched.state_dict())
-    assert torch.equal(resumed.state_dict()["state"][0]["momentum_buffer"],
-                       batched.state_dict()["state"][0]["momentum_buffer"])
+    # a checkpoint written by either resumes in the other
+    a, b = [p.detach().clone().requires_grad_() for p in theirs], [p.detach().clone().requires_grad_() for p in ours]
+    from_torch, from_batched = BatchedMuon(a, **kw), torch.optim.Muon(b, **kw)
+    from_torch.load_state_dict(copy.deepcopy(reference.state_dict()))  # as from a file: buffers of its own
+    from_batched.load_state_dict(copy.deepcopy(batched.state_dict()))
+    steps([reference, batched, from_torch, from_batched], [theirs, ours, a, b], 2)
 
 
 def test_muon_is_the_default_and_runs_from_before_it_stay_adamw():

@@ -2,6 +2,7 @@
 
 import io
 import random
+import time
 
 import numpy as np
 import pytest
@@ -62,22 +63,54 @@ def test_only_tokenizers_whose_words_encode_alone_are_encoded_by_words(options, 
 
 
 def test_prepare_falls_back_to_sentencepiece_where_words_disagree(tmp_path, monkeypatch):
-    """The first chunk is checked against SentencePiece: a disagreement (here a forced one) means SentencePiece
-    encodes the whole corpus, and the token files are the same as SentencePiece alone writes."""
+    """In chunks (small ones here, so many are in flight): the first chunk is checked against SentencePiece, and
+    a disagreement (here a forced one) means SentencePiece encodes the whole corpus, every chunk after the first
+    included however fast the reader is (the check is slowed here); the token files are SentencePiece's."""
     text = bundled_corpus()[1]
+    monkeypatch.setattr(prepare_module._Writer, "CHUNK_CHARS", 50_000)
     monkeypatch.setattr(prepare_module, "_can_encode_by_words", lambda path: False)
     reference = prepare([text], out=tmp_path / "sentencepiece", vocab_size=512, log=lambda m: None)
     monkeypatch.undo()
+    monkeypatch.setattr(prepare_module._Writer, "CHUNK_CHARS", 50_000)
+    by_words = prepare([text], out=tmp_path / "words", vocab_size=512, log=lambda m: None)
     calls = []
 
     def wrong(sp, docs, dtype):
         calls.append(len(docs))
         return encode_by_words(sp, docs, dtype) + 1
 
-    by_words = prepare([text], out=tmp_path / "words", vocab_size=512, log=lambda m: None)
+    def slow(sp, docs, dtype):
+        time.sleep(0.02)
+        return encode_documents(sp, docs, dtype)
+
     monkeypatch.setattr(prepare_module, "encode_by_words", wrong)
+    monkeypatch.setattr(prepare_module, "encode_documents", slow)
     fallback = prepare([text], out=tmp_path / "fallback", vocab_size=512, log=lambda m: None)
     assert len(calls) == 1  # tried once, on the first chunk
     for split in ("train", "val"):
         assert np.array_equal(by_words.tokens(split), reference.tokens(split))
         assert np.array_equal(fallback.tokens(split), reference.tokens(split))
+
+
+def test_no_chunk_is_encoded_by_words_before_the_first_one_is_checked(tmp_path, monkeypatch, bundled):
+    """The reader can be at the next chunk while the first one's check is still running: that chunk waits for the
+    verdict, here a disagreement, and is encoded by SentencePiece."""
+    sp = bundled.tokenizer()
+
+    def wrong(sp, docs, dtype):
+        return encode_by_words(sp, docs, dtype) + 1
+
+    def slow(sp, docs, dtype):
+        time.sleep(0.3)
+        return encode_documents(sp, docs, dtype)
+
+    monkeypatch.setattr(prepare_module, "encode_by_words", wrong)
+    monkeypatch.setattr(prepare_module, "encode_documents", slow)
+    monkeypatch.setattr(prepare_module._Writer, "CHUNK_CHARS", 10)
+    writer = prepare_module._Writer(sp, np.uint16, {"train": tmp_path / "t.bin"}, by_words=True)
+    writer.add("train", "the first chunk")  # submitted: its check runs for 0.3 s
+    time.sleep(0.1)
+    writer.add("train", "the second chunk")  # flushed while the check runs
+    writer.close()
+    assert np.array_equal(np.fromfile(tmp_path / "t.bin", np.uint16),
+                          encode_documents(sp, ["the first chunk", "the second chunk"], np.uint16))

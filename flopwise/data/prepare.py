@@ -148,9 +148,9 @@ class _Sample:
 
 
 class _Writer:
-    """Encodes chunks of documents in two threads while the main one reads the next chunk (SentencePiece, Arrow
-    and NumPy release the GIL), and appends the tokens to the split's file in order. Bytes and tokens per split are
-    counted."""
+    """Encodes chunks of documents in two threads while the main one reads the next chunk (SentencePiece's encoding,
+    Arrow's kernels and NumPy's gathers release the GIL), and appends the tokens to the split's file in order. Bytes
+    and tokens per split are counted."""
 
     CHUNK_CHARS = 4 << 20
     IN_FLIGHT = 2  # chunks being encoded at once: memory stays a few chunks
@@ -158,8 +158,8 @@ class _Writer:
 
     def __init__(self, sp, dtype, files: dict[str, Path], by_words: bool = False):
         self.sp, self.dtype = sp, dtype
-        self.by_words = by_words  # encode_by_words, once the first chunk agrees with SentencePiece
-        self.checked = False
+        self.by_words = by_words  # encode_by_words, kept only if its first chunk agrees with SentencePiece
+        self.checked = not by_words  # until checked, one chunk at a time: the first decides how the rest encode
         self.fh = {split: open(path, "wb") for split, path in files.items()}
         self.tokens = dict.fromkeys(files, 0)
         self.utf8_bytes = dict.fromkeys(files, 0)
@@ -203,10 +203,10 @@ class _Writer:
             return encode_documents(self.sp, docs, self.dtype)
         ids = encode_by_words(self.sp, docs, self.dtype)
         if not self.checked:  # belt and braces, for a tokenizer whose settings pass but whose words do not
-            self.checked = True
             reference = encode_documents(self.sp, docs[:self.CHECK_DOCS], self.dtype)
-            if not np.array_equal(reference, ids[:len(reference)]):
-                self.by_words = False
+            self.by_words = np.array_equal(reference, ids[:len(reference)])
+            self.checked = True  # last: flush() submits the next chunk once this is set
+            if not self.by_words:
                 return encode_documents(self.sp, docs, self.dtype)
         return ids
 

@@ -45,7 +45,6 @@ from flopwise.run import (
 from flopwise.training import distributed as dist
 from flopwise.training.batches import TrainingData, training_data
 from flopwise.training.malloc import keep_freed_memory
-from flopwise.training.muon import BatchedMuon
 from flopwise.training.probe import (
     ETA_OVERHEAD,
     CpuShare,
@@ -124,8 +123,8 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float) -> Opt
     """AdamW over the trainable parameters (weight decay on matrices only, not norm gains; fused kernels where
     available), with ``train.optimizer == "muon"`` Muon for the blocks' hidden matrices instead.
 
-    Muon (torch.optim.Muon's update, its Newton-Schulz iterations batched across same-shape matrices:
-    ``training/muon.py``; Newton-Schulz orthogonalised Nesterov momentum, Jordan et al. 2024) runs with
+    Muon (torch.optim.Muon's update with its Newton-Schulz iterations batched across same-shape matrices,
+    ``training/muon.py``: Newton-Schulz orthogonalised Nesterov momentum, Jordan et al. 2024) runs with
     ``adjust_lr_fn="match_rms_adamw"``: each matrix's learning rate is multiplied by 0.2 sqrt(max(rows, cols)), so
     its update has an RMS of about 0.2 like AdamW's, the scaling Moonshot's "Muon is Scalable" (Liu et al. 2025)
     derive so that AdamW's learning rate and weight decay carry over, width included. Both optimizers follow the
@@ -144,6 +143,8 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float) -> Opt
         if not hasattr(torch.optim, "Muon"):
             raise FlopwiseError(f"--optimizer muon needs torch.optim.Muon (torch 2.9 or later); this is torch "
                                 f"{torch.__version__}: upgrade torch or use --optimizer adamw")
+        from flopwise.training.muon import BatchedMuon  # here: it subclasses torch.optim.Muon (torch >= 2.9)
+
         out["muon"] = BatchedMuon([p for _, p in g["muon"]], lr=lr, weight_decay=train.weight_decay,
                                   momentum=MUON_MOMENTUM, nesterov=True, adjust_lr_fn="match_rms_adamw")
         for grp in out["muon"].param_groups:  # kept in the checkpoint: a resumed run keeps its scale
