@@ -57,9 +57,20 @@ if which == "streaming":
     prepare([path], out=out, vocab_size=vocab, quiet=True, log=lambda m: None)
 else:  # the previous prepare: everything in memory, the tokenizer trained on all of it
     import numpy as np
-    from flopwise.data.tokenizer import encode_documents
     from flopwise.data.sources import split_documents
-    from flopwise.data.tokenizer import load_tokenizer, train_tokenizer
+    from flopwise.data.tokenizer import BOS_ID, EOS_ID, load_tokenizer, train_tokenizer
+
+    def encode_documents(sp, docs, dtype):  # the previous prepare's, as it was
+        ids = sp.encode(docs)
+        out = np.empty(sum(len(x) + 2 for x in ids), dtype=dtype)
+        pos = 0
+        for x in ids:
+            out[pos] = BOS_ID
+            out[pos + 1:pos + 1 + len(x)] = x
+            out[pos + 1 + len(x)] = EOS_ID
+            pos += len(x) + 2
+        return out
+
     docs = split_documents(Path(path).read_bytes().decode("utf-8", errors="replace"))
     order = np.random.default_rng(0).permutation(len(docs))
     held = set(order[: max(1, round(len(docs) * 0.05))].tolist())
@@ -68,8 +79,6 @@ else:  # the previous prepare: everything in memory, the tokenizer trained on al
     out.mkdir(parents=True)
     train_tokenizer(docs, vocab, out / "tokenizer.model", 0)
     sp = load_tokenizer(out / "tokenizer.model")
-    sp_encode = sp.encode
-    sp.encode = lambda d, num_threads=None: sp_encode(d)  # the old call: SentencePiece's default threads
     encode_documents(sp, docs, np.uint16).tofile(out / "tokens-train.bin")
     encode_documents(sp, val, np.uint16).tofile(out / "tokens-val.bin")
 print(json.dumps({"seconds": time.perf_counter() - start,

@@ -274,9 +274,10 @@ def _has_eot(src: Source, seen: dict) -> bool:
 
 
 def _separators(text: str, sep: re.Pattern) -> list[tuple[int, int]]:
-    """Where ``sep`` matches in ``text``, as finditer finds them. For <|endoftext|> lines the regex runs only from
-    the whitespace before each occurrence of the token, found by str.find: the regex tried at every character was
-    most of a pass's time. It finds the same matches: one that starts before that whitespace cannot reach the token."""
+    """Where ``sep`` matches in ``text``, as finditer finds them. For <|endoftext|> lines the regex is tried only
+    where a match can start, found from each occurrence of the token with str.find: at the first line start in the
+    whitespace before it (the regex tried at every character was most of a pass's time). The same matches: one
+    that starts earlier cannot reach the token, and from a later line start the match would end the same way."""
     if sep is not _EOT:
         return [m.span() for m in sep.finditer(text)]
     spans, pos = [], 0
@@ -284,12 +285,24 @@ def _separators(text: str, sep: re.Pattern) -> list[tuple[int, int]]:
         start = token
         while start > pos and text[start - 1].isspace():  # str.isspace is what \s matches
             start -= 1
-        m = sep.search(text, start)  # '^' still means a line start: search's pos is not one
-        if m is None:
-            break
-        spans.append(m.span())
-        pos = m.end()
+        newline = text.find("\n", start - 1, token) if start else -1
+        line = 0 if start == 0 else newline + 1 if newline >= 0 else None  # the first line start from start on
+        m = None if line is None else sep.match(text, line)  # ('^' still means a line start: pos is not one)
+        if m is not None:
+            spans.append(m.span())
+            pos = m.end()
+        else:  # the token is not alone on its line
+            pos = token + 1
     return spans
+
+
+def _pieces(text: str, spans: list[tuple[int, int]], end: int = 0) -> Iterator[str]:
+    """The documents between separators (from ``end``, up to the last span's start), blank ones dropped."""
+    for start, stop in spans:
+        p = text[end:start]
+        if p.strip():
+            yield p.strip("\n")
+        end = stop
 
 
 def _split_stream(texts: Iterator[str], sep: re.Pattern) -> Iterator[str]:
@@ -307,23 +320,12 @@ def _split_stream(texts: Iterator[str], sep: re.Pattern) -> Iterator[str]:
         text = "".join(held)
         spans = _separators(text, sep)
         if spans:
-            end = 0
-            for start, stop in spans[:-1]:
-                p = text[end:start]
-                if p.strip():
-                    yield p.strip("\n")
-                end = stop
-            p = text[end:spans[-1][0]]
-            if p.strip():
-                yield p.strip("\n")
-            text = text[spans[-1][0]:]
+            last = spans[-1][0]
+            yield from _pieces(text, [*spans[:-1], (last, last)])
+            text = text[last:]
         held, held_chars, searched = [text], len(text), len(text)
-    text, end = "".join(held), 0
-    for start, stop in [*_separators(text, sep), (len(text), len(text))]:
-        p = text[end:start]
-        if p.strip():
-            yield p.strip("\n")
-        end = stop
+    text = "".join(held)
+    yield from _pieces(text, [*_separators(text, sep), (len(text), len(text))])
 
 
 def _text_documents(src: Source, whole_file: bool, stats: dict, counter, eot_seen: dict) -> Iterator[str]:

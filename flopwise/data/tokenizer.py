@@ -18,6 +18,7 @@ import sentencepiece as spm
 from flopwise.errors import FlopwiseError
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+SPACE = "\u2581"  # SentencePiece's word mark: a space, and the dummy prefix before a text's first word
 
 
 def load_tokenizer(path: str | Path):
@@ -72,13 +73,22 @@ def _fields(buf: bytes):
         yield number, value
 
 
+# sentencepiece_model.proto's field numbers (and defaults, where a field is absent), read without the protobuf
+# package: SentencePiece's Python module does not expose the model's settings
+MODEL_PIECES, MODEL_TRAINER, MODEL_NORMALIZER = 1, 2, 3  # ModelProto
+PIECE_TEXT, PIECE_TYPE, USER_DEFINED = 1, 3, 4  # ModelProto.SentencePiece: piece, type (NORMAL 1, ..., USER_DEFINED 4)
+TRAINER_MODEL_TYPE, BPE = 3, 2  # TrainerSpec.model_type (UNIGRAM 1, BPE 2, WORD 3, CHAR 4; default UNIGRAM)
+TRAINER_SPLIT_BY_SPACE, TRAINER_SPACE_AS_SUFFIX = 22, 24  # TrainerSpec: split_by_whitespace (true), ..._as_suffix
+NORMALIZER_CHARSMAP, NORMALIZER_DUMMY_PREFIX = 2, 3  # NormalizerSpec: precompiled_charsmap, add_dummy_prefix (true)
+NORMALIZER_REMOVE_SPACES, NORMALIZER_ESCAPE_SPACES = 4, 5  # remove_extra_whitespaces (true), escape_whitespaces (true)
+
+
 def sentencepiece_model_type(model_proto: bytes) -> str:
-    """'bpe', 'unigram', 'word' or 'char': ModelProto.trainer_spec (field 2) .model_type (field 3), read
-    without the protobuf package (SentencePiece's Python module does not expose it)."""
+    """'bpe', 'unigram', 'word' or 'char': the model's TrainerSpec.model_type."""
     for number, value in _fields(model_proto):
-        if number == 2:
+        if number == MODEL_TRAINER:
             types = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
-            return next((types.get(v, "unknown") for n, v in _fields(value) if n == 3), "unigram")  # proto default
+            return next((types.get(v, "unknown") for n, v in _fields(value) if n == TRAINER_MODEL_TYPE), "unigram")
     return "unigram"
 
 
@@ -94,7 +104,7 @@ def token_byte_lengths(sp) -> list[int]:
         elif sp.is_byte(i):
             out.append(1)
         else:
-            out.append(len(sp.id_to_piece(i).replace("\u2581", " ").encode()))
+            out.append(len(sp.id_to_piece(i).replace(SPACE, " ").encode()))
     return out
 
 
@@ -123,9 +133,6 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(starts - (ends - lengths), lengths)
 
 
-SPACE = "\u2581"  # SentencePiece's word mark: a space, and the dummy prefix before a text's first word
-
-
 def encodes_by_words(model_proto: bytes) -> bool:
     """Whether a text whose words are separated by single spaces encodes as its words do one by one (each with the
     dummy prefix SentencePiece puts before a text): true of a BPE model that adds that prefix, neither normalises
@@ -134,19 +141,20 @@ def encodes_by_words(model_proto: bytes) -> bool:
     tokenizers ``train_tokenizer`` makes, and Llama-2's, are such models."""
     trainer = normalizer = b""
     for number, value in _fields(model_proto):
-        if number == 1:  # a piece: (piece, score, type)
-            piece = next((v for n, v in _fields(value) if n == 1), b"").decode("utf-8", errors="replace")
-            kind = next((v for n, v in _fields(value) if n == 3), 1)
-            if kind == 4 or SPACE in piece.lstrip(SPACE):  # USER_DEFINED; a mark inside a piece
+        if number == MODEL_PIECES:
+            fields = dict(_fields(value))
+            piece = fields.get(PIECE_TEXT, b"").decode("utf-8", errors="replace")
+            if fields.get(PIECE_TYPE, 1) == USER_DEFINED or SPACE in piece.lstrip(SPACE):  # a mark inside a piece
                 return False
-        elif number == 2:
+        elif number == MODEL_TRAINER:
             trainer = value
-        elif number == 3:
+        elif number == MODEL_NORMALIZER:
             normalizer = value
     t, n = dict(_fields(trainer)), dict(_fields(normalizer))
-    return (t.get(3, 1) == 2 and t.get(24, 0) == 0 and t.get(22, 1) == 1  # BPE; '▁' a prefix; split at spaces
-            and not n.get(2) and n.get(3, 1) == 1 and n.get(4, 1) == 0 and n.get(5, 1) == 1)  # no character map;
-    # the dummy prefix; spaces kept as they are; spaces written as '▁'
+    return (t.get(TRAINER_MODEL_TYPE, 1) == BPE and t.get(TRAINER_SPACE_AS_SUFFIX, 0) == 0
+            and t.get(TRAINER_SPLIT_BY_SPACE, 1) == 1 and not n.get(NORMALIZER_CHARSMAP)
+            and n.get(NORMALIZER_DUMMY_PREFIX, 1) == 1 and n.get(NORMALIZER_REMOVE_SPACES, 1) == 0
+            and n.get(NORMALIZER_ESCAPE_SPACES, 1) == 1)
 
 
 def encode_by_words(sp, docs: list[str], dtype) -> np.ndarray:

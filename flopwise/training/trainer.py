@@ -184,7 +184,8 @@ def evaluate(model: Llama, windows: np.ndarray, micro_batch: int, precision: str
 
 
 def train(run_dir: str | Path, quiet: bool = False, log=print) -> dict:
-    """Train (or resume) the run in ``run_dir``; returns final.json's content."""
+    """Train (or resume) the run in ``run_dir``; returns final.json's content. Sets glibc's allocator for the whole
+    process, for good (``training/malloc.py``): the process keeps memory it has freed."""
     run_dir = Path(run_dir)
     done = read_final(run_dir)
     if done is not None:
