@@ -62,6 +62,24 @@ def test_only_tokenizers_whose_words_encode_alone_are_encoded_by_words(options, 
     assert encodes_by_words(_model(**options)) is by_words
 
 
+def _disagree_slowly(monkeypatch, seconds: float) -> list[int]:
+    """prepare's encoders replaced: by words, always one off (a forced disagreement); SentencePiece, ``seconds``
+    slower a call (the first chunk's check takes that long). Returns the chunk sizes encoded by words."""
+    calls = []
+
+    def wrong(sp, docs, dtype):
+        calls.append(len(docs))
+        return encode_by_words(sp, docs, dtype) + 1
+
+    def slow(sp, docs, dtype):
+        time.sleep(seconds)
+        return encode_documents(sp, docs, dtype)
+
+    monkeypatch.setattr(prepare_module, "encode_by_words", wrong)
+    monkeypatch.setattr(prepare_module, "encode_documents", slow)
+    return calls
+
+
 def test_prepare_falls_back_to_sentencepiece_where_words_disagree(tmp_path, monkeypatch):
     """In chunks (small ones here, so many are in flight): the first chunk is checked against SentencePiece, and
     a disagreement (here a forced one) means SentencePiece encodes the whole corpus, every chunk after the first
@@ -73,18 +91,7 @@ def test_prepare_falls_back_to_sentencepiece_where_words_disagree(tmp_path, monk
     monkeypatch.undo()
     monkeypatch.setattr(prepare_module._Writer, "CHUNK_CHARS", 50_000)
     by_words = prepare([text], out=tmp_path / "words", vocab_size=512, log=lambda m: None)
-    calls = []
-
-    def wrong(sp, docs, dtype):
-        calls.append(len(docs))
-        return encode_by_words(sp, docs, dtype) + 1
-
-    def slow(sp, docs, dtype):
-        time.sleep(0.02)
-        return encode_documents(sp, docs, dtype)
-
-    monkeypatch.setattr(prepare_module, "encode_by_words", wrong)
-    monkeypatch.setattr(prepare_module, "encode_documents", slow)
+    calls = _disagree_slowly(monkeypatch, 0.02)
     fallback = prepare([text], out=tmp_path / "fallback", vocab_size=512, log=lambda m: None)
     assert len(calls) == 1  # tried once, on the first chunk
     for split in ("train", "val"):
@@ -96,16 +103,7 @@ def test_no_chunk_is_encoded_by_words_before_the_first_one_is_checked(tmp_path, 
     """The reader can be at the next chunk while the first one's check is still running: that chunk waits for the
     verdict, here a disagreement, and is encoded by SentencePiece."""
     sp = bundled.tokenizer()
-
-    def wrong(sp, docs, dtype):
-        return encode_by_words(sp, docs, dtype) + 1
-
-    def slow(sp, docs, dtype):
-        time.sleep(0.3)
-        return encode_documents(sp, docs, dtype)
-
-    monkeypatch.setattr(prepare_module, "encode_by_words", wrong)
-    monkeypatch.setattr(prepare_module, "encode_documents", slow)
+    _disagree_slowly(monkeypatch, 0.3)
     monkeypatch.setattr(prepare_module._Writer, "CHUNK_CHARS", 10)
     writer = prepare_module._Writer(sp, np.uint16, {"train": tmp_path / "t.bin"}, by_words=True)
     writer.add("train", "the first chunk")  # submitted: its check runs for 0.3 s
