@@ -54,11 +54,11 @@ class BatchedMuon(torch.optim.Muon):
             for (rows, cols), members in by_shape.items():
                 if len(members) == 1 or rows * cols > BATCH_MAX_ELEMENTS:
                     ortho = [_zeropower_via_newtonschulz(updates[i], *ns) for i in members]
-                else:
-                    wide = [updates[i].T if updates[i].shape[0] > updates[i].shape[1] else updates[i] for i in members]
-                    stacked = newton_schulz(torch.stack(wide), *ns)
-                    ortho = [stacked[k].T if params[i].shape[0] > params[i].shape[1] else stacked[k]
-                             for k, i in enumerate(members)]
+                else:  # tall matrices transposed in, and back out
+                    tall = [params[i].shape[0] > params[i].shape[1] for i in members]
+                    stacked = newton_schulz(torch.stack([updates[i].T if t else updates[i]
+                                                         for i, t in zip(members, tall, strict=True)]), *ns)
+                    ortho = [x.T if t else x for x, t in zip(stacked, tall, strict=True)]
                 for i, update in zip(members, ortho, strict=True):  # the adjustment may depend on the orientation
                     params[i].add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], params[i].shape))
         return loss
