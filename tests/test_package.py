@@ -3,6 +3,7 @@ inside; the wheel installs into a fresh virtual environment and plans and prepar
 checkout; torch is an extra, not a requirement."""
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -14,7 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ["flopwise/assets/tinystories/train.txt", "flopwise/assets/tinystories/valid.txt",
-          "flopwise/assets/tinystories/LICENSE-CDLA-Sharing-1.0.txt", "flopwise/assets/tinystories/INSTRUCTIONS.md"]
+          "flopwise/assets/tinystories/LICENSE-CDLA-Sharing-1.0.txt", "flopwise/assets/tinystories/INSTRUCTIONS.md",
+          "flopwise/infer/step.c"]  # the C decode step's source, compiled on the user's machine
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +82,10 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs(dist, tmp_path):
     assert train.returncode == 2 and train.stderr.strip() == ("error: 'flopwise train' needs torch, which is not "
                                                               "installed: pip install 'flopwise[train]'")
     assert not (tmp_path / "r").exists()
+    if shutil.which("cc") or shutil.which("gcc"):  # the installed package builds its C decode step from its own source
+        built = subprocess.run([python, "-c", "from flopwise.infer.native import library; print(library()._name)"],
+                               capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        assert built.returncode == 0 and str(tmp_path / "cache" / "native") in built.stdout, built.stderr
 
 
 def test_every_optional_module_names_the_extra_that_installs_it():

@@ -1,4 +1,7 @@
+import copy
 import json
+import platform
+import shutil
 import socket
 import threading
 import time
@@ -64,51 +67,113 @@ def test_engine_greedy_matches_full_forward_and_batches_agree(engine):
     assert a == engine.generate(["Once upon a time"], Sampling(max_new_tokens=20, seed=3))
 
 
-def test_compiled_decode_step_matches_eager_reuses_its_cache_and_falls_back(engine, tmp_path, monkeypatch):
-    """--compile on: the static-cache step compiled by inductor gives eager's greedy tokens and logits for a
-    single prompt, compiles once across calls (a batch decodes eagerly), and a compile that fails decodes
-    eagerly with one note; auto follows what this machine measured, timing it once where nothing is recorded."""
-    from flopwise.infer.generate import record_speed
-
-    monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path))
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    notes = []
-    compiled = Engine(engine.reference, engine.sp, compile="on", log=notes.append)
+def test_c_step_matches_torch_for_single_and_padded_batches_and_reuses_its_cache(engine):
+    """The C decode step (the default) gives PyTorch's greedy tokens and logits, for one prompt and for a
+    left-padded batch (its key mask); it decodes into the cache the prefill wrote and is pointed at a new one
+    only when a larger batch grows it."""
+    torch_only = Engine(engine.reference, engine.sp, compile="off")
+    assert engine.native is not None and engine.compiled and torch_only.native is None
+    s = Sampling(max_new_tokens=24, temperature=0, ignore_eos=True)
     prompts = [engine.encode_prompt("Once upon a time"), engine.encode_prompt("The dog ran to the big red house")]
-    s = Sampling(max_new_tokens=16, temperature=0, ignore_eos=True)
-    ours = [t.tolist() for t in compiled.stream_ids(prompts[1:], s)]
-    assert ours == [t.tolist() for t in engine.stream_ids(prompts[1:], s)] and compiled.compiled, notes
-    cache, step = compiled.cache1, compiled._step
-    assert [t.tolist() for t in compiled.stream_ids(prompts[1:], s)] == ours  # the same cache and compiled step
-    assert compiled.cache1[0][0] is cache[0][0] and compiled._step is step
-    batch = [t.tolist() for t in compiled.stream_ids(prompts, s)]  # two rows: eager, no second compile
-    assert batch == [t.tolist() for t in engine.stream_ids(prompts, s)] and compiled._step is step
+    for batch in (prompts[:1], prompts, prompts[1:]):
+        want = [t.tolist() for t in torch_only.stream_ids(batch, s)]
+        assert [t.tolist() for t in engine.stream_ids(batch, s)] == want
+    cache = engine.cache
+    assert engine.native.cache is cache and cache[0][0].shape[0] == 2  # grown once, for the batch of two
+    ids = torch.tensor([prompts[1][:9], prompts[1][:9]])
+    mask = torch.ones(2, engine.config.seq_len, dtype=torch.bool)
+    mask[1, :3] = False  # the second row's first three keys are padding
+    for e in (engine, torch_only):
+        e._forward(ids[:, :8], 0, mask[:, :8])
     with torch.inference_mode():
-        ids = torch.tensor([prompts[1][:6]])
-        for e in (engine, compiled):
-            e._forward(ids[:, :5], 0, None)
-        eager_logits = engine._decode(ids[:, 5:], 5, None)
-        compiled_logits = compiled._decode(ids[:, 5:], 5, None)
-    assert compiled._step is step and torch.allclose(eager_logits, compiled_logits, atol=1e-4)
-    # auto: nothing recorded yet, so a long-lived command times both once (the compile is cached by now)
-    auto = Engine(engine.reference, engine.sp, compile="auto", log=notes.append)
-    assert not auto.compiled
-    rates = auto.settle_compile(steps=8)
-    assert set(rates) == {"eager", "compiled"} and auto.compiled == (rates["compiled"] > 1.05 * rates["eager"])
-    assert auto.settle_compile() is None  # recorded: not timed again
-    record_speed(auto.speed_key, True, 2 * rates["eager"])
-    assert Engine(engine.reference, engine.sp, compile="auto").compiled
-    record_speed(auto.speed_key, True, rates["eager"])
-    assert not Engine(engine.reference, engine.sp, compile="auto").compiled
+        theirs, ours = torch_only._decode(ids[:, 8:], 8, mask), engine._decode(ids[:, 8:], 8, mask)
+    assert ours.shape == (2, engine.config.vocab_size)
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5) and not torch.allclose(ours[0], ours[1])
+    assert engine.cache is cache and engine.native.cache is cache
+    with pytest.raises(ValueError, match="refused"):  # a position past the context: refused, not written
+        engine.native(ids[:1, 8:], engine.config.seq_len, None)
 
-    def broken(*a, **k):
-        raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(torch, "compile", broken)
-    notes.clear()
-    fallback = Engine(engine.reference, engine.sp, compile="on", log=notes.append)
-    assert [t.tolist() for t in fallback.stream_ids(prompts[1:], s)] == ours and not fallback.compiled
-    assert notes == ["note: the compiled decode step failed (no C++ compiler); decoding eagerly"]
+def _dequantized(model, quantized):
+    """``model`` with each linear layer's weights replaced by what the int8 engine holds, dequantized."""
+    from flopwise.infer.generate import DecodeModel
+
+    ref = DecodeModel(copy.deepcopy(model).eval()).eval()
+    mods = dict(quantized.named_modules())
+    with torch.no_grad():
+        for name, mod in ref.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.copy_(mods[name].weight().dequantize())
+    return ref
+
+
+def test_c_step_int8_reads_the_quantized_weights_exactly(engine):
+    """int8: the C step's logits are those of the int8 weights (dequantized) in fp32 arithmetic (PyTorch's int8
+    also rounds its activations to 8 bits, so it is only close: test_bf16_and_int8_runtimes_stay_close_to_fp32)."""
+    from flopwise.infer.generate import _rms
+
+    eng = Engine(engine.reference, engine.sp, dtype="int8")
+    assert eng.native is not None
+    ref = _dequantized(engine.reference, eng.model)
+    ids = torch.tensor([engine.encode_prompt("Once upon a time there was")])
+    with torch.inference_mode():
+        for pos in range(ids.shape[1]):  # every key from the C step (PyTorch's int8 prefill rounds activations)
+            ours = eng._decode(ids[:, pos:pos + 1], pos, None)
+        x, pos = ref.embed(ids), ids.shape[1]  # the reference: a full causal forward of the dequantized model
+        cos, sin = ref.rope_cos[:pos], ref.rope_sin[:pos]
+        from flopwise.model.llama import apply_rope
+        for layer in ref.layers:
+            hd, nh, nkv = layer.head_dim, layer.n_heads, layer.n_kv_heads
+            qkv = layer.qkv(_rms(x, layer.attn_norm)).view(1, pos, nh + 2 * nkv, hd).transpose(1, 2)
+            qk = apply_rope(qkv[:, :nh + nkv], cos, sin)
+            y = torch.nn.functional.scaled_dot_product_attention(qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:],
+                                                                 is_causal=True, enable_gqa=nkv != nh)
+            x = x + layer.wo(y.transpose(1, 2).reshape(1, pos, -1))
+            gu = layer.gate_up(_rms(x, layer.mlp_norm))
+            x = x + layer.w_down(torch.nn.functional.silu(gu[..., :layer.d_ff]) * gu[..., layer.d_ff:])
+        want = ref.head(_rms(x[:, -1], ref.norm))
+    assert torch.allclose(ours, want, atol=1e-4, rtol=1e-4), (ours - want).abs().max()
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the SIMD variants are x86's")
+@pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2")])
+def test_c_step_variants_without_avx512_agree(engine, flags):
+    """The AVX2 and plain-C builds of step.c (what machines without AVX-512 compile) give the same logits."""
+    from flopwise.infer.native import NativeStep, library
+
+    eng = Engine(engine.reference, engine.sp, dtype="int8")
+    ids = torch.tensor([engine.encode_prompt("Once upon a time there was")])
+    outs = []
+    for step in (eng.native, NativeStep(eng.model, lib=library(flags))):
+        with torch.inference_mode():
+            eng._forward(ids[:, :-1], 0, None)
+            step.bind(eng.cache)
+            outs.append(step(ids[:, -1:], ids.shape[1] - 1, None))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_without_a_c_compiler_decoding_falls_back_to_torch(engine, tmp_path, monkeypatch):
+    """No compiler, or one that fails: one note, PyTorch decodes the same tokens, no half-built library left."""
+    from flopwise.infer import native
+
+    s = Sampling(max_new_tokens=10, temperature=0, ignore_eos=True)
+    want = [t.tolist() for t in engine.stream_ids([engine.encode_prompt("Once upon a time")], s)]
+    monkeypatch.setattr(native, "_LIB", None)
+    monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path))
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "cc").symlink_to(shutil.which("false"))  # a compiler that fails every build
+    for path, why in ((str(tmp_path / "empty"), "no C compiler"), (str(tmp_path / "bin"), "could not build")):
+        monkeypatch.delenv("CC", raising=False)
+        monkeypatch.setenv("PATH", path)
+        notes = []
+        eng = Engine(engine.reference, engine.sp, log=notes.append)
+        assert eng.native is None and not eng.compiled and len(notes) == 1 and why in notes[0], notes
+        assert notes[0].endswith("; decoding with PyTorch (slower)")
+        assert [t.tolist() for t in eng.stream_ids([engine.encode_prompt("Once upon a time")], s)] == want
+    assert list((tmp_path / "native").iterdir()) == []  # each failed build's temporary file removed
+    notes = []
+    Engine(engine.reference, engine.sp, dtype="bf16", compile="on", log=notes.append)
+    assert notes == ["note: the C decode step reads fp32 or int8 weights; bf16 decodes with PyTorch"]
 
 
 def test_sampling_filters():

@@ -33,9 +33,9 @@ def backend_option():
 
 
 def compile_option():
-    return typer.Option("auto", "--compile", help="Decode single prompts through a torch.compile'd step: on, off, "
-                        "or auto (on where this machine measured it faster for this model: chat and serve time "
-                        "it once, generate --bench records it).")
+    return typer.Option("auto", "--compile", help="Decode through flopwise's C step (fp32 and int8; compiled once per "
+                        "machine with its C compiler, ~1 s): auto or on (on also says when it cannot: bf16, no "
+                        "compiler), or off (PyTorch alone).")
 
 
 def _engine(run: str, dtype: str, threads: int, backend: str = "flopwise", compile_mode: str = "auto"):
@@ -94,7 +94,7 @@ def generate(
     if bench:
         r = eng.bench()
         print(json.dumps(r, indent=2)) if as_json else console.print(
-            f"{r['dtype']}{' compiled' if r.get('compiled') else ''}: prompt {r['prompt_tok_per_s']:,.0f} tok/s, "
+            f"{r['dtype']}{', C step' if r.get('compiled') else ''}: prompt {r['prompt_tok_per_s']:,.0f} tok/s, "
             f"decode {r['decode_tok_per_s']:,.1f} tok/s "
             f"(batch {r['batch']}, {r['new_tokens']} new tokens), peak RSS {r['peak_rss_mb']:,.0f} MB")
         return
@@ -145,8 +145,6 @@ def chat(
 
     _sampling_rules(max_tokens, temperature, top_k)
     eng = _engine(run, dtype, threads, backend, compile_mode)
-    if backend == "flopwise":
-        eng.settle_compile()  # a session decodes many tokens: worth timing the compiled step once
     ctx = eng.config.seq_len
     console.print(f"[dim]{run}: context {ctx} tokens; /reset clears the history, /exit or Ctrl-D ends[/dim]")
     history: list[tuple[str, str]] = []  # (user, reply) of earlier turns
@@ -244,8 +242,6 @@ def serve(
             ("--max-queue", max_queue, max_queue >= 1, "at least 1"))
     _check_port(host, port)
     eng = _engine(run, dtype, threads, backend, compile_mode)
-    if backend == "flopwise":
-        eng.settle_compile()  # a server decodes many tokens: worth timing the compiled step once
     model_name = name or Path(run).resolve().name
     console.print(f"serving {model_name} on http://{host}:{port}/v1 (context {eng.config.seq_len} tokens)")
     run_server(eng, model_name, host, port, max_queue)

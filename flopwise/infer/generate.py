@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
-import json
 import math
 import resource
 import sys
 import time
-import types
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,12 +22,10 @@ import torch.nn.functional as F
 
 from flopwise.data.tokenizer import BOS_ID, EOS_ID
 from flopwise.errors import FlopwiseError
-from flopwise.fsutil import atomic_write_text, cache_root
-from flopwise.model.compiling import use_compile_cache
+from flopwise.infer.native import NativeStep, NativeUnavailable, library
 from flopwise.model.llama import Llama, apply_rope
 
 COMPILE_MODES = ("auto", "on", "off")
-_STEP_IDS = itertools.count()
 
 
 @dataclass
@@ -117,86 +112,52 @@ class DecodeModel(nn.Module):
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
 
     def new_cache(self, batch: int, dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Keys and values, a tensor a layer of one static shape (batch, kv heads, context, head dim). One tensor
-        a layer, not one for all: a compiled step that writes into a slice of one big input copies all of it."""
+        """Keys and values, a tensor a layer of one shape (batch, kv heads, context, head dim), zeros."""
         c = self.config
         shape = (batch, c.n_kv_heads, c.seq_len, c.head_dim)
         return ([torch.zeros(shape, dtype=dtype) for _ in range(c.n_layers)],
                 [torch.zeros(shape, dtype=dtype) for _ in range(c.n_layers)])
 
-    def step(self, token: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, keys: list[torch.Tensor],
-             values: list[torch.Tensor]) -> torch.Tensor:
-        """One decoded token per row at position ``pos`` (1,), over the whole static cache (keys where ``valid``
-        (B, context) is false are masked), the cache written in place: every shape is fixed, so this is the
-        graph torch.compile captures once (the engine runs it for single prompts). Returns the logits (B, vocab)."""
-        b = token.shape[0]
-        x = self.embed(token)
-        cos, sin = self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos)
-        for i, layer in enumerate(self.layers):
-            hd, nh, nkv = layer.head_dim, layer.n_heads, layer.n_kv_heads
-            qkv = _linear(layer.qkv, _rms(x, layer.attn_norm)).view(b, 1, nh + 2 * nkv, hd).transpose(1, 2)
-            qk = apply_rope(qkv[:, :nh + nkv], cos, sin)
-            keys[i].index_copy_(2, pos, qk[:, nh:])
-            values[i].index_copy_(2, pos, qkv[:, nh + nkv:])
-            y = _decode_attention(qk[:, :nh], keys[i], values[i], valid)
-            x = x + _linear(layer.wo, y.transpose(1, 2).reshape(b, 1, -1))
-            gu = _linear(layer.gate_up, _rms(x, layer.mlp_norm))
-            x = x + _linear(layer.w_down, F.silu(gu[..., :layer.d_ff]) * gu[..., layer.d_ff:])
-        return _linear(self.head, _rms(x[:, -1], self.norm))
-
 
 class Engine:
     """A model prepared for decoding: inference mode, KV caches reused across calls.
 
-    ``compile``: on runs a single prompt's decode steps through torch.compile (inductor's C++ code, compiled
-    once, cached on disk), off never, auto where this machine measured the compiled step faster for this
-    model (``settle_compile`` times it; ``generate --bench`` records its mode's rate). Prefill and batches
-    stay eager. A compile that fails falls back to eager for good, with one line on ``log``."""
+    ``compile``: auto and on decode through the C step (``step.c``, compiled once per machine with its C
+    compiler: ``flopwise.infer.native``) for fp32 and int8 weights, every batch size; prefill stays in PyTorch.
+    off, bf16, or a machine where the step does not build decode with PyTorch alone (on says why in one line on
+    ``log``; auto too, once per engine)."""
 
-    def __init__(self, model: Llama, sp, dtype: str = "fp32", compile: str = "off", log=None):
+    def __init__(self, model: Llama, sp, dtype: str = "fp32", compile: str = "auto", log=None):
         if compile not in COMPILE_MODES:
             raise FlopwiseError(f"--compile must be {', '.join(COMPILE_MODES)}, got {compile!r}")
         self.sp, self.dtype = sp, dtype
         self.config = model.config
-        # a private copy: casting or quantising must not change the caller's model
-        self.model = prepare_model(DecodeModel(copy.deepcopy(model).eval()).eval(), dtype)
-        self.cache = None  # eager: grows to the largest batch seen, rows sliced off for smaller ones
-        self.cache1 = None  # the compiled step's: one row, a static shape
-        self._views = None
         self.log = log or (lambda m: print(m, file=sys.stderr))
-        self.speed_key = json.dumps([torch.__version__, sorted(dataclasses.asdict(self.config).items()), dtype,
-                                     torch.get_num_threads()])
-        self.mode = compile
-        self.compiled = compile == "on" or (compile == "auto" and _measured_faster(self.speed_key))
-        self._step = None  # the compiled step, made on first use
+        native = compile != "off" and self._native_builds(dtype, loud=compile == "on")
+        # a private copy: casting or quantising must not change the caller's model. With the C step the fp32
+        # weights stay (out, in), the layout it reads (prefill's matmuls read either equally well).
+        self.model = prepare_model(DecodeModel(copy.deepcopy(model).eval()).eval(), dtype, transpose=not native)
+        self.native = None
+        if native:
+            try:
+                self.native = NativeStep(self.model)
+            except NativeUnavailable as e:
+                self.log(f"note: {e}; decoding with PyTorch")
+        self.compiled = self.native is not None
+        self.cache = None  # grows to the largest batch seen, rows sliced off for smaller ones
+        self._views = None
 
-    def settle_compile(self, steps: int = 48) -> dict | None:
-        """For --compile auto in a long-lived command (chat, serve): where this machine has no measurement for
-        this model yet, time ``steps`` eager and compiled batch-1 steps (compiling once: 5-30 s), record both and
-        keep the faster. Returns the rates measured, or None when nothing was measured."""
-        width = min(16, self.config.seq_len // 4)
-        if self.mode != "auto" or _recorded(self.speed_key) or width < 2:
-            return None
-        self.log("note: timing the compiled decode step against eager once for this model on this machine "
-                 "(--compile auto; compiling takes 5-30 s; --compile off skips this)")
-        prompt = [bench_prompt(self.config.vocab_size, width)]
-        s = Sampling(max_new_tokens=min(steps, self.config.seq_len - width), temperature=0, ignore_eos=True)
-        rates = {}
-        for compiled in (False, True):
-            self.compiled = compiled
-            for _ in self.stream_ids(prompt, Sampling(max_new_tokens=4, temperature=0)):  # warm-up (compiles)
-                pass
-            if compiled and not self.compiled:  # the compile failed: eager it stays, and auto does not try again
-                record_speed(self.speed_key, True, 0.0)
-                return rates
-            t0 = time.perf_counter()
-            n = sum(1 for _ in self.stream_ids(prompt, s))
-            rates["compiled" if compiled else "eager"] = n / (time.perf_counter() - t0)
-            record_speed(self.speed_key, compiled, rates["compiled" if compiled else "eager"])
-        self.compiled = _measured_faster(self.speed_key)
-        self.log(f"note: decoding at {rates['eager']:,.0f} tok/s eager, {rates['compiled']:,.0f} compiled: "
-                 f"{'compiled' if self.compiled else 'eager'} from now on")
-        return rates
+    def _native_builds(self, dtype: str, loud: bool) -> bool:
+        if dtype not in ("fp32", "int8"):
+            if loud:
+                self.log(f"note: the C decode step reads fp32 or int8 weights; {dtype} decodes with PyTorch")
+            return False
+        try:
+            library()
+            return True
+        except NativeUnavailable as e:
+            self.log(f"note: {e}; decoding with PyTorch (slower)")
+            return False
 
     # -- tokens --
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -204,10 +165,6 @@ class Engine:
 
     def _cache(self, batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         act = torch.bfloat16 if self.dtype == "bf16" else torch.float32
-        if batch == 1 and self.compiled:
-            if self.cache1 is None:
-                self.cache1 = self.model.new_cache(1, dtype=act)
-            return self.cache1
         if self.cache is None or self.cache[0][0].shape[0] < batch:
             self.cache, self._views = self.model.new_cache(batch, dtype=act), None
         if self.cache[0][0].shape[0] == batch:
@@ -218,34 +175,14 @@ class Engine:
 
     @torch.inference_mode()
     def _decode(self, tokens: torch.Tensor, pos: int, key_mask: torch.Tensor | None) -> torch.Tensor:
-        """Logits after one new token per row at ``pos``: the compiled step for a single row where it is on
-        (batch 1 is where per-op overhead costs most; a batch of rows shares it, and would compile again
-        for each new batch size), else eager."""
-        if not self.compiled or tokens.shape[0] != 1:
+        """Logits (B, vocab) after one new token per row (B, 1) at ``pos``: the C step where it is on, writing
+        into the first B rows of the same cache the prefill wrote, else PyTorch."""
+        if self.native is None:
             return self._forward(tokens, pos, None if key_mask is None else key_mask[:, :pos + 1])
-        keys, values = self._cache(1)
-        valid = (torch.arange(self.config.seq_len) <= pos)[None]
-        if key_mask is not None:
-            valid = valid & key_mask
-        try:
-            if self._step is None:
-                use_compile_cache()
-                # guards on the module's weights cost ~0.1 ms a call, and they cannot change inside an engine; dynamo
-                # keeps compiled graphs per code object, so each engine gets its own copy of step's code: another
-                # engine's model (other weights, heads) can never reuse this one's unguarded graph
-                fn = DecodeModel.step
-                code = fn.__code__.replace(co_name=f"step_{next(_STEP_IDS)}")
-                own = types.MethodType(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
-                                                          fn.__closure__), self.model)
-                self._step = torch.compile(own, fullgraph=True, dynamic=False, options={
-                    "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-            return self._step(tokens, torch.tensor([pos]), valid, keys, values)
-        except Exception as e:  # inductor raises many kinds (no compiler, an unsupported op): decode eagerly instead
-            why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-            self.log(f"note: the compiled decode step failed ({why}); decoding eagerly")
-            self.compiled, self._step = False, None
-            self.cache, self._views = self.cache1, None  # it holds this prompt's keys so far
-            return self._forward(tokens, pos, None if key_mask is None else key_mask[:, :pos + 1])
+        self._cache(tokens.shape[0])
+        if self.native.cache is not self.cache:  # a new (larger) cache: point the C structs at it
+            self.native.bind(self.cache)
+        return self.native(tokens, pos, key_mask)
 
     @torch.inference_mode()
     def _forward(self, tokens: torch.Tensor, start: int, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -379,8 +316,6 @@ class Engine:
         n = sum(1 for _ in self.stream_ids(prompt, s))
         t_all = time.perf_counter() - t0
         decode = batch * max(n - 1, 1) / max(t_all - t_prompt, 1e-9)
-        if batch == 1:
-            record_speed(self.speed_key, self.compiled, decode)  # what --compile auto decides by
         return {"prompt_tok_per_s": batch * prompt_tokens / t_prompt, "decode_tok_per_s": decode, "new_tokens": n,
                 "batch": batch, "dtype": self.dtype, "compiled": self.compiled,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -389,40 +324,6 @@ class Engine:
 def bench_prompt(vocab_size: int, tokens: int) -> list[int]:
     """A fixed prompt of ``tokens`` ids (bos, then a spread of ordinary ids) for timing a decoder."""
     return [BOS_ID] + [3 + (i * 7) % (vocab_size - 3) for i in range(tokens - 1)]
-
-
-def _speeds_path():
-    return cache_root() / "decode_speed.json"
-
-
-def _speeds() -> dict:
-    """Every recorded rate, {key: {"eager": tok/s, "compiled": tok/s}}; nothing where the file is missing or bad."""
-    try:
-        speeds = json.loads(_speeds_path().read_text())
-    except (OSError, ValueError):
-        return {}
-    return {k: v for k, v in speeds.items() if isinstance(v, dict)} if isinstance(speeds, dict) else {}
-
-
-def _measured_faster(key: str) -> bool:
-    """Whether this machine measured the compiled step faster than eager for this key (by over 5%)."""
-    rates = _speeds().get(key, {})
-    return rates.get("compiled", 0) > 1.05 * rates.get("eager", float("inf"))
-
-
-def _recorded(key: str) -> bool:
-    return {"compiled", "eager"} <= set(_speeds().get(key, {}))
-
-
-def record_speed(key: str, compiled: bool, tokens_per_s: float) -> None:
-    """Remember a measured rate (best effort: a cache folder that cannot be written only costs re-measuring)."""
-    speeds = _speeds()
-    speeds.setdefault(key, {})
-    speeds[key]["compiled" if compiled else "eager"] = tokens_per_s
-    try:
-        atomic_write_text(_speeds_path(), json.dumps(speeds) + "\n")
-    except OSError:
-        pass
 
 
 def _rms(x: torch.Tensor, norm) -> torch.Tensor:
@@ -504,25 +405,6 @@ def _split_matmul(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     return y.transpose(0, 1).reshape(*x.shape[:-1], -1)
 
 
-# the same product as one opaque op for torch.compile: inductor fuses what lies between the matmuls, and
-# the matmuls stay BLAS calls cut across threads (inductor's own lowering of this bmm ran 3x slower)
-@torch.library.custom_op("flopwise::split_matmul", mutates_args=())
-def split_matmul(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    return _split_matmul(x, weight_t)
-
-
-@split_matmul.register_fake
-def _(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], weight_t.shape[0] * weight_t.shape[2]))
-
-
-def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A linear layer inside the compiled step: TLinear's product as the opaque op, anything else as it is."""
-    if isinstance(module, TLinear):
-        return split_matmul(x, module.weight_t)
-    return module(x)
-
-
 class TLinear(nn.Module):
     """y = x W^T for decoding, W stored transposed, (in, out), and cut into ``parts`` column blocks,
     (parts, in, out / parts), so that one batched matmul runs each block on its own thread. For a single row
@@ -551,11 +433,12 @@ def _transpose_linears(module: nn.Module, parts: int) -> nn.Module:
     return module
 
 
-def prepare_model(model: nn.Module, dtype: str) -> nn.Module:
-    """fp32 as is; bf16 weights; int8: dynamically quantized linear layers (weights int8 per channel)."""
+def prepare_model(model: nn.Module, dtype: str, transpose: bool = True) -> nn.Module:
+    """fp32 (``transpose``: as TLinears, for PyTorch's decoding; else nn.Linear's (out, in), for the C step);
+    bf16 weights; int8: dynamically quantized linear layers (weights int8 per channel, symmetric)."""
     parts = torch.get_num_threads()  # the threads decoding will run on (the CLI sets them first)
     if dtype == "fp32":
-        return _transpose_linears(model.float(), parts)
+        return _transpose_linears(model.float(), parts) if transpose else model.float()
     if dtype == "bf16":  # nn.Linear's bf16 kernel (oneDNN): 1.3x faster than x @ W^T at 110M, 1.15x slower at 15M
         return model.to(torch.bfloat16)
     if dtype == "int8":

@@ -1,0 +1,198 @@
+/* flopwise's decode step in C: one new token for each of B rows, through every layer, in one call.
+
+   Compiled once per machine by flopwise.infer.native (the system C compiler, -O3 -march=native, OpenMP when
+   the compiler has it) and called through ctypes. Why C: a decoded token of a small model is ~40 matrix-vector
+   products of a few hundred microseconds each, and in PyTorch every one of the ~150 ops around them costs
+   microseconds of dispatch; here the step is the products plus a few loops, and the products read the
+   weights at memory speed.
+
+   The model is flopwise's Llama as flopwise.infer.generate.DecodeModel holds it (q, k, v fused into one
+   matrix, gate and up into another), weights row-major (out, in): fp32, or int8 with one fp32 scale per
+   row (w[o][i] * scale[o]). Activations, the KV cache and the logits are fp32. The arithmetic follows the
+   PyTorch step's: RMSNorm x * rsqrt(mean(x^2) + eps) * weight, rotary embeddings in the rotate-half
+   convention from the model's own cos/sin tables, grouped-query attention over positions 0..pos (those a
+   row's mask marks), SiLU-gated MLP; sums are reordered for SIMD, so results agree to rounding. */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    const void *w;      /* (rows, cols): float or int8_t */
+    const float *scale; /* (rows,) for int8, else NULL */
+    int32_t rows, cols;
+} Mat;
+
+typedef struct {
+    const float *attn_norm, *mlp_norm; /* (dim,) */
+    Mat qkv, wo, gate_up, down;
+    float *keys, *values; /* (rows of the cache, n_kv_heads, seq_len, head_dim): a row's stride is fixed */
+} Layer;
+
+typedef struct {
+    int32_t dim, n_layers, n_heads, n_kv_heads, head_dim, d_ff, vocab, seq_len, max_batch;
+    float eps;
+    const float *embed;              /* (vocab, dim) */
+    const float *norm;               /* (dim,) */
+    Mat head;                        /* (vocab, dim) */
+    const float *rope_cos, *rope_sin; /* (seq_len, head_dim) */
+    const Layer *layers;
+    /* scratch, max_batch rows each */
+    float *x, *h, *qkv, *att, *gu, *ff, *scores; /* dim, dim, (nh+2nkv)hd, dim, 2 d_ff, d_ff, nh seq_len */
+} Model;
+
+static inline float dot_f32(const float *restrict w, const float *restrict x, int n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int i = 0; i < n; i++) s += w[i] * x[i];
+    return s;
+}
+
+/* int8 weights times fp32 activations. Compilers vectorise the plain loop poorly (the widening to float), so
+   x86's AVX-512 and AVX2 get it spelled out: 2.4x faster than the plain loop at 15M on an AMD EPYC. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline __m512 widen16(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)); }
+static inline float dot_i8(const int8_t *restrict w, const float *restrict x, int n) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int i = 0;
+    for (; i + 64 <= n; i += 64) {
+        const __m512i q = _mm512_loadu_si512(w + i);
+        a0 = _mm512_fmadd_ps(widen16(_mm512_castsi512_si128(q)), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(widen16(_mm512_extracti32x4_epi32(q, 1)), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(widen16(_mm512_extracti32x4_epi32(q, 2)), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(widen16(_mm512_extracti32x4_epi32(q, 3)), _mm512_loadu_ps(x + i + 48), a3);
+    }
+    for (; i + 16 <= n; i += 16) a0 = _mm512_fmadd_ps(widen16(_mm_loadu_si128((const __m128i *)(w + i))),
+                                                      _mm512_loadu_ps(x + i), a0);
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; i < n; i++) s += (float)w[i] * x[i];
+    return s;
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+static inline __m256 widen8(const int8_t *w) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w)));
+}
+static inline float dot_i8(const int8_t *restrict w, const float *restrict x, int n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a0 = _mm256_fmadd_ps(widen8(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(widen8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+    }
+    float lanes[8], s = 0.0f;
+    _mm256_storeu_ps(lanes, _mm256_add_ps(a0, a1));
+    for (int j = 0; j < 8; j++) s += lanes[j];
+    for (; i < n; i++) s += (float)w[i] * x[i];
+    return s;
+}
+#else
+static inline float dot_i8(const int8_t *restrict w, const float *restrict x, int n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int i = 0; i < n; i++) s += (float)w[i] * x[i];
+    return s;
+}
+#endif
+
+/* y (B, rows) = x (B, cols) W^T. Threads split the output rows, so each reads its share of W once for all B
+   rows of x (which stay in cache). */
+static void matmul(float *restrict y, const Mat *m, const float *restrict x, int batch, int threads) {
+    const int rows = m->rows, cols = m->cols;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int o = 0; o < rows; o++) {
+        if (m->scale) {
+            const int8_t *w = (const int8_t *)m->w + (int64_t)o * cols;
+            for (int b = 0; b < batch; b++) y[(int64_t)b * rows + o] = dot_i8(w, x + (int64_t)b * cols, cols) * m->scale[o];
+        } else {
+            const float *w = (const float *)m->w + (int64_t)o * cols;
+            for (int b = 0; b < batch; b++) y[(int64_t)b * rows + o] = dot_f32(w, x + (int64_t)b * cols, cols);
+        }
+    }
+}
+
+static void rmsnorm(float *restrict out, const float *restrict x, const float *restrict weight, int n, float eps) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * r * weight[i];
+}
+
+/* Rotate pairs (i, i + hd/2) of one head in place by the angles of one position. */
+static void rope(float *restrict v, const float *restrict cos, const float *restrict sin, int hd) {
+    const int half = hd / 2;
+    for (int i = 0; i < half; i++) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/* One decoded token for each of ``batch`` rows at position ``pos``: tokens (batch,), mask (batch, seq_len) of
+   0/1 marking the keys a row may attend to, or NULL for all of 0..pos; logits (batch, vocab) out. The keys and
+   values of ``pos`` are written into the cache. Returns 0, or -1 for arguments out of range. */
+int fw_step(const Model *m, int batch, const int64_t *tokens, int pos, const uint8_t *mask, float *logits,
+            int threads) {
+    const int d = m->dim, hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads, ctx = m->seq_len;
+    const int n_qkv = (nh + 2 * nkv) * hd, dff = m->d_ff, group = nh / nkv;
+    if (batch < 1 || batch > m->max_batch || pos < 0 || pos >= ctx) return -1;
+    for (int b = 0; b < batch; b++) {
+        if (tokens[b] < 0 || tokens[b] >= m->vocab) return -1;
+        memcpy(m->x + (int64_t)b * d, m->embed + tokens[b] * d, sizeof(float) * d);
+    }
+    const float *cos = m->rope_cos + (int64_t)pos * hd, *sin = m->rope_sin + (int64_t)pos * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int64_t row_stride = (int64_t)nkv * ctx * hd;
+    for (int l = 0; l < m->n_layers; l++) {
+        const Layer *L = m->layers + l;
+        for (int b = 0; b < batch; b++) rmsnorm(m->h + (int64_t)b * d, m->x + (int64_t)b * d, L->attn_norm, d, m->eps);
+        matmul(m->qkv, &L->qkv, m->h, batch, threads);
+        for (int b = 0; b < batch; b++) {
+            float *q = m->qkv + (int64_t)b * n_qkv, *k = q + nh * hd, *v = k + nkv * hd;
+            for (int j = 0; j < nh + nkv; j++) rope(q + j * hd, cos, sin, hd); /* q's heads, then k's */
+            for (int j = 0; j < nkv; j++) {
+                const int64_t at = b * row_stride + ((int64_t)j * ctx + pos) * hd;
+                memcpy(L->keys + at, k + j * hd, sizeof(float) * hd);
+                memcpy(L->values + at, v + j * hd, sizeof(float) * hd);
+            }
+        }
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && batch * nh * pos > 4096)
+        for (int bh = 0; bh < batch * nh; bh++) {
+            const int b = bh / nh, head = bh % nh, kvh = head / group;
+            const float *q = m->qkv + (int64_t)b * n_qkv + head * hd;
+            const float *keys = L->keys + b * row_stride + (int64_t)kvh * ctx * hd;
+            const float *values = L->values + b * row_stride + (int64_t)kvh * ctx * hd;
+            const uint8_t *ok = mask ? mask + (int64_t)b * ctx : NULL;
+            float *s = m->scores + (int64_t)bh * ctx, top = -INFINITY;
+            for (int t = 0; t <= pos; t++) {
+                s[t] = (!ok || ok[t]) ? dot_f32(q, keys + (int64_t)t * hd, hd) * scale : -INFINITY;
+                if (s[t] > top) top = s[t];
+            }
+            float total = 0.0f;
+            for (int t = 0; t <= pos; t++) total += (s[t] = s[t] == -INFINITY ? 0.0f : expf(s[t] - top));
+            float *y = m->att + (int64_t)b * d + head * hd;
+            memset(y, 0, sizeof(float) * hd);
+            for (int t = 0; t <= pos; t++) {
+                const float p = s[t] / total;
+                const float *vt = values + (int64_t)t * hd;
+#pragma omp simd
+                for (int i = 0; i < hd; i++) y[i] += p * vt[i];
+            }
+        }
+        matmul(m->h, &L->wo, m->att, batch, threads);
+        for (int64_t i = 0; i < (int64_t)batch * d; i++) m->x[i] += m->h[i];
+        for (int b = 0; b < batch; b++) rmsnorm(m->h + (int64_t)b * d, m->x + (int64_t)b * d, L->mlp_norm, d, m->eps);
+        matmul(m->gu, &L->gate_up, m->h, batch, threads);
+        for (int b = 0; b < batch; b++) {
+            const float *g = m->gu + (int64_t)b * 2 * dff, *u = g + dff;
+            float *f = m->ff + (int64_t)b * dff;
+            for (int i = 0; i < dff; i++) f[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        }
+        matmul(m->h, &L->down, m->ff, batch, threads);
+        for (int64_t i = 0; i < (int64_t)batch * d; i++) m->x[i] += m->h[i];
+    }
+    for (int b = 0; b < batch; b++) rmsnorm(m->h + (int64_t)b * d, m->x + (int64_t)b * d, m->norm, d, m->eps);
+    matmul(logits, &m->head, m->h, batch, threads);
+    return 0;
+}
