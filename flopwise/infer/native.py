@@ -130,7 +130,11 @@ def _mat(module: nn.Module, keep: list) -> _Mat:
             raise NativeUnavailable(f"weights of dtype {w.dtype}: the C step reads fp32 or int8")
         keep.append(w)
         return _Mat(w.data_ptr(), None, w.shape[0], w.shape[1])
+    if not callable(getattr(module, "weight", None)):
+        raise NativeUnavailable(f"a {type(module).__name__} layer: the C step reads nn.Linear or int8 weights")
     q = module.weight()  # torch.ao's dynamic quantized Linear: a per-channel qint8 tensor
+    if q.dtype != torch.qint8:
+        raise NativeUnavailable(f"quantized weights of dtype {q.dtype}: the C step reads qint8")
     if q.qscheme() not in (torch.per_channel_symmetric, torch.per_channel_affine) or \
             bool(q.q_per_channel_zero_points().any()):
         raise NativeUnavailable("int8 weights with zero points: the C step reads symmetric per-row scales")

@@ -1,4 +1,4 @@
-"""torch.compile's settings for flopwise, shared by the trainer and the decoder."""
+"""torch.compile's settings for flopwise's training (the decoder's C step is built by flopwise.infer.native)."""
 
 from __future__ import annotations
 
