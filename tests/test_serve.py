@@ -1,5 +1,6 @@
 import copy
 import json
+import os
 import platform
 import shutil
 import socket
@@ -14,6 +15,8 @@ import torch
 from flopwise.data.tokenizer import EOS_ID
 from flopwise.infer.generate import Engine, Sampling
 from flopwise.model.llama import Llama, ModelConfig
+
+NEEDS_CC = pytest.mark.skipif(not any(shutil.which(c) for c in ("cc", "gcc", "clang")), reason="no C compiler")
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +70,7 @@ def test_engine_greedy_matches_full_forward_and_batches_agree(engine):
     assert a == engine.generate(["Once upon a time"], Sampling(max_new_tokens=20, seed=3))
 
 
+@NEEDS_CC
 def test_c_step_matches_torch_for_single_and_padded_batches_and_reuses_its_cache(engine):
     """The C decode step (the default) gives PyTorch's greedy tokens and logits, for one prompt and for a
     left-padded batch (its key mask); it decodes into the cache the prefill wrote and is pointed at a new one
@@ -107,14 +111,24 @@ def _dequantized(model, quantized):
     return ref
 
 
-def test_c_step_int8_reads_the_quantized_weights_exactly(engine):
+def _odd(engine):
+    """A model whose widths (80, 200: not multiples of 16 or 64) run every SIMD loop's tail."""
+    torch.manual_seed(1)
+    return Llama(ModelConfig(vocab_size=engine.config.vocab_size, d_model=80, n_layers=2, n_heads=4, n_kv_heads=2,
+                             d_ff=200, seq_len=64, init_std=0.2))
+
+
+@NEEDS_CC
+@pytest.mark.parametrize("shape", ["fixture", "odd"])
+def test_c_step_int8_reads_the_quantized_weights_exactly(engine, shape):
     """int8: the C step's logits are those of the int8 weights (dequantized) in fp32 arithmetic (PyTorch's int8
     also rounds its activations to 8 bits, so it is only close: test_bf16_and_int8_runtimes_stay_close_to_fp32)."""
     from flopwise.infer.generate import _rms
 
-    eng = Engine(engine.reference, engine.sp, dtype="int8")
+    model = engine.reference if shape == "fixture" else _odd(engine)
+    eng = Engine(model, engine.sp, dtype="int8")
     assert eng.native is not None
-    ref = _dequantized(engine.reference, eng.model)
+    ref = _dequantized(model, eng.model)
     ids = torch.tensor([engine.encode_prompt("Once upon a time there was")])
     with torch.inference_mode():
         for pos in range(ids.shape[1]):  # every key from the C step (PyTorch's int8 prefill rounds activations)
@@ -135,16 +149,21 @@ def test_c_step_int8_reads_the_quantized_weights_exactly(engine):
     assert torch.allclose(ours, want, atol=1e-4, rtol=1e-4), (ours - want).abs().max()
 
 
+@NEEDS_CC
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the SIMD variants are x86's")
-@pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2")])
-def test_c_step_variants_without_avx512_agree(engine, flags):
-    """The AVX2 and plain-C builds of step.c (what machines without AVX-512 compile) give the same logits."""
+@pytest.mark.parametrize("flags,kernel", [(("-mno-avx512f",), 2), (("-mno-avx512f", "-mno-avx2"), 0)])
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_c_step_variants_without_avx512_agree(engine, flags, kernel, dtype):
+    """The AVX2 and plain-C builds of step.c (what machines without AVX-512 compile) give the default build's
+    logits, on widths that run every loop's tail."""
     from flopwise.infer.native import NativeStep, library
 
-    eng = Engine(engine.reference, engine.sp, dtype="int8")
+    variant = library(flags)
+    assert variant.fw_build() & 6 == kernel  # the kernel this test means to check is the one built
+    eng = Engine(_odd(engine), engine.sp, dtype=dtype)
     ids = torch.tensor([engine.encode_prompt("Once upon a time there was")])
     outs = []
-    for step in (eng.native, NativeStep(eng.model, lib=library(flags))):
+    for step in (eng.native, NativeStep(eng.model, lib=variant)):
         with torch.inference_mode():
             eng._forward(ids[:, :-1], 0, None)
             step.bind(eng.cache)
@@ -162,14 +181,23 @@ def test_without_a_c_compiler_decoding_falls_back_to_torch(engine, tmp_path, mon
     monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path))
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "cc").symlink_to(shutil.which("false"))  # a compiler that fails every build
-    for path, why in ((str(tmp_path / "empty"), "no C compiler"), (str(tmp_path / "bin"), "could not build")):
+    not_a_folder = tmp_path / "a-file"  # a cache path that cannot be written (as any user, root included)
+    not_a_folder.write_text("")
+    for path, why in ((str(tmp_path / "empty"), "no C compiler"), (str(tmp_path / "bin"), "could not build"),
+                      (os.environ["PATH"], "the C decode step: [Errno 20] Not a directory")):
         monkeypatch.delenv("CC", raising=False)
         monkeypatch.setenv("PATH", path)
+        monkeypatch.setattr(native, "_FAILED", None)
+        if "Errno" in why:  # a cache folder it cannot write: also one note
+            monkeypatch.setenv("FLOPWISE_CACHE", str(not_a_folder))
         notes = []
         eng = Engine(engine.reference, engine.sp, log=notes.append)
         assert eng.native is None and not eng.compiled and len(notes) == 1 and why in notes[0], notes
         assert notes[0].endswith("; decoding with PyTorch (slower)")
         assert [t.tolist() for t in eng.stream_ids([engine.encode_prompt("Once upon a time")], s)] == want
+        again = []  # the failure is remembered in the process: the same note, nothing built again
+        Engine(engine.reference, engine.sp, log=again.append)
+        assert again == notes
     assert list((tmp_path / "native").iterdir()) == []  # each failed build's temporary file removed
     notes = []
     Engine(engine.reference, engine.sp, dtype="bf16", compile="on", log=notes.append)

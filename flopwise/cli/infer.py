@@ -34,8 +34,8 @@ def backend_option():
 
 def compile_option():
     return typer.Option("auto", "--compile", help="Decode through flopwise's C step (fp32 and int8; compiled once per "
-                        "machine with its C compiler, ~1 s): auto or on (on also says when it cannot: bf16, no "
-                        "compiler), or off (PyTorch alone).")
+                        "machine with its C compiler, ~1 s): auto or on (a note says when it cannot, and on also "
+                        "for bf16), or off (PyTorch alone).")
 
 
 def _engine(run: str, dtype: str, threads: int, backend: str = "flopwise", compile_mode: str = "auto"):

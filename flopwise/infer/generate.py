@@ -143,6 +143,9 @@ class Engine:
                 self.native = NativeStep(self.model)
             except NativeUnavailable as e:
                 self.log(f"note: {e}; decoding with PyTorch")
+                self.model = prepare_model(DecodeModel(copy.deepcopy(model).eval()).eval(), dtype)
+            if self.native is not None and not self.native.lib.fw_build() & 1:
+                self.log("note: the C decode step was built without OpenMP (this compiler has none): one thread")
         self.compiled = self.native is not None
         self.cache = None  # grows to the largest batch seen, rows sliced off for smaller ones
         self._views = None

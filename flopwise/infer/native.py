@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -54,62 +55,76 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_id() -> str:
-    """What -march=native compiles for: the CPU's model and feature flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "\n".join(sorted({x for x in lines if x.startswith(("model name", "flags"))}))
-    except OSError:
-        return platform.processor()
+def _target(cc: str) -> str:
+    """What -march=native compiles for, as the compiler sees it (its predefined macros name every instruction set
+    it enables), so that a cache folder shared between machines never hands one CPU another's build."""
+    r = subprocess.run([cc, "-march=native", "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True,
+                       timeout=60)
+    return r.stdout if r.returncode == 0 else platform.processor()
 
 
 _LIB: ctypes.CDLL | None = None
+_FAILED: str | None = None  # why the default build failed in this process: not tried again
 
 
 def library(flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """The compiled step, built on first use (about a second) or loaded from the cache. ``flags`` adds compiler
     flags (the tests build the AVX2 and plain-C variants with -mno-avx512f, -mno-avx2); the default build is
-    loaded once a process."""
-    global _LIB
-    if _LIB is not None and not flags:
+    loaded once a process, and a failure is remembered for the process."""
+    global _LIB, _FAILED
+    if not flags and _LIB is not None:
         return _LIB
+    if not flags and _FAILED is not None:
+        raise NativeUnavailable(_FAILED)
+    try:
+        lib = _load(flags)
+    except NativeUnavailable as e:
+        if not flags:
+            _FAILED = str(e)
+        raise
+    if not flags:
+        _LIB = lib
+    return lib
+
+
+def _load(flags: tuple[str, ...]) -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise NativeUnavailable("no C compiler (cc, gcc or clang; or set CC)")
     try:
         source = SOURCE.read_bytes()
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise NativeUnavailable(f"the C decode step's source or {cc} --version: {e}") from None
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), _cpu_id().encode(),
-                                     platform.machine().encode(), " ".join(flags).encode()])).hexdigest()[:16]
-    path = cache_root() / "native" / f"step-{key}.so"
-    if not path.exists():
-        _build(cc, path, list(flags))
-    try:
+        key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), _target(cc).encode(),
+                                         platform.machine().encode(), " ".join(flags).encode()])).hexdigest()[:16]
+        path = cache_root() / "native" / f"step-{key}.so"
+        if not path.exists():
+            _build(cc, path, list(flags))
         lib = ctypes.CDLL(str(path))
-    except OSError as e:  # a cache folder mounted noexec, a library from another machine
-        raise NativeUnavailable(f"the C decode step built but does not load: {e}") from None
+    except (OSError, subprocess.SubprocessError) as e:  # an unwritable or noexec cache folder, a missing source
+        raise NativeUnavailable(f"the C decode step: {e}") from None
     lib.fw_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, _P, ctypes.c_int, _P, _P, ctypes.c_int]
     lib.fw_step.restype = ctypes.c_int
-    if not flags:
-        _LIB = lib
+    lib.fw_build.restype = ctypes.c_int
     return lib
 
 
 def _build(cc: str, path: Path, extra: list[str]) -> None:
-    """Compile into a temporary sibling and rename: a process that dies mid-build leaves no half library, and
-    two processes building at once each rename a whole one."""
+    """Compile into a temporary sibling, load it, and rename: a process that dies mid-build leaves no half
+    library, two processes building at once each rename a whole one, and a build that links but does not load
+    (an OpenMP runtime the loader cannot find) is never cached: the next flags are tried."""
     path.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    # OpenMP first (the products split across threads); a compiler without it (Apple clang) builds a serial step
-    for flags in (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []):
+    # OpenMP first (the products split across threads); a compiler without it (Apple clang) builds a serial step,
+    # still vectorised (-fopenmp-simd honours the simd pragmas alone)
+    for flags in (["-march=native", "-fopenmp"], ["-march=native", "-fopenmp-simd"], ["-fopenmp"],
+                  ["-fopenmp-simd"], []):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".so.tmp")
         os.close(fd)
         try:
             r = subprocess.run([cc, "-O3", "-shared", "-fPIC", *flags, *extra, str(SOURCE), "-o", tmp, "-lm"],
                                capture_output=True, text=True, timeout=300)
             if r.returncode == 0:
+                ctypes.CDLL(tmp)
                 os.replace(tmp, path)
                 return
             errors.append((r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1])
@@ -121,27 +136,42 @@ def _build(cc: str, path: Path, extra: list[str]) -> None:
     raise NativeUnavailable(f"{cc} could not build the C decode step: {errors[0][:160]}")
 
 
-def _mat(module: nn.Module, keep: list) -> _Mat:
-    """A linear layer as the C struct: fp32 weights as they are (out, in); a dynamically quantized one as its
-    int8 weights and per-row scales (symmetric: zero points 0)."""
+def _mat(module: nn.Module, shape: tuple[int, int], keep: list) -> _Mat:
+    """A linear layer of weight ``shape`` (out, in) as the C struct: fp32 weights as they are; a dynamically
+    quantized one as its int8 weights and per-row scales (symmetric: zero points 0)."""
+    if getattr(module, "bias", None) is not None and not callable(module.bias):
+        raise NativeUnavailable("a linear layer with a bias: the C step reads flopwise's bias-free layers")
     if isinstance(module, nn.Linear):
-        w = module.weight.detach()
-        if w.dtype != torch.float32 or not w.is_contiguous():
+        w, scale = module.weight.detach(), None
+        if w.dtype != torch.float32:
             raise NativeUnavailable(f"weights of dtype {w.dtype}: the C step reads fp32 or int8")
-        keep.append(w)
-        return _Mat(w.data_ptr(), None, w.shape[0], w.shape[1])
-    if not callable(getattr(module, "weight", None)):
-        raise NativeUnavailable(f"a {type(module).__name__} layer: the C step reads nn.Linear or int8 weights")
-    q = module.weight()  # torch.ao's dynamic quantized Linear: a per-channel qint8 tensor
-    if q.dtype != torch.qint8:
-        raise NativeUnavailable(f"quantized weights of dtype {q.dtype}: the C step reads qint8")
-    if q.qscheme() not in (torch.per_channel_symmetric, torch.per_channel_affine) or \
-            bool(q.q_per_channel_zero_points().any()):
-        raise NativeUnavailable("int8 weights with zero points: the C step reads symmetric per-row scales")
-    w = q.int_repr().contiguous()
-    scale = q.q_per_channel_scales().float().contiguous()
+        w = _huge(w)
+        module.weight.data = w  # PyTorch's prefill reads the same copy
+    else:
+        if not callable(getattr(module, "weight", None)):
+            raise NativeUnavailable(f"a {type(module).__name__} layer: the C step reads nn.Linear or int8 weights")
+        q = module.weight()  # torch.ao's dynamic quantized Linear: a per-channel qint8 tensor
+        if q.dtype != torch.qint8 or q.qscheme() not in (torch.per_channel_symmetric, torch.per_channel_affine):
+            raise NativeUnavailable(f"{q.dtype} weights quantized {q.qscheme()}: the C step reads qint8 per channel")
+        if bool(q.q_per_channel_zero_points().any()):
+            raise NativeUnavailable("int8 weights with zero points: the C step reads symmetric per-row scales")
+        w, scale = _huge(q.int_repr()), q.q_per_channel_scales().float().contiguous()
+        if bool(module.bias() is not None):
+            raise NativeUnavailable("a linear layer with a bias: the C step reads flopwise's bias-free layers")
+    if tuple(w.shape) != shape:
+        raise NativeUnavailable(f"a weight of shape {tuple(w.shape)} where the config says {shape}")
     keep += [w, scale]
-    return _Mat(w.data_ptr(), scale.data_ptr(), w.shape[0], w.shape[1])
+    return _Mat(w.data_ptr(), None if scale is None else scale.data_ptr(), w.shape[0], w.shape[1])
+
+
+def _huge(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` in memory the kernel may back with 2 MB pages: NumPy asks for them (madvise) on
+    large arrays, PyTorch does not. The int8 step at 110M went from 7.0 to 6.2 ms with them (2-core EPYC,
+    transparent huge pages in madvise mode: 4 KB pages cost TLB misses when 110 MB stream by each token)."""
+    a = np.empty(tuple(t.shape), dtype=torch.empty(0, dtype=t.dtype).numpy().dtype)
+    out = torch.from_numpy(a)
+    out.copy_(t)
+    return out
 
 
 class NativeStep:
@@ -158,19 +188,29 @@ class NativeStep:
         self.model = _Model(dim=c.d_model, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
                             head_dim=c.head_dim, d_ff=c.d_ff, vocab=c.vocab_size, seq_len=c.seq_len, max_batch=0,
                             eps=model.norm.eps)
-        self.model.embed = self._f32(model.embed.weight)
-        self.model.norm = self._f32(model.norm.weight)
-        self.model.head = _mat(model.head, self._keep)
-        self.model.rope_cos, self.model.rope_sin = self._f32(model.rope_cos), self._f32(model.rope_sin)
+        d, hd, nh, nkv, dff = c.d_model, c.head_dim, c.n_heads, c.n_kv_heads, c.d_ff
+        if nh * hd != d or nh % nkv or hd % 2:
+            raise NativeUnavailable(f"heads {nh} x {hd} for d_model {d}, {nkv} kv heads: not a shape the C step reads")
+        # the head first: tied to the embedding, its copy is then the embedding's too
+        self.model.head = _mat(model.head, (c.vocab_size, d), self._keep)
+        self.model.embed = self._f32(model.embed.weight, (c.vocab_size, d))
+        self.model.norm = self._f32(model.norm.weight, (d,))
+        self.model.rope_cos = self._f32(model.rope_cos, (c.seq_len, hd))
+        self.model.rope_sin = self._f32(model.rope_sin, (c.seq_len, hd))
         self._layers = (_Layer * c.n_layers)()
         for lay, block in zip(self._layers, model.layers, strict=True):
-            lay.attn_norm, lay.mlp_norm = self._f32(block.attn_norm.weight), self._f32(block.mlp_norm.weight)
-            lay.qkv, lay.wo = _mat(block.qkv, self._keep), _mat(block.wo, self._keep)
-            lay.gate_up, lay.down = _mat(block.gate_up, self._keep), _mat(block.w_down, self._keep)
+            lay.attn_norm = self._f32(block.attn_norm.weight, (d,))
+            lay.mlp_norm = self._f32(block.mlp_norm.weight, (d,))
+            lay.qkv = _mat(block.qkv, ((nh + 2 * nkv) * hd, d), self._keep)
+            lay.wo = _mat(block.wo, (d, d), self._keep)
+            lay.gate_up = _mat(block.gate_up, (2 * dff, d), self._keep)
+            lay.down = _mat(block.w_down, (d, dff), self._keep)
         self.model.layers = self._layers
         self.cache = None
 
-    def _f32(self, t: torch.Tensor) -> int:
+    def _f32(self, t: torch.Tensor, shape: tuple[int, ...]) -> int:
+        if tuple(t.shape) != shape:
+            raise NativeUnavailable(f"a tensor of shape {tuple(t.shape)} where the config says {shape}")
         t = t.detach().float().contiguous()
         self._keep.append(t)
         return t.data_ptr()
@@ -187,7 +227,7 @@ class NativeStep:
             lay.keys, lay.values = k.data_ptr(), v.data_ptr()
         widths = {"x": c.dim, "h": c.dim, "qkv": (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, "att": c.dim,
                   "gu": 2 * c.d_ff, "ff": c.d_ff, "scores": c.n_heads * c.seq_len}
-        self.scratch = {name: torch.empty(rows, width) for name, width in widths.items()}
+        self.scratch = {name: torch.empty(rows, width, dtype=torch.float32) for name, width in widths.items()}
         for name, t in self.scratch.items():
             setattr(c, name, t.data_ptr())
         c.max_batch = rows
@@ -197,8 +237,12 @@ class NativeStep:
         """Logits (B, vocab) after tokens (B,) or (B, 1) at position ``pos``; ``key_mask`` (B, context) marks the
         keys each row may attend to (None: all of 0..pos)."""
         tokens = tokens.reshape(-1).to(torch.int64).contiguous()
-        b = tokens.shape[0]
-        logits = torch.empty(b, self.model.vocab)
+        b, c = tokens.shape[0], self.model
+        if self.cache is None:
+            raise ValueError("the C decode step has no KV cache: bind one first")
+        if key_mask is not None and (key_mask.dim() != 2 or key_mask.shape[0] < b or key_mask.shape[1] != c.seq_len):
+            raise ValueError(f"key_mask of shape {tuple(key_mask.shape)}: the C step reads ({b}, {c.seq_len})")
+        logits = torch.empty(b, c.vocab, dtype=torch.float32)
         mask = None if key_mask is None else key_mask[:b].to(torch.uint8).contiguous()
         rc = self.lib.fw_step(ctypes.byref(self.model), b, tokens.data_ptr(), pos,
                               None if mask is None else mask.data_ptr(), logits.data_ptr(), torch.get_num_threads())

@@ -9,7 +9,7 @@
    The model is flopwise's Llama as flopwise.infer.generate.DecodeModel holds it (q, k, v fused into one
    matrix, gate and up into another), weights row-major (out, in): fp32, or int8 with one fp32 scale per
    row (w[o][i] * scale[o]). Activations, the KV cache and the logits are fp32. The arithmetic follows the
-   PyTorch step's: RMSNorm x * rsqrt(mean(x^2) + eps) * weight, rotary embeddings in the rotate-half
+   PyTorch decode (Engine._forward and _decode_attention in generate.py): RMSNorm x * rsqrt(mean(x^2) + eps) * weight, rotary embeddings in the rotate-half
    convention from the model's own cos/sin tables, grouped-query attention over positions 0..pos (those a
    row's mask marks), SiLU-gated MLP; sums are reordered for SIMD, so results agree to rounding. */
 
@@ -120,13 +120,28 @@ static void rmsnorm(float *restrict out, const float *restrict x, const float *r
 }
 
 /* Rotate pairs (i, i + hd/2) of one head in place by the angles of one position. */
-static void rope(float *restrict v, const float *restrict cos, const float *restrict sin, int hd) {
+static void rope(float *restrict v, const float *restrict c, const float *restrict s, int hd) {
     const int half = hd / 2;
     for (int i = 0; i < half; i++) {
         const float a = v[i], b = v[i + half];
-        v[i] = a * cos[i] - b * sin[i];
-        v[i + half] = b * cos[i + half] + a * sin[i + half];
+        v[i] = a * c[i] - b * s[i];
+        v[i + half] = b * c[i + half] + a * s[i + half];
     }
+}
+
+/* Which build this is, for flopwise's notes and tests: bit 0 OpenMP threads, bit 1 the AVX2 int8 kernel,
+   bit 2 the AVX-512 one. */
+int fw_build(void) {
+    int bits = 0;
+#ifdef _OPENMP
+    bits |= 1;
+#endif
+#if defined(__AVX512F__)
+    bits |= 4;
+#elif defined(__AVX2__) && defined(__FMA__)
+    bits |= 2;
+#endif
+    return bits;
 }
 
 /* One decoded token for each of ``batch`` rows at position ``pos``: tokens (batch,), mask (batch, seq_len) of
@@ -141,7 +156,7 @@ int fw_step(const Model *m, int batch, const int64_t *tokens, int pos, const uin
         if (tokens[b] < 0 || tokens[b] >= m->vocab) return -1;
         memcpy(m->x + (int64_t)b * d, m->embed + tokens[b] * d, sizeof(float) * d);
     }
-    const float *cos = m->rope_cos + (int64_t)pos * hd, *sin = m->rope_sin + (int64_t)pos * hd;
+    const float *rc = m->rope_cos + (int64_t)pos * hd, *rs = m->rope_sin + (int64_t)pos * hd;
     const float scale = 1.0f / sqrtf((float)hd);
     const int64_t row_stride = (int64_t)nkv * ctx * hd;
     for (int l = 0; l < m->n_layers; l++) {
@@ -150,7 +165,7 @@ int fw_step(const Model *m, int batch, const int64_t *tokens, int pos, const uin
         matmul(m->qkv, &L->qkv, m->h, batch, threads);
         for (int b = 0; b < batch; b++) {
             float *q = m->qkv + (int64_t)b * n_qkv, *k = q + nh * hd, *v = k + nkv * hd;
-            for (int j = 0; j < nh + nkv; j++) rope(q + j * hd, cos, sin, hd); /* q's heads, then k's */
+            for (int j = 0; j < nh + nkv; j++) rope(q + j * hd, rc, rs, hd); /* q's heads, then k's */
             for (int j = 0; j < nkv; j++) {
                 const int64_t at = b * row_stride + ((int64_t)j * ctx + pos) * hd;
                 memcpy(L->keys + at, k + j * hd, sizeof(float) * hd);
