@@ -118,49 +118,82 @@ def _odd(engine):
                              d_ff=200, seq_len=64, init_std=0.2))
 
 
+def _int8_reference(model, quantized, ids, rounds: bool) -> torch.Tensor:
+    """The last position's logits of a full causal forward of ``model`` with the int8 engine's weights dequantized,
+    in fp32; ``rounds``: each linear layer's input rounded per row to 8-bit steps of max|x| / 127, as the C step's
+    integer (VNNI) kernel does."""
+    from flopwise.infer.generate import _rms
+    from flopwise.model.llama import apply_rope
+
+    ref = _dequantized(model, quantized)
+
+    def lin(layer, x):
+        if rounds:
+            amax = x.abs().amax(-1, keepdim=True)
+            inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+            x = torch.round(x * inv) * (amax / 127.0)
+        return layer(x)
+
+    x, pos = ref.embed(ids), ids.shape[1]
+    cos, sin = ref.rope_cos[:pos], ref.rope_sin[:pos]
+    for layer in ref.layers:
+        hd, nh, nkv = layer.head_dim, layer.n_heads, layer.n_kv_heads
+        qkv = lin(layer.qkv, _rms(x, layer.attn_norm)).view(1, pos, nh + 2 * nkv, hd).transpose(1, 2)
+        qk = apply_rope(qkv[:, :nh + nkv], cos, sin)
+        y = torch.nn.functional.scaled_dot_product_attention(qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:],
+                                                             is_causal=True, enable_gqa=nkv != nh)
+        x = x + lin(layer.wo, y.transpose(1, 2).reshape(1, pos, -1))
+        gu = lin(layer.gate_up, _rms(x, layer.mlp_norm))
+        x = x + lin(layer.w_down, torch.nn.functional.silu(gu[..., :layer.d_ff]) * gu[..., layer.d_ff:])
+    return lin(ref.head, _rms(x[:, -1], ref.norm))
+
+
+X86 = platform.machine() in ("x86_64", "AMD64")
+BUILDS = {"default": (), "no-vnni": ("-mno-avx512vnni",), "avx2": ("-mno-avx512f",),
+          "plain": ("-mno-avx512f", "-mno-avx2")}
+
+
 @NEEDS_CC
 @pytest.mark.parametrize("shape", ["fixture", "odd"])
-def test_c_step_int8_reads_the_quantized_weights_exactly(engine, shape):
-    """int8: the C step's logits are those of the int8 weights (dequantized) in fp32 arithmetic (PyTorch's int8
-    also rounds its activations to 8 bits, so it is only close: test_bf16_and_int8_runtimes_stay_close_to_fp32)."""
-    from flopwise.infer.generate import _rms
+@pytest.mark.parametrize("build", list(BUILDS) if X86 else ["default"])
+def test_c_step_int8_computes_the_quantized_weights_exactly(engine, shape, build):
+    """int8, each build of step.c (AVX-512 with and without VNNI, AVX2, plain C; the odd shape runs every SIMD
+    loop's tail): the logits are those of the int8 weights, dequantized, in fp32 arithmetic, with the activations
+    rounded to 8 bits exactly where the build's kernel is the integer one. (PyTorch's int8 rounds activations
+    per tensor, so it is only close: test_bf16_and_int8_runtimes_stay_close_to_fp32.)"""
+    from flopwise.infer.native import NativeStep, library
 
     model = engine.reference if shape == "fixture" else _odd(engine)
     eng = Engine(model, engine.sp, dtype="int8")
     assert eng.native is not None
-    ref = _dequantized(model, eng.model)
+    lib = library(BUILDS[build])
+    if build == "avx2":
+        assert lib.fw_build() & 14 == 2
+    if build == "plain":
+        assert lib.fw_build() & 14 == 0
+    if build == "no-vnni":
+        assert not lib.fw_build() & 8
+    step = NativeStep(eng.model, lib=lib)
     ids = torch.tensor([engine.encode_prompt("Once upon a time there was")])
     with torch.inference_mode():
-        for pos in range(ids.shape[1]):  # every key from the C step (PyTorch's int8 prefill rounds activations)
-            ours = eng._decode(ids[:, pos:pos + 1], pos, None)
-        x, pos = ref.embed(ids), ids.shape[1]  # the reference: a full causal forward of the dequantized model
-        cos, sin = ref.rope_cos[:pos], ref.rope_sin[:pos]
-        from flopwise.model.llama import apply_rope
-        for layer in ref.layers:
-            hd, nh, nkv = layer.head_dim, layer.n_heads, layer.n_kv_heads
-            qkv = layer.qkv(_rms(x, layer.attn_norm)).view(1, pos, nh + 2 * nkv, hd).transpose(1, 2)
-            qk = apply_rope(qkv[:, :nh + nkv], cos, sin)
-            y = torch.nn.functional.scaled_dot_product_attention(qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:],
-                                                                 is_causal=True, enable_gqa=nkv != nh)
-            x = x + layer.wo(y.transpose(1, 2).reshape(1, pos, -1))
-            gu = layer.gate_up(_rms(x, layer.mlp_norm))
-            x = x + layer.w_down(torch.nn.functional.silu(gu[..., :layer.d_ff]) * gu[..., layer.d_ff:])
-        want = ref.head(_rms(x[:, -1], ref.norm))
+        step.bind(eng._cache(1))
+        for pos in range(ids.shape[1]):  # every key from the C step (PyTorch's int8 prefill rounds differently)
+            ours = step(ids[:, pos:pos + 1], pos, None)
+        want = _int8_reference(model, eng.model, ids, rounds=bool(lib.fw_build() & 8))
     assert torch.allclose(ours, want, atol=1e-4, rtol=1e-4), (ours - want).abs().max()
 
 
 @NEEDS_CC
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the SIMD variants are x86's")
+@pytest.mark.skipif(not X86, reason="the SIMD variants are x86's")
 @pytest.mark.parametrize("flags,kernel", [(("-mno-avx512f",), 2), (("-mno-avx512f", "-mno-avx2"), 0)])
-@pytest.mark.parametrize("dtype", ["fp32", "int8"])
-def test_c_step_variants_without_avx512_agree(engine, flags, kernel, dtype):
-    """The AVX2 and plain-C builds of step.c (what machines without AVX-512 compile) give the default build's
+def test_c_step_fp32_variants_without_avx512_agree(engine, flags, kernel):
+    """The AVX2 and plain-C builds of step.c (what machines without AVX-512 compile) give the default build's fp32
     logits, on widths that run every loop's tail."""
     from flopwise.infer.native import NativeStep, library
 
     variant = library(flags)
-    assert variant.fw_build() & 6 == kernel  # the kernel this test means to check is the one built
-    eng = Engine(_odd(engine), engine.sp, dtype=dtype)
+    assert variant.fw_build() & 14 == kernel  # the build this test means to check is the one built
+    eng = Engine(_odd(engine), engine.sp)
     ids = torch.tensor([engine.encode_prompt("Once upon a time there was")])
     outs = []
     for step in (eng.native, NativeStep(eng.model, lib=variant)):
@@ -403,6 +436,12 @@ def test_bf16_and_int8_runtimes_stay_close_to_fp32(engine, bundled, dtype, tol):
     want = engine._forward(ids, 0, None)
     got = eng._forward(ids, 0, None).float()
     assert (got - want).norm() / want.norm() < tol
+    with torch.inference_mode():  # a decode step too (int8: the C step's, its activations in 8 bits with VNNI)
+        for e in (engine, eng):
+            e._forward(ids[:, :-1], 0, None)
+        last = ids.shape[1] - 1
+        want, got = engine._decode(ids[:, last:], last, None), eng._decode(ids[:, last:], last, None)
+    assert (got.float() - want).norm() / want.norm() < tol
     assert len(eng.generate(["Once upon a time"], Sampling(max_new_tokens=5, seed=0))) == 1
     b = eng.bench(prompt_tokens=8, new_tokens=8)
     assert (b["new_tokens"], b["batch"], b["dtype"]) == (8, 1, dtype)  # the whole budget, ignoring eos

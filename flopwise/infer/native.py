@@ -32,7 +32,7 @@ class NativeUnavailable(Exception):
 
 
 class _Mat(ctypes.Structure):
-    _fields_ = [("w", _P), ("scale", _P), ("rows", _I), ("cols", _I)]
+    _fields_ = [("w", _P), ("scale", _P), ("wsum", _P), ("rows", _I), ("cols", _I)]
 
 
 class _Layer(ctypes.Structure):
@@ -45,7 +45,7 @@ class _Model(ctypes.Structure):
                                         "seq_len", "max_batch")] + \
                [("eps", ctypes.c_float), ("embed", _P), ("norm", _P), ("head", _Mat), ("rope_cos", _P),
                 ("rope_sin", _P), ("layers", ctypes.POINTER(_Layer))] + \
-               [(name, _P) for name in ("x", "h", "qkv", "att", "gu", "ff", "scores")]
+               [(name, _P) for name in ("x", "h", "qkv", "att", "gu", "ff", "scores", "xq", "xs")]
 
 
 def _compiler() -> str | None:
@@ -160,8 +160,14 @@ def _mat(module: nn.Module, shape: tuple[int, int], keep: list) -> _Mat:
             raise NativeUnavailable("a linear layer with a bias: the C step reads flopwise's bias-free layers")
     if tuple(w.shape) != shape:
         raise NativeUnavailable(f"a weight of shape {tuple(w.shape)} where the config says {shape}")
-    keep += [w, scale]
-    return _Mat(w.data_ptr(), None if scale is None else scale.data_ptr(), w.shape[0], w.shape[1])
+    if scale is None:
+        keep.append(w)
+        return _Mat(w.data_ptr(), None, None, w.shape[0], w.shape[1])
+    if w.shape[1] > 65_000:  # the integer kernel's sums stay inside int32: 255 * 128 * cols < 2**31
+        raise NativeUnavailable(f"int8 rows of {w.shape[1]} weights: the C step reads up to 65,000")
+    wsum = w.sum(1, dtype=torch.int32).contiguous()
+    keep += [w, scale, wsum]
+    return _Mat(w.data_ptr(), scale.data_ptr(), wsum.data_ptr(), w.shape[0], w.shape[1])
 
 
 def _huge(t: torch.Tensor) -> torch.Tensor:
@@ -227,7 +233,9 @@ class NativeStep:
             lay.keys, lay.values = k.data_ptr(), v.data_ptr()
         widths = {"x": c.dim, "h": c.dim, "qkv": (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, "att": c.dim,
                   "gu": 2 * c.d_ff, "ff": c.d_ff, "scores": c.n_heads * c.seq_len}
+        widths["xs"] = 1
         self.scratch = {name: torch.empty(rows, width, dtype=torch.float32) for name, width in widths.items()}
+        self.scratch["xq"] = torch.empty(rows, max(c.dim, c.d_ff), dtype=torch.uint8)
         for name, t in self.scratch.items():
             setattr(c, name, t.data_ptr())
         c.max_batch = rows
