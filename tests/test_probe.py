@@ -77,11 +77,12 @@ def test_threads_option_and_environment(monkeypatch):
         requested_threads(-2)
 
 
-def test_auto_precision_is_the_faster_one_measured_per_shape(monkeypatch):
+def test_auto_precision_is_the_faster_one_measured_per_shape(monkeypatch, tmp_path):
     import torch
 
     from flopwise.training import probe
 
+    monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path))
     measured = []
 
     def fake_rate(shape, threads, micro_batch, steps, precision):
@@ -97,6 +98,9 @@ def test_auto_precision_is_the_faster_one_measured_per_shape(monkeypatch):
     assert probe.pick_precision("auto", cpu, tiny) == "fp32"
     assert probe.pick_precision("auto", cpu, wide) == "bf16"
     assert probe.pick_precision("auto", cpu, tiny) == "fp32" and len(measured) == 4  # measured once per shape
+    probe.faster_precision.cache_clear()  # a new process: the choice comes from compiled.json, not measured again
+    assert probe.pick_precision("auto", cpu, tiny) == "fp32" and probe.pick_precision("auto", cpu, wide) == "bf16"
+    assert len(measured) == 4 and set(probe._registry()["precision"].values()) >= {"fp32", "bf16"}
     assert probe.pick_precision("bf16", cpu, tiny) == "bf16"  # an explicit choice is kept
     monkeypatch.setattr(probe, "cpu_has_fast_bf16", lambda: False)
     assert probe.pick_precision("auto", cpu, wide) == "fp32"  # no bf16 instructions: nothing to measure

@@ -147,10 +147,21 @@ def pick_precision(name: str, device: torch.device, shape: dict | None = None, m
 
 @functools.lru_cache(maxsize=64)
 def faster_precision(shape_items: tuple, micro_batch: int, threads: int) -> str:
-    """bf16 or fp32, whichever trains this shape faster on this CPU (a few measured steps of each)."""
+    """bf16 or fp32, whichever trains this shape faster on this CPU: measured once per shape, micro-batch and
+    thread count on this machine (a few steps of each) and remembered in compiled.json. Measured afresh in every
+    run, near-equal rates flipped from run to run, and a sweep's losses with them (the same run, the same seed,
+    another precision)."""
+    key = json.dumps([torch.__version__, _cpu_name(), list(shape_items), micro_batch, threads])
+    known = _registry()["precision"].get(key)
+    if known is not None:
+        return known
     shape = dict(shape_items)
-    rates = {p: training_rate(shape, threads, micro_batch, steps=2, precision=p) for p in ("fp32", "bf16")}
-    return max(rates, key=rates.get)
+    rates = {p: training_rate(shape, threads, micro_batch, steps=3, precision=p) for p in ("fp32", "bf16")}
+    best = max(rates, key=rates.get)
+    reg = _registry()
+    reg["precision"][key] = best
+    _save_registry(reg)
+    return best
 
 
 def _best_seconds(fn, sync, repeats: int) -> float:
@@ -295,24 +306,29 @@ def _compiled_path() -> Path:
 
 def _registry() -> dict:
     """compiled.json: {"keys": graphs compiled here before, "rates": measured compiled FLOP/s by key and
-    threads}; an older file is a list of keys."""
+    threads, "precision": the faster eager precision by shape, micro-batch and threads}; an older file is a list
+    of keys."""
+    empty = {"keys": [], "rates": {}, "precision": {}}
     try:
         data = json.loads(_compiled_path().read_text())
     except (OSError, ValueError):
-        return {"keys": [], "rates": {}}
+        return empty
     if isinstance(data, list):
-        return {"keys": [k for k in data if isinstance(k, str)], "rates": {}}
+        return {**empty, "keys": [k for k in data if isinstance(k, str)]}
     if not isinstance(data, dict):
-        return {"keys": [], "rates": {}}
-    keys, rates = data.get("keys"), data.get("rates")
+        return empty
+    keys, rates, precision = data.get("keys"), data.get("rates"), data.get("precision")
     return {"keys": [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else [],
             "rates": {k: v for k, v in rates.items()
                       if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0}
-            if isinstance(rates, dict) else {}}
+            if isinstance(rates, dict) else {},
+            "precision": {k: v for k, v in precision.items() if v in ("bf16", "fp32")}
+            if isinstance(precision, dict) else {}}
 
 
 def _save_registry(reg: dict) -> None:
-    reg = {"keys": reg["keys"][-500:], "rates": dict(list(reg["rates"].items())[-500:])}
+    reg = {"keys": reg["keys"][-500:], "rates": dict(list(reg["rates"].items())[-500:]),
+           "precision": dict(list(reg["precision"].items())[-500:])}
     try:
         atomic_write_text(_compiled_path(), json.dumps(reg) + "\n")
     except OSError:
