@@ -105,3 +105,32 @@ def test_auto_precision_is_the_faster_one_measured_per_shape(monkeypatch, tmp_pa
     monkeypatch.setattr(probe, "cpu_has_fast_bf16", lambda: False)
     assert probe.pick_precision("auto", cpu, wide) == "fp32"  # no bf16 instructions: nothing to measure
     probe.faster_precision.cache_clear()
+
+
+def test_the_remembered_precision_survives_old_registries_and_a_worker_measuring_at_once(monkeypatch, tmp_path):
+    """compiled.json in its oldest form (a list of compiled keys) keeps its keys and gains the precision section;
+    when another sweep worker saves its answer for the same shape while this one measures, the first saved wins,
+    so sibling runs train in one precision."""
+    import json
+
+    from flopwise.training import probe
+
+    monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path))
+    (tmp_path / "compiled.json").write_text(json.dumps(["an old compiled key"]))
+    shape = (("d_model", 24), ("n_layers", 1))
+    key = json.dumps([probe.__version__, probe.torch.__version__, probe._cpu_name(), list(shape), 8, 1])
+
+    def rate(shape, threads, micro_batch, steps, precision):
+        if precision == "bf16":  # meanwhile another worker saves bf16 for this shape
+            probe._update_registry(lambda reg: reg["precision"].__setitem__(key, "bf16"))
+        return {"fp32": 2.0, "bf16": 1.0}[precision]
+
+    monkeypatch.setattr(probe, "training_rate", rate)
+    probe.faster_precision.cache_clear()
+    assert probe.faster_precision(shape, 8, 1) == "bf16"  # measured fp32 faster, but the first saved answer wins
+    reg = probe._registry()
+    assert reg["keys"] == ["an old compiled key"] and reg["precision"] == {key: "bf16"}
+    (tmp_path / "compiled.json").write_text(json.dumps({"keys": [], "precision": {key: "fp16", "x": 3}}))
+    probe.faster_precision.cache_clear()
+    assert probe.faster_precision(shape, 8, 1) == "bf16" and probe._registry()["precision"][key] == "bf16"
+    probe.faster_precision.cache_clear()

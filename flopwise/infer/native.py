@@ -136,9 +136,10 @@ def _build(cc: str, path: Path, extra: list[str]) -> None:
     raise NativeUnavailable(f"{cc} could not build the C decode step: {errors[0][:160]}")
 
 
-def _mat(module: nn.Module, shape: tuple[int, int], keep: list) -> _Mat:
+def _mat(module: nn.Module, shape: tuple[int, int], keep: list, integer: bool) -> _Mat:
     """A linear layer of weight ``shape`` (out, in) as the C struct: fp32 weights as they are; a dynamically
-    quantized one as its int8 weights and per-row scales (symmetric: zero points 0)."""
+    quantized one as its int8 weights and per-row scales (symmetric: zero points 0). ``integer``: the build
+    multiplies int8 in integers (VNNI), whose sums must stay inside int32."""
     if getattr(module, "bias", None) is not None and not callable(module.bias):
         raise NativeUnavailable("a linear layer with a bias: the C step reads flopwise's bias-free layers")
     if isinstance(module, nn.Linear):
@@ -163,7 +164,7 @@ def _mat(module: nn.Module, shape: tuple[int, int], keep: list) -> _Mat:
     if scale is None:
         keep.append(w)
         return _Mat(w.data_ptr(), None, None, w.shape[0], w.shape[1])
-    if w.shape[1] > 65_000:  # the integer kernel's sums stay inside int32: 255 * 128 * cols < 2**31
+    if integer and w.shape[1] > 65_000:  # the integer kernel's sums stay inside int32: 255 * 128 * cols < 2**31
         raise NativeUnavailable(f"int8 rows of {w.shape[1]} weights: the C step reads up to 65,000")
     wsum = w.sum(1, dtype=torch.int32).contiguous()
     keep += [w, scale, wsum]
@@ -195,10 +196,11 @@ class NativeStep:
                             head_dim=c.head_dim, d_ff=c.d_ff, vocab=c.vocab_size, seq_len=c.seq_len, max_batch=0,
                             eps=model.norm.eps)
         d, hd, nh, nkv, dff = c.d_model, c.head_dim, c.n_heads, c.n_kv_heads, c.d_ff
+        integer = bool(self.lib.fw_build() & 8)
         if nh * hd != d or nh % nkv or hd % 2:
             raise NativeUnavailable(f"heads {nh} x {hd} for d_model {d}, {nkv} kv heads: not a shape the C step reads")
         # the head first: tied to the embedding, its copy is then the embedding's too
-        self.model.head = _mat(model.head, (c.vocab_size, d), self._keep)
+        self.model.head = _mat(model.head, (c.vocab_size, d), self._keep, integer)
         self.model.embed = self._f32(model.embed.weight, (c.vocab_size, d))
         self.model.norm = self._f32(model.norm.weight, (d,))
         self.model.rope_cos = self._f32(model.rope_cos, (c.seq_len, hd))
@@ -207,10 +209,10 @@ class NativeStep:
         for lay, block in zip(self._layers, model.layers, strict=True):
             lay.attn_norm = self._f32(block.attn_norm.weight, (d,))
             lay.mlp_norm = self._f32(block.mlp_norm.weight, (d,))
-            lay.qkv = _mat(block.qkv, ((nh + 2 * nkv) * hd, d), self._keep)
-            lay.wo = _mat(block.wo, (d, d), self._keep)
-            lay.gate_up = _mat(block.gate_up, (2 * dff, d), self._keep)
-            lay.down = _mat(block.w_down, (d, dff), self._keep)
+            lay.qkv = _mat(block.qkv, ((nh + 2 * nkv) * hd, d), self._keep, integer)
+            lay.wo = _mat(block.wo, (d, d), self._keep, integer)
+            lay.gate_up = _mat(block.gate_up, (2 * dff, d), self._keep, integer)
+            lay.down = _mat(block.w_down, (d, dff), self._keep, integer)
         self.model.layers = self._layers
         self.cache = None
 

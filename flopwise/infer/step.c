@@ -8,7 +8,8 @@
 
    The model is flopwise's Llama as flopwise.infer.generate.DecodeModel holds it (q, k, v fused into one
    matrix, gate and up into another), weights row-major (out, in): fp32, or int8 with one fp32 scale per
-   row (w[o][i] * scale[o]). Activations, the KV cache and the logits are fp32. The arithmetic follows the
+   row (w[o][i] * scale[o]). Activations, the KV cache and the logits are fp32 (except int8 with VNNI, where each
+   row of activations is rounded to 8 bits before its product: see dot_u8i8). The arithmetic follows the
    PyTorch decode (Engine._forward and _decode_attention in generate.py): RMSNorm x * rsqrt(mean(x^2) + eps) * weight, rotary embeddings in the rotate-half
    convention from the model's own cos/sin tables, grouped-query attention over positions 0..pos (those a
    row's mask marks), SiLU-gated MLP; sums are reordered for SIMD, so results agree to rounding. */
@@ -99,7 +100,7 @@ static inline float dot_i8(const int8_t *restrict w, const float *restrict x, in
 }
 #endif
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
 /* With VNNI, int8 rows multiply 8-bit activations in integers, 64 products an instruction, as llama.cpp's q8_0
    does: on one core of an AMD EPYC this ran 1.8x the widening kernel above, which is bound by its instructions,
    not by memory. Each row of activations is rounded to steps of max|x| / 127 (8 bits, symmetric; PyTorch's int8
@@ -118,11 +119,17 @@ static inline int32_t dot_u8i8(const int8_t *restrict w, const uint8_t *restrict
     return s;
 }
 
+/* Returns the step, NaN where the row holds a NaN or an infinity (so that the products are NaN, as fp32's are). */
 static float quantize_row(uint8_t *restrict u, const float *restrict x, int n) {
     float amax = 0.0f;
-    for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(x[i]));
+    int finite = 1;
+    for (int i = 0; i < n; i++) {
+        amax = fmaxf(amax, fabsf(x[i]));
+        finite &= isfinite(x[i]);
+    }
+    if (!finite) return NAN;
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    for (int i = 0; i < n; i++) u[i] = (uint8_t)(128 + (int)lrintf(x[i] * inv));
+    for (int i = 0; i < n; i++) u[i] = (uint8_t)(128 + (int)rintf(x[i] * inv)); /* rintf: to nearest, ties even */
     return amax / 127.0f;
 }
 #endif

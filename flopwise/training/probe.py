@@ -6,6 +6,7 @@ MFU is computed against these measured numbers, never against a hard-coded part.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import math
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from flopwise import __version__
 from flopwise.config import requested_threads
 from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text, cache_root
@@ -151,17 +153,14 @@ def faster_precision(shape_items: tuple, micro_batch: int, threads: int) -> str:
     thread count on this machine (a few steps of each) and remembered in compiled.json. Measured afresh in every
     run, near-equal rates flipped from run to run, and a sweep's losses with them (the same run, the same seed,
     another precision)."""
-    key = json.dumps([torch.__version__, _cpu_name(), list(shape_items), micro_batch, threads])
+    key = json.dumps([__version__, torch.__version__, _cpu_name(), list(shape_items), micro_batch, threads])
     known = _registry()["precision"].get(key)
     if known is not None:
         return known
     shape = dict(shape_items)
     rates = {p: training_rate(shape, threads, micro_batch, steps=3, precision=p) for p in ("fp32", "bf16")}
-    best = max(rates, key=rates.get)
-    reg = _registry()
-    reg["precision"][key] = best
-    _save_registry(reg)
-    return best
+    # the first answer saved wins: a sweep worker that measured the same shape at the same time takes it too
+    return _update_registry(lambda reg: reg["precision"].setdefault(key, max(rates, key=rates.get)))
 
 
 def _best_seconds(fn, sync, repeats: int) -> float:
@@ -335,15 +334,37 @@ def _save_registry(reg: dict) -> None:
         pass  # the registry only sharpens decisions and estimates
 
 
+@contextlib.contextmanager
+def _registry_lock():
+    """compiled.json's lock (a sibling file, flock): sweep workers update the registry at once, and a read, change
+    and write of one would otherwise drop another's entry. Without a writable folder: no lock (nor a file)."""
+    try:
+        _compiled_path().parent.mkdir(parents=True, exist_ok=True)
+        f = open(str(_compiled_path()) + ".lock", "a")
+    except OSError:
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _update_registry(change):
+    """Apply ``change(registry)`` to compiled.json under its lock, read afresh; returns what ``change`` returns."""
+    with _registry_lock():
+        reg = _registry()
+        out = change(reg)
+        _save_registry(reg)
+    return out
+
+
 def compiled_before(key: str) -> bool:
     return key in _registry()["keys"]
 
 
 def remember_compiled(key: str) -> None:
-    reg = _registry()
-    if key not in reg["keys"]:
-        reg["keys"].append(key)
-        _save_registry(reg)
+    if key not in _registry()["keys"]:
+        _update_registry(lambda reg: key in reg["keys"] or reg["keys"].append(key))
 
 
 def _rate_key(shape: dict, micro_batch: int, precision: str, threads: int) -> str:
@@ -366,9 +387,7 @@ def compiled_rate(shape: dict, micro_batch: int, precision: str, threads: int | 
     use_compile_cache()
     with _threads(threads):
         rate = _measure_rate(ModelConfig(**shape), micro_batch, steps, precision == "bf16", compiled=True)
-    reg = _registry()
-    reg["rates"][_rate_key(shape, micro_batch, precision, threads)] = rate
-    _save_registry(reg)
+    _update_registry(lambda reg: reg["rates"].__setitem__(_rate_key(shape, micro_batch, precision, threads), rate))
     remember_compiled(compile_key(shape, micro_batch, precision))
     return rate
 
