@@ -258,5 +258,6 @@ def main() -> None:
         for i, clients in enumerate(counts):
             print(f"{clients:>7}" + "".join(f"{rates[m][i]:>10.1f}" for m in modes))
 
+
 if __name__ == "__main__":
     main()

@@ -146,9 +146,13 @@ class Engine:
                 self.model = prepare_model(DecodeModel(copy.deepcopy(model).eval()).eval(), dtype)
             if self.native is not None and not self.native.lib.fw_build() & 1:
                 self.log("note: the C decode step was built without OpenMP (this compiler has none): one thread")
-        self.compiled = self.native is not None
         self.cache = None  # grows to the largest batch seen, rows sliced off for smaller ones
         self._views = None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether tokens decode through the C step."""
+        return self.native is not None
 
     def _native_builds(self, dtype: str, loud: bool) -> bool:
         if dtype not in ("fp32", "int8"):

@@ -242,7 +242,7 @@ int fw_step(const Model *m, int batch, const int64_t *tokens, int pos, const uin
                 if (s[t] > top) top = s[t];
             }
             float total = 0.0f;
-            for (int t = 0; t <= pos; t++) total += (s[t] = s[t] == -INFINITY ? 0.0f : expf(s[t] - top));
+            for (int t = 0; t <= pos; t++) total += (s[t] = expf(s[t] - top)); /* masked: exp(-inf) = 0 */
             float *y = m->att + (int64_t)b * d + head * hd;
             memset(y, 0, sizeof(float) * hd);
             for (int t = 0; t <= pos; t++) {

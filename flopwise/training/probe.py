@@ -149,10 +149,10 @@ def pick_precision(name: str, device: torch.device, shape: dict | None = None, m
 
 @functools.lru_cache(maxsize=64)
 def faster_precision(shape_items: tuple, micro_batch: int, threads: int) -> str:
-    """bf16 or fp32, whichever trains this shape faster on this CPU: measured once per shape, micro-batch and
-    thread count on this machine (a few steps of each) and remembered in compiled.json. Measured afresh in every
-    run, near-equal rates flipped from run to run, and a sweep's losses with them (the same run, the same seed,
-    another precision)."""
+    """bf16 or fp32, whichever trains this shape faster on this CPU: measured once per shape, micro-batch, thread
+    count, CPU and flopwise and torch version (a few steps of each) and remembered in compiled.json. Measured
+    afresh in every run, near-equal rates flipped from run to run, and a sweep's losses with them (the same run,
+    the same seed, another precision)."""
     key = json.dumps([__version__, torch.__version__, _cpu_name(), list(shape_items), micro_batch, threads])
     known = _registry()["precision"].get(key)
     if known is not None:
@@ -364,7 +364,12 @@ def compiled_before(key: str) -> bool:
 
 def remember_compiled(key: str) -> None:
     if key not in _registry()["keys"]:
-        _update_registry(lambda reg: key in reg["keys"] or reg["keys"].append(key))
+        _update_registry(lambda reg: _add_key(reg, key))
+
+
+def _add_key(reg: dict, key: str) -> None:
+    if key not in reg["keys"]:
+        reg["keys"].append(key)
 
 
 def _rate_key(shape: dict, micro_batch: int, precision: str, threads: int) -> str:
@@ -387,8 +392,11 @@ def compiled_rate(shape: dict, micro_batch: int, precision: str, threads: int | 
     use_compile_cache()
     with _threads(threads):
         rate = _measure_rate(ModelConfig(**shape), micro_batch, steps, precision == "bf16", compiled=True)
-    _update_registry(lambda reg: reg["rates"].__setitem__(_rate_key(shape, micro_batch, precision, threads), rate))
-    remember_compiled(compile_key(shape, micro_batch, precision))
+    def record(reg: dict) -> None:  # the rate, and that this graph is in inductor's cache now: one write
+        reg["rates"][_rate_key(shape, micro_batch, precision, threads)] = rate
+        _add_key(reg, compile_key(shape, micro_batch, precision))
+
+    _update_registry(record)
     return rate
 
 
