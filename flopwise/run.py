@@ -147,12 +147,13 @@ def is_tuning(config: dict) -> bool:
 
 # ---- checkpoints, metrics, final.json ----
 
-SPEED_FILE = "speed.json"  # what auto chose at the run's first start (precision, compile); a resumed run keeps it
+SPEED_FILE = "speed.json"  # what auto chose at the run's first start (precision, compile, kernel); a resume keeps it
 LEGACY_PRECISION_FILE = "precision.txt"  # runs started before compile was chosen: precision only, eager
 
 
 def read_speed(run_dir: str | Path) -> dict | None:
-    """``{"precision": "bf16" | "fp32", "compile": bool}`` chosen at the run's first start, or None."""
+    """``{"precision": "bf16" | "fp32", "compile": bool, "kernel": "torch" | "c"}`` chosen at the run's first start
+    (runs from before the C step have no kernel: torch), or None."""
     run_dir = Path(run_dir)
     try:
         speed = json.loads((run_dir / SPEED_FILE).read_text())
@@ -162,12 +163,16 @@ def read_speed(run_dir: str | Path) -> dict | None:
         except OSError:
             return None
     ok = isinstance(speed, dict) and speed.get("precision") in ("bf16", "fp32") and \
-        isinstance(speed.get("compile"), bool)
+        isinstance(speed.get("compile"), bool) and speed.setdefault("kernel", "torch") in KERNELS
     return speed if ok else None
 
 
-def write_speed(run_dir: str | Path, precision: str, compiled: bool) -> None:
-    atomic_write_text(Path(run_dir) / SPEED_FILE, json.dumps({"precision": precision, "compile": compiled}) + "\n")
+KERNELS = ("torch", "c")  # who computes a training step: PyTorch (eager or compiled), or the C step (fp32)
+
+
+def write_speed(run_dir: str | Path, precision: str, compiled: bool, kernel: str = "torch") -> None:
+    atomic_write_text(Path(run_dir) / SPEED_FILE,
+                      json.dumps({"precision": precision, "compile": compiled, "kernel": kernel}) + "\n")
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, step: int, wall_seconds: float) -> None:

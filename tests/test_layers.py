@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "flopwise"
 
 # lowest first; a module may import its own layer and those before it
 LAYERS = [
-    ("base", ("flopwise", "flopwise.errors", "flopwise.fsutil", "flopwise.progress")),
+    ("base", ("flopwise", "flopwise.errors", "flopwise.fsutil", "flopwise.progress", "flopwise.cbuild")),
     ("laws", ("flopwise.laws",)),
     ("data", ("flopwise.data",)),
     ("model", ("flopwise.model",)),

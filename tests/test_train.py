@@ -19,6 +19,7 @@ from flopwise.infer.generate import Engine, Sampling
 from flopwise.laws.flops import training_flops_per_token
 from flopwise.model.llama import Llama, ModelConfig
 from flopwise.run import load_model, new_run, read_run_config
+from flopwise.training.native import NativeTrainStep
 from flopwise.training.trainer import KILL_AT_STEP_ENV, train
 
 VENV_BIN = Path(sys.executable).parent
@@ -61,7 +62,7 @@ def test_real_run_learns_english(bundled, tmp_path):
     assert final["epochs"] == pytest.approx(final["n_tokens"] / bundled.meta["n_tokens_train"])
     # --precision and --compile auto were chosen at the first start and are what the run used (and a resume would)
     assert json.loads((run / "speed.json").read_text()) == {"precision": final["precision"],
-                                                            "compile": final["compiled"]}
+                                                            "compile": final["compiled"], "kernel": final["kernel"]}
     assert final["precision"] in ("bf16", "fp32")
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "tokens", "flops", "lr", "loss", "tok_per_s", "mfu"} <= set(lines[0])
@@ -212,12 +213,13 @@ def test_bad_training_input(bundled, tmp_path):
 def test_oom_failed_start_is_replaced_and_a_trained_run_is_not(bundled, tmp_path, monkeypatch):
     mc, tc = small(bundled, n_tokens=64 * 8 * 4)
     run = new_run(tmp_path / "r", mc, tc, bundled)
-    forward = Llama.forward
+    forward, c_step = Llama.forward, NativeTrainStep.step
 
     def no_memory(self, *a, **k):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1000000000 bytes")
 
     monkeypatch.setattr(Llama, "forward", no_memory)
+    monkeypatch.setattr(NativeTrainStep, "step", no_memory)  # where the C step trains, its workspace
     with pytest.raises(FlopwiseError, match="does not fit in memory: lower --micro-batch"):
         train(run, quiet=True)
     assert not (run / "final.json").exists() and (run / "config.json").exists()
@@ -226,6 +228,7 @@ def test_oom_failed_start_is_replaced_and_a_trained_run_is_not(bundled, tmp_path
     new_run(run, mc, dataclasses.replace(tc, micro_batch=2), bundled, log=notes.append)
     assert "never trained a step" in notes[0] and read_run_config(run)[1].micro_batch == 2
     monkeypatch.setattr(Llama, "forward", forward)
+    monkeypatch.setattr(NativeTrainStep, "step", c_step)
     train(run, quiet=True)
     with pytest.raises(FlopwiseError, match="already holds a run"):
         new_run(run, mc, tc, bundled)
@@ -268,8 +271,8 @@ def test_compiled_run_tracks_eager_and_keeps_its_choice(bundled, tmp_path):
     lines = []
     compiled = train(new_run(tmp_path / "compiled", mc, TrainConfig(**tc, compile="on"), bundled), log=lines.append)
     assert compiled["compiled"] is can_compile(torch.device("cpu")) and eager["compiled"] is False
-    assert json.loads((tmp_path / "compiled" / "speed.json").read_text()) == {"precision": "fp32",
-                                                                               "compile": compiled["compiled"]}
+    assert json.loads((tmp_path / "compiled" / "speed.json").read_text()) == {
+        "precision": "fp32", "compile": compiled["compiled"], "kernel": "torch"}
     assert ", compiled on cpu" in lines[0] or "torch.compile failed" in "\n".join(lines)
     _same(_losses(tmp_path / "compiled"), _losses(tmp_path / "eager"), rel=1e-3)
 
@@ -287,7 +290,7 @@ def test_compile_option_values_and_legacy_runs(bundled, tmp_path):
     assert not choose_compile("off", cpu, shape, 4, lambda: 1e6, precision="fp32", eager_precision="fp32")[0]
     # a run started before speed.json: its precision.txt still decides, eager
     (tmp_path / "precision.txt").write_text("bf16\n")
-    assert read_speed(tmp_path) == {"precision": "bf16", "compile": False}
+    assert read_speed(tmp_path) == {"precision": "bf16", "compile": False, "kernel": "torch"}
 
 
 def test_auto_compiles_where_the_measured_compiled_rate_repays_the_compile(monkeypatch, tmp_path):
@@ -363,4 +366,4 @@ def test_a_failed_compile_trains_eager_and_says_so(bundled, tmp_path, monkeypatc
     final = train(run, log=lines.append)
     assert "note: torch.compile failed (RuntimeError: ); training eager" in lines
     assert final["compiled"] is False and len(_losses(run)) == 6
-    assert json.loads((run / "speed.json").read_text()) == {"precision": "fp32", "compile": False}
+    assert json.loads((run / "speed.json").read_text()) == {"precision": "fp32", "compile": False, "kernel": "torch"}

@@ -1,34 +1,23 @@
 """The C decode step (``step.c``): built once per machine with the system C compiler, loaded with ctypes.
 
-``library()`` compiles ``step.c`` into flopwise's cache folder (``-O3 -march=native``, OpenMP where the compiler
-has it), keyed by the source, the compiler and the CPU, so a build is reused until one of them changes; it
-raises ``NativeUnavailable`` with the reason where no compiler builds it. ``NativeStep`` binds a decode model's
+``library()`` builds ``step.c`` through ``flopwise.cbuild`` (cached per source, compiler and CPU) and raises
+``NativeUnavailable`` with the reason where no compiler builds it. ``NativeStep`` binds a decode model's
 weights and a KV cache to the C structs once; each call then decodes one token for a batch of rows.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from flopwise.fsutil import cache_root
+from flopwise.cbuild import NativeUnavailable, load
 
 SOURCE = Path(__file__).with_name("step.c")
 _P, _I = ctypes.c_void_p, ctypes.c_int32
-
-
-class NativeUnavailable(Exception):
-    """The C step cannot be built or used here; the message says why."""
 
 
 class _Mat(ctypes.Structure):
@@ -46,21 +35,6 @@ class _Model(ctypes.Structure):
                [("eps", ctypes.c_float), ("embed", _P), ("norm", _P), ("head", _Mat), ("rope_cos", _P),
                 ("rope_sin", _P), ("layers", ctypes.POINTER(_Layer))] + \
                [(name, _P) for name in ("x", "h", "qkv", "att", "gu", "ff", "scores", "xq", "xs")]
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and (path := shutil.which(name)):
-            return path
-    return None
-
-
-def _target(cc: str) -> str:
-    """What -march=native compiles for, as the compiler sees it (its predefined macros name every instruction set
-    it enables), so that a cache folder shared between machines never hands one CPU another's build."""
-    r = subprocess.run([cc, "-march=native", "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True,
-                       timeout=60)
-    return r.stdout if r.returncode == 0 else platform.processor()
 
 
 _LIB: ctypes.CDLL | None = None
@@ -88,52 +62,11 @@ def library(flags: tuple[str, ...] = ()) -> ctypes.CDLL:
 
 
 def _load(flags: tuple[str, ...]) -> ctypes.CDLL:
-    cc = _compiler()
-    if cc is None:
-        raise NativeUnavailable("no C compiler (cc, gcc or clang; or set CC)")
-    try:
-        source = SOURCE.read_bytes()
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), _target(cc).encode(),
-                                         platform.machine().encode(), " ".join(flags).encode()])).hexdigest()[:16]
-        path = cache_root() / "native" / f"step-{key}.so"
-        if not path.exists():
-            _build(cc, path, list(flags))
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as e:  # an unwritable or noexec cache folder, a missing source
-        raise NativeUnavailable(f"the C decode step: {e}") from None
+    lib = load(SOURCE, "the C decode step", flags)
     lib.fw_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, _P, ctypes.c_int, _P, _P, ctypes.c_int]
     lib.fw_step.restype = ctypes.c_int
     lib.fw_build.restype = ctypes.c_int
     return lib
-
-
-def _build(cc: str, path: Path, extra: list[str]) -> None:
-    """Compile into a temporary sibling, load it, and rename: a process that dies mid-build leaves no half
-    library, two processes building at once each rename a whole one, and a build that links but does not load
-    (an OpenMP runtime the loader cannot find) is never cached: the next flags are tried."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    errors = []
-    # OpenMP first (the products split across threads); a compiler without it (Apple clang) builds a serial step,
-    # still vectorised (-fopenmp-simd honours the simd pragmas alone)
-    for flags in (["-march=native", "-fopenmp"], ["-march=native", "-fopenmp-simd"], ["-fopenmp"],
-                  ["-fopenmp-simd"], []):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".so.tmp")
-        os.close(fd)
-        try:
-            r = subprocess.run([cc, "-O3", "-shared", "-fPIC", *flags, *extra, str(SOURCE), "-o", tmp, "-lm"],
-                               capture_output=True, text=True, timeout=300)
-            if r.returncode == 0:
-                ctypes.CDLL(tmp)
-                os.replace(tmp, path)
-                return
-            errors.append((r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1])
-        except (OSError, subprocess.SubprocessError) as e:
-            errors.append(str(e))
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    raise NativeUnavailable(f"{cc} could not build the C decode step: {errors[0][:160]}")
 
 
 def _mat(module: nn.Module, shape: tuple[int, int], keep: list, integer: bool) -> _Mat:

@@ -25,7 +25,7 @@ from flopwise.laws.flops import Shape
 from flopwise.model.llama import ModelConfig
 from flopwise.run import latest_checkpoint, new_run, read_final, run_is_locked
 from flopwise.sweep.design import RunSpec, read_design
-from flopwise.training.probe import ETA_OVERHEAD, expected_seconds, training_rate
+from flopwise.training.probe import ETA_OVERHEAD, expected_seconds, run_rate
 from flopwise.training.trainer import train
 
 
@@ -35,8 +35,8 @@ def sweep_seconds(specs: list[RunSpec], workers: int, threads: int) -> float:
     eager as the trainer will choose."""
     small = min(specs, key=lambda s: s.n_params)
     large = max(specs, key=lambda s: s.n_params)
-    r_small = training_rate(small.shape, threads)
-    r_large = training_rate(large.shape, threads) if large.n_params != small.n_params else r_small
+    r_small = run_rate(small.shape, threads)
+    r_large = run_rate(large.shape, threads) if large.n_params != small.n_params else r_small
 
     def rate(n: float) -> float:
         t = math.log(n / small.n_params) / math.log(large.n_params / small.n_params) if r_large != r_small else 0.0

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from flopwise import __version__
+from flopwise.cbuild import NativeUnavailable
 from flopwise.config import requested_threads
 from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text, cache_root
@@ -25,8 +26,9 @@ from flopwise.laws.flops import training_flops_per_token
 from flopwise.laws.hardware import probe_cache_path
 from flopwise.model.compiling import can_compile, use_compile_cache
 from flopwise.model.llama import Llama, ModelConfig
-from flopwise.run import require_device
+from flopwise.run import KERNELS, require_device
 from flopwise.training.malloc import keep_freed_memory
+from flopwise.training.native import NativeTrainStep
 
 
 def use_threads(threads: int = 0) -> int:
@@ -153,7 +155,7 @@ def faster_precision(shape_items: tuple, micro_batch: int, threads: int) -> str:
     count, CPU and flopwise and torch version (a few steps of each) and remembered in compiled.json. Measured
     afresh in every run, near-equal rates flipped from run to run, and a sweep's losses with them (the same run,
     the same seed, another precision)."""
-    key = json.dumps([__version__, torch.__version__, _cpu_name(), list(shape_items), micro_batch, threads])
+    key = _choice_key(shape_items, micro_batch, threads)
     known = _registry()["precision"].get(key)
     if known is not None:
         return known
@@ -161,6 +163,51 @@ def faster_precision(shape_items: tuple, micro_batch: int, threads: int) -> str:
     rates = {p: training_rate(shape, threads, micro_batch, steps=3, precision=p) for p in ("fp32", "bf16")}
     # the first answer saved wins: a sweep worker that measured the same shape at the same time takes it too
     return _update_registry(lambda reg: reg["precision"].setdefault(key, max(rates, key=rates.get)))
+
+
+def _choice_key(shape_items: tuple, micro_batch: int, threads: int, *more) -> str:
+    return json.dumps([__version__, torch.__version__, _cpu_name(), list(shape_items), micro_batch, threads, *more])
+
+
+@functools.lru_cache(maxsize=64)
+def faster_kernel(shape_items: tuple, micro_batch: int, threads: int, precision: str = "auto") -> str:
+    """"c" where the C training step (``training/step.c``, fp32) trains this shape faster than PyTorch eager at
+    ``precision`` (auto: the faster of fp32 and bf16), else "torch": measured once per shape, micro-batch,
+    thread count, CPU and version, and remembered in compiled.json as the precision is. Where the step does not
+    build, "torch" (not remembered: a compiler may be installed later)."""
+    key = _choice_key(shape_items, micro_batch, threads, precision)
+    known = _registry()["kernel"].get(key)
+    if known is not None:
+        return known
+    shape = dict(shape_items)
+    c_rate = native_rate(shape, threads, micro_batch)
+    if c_rate is None:
+        return "torch"
+    faster = "c" if c_rate > training_rate(shape, threads, micro_batch, steps=3, precision=precision) else "torch"
+    return _update_registry(lambda reg: reg["kernel"].setdefault(key, faster))
+
+
+def native_rate(shape_dict: dict, threads: int | None = None, micro_batch: int = 16, steps: int = 3) -> float | None:
+    """Measured training FLOP/s of the C training step at this shape (None where it does not build here)."""
+    with _threads(threads):
+        key = (tuple(sorted(shape_dict.items())), torch.get_num_threads(), micro_batch, "c")
+        if key not in _RATES:
+            try:
+                _RATES[key] = _measure_rate(ModelConfig(**shape_dict), micro_batch, steps, False, native=True)
+            except NativeUnavailable:
+                return None
+        return _RATES[key]
+
+
+def run_rate(shape_dict: dict, threads: int | None = None, micro_batch: int = 16) -> float:
+    """Training FLOP/s of a run at the defaults (precision and compile auto), before compiling: the C step's where
+    the trainer will choose it, else PyTorch eager's."""
+    threads = threads or torch.get_num_threads()
+    if faster_kernel(tuple(sorted(shape_dict.items())), micro_batch, threads) == "c":
+        rate = native_rate(shape_dict, threads, micro_batch)
+        if rate is not None:
+            return rate
+    return training_rate(shape_dict, threads, micro_batch)
 
 
 def _best_seconds(fn, sync, repeats: int) -> float:
@@ -259,17 +306,22 @@ def _threads(threads: int | None):
         torch.set_num_threads(before)
 
 
-def _measure_rate(mc: ModelConfig, micro_batch: int, steps: int, bf16: bool, compiled: bool = False) -> float:
+def _measure_rate(mc: ModelConfig, micro_batch: int, steps: int, bf16: bool, compiled: bool = False,
+                  native: bool = False) -> float:
     keep_freed_memory()  # as the trainer allocates: with glibc's default, small models ran 1.35x slower
     model = Llama(mc)
     net = torch.compile(model) if compiled else model
+    c_step = NativeTrainStep(model) if native else None
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, mc.vocab_size, (micro_batch, mc.seq_len))
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = net(x, x)
-        loss.backward()
+        if c_step is not None:
+            c_step.step(x, x)
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = net(x, x)
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -305,9 +357,9 @@ def _compiled_path() -> Path:
 
 def _registry() -> dict:
     """compiled.json: {"keys": graphs compiled here before, "rates": measured compiled FLOP/s by key and
-    threads, "precision": the faster eager precision by shape, micro-batch and threads}; an older file is a list
-    of keys."""
-    empty = {"keys": [], "rates": {}, "precision": {}}
+    threads, "precision": the faster eager precision by shape, micro-batch and threads, "kernel": whether the C
+    training step beats PyTorch eager, likewise}; an older file is a list of keys."""
+    empty = {"keys": [], "rates": {}, "precision": {}, "kernel": {}}
     try:
         data = json.loads(_compiled_path().read_text())
     except (OSError, ValueError):
@@ -316,18 +368,22 @@ def _registry() -> dict:
         return {**empty, "keys": [k for k in data if isinstance(k, str)]}
     if not isinstance(data, dict):
         return empty
-    keys, rates, precision = data.get("keys"), data.get("rates"), data.get("precision")
+    keys, rates = data.get("keys"), data.get("rates")
+
+    def choices(name: str, allowed: tuple[str, ...]) -> dict:
+        section = data.get(name)
+        return {k: v for k, v in section.items() if v in allowed} if isinstance(section, dict) else {}
+
     return {"keys": [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else [],
             "rates": {k: v for k, v in rates.items()
                       if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0}
             if isinstance(rates, dict) else {},
-            "precision": {k: v for k, v in precision.items() if v in ("bf16", "fp32")}
-            if isinstance(precision, dict) else {}}
+            "precision": choices("precision", ("bf16", "fp32")), "kernel": choices("kernel", KERNELS)}
 
 
 def _save_registry(reg: dict) -> None:
-    reg = {"keys": reg["keys"][-500:], "rates": dict(list(reg["rates"].items())[-500:]),
-           "precision": dict(list(reg["precision"].items())[-500:])}
+    reg = {"keys": reg["keys"][-500:], **{name: dict(list(reg[name].items())[-500:])
+                                          for name in ("rates", "precision", "kernel")}}
     try:
         atomic_write_text(_compiled_path(), json.dumps(reg) + "\n")
     except OSError:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flopwise.cbuild import NativeUnavailable
 from flopwise.config import Resolved, TrainConfig, resolve
 from flopwise.errors import FlopwiseError
 from flopwise.fsutil import atomic_write_text
@@ -45,6 +46,7 @@ from flopwise.run import (
 from flopwise.training import distributed as dist
 from flopwise.training.batches import TrainingData, training_data
 from flopwise.training.malloc import keep_freed_memory
+from flopwise.training.native import NativeTrainStep
 from flopwise.training.probe import (
     ETA_OVERHEAD,
     CpuShare,
@@ -52,7 +54,9 @@ from flopwise.training.probe import (
     compile_key,
     compiled_before,
     compiled_seconds,
+    faster_kernel,
     measured_peak,
+    native_rate,
     pick_device,
     pick_precision,
     recorded_compiled_rate,
@@ -227,8 +231,10 @@ class _Run:
         self.quiet = quiet or self.rank != 0
         fixed = requested_threads(0) or self.tc.threads  # --threads / $FLOPWISE_THREADS now, else the run's own
         self.cpu = CpuShare(fixed or torch.get_num_threads(), adapt=not fixed and self.device.type == "cpu")
-        self.eager_rate: float | None = None  # measured training FLOP/s eager, at the chosen precision (CPU)
-        self.precision, self.compiled = self._speed()
+        self.eager_rate: float | None = None  # measured training FLOP/s uncompiled (CPU): PyTorch's, or the C step's
+        self.kernel = "torch"
+        self.precision, self.compiled, self.kernel = self._speed()
+        self.c_step: NativeTrainStep | None = None  # bound to the model in train()
         self.peak = measured_peak(self.device, self.precision) * self.world
 
     def train(self) -> dict:
@@ -238,6 +244,8 @@ class _Run:
         if self.compiled:
             use_compile_cache()
             net = torch.compile(eager)
+        if self.kernel == "c":
+            self._bind_c_step(s.model)
         self._announce(s.step, s.model)
         metrics_path = self.run_dir / "metrics.jsonl"
         kept = read_metrics(self.run_dir, s.step)
@@ -304,8 +312,9 @@ class _Run:
                 metrics.close()
             tracker.finish(final)
 
-    def _speed(self) -> tuple[str, bool]:
-        """(precision, compiled): as asked, else chosen at the run's first start (measured) and kept on resume."""
+    def _speed(self) -> tuple[str, bool, str]:
+        """(precision, compiled, kernel): as asked, else chosen at the run's first start (measured) and kept on
+        resume."""
         tc = self.tc
         own = read_speed(self.run_dir)
         chosen = own
@@ -314,31 +323,57 @@ class _Run:
         if chosen is not None:
             precision = chosen["precision"] if tc.precision == "auto" else tc.precision
             compiled = chosen["compile"] if tc.compile == "auto" else tc.compile == "on"
+            kernel = chosen["kernel"] if self._c_step_allowed else "torch"
+            if kernel == "c" and precision != "fp32":
+                kernel = "torch"
         else:
-            precision, compiled = self._choose_speed()
-        if self.rank == 0 and own != {"precision": precision, "compile": compiled}:
-            write_speed(self.run_dir, precision, compiled)
-        return precision, compiled
+            precision, compiled, kernel = self._choose_speed()
+        if self.rank == 0 and own != {"precision": precision, "compile": compiled, "kernel": kernel}:
+            write_speed(self.run_dir, precision, compiled, kernel)
+        return precision, compiled, kernel
 
-    def _choose_speed(self) -> tuple[str, bool]:
-        """Measured: the faster precision eager, and whether compiling pays (single process on a CPU)."""
+    @property
+    def _c_step_allowed(self) -> bool:
+        """Whether this run may train through the C step: a single process on a CPU, pre-training the full model
+        (no adapters, no masked targets), with compile and precision auto (or fp32)."""
+        tc = self.tc
+        return (self.world == 1 and self.device.type == "cpu" and tc.compile == "auto"
+                and tc.precision in ("auto", "fp32") and not tc.lora_rank and not self._tuning)
+
+    def _choose_speed(self) -> tuple[str, bool, str]:
+        """Measured: the faster of PyTorch eager (in the faster precision) and the C step, and whether compiling
+        beats it (single process on a CPU)."""
         tc, shape, micro = self.tc, self.mc.shape.to_dict(), self.r.micro_batch
         precision = pick_precision(tc.precision, self.device)
         if self.world > 1 or self.device.type != "cpu":  # every process must choose the same: no measuring
-            return precision, tc.compile == "on"
+            return precision, tc.compile == "on", "torch"
         try:
             eager = pick_precision("auto", self.device, shape, micro) if tc.precision == "auto" else precision
+            c_step = self._c_step_allowed and faster_kernel(tuple(sorted(shape.items())), micro,
+                                                            torch.get_num_threads(), tc.precision) == "c"
+            if c_step:  # the rate to beat is the C step's
+                self.eager_rate = native_rate(shape, torch.get_num_threads(), micro)
+                c_step = self.eager_rate is not None
             compiled, precision = choose_compile(
                 tc.compile, self.device, shape, micro,
                 lambda: self._remaining_flops(0) / self._eager_rate(eager) * ETA_OVERHEAD, precision=tc.precision,
-                eager_precision=eager, tuning=self._tuning, lora_rank=tc.lora_rank,
+                eager_precision="fp32" if c_step else eager, tuning=self._tuning, lora_rank=tc.lora_rank,
                 eager_rate=lambda: self._eager_rate(eager))
         except RuntimeError:  # e.g. out of memory while measuring: the run says so, clearly, in its first step
             self.eager_rate = None
-            return precision, tc.compile == "on"
-        if precision != eager:
-            self.eager_rate = None  # measured in the other precision
-        return precision, compiled
+            return precision, tc.compile == "on", "torch"
+        if compiled or (not c_step and precision != eager):
+            self.eager_rate = None  # measured for another way of training
+        return precision, compiled, "c" if c_step and not compiled else "torch"
+
+    def _bind_c_step(self, model: Llama) -> None:
+        """The C step bound to the model; where it cannot be (no compiler on the machine a run resumed on), one note
+        and PyTorch eager in fp32, which the run chose it over."""
+        try:
+            self.c_step = NativeTrainStep(model)
+        except NativeUnavailable as e:
+            self.log(f"note: {e}; training with PyTorch (slower)")
+            self.kernel = "torch"
 
     @property
     def _tuning(self) -> bool:
@@ -350,6 +385,8 @@ class _Run:
     def _eager_rate(self, precision: str) -> float:
         """Training FLOP/s of this shape here, eager (a few real steps; small models run far below the matmul
         peak, so a fixed MFU guess was off by 2x and more)."""
+        if self.eager_rate is None and self.kernel == "c":
+            self.eager_rate = native_rate(self.mc.shape.to_dict(), torch.get_num_threads(), self.r.micro_batch)
         if self.eager_rate is None:
             self.eager_rate = training_rate(self.mc.shape.to_dict(), torch.get_num_threads(), self.r.micro_batch,
                                             precision=precision) * self.world
@@ -417,6 +454,9 @@ class _Run:
             for micro in range(r.grad_accum):
                 a = lo + micro * r.micro_batch
                 x, y, *mask = self.data.batches.get(step, a, a + r.micro_batch, self.device)  # mask: tuning
+                if self.c_step is not None:  # the C step adds its gradients to .grad itself
+                    loss_sum += self.c_step.step(x, y, 1.0 / r.grad_accum) / r.grad_accum
+                    continue
                 with dist.no_sync(net, micro < r.grad_accum - 1), \
                         torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                     loss = net(x, y, loss_mask=mask[0] if mask else None) / r.grad_accum
@@ -471,7 +511,8 @@ class _Run:
                 "param model" if self.tc.lora_rank else f"{n_params_total(mc):,} params")
         self.log(f"training {what} on {r.n_tokens:,} tokens ({epochs:.2f} epochs of "
                  f"{self.data.n_tokens_train:,}), {r.flops:.3g} FLOPs, {r.steps} steps of {r.tokens_per_step:,} "
-                 f"tokens, lr {r.lr:.2g}, {self.precision}{', compiled' if self.compiled else ''} on "
+                 f"tokens, lr {r.lr:.2g}, {self.precision}{', compiled' if self.compiled else ''}"
+                 f"{', C step' if self.kernel == 'c' else ''} on "
                  f"{self.device.type}{f' x{self.world}' if self.world > 1 else ''}{self._threads_note()}; "
                  + (f"about {fmt_seconds(est)}" if est == est else "time unknown")
                  + (f"; resuming at step {start_step}" if start_step else ""))
@@ -493,7 +534,7 @@ class _Run:
                  "epochs": r.n_tokens / self.data.n_tokens_train, "steps": r.steps, "wall_seconds": wall,
                  "tokens_per_s": r.n_tokens / wall if wall > 0 else None,
                  "mfu": r.flops / wall / self.peak if wall > 0 else None, "precision": self.precision,
-                 "compiled": self.compiled, "optimizer": self.tc.optimizer,
+                 "compiled": self.compiled, "kernel": self.kernel, "optimizer": self.tc.optimizer,
                  **({"muon_lr_scale": self.tc.muon_lr_scale} if self.tc.optimizer == "muon" else {}),
                  "device": self.device.type, "world_size": self.world, "threads_mean": self.cpu.mean_threads,
                  "val_tokens": int(val_final[:, 1:].size if val_final_mask is None else val_final_mask.sum()),

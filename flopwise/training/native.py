@@ -1,0 +1,125 @@
+"""The C training step (``step.c``): the Llama's forward, loss and gradients in one call, for the small models a
+sweep trains on a CPU.
+
+``library()`` builds ``step.c`` through ``flopwise.cbuild`` (cached per source, compiler and CPU; a failure is
+remembered for the process). ``NativeTrainStep`` binds a model's weights and gradient buffers to the C structs
+once; ``step(tokens, targets, scale)`` then adds one micro-batch's gradients (times ``scale``) to the parameters'
+``.grad`` and returns its mean loss, as ``model(tokens, targets).backward()`` would in fp32. The optimizer, the
+checkpoints and the evaluation stay PyTorch's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from pathlib import Path
+
+import torch
+
+from flopwise.cbuild import NativeUnavailable, load
+from flopwise.errors import FlopwiseError
+from flopwise.model.llama import Llama
+
+SOURCE = Path(__file__).with_name("step.c")
+_P, _I = ctypes.c_void_p, ctypes.c_int32
+_LAYER = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, _P) for name in _LAYER] + [("g_" + name, _P) for name in _LAYER]
+
+
+class _Net(ctypes.Structure):
+    _fields_ = [(name, _I) for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab",
+                                        "seq_len")] + \
+               [("eps", ctypes.c_float)] + \
+               [(name, _P) for name in ("embed", "norm", "head", "rope_cos", "rope_sin", "g_embed", "g_norm",
+                                        "g_head")] + \
+               [("layers", ctypes.POINTER(_Layer))]
+
+
+_LIB: ctypes.CDLL | None = None
+_FAILED: str | None = None  # why the build failed in this process: not tried again
+
+
+def library() -> ctypes.CDLL:
+    """The compiled training step, built on first use (about a second) or loaded from the cache."""
+    global _LIB, _FAILED
+    if _LIB is not None:
+        return _LIB
+    if _FAILED is not None:
+        raise NativeUnavailable(_FAILED)
+    try:
+        lib = load(SOURCE, "the C training step")
+    except NativeUnavailable as e:
+        _FAILED = str(e)
+        raise
+    lib.fw_train_step.argtypes = [ctypes.POINTER(_Net), _P, _P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_float]
+    lib.fw_train_step.restype = ctypes.c_double
+    lib.fw_train_floats.argtypes = [ctypes.POINTER(_Net), ctypes.c_int]
+    lib.fw_train_floats.restype = ctypes.c_long
+    lib.fw_threads.argtypes = [ctypes.c_int]
+    lib.fw_build.restype = ctypes.c_int
+    _LIB = lib
+    return lib
+
+
+class NativeTrainStep:
+    """``model``'s training micro-step in C. The model's parameters must stay where they are (the optimizer
+    updates them in place); each parameter's gradient lives in one buffer bound here, handed back to ``.grad``
+    (zeroed) after the optimizer's ``zero_grad(set_to_none=True)``."""
+
+    def __init__(self, model: Llama):
+        if not isinstance(model, Llama) or type(model.layers[0].wq) is not torch.nn.Linear:
+            raise NativeUnavailable("the C training step trains flopwise's Llama without adapters")
+        params = list(model.parameters())
+        if any(p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous() for p in params):
+            raise NativeUnavailable("the C training step reads contiguous fp32 weights on the CPU")
+        self.lib = library()
+        self.model = model
+        self.grads = [(p, torch.zeros_like(p)) for p in params]
+        grad = {id(p): g for p, g in self.grads}
+        c = model.config
+        self._layers = (_Layer * c.n_layers)()
+        for i, block in enumerate(model.layers):
+            for name in _LAYER:
+                p = getattr(block, name).weight
+                setattr(self._layers[i], name, p.data_ptr())
+                setattr(self._layers[i], "g_" + name, grad[id(p)].data_ptr())
+        ptr = {name: t.data_ptr() for name, t in (("embed", model.embed.weight), ("norm", model.norm.weight),
+                                                  ("head", model.head.weight), ("rope_cos", model.rope_cos),
+                                                  ("rope_sin", model.rope_sin))}
+        self._net = _Net(c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.vocab_size,
+                         c.seq_len, c.norm_eps, ptr["embed"], ptr["norm"], ptr["head"], ptr["rope_cos"],
+                         ptr["rope_sin"], grad[id(model.embed.weight)].data_ptr(),
+                         grad[id(model.norm.weight)].data_ptr(), grad[id(model.head.weight)].data_ptr(),
+                         self._layers)
+        self._pointers = [p.data_ptr() for p in params]
+        self._work = torch.empty(0)
+
+    def step(self, tokens: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> float:
+        """Adds d(mean loss)/d(weights) x ``scale`` to each parameter's ``.grad``; returns the mean loss (nats)."""
+        if [p.data_ptr() for p, _ in self.grads] != self._pointers:
+            raise RuntimeError("the model's weights moved since the C training step bound them")
+        for p, g in self.grads:
+            if p.grad is None:
+                p.grad = g.zero_()
+            elif p.grad.data_ptr() != g.data_ptr():  # someone replaced .grad: carry it into the bound buffer
+                g.copy_(p.grad)
+                p.grad = g
+        if tokens.shape[1] > self.model.config.seq_len:
+            raise FlopwiseError(f"sequence of {tokens.shape[1]} tokens exceeds the model's context "
+                                f"{self.model.config.seq_len}")
+        tokens = tokens.to(torch.int64).contiguous()
+        targets = targets.to(torch.int64).contiguous()
+        b, t = tokens.shape
+        self.lib.fw_threads(torch.get_num_threads())
+        need = self.lib.fw_train_floats(ctypes.byref(self._net), b * t)
+        if self._work.numel() < need:
+            self._work = torch.empty(need)
+        loss = self.lib.fw_train_step(ctypes.byref(self._net), tokens.data_ptr(), targets.data_ptr(), b, t,
+                                      self._work.data_ptr(), scale)
+        if math.isnan(loss) and any(bool((x.min() < 0) | (x.max() >= self.model.config.vocab_size))
+                                    for x in (tokens, targets)):
+            raise FlopwiseError("a token outside the model's vocabulary")
+        return loss

@@ -1,0 +1,491 @@
+/* One training micro-step of flopwise's Llama in C: the forward, the mean cross-entropy and every gradient, in fp32.
+
+   flopwise/model/llama.py is the reference; this file computes the same function and its gradients (the tests hold
+   both to 1e-5). It exists because the models a sweep trains (d_model 16-64, 1-2 layers, context 128, about 1,000
+   tokens a step) spend most of a PyTorch step in operator dispatch and in writing and re-reading the logits: here
+   a step is some twenty matrix products and a few loops, the logits never leave the cache (the head, the loss and
+   its gradient run block by block), and nothing is allocated.
+
+   Layout: activations are row-major (tokens, features); a linear layer's weight is (out, in), as torch stores it.
+   Gradients are added to what the caller's buffers hold (gradient accumulation; a tied head adds to the
+   embedding's). Built by flopwise/training/native.py with -O3 -march=native (OpenMP where there is one). */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+
+/* rows of the two register tiles: 6 x 32 and 12 x 16 accumulate in 12 of AVX-512's 32 registers; with 16
+   registers (AVX2, NEON), half as many rows */
+#ifdef __AVX512F__
+#define MR_WIDE 6
+#define MR_NARROW 12
+#else
+#define MR_WIDE 3
+#define MR_NARROW 6
+#endif
+#define KC 256 /* depth of one pass of a product: a packed panel of B stays in L1/L2 */
+
+static inline int imin(int a, int b) { return a < b ? a : b; }
+static inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+static int n_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* ---- matrix products ---- */
+
+/* op(B)[k0:k0+kc, j0:j0+w] into bp (kc x w, zero past column n): op(B)(k, j) = tb ? B[j ldb + k] : B[k ldb + j] */
+static void pack_b(const float *b, long ldb, int tb, int k0, int kc, int j0, int n, int w, float *bp) {
+    const int cols = imin(w, n - j0);
+    if (!tb) {
+        for (int k = 0; k < kc; k++) {
+            memcpy(bp + (long)k * w, b + (long)(k0 + k) * ldb + j0, sizeof(float) * cols);
+            for (int c = cols; c < w; c++) bp[(long)k * w + c] = 0.0f;
+        }
+        return;
+    }
+    for (int c = 0; c < cols; c++) {
+        const float *src = b + (long)(j0 + c) * ldb + k0;
+        for (int k = 0; k < kc; k++) bp[(long)k * w + c] = src[k];
+    }
+    for (int c = cols; c < w; c++)
+        for (int k = 0; k < kc; k++) bp[(long)k * w + c] = 0.0f;
+}
+
+/* C[rows x cols] (=, or += with accum) sum_k a(r, k) bp[k, :], a(r, k) = a[r sr + k sk]; the tile is MR x 16 NV */
+#define TILE(NAME, MR, NV)                                                                                          \
+    static void NAME(int kc, const float *a, long sr, long sk, int rows, const float *bp, float *c, long ldc,       \
+                     int cols, int accum) {                                                                         \
+        v16 acc[MR][NV];                                                                                            \
+        const float *ar[MR];                                                                                        \
+        for (int r = 0; r < MR; r++) {                                                                              \
+            ar[r] = a + (long)(r < rows ? r : rows - 1) * sr; /* rows past the edge repeat the last: not stored */  \
+            for (int v = 0; v < NV; v++) acc[r][v] = (v16){0};                                                      \
+        }                                                                                                           \
+        for (int k = 0; k < kc; k++) {                                                                              \
+            const v16 *b = (const v16 *)(bp + (long)k * 16 * NV);                                                   \
+            _Pragma("GCC unroll 12") for (int r = 0; r < MR; r++) {                                                 \
+                const float x = ar[r][k * sk];                                                                      \
+                _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) acc[r][v] += x * b[v];                         \
+            }                                                                                                       \
+        }                                                                                                           \
+        if (rows == MR && cols == 16 * NV) {                                                                        \
+            for (int r = 0; r < MR; r++)                                                                            \
+                for (int v = 0; v < NV; v++) {                                                                      \
+                    v16u *dst = (v16u *)(c + r * ldc + 16 * v);                                                     \
+                    *dst = accum ? *dst + acc[r][v] : acc[r][v];                                                    \
+                }                                                                                                   \
+            return;                                                                                                 \
+        }                                                                                                           \
+        for (int r = 0; r < rows; r++) {                                                                            \
+            float tmp[16 * NV];                                                                                     \
+            memcpy(tmp, acc[r], sizeof(tmp));                                                                       \
+            for (int j = 0; j < cols; j++) c[r * ldc + j] = (accum ? c[r * ldc + j] : 0.0f) + tmp[j];               \
+        }                                                                                                           \
+    }
+TILE(tile_wide, MR_WIDE, 2)
+TILE(tile_narrow, MR_NARROW, 1)
+
+/* C (m x n) = op(A) op(B), or += with accum; op(A) is m x k: ta ? A[k lda + i] : A[i lda + k]; op(B) is k x n, as
+   pack_b reads it. bp: scratch of KC x round_up(n, 32) floats. par: split the tiles across threads (0 inside a
+   parallel region). */
+static void gemm(int m, int n, int k, const float *a, long lda, int ta, const float *b, long ldb, int tb, float *c,
+                 long ldc, int accum, float *bp, int par) {
+    if (m <= 0 || n <= 0) return;
+    if (k <= 0) {
+        if (!accum)
+            for (int i = 0; i < m; i++) memset(c + (long)i * ldc, 0, sizeof(float) * n);
+        return;
+    }
+    const int narrow = n <= 16, w = narrow ? 16 : 32, mr = narrow ? MR_NARROW : MR_WIDE;
+    const long sr = ta ? 1 : lda, sk = ta ? lda : 1;
+    const int nj = (n + w - 1) / w, ni = (m + mr - 1) / mr;
+    par = par && n_threads() > 1 && (long)m * n * k > 200000;
+    for (int k0 = 0; k0 < k; k0 += KC) {
+        const int kc = imin(KC, k - k0), acc = accum || k0 > 0;
+#pragma omp parallel for schedule(static) if (par && nj > 1)
+        for (int j = 0; j < nj; j++) pack_b(b, ldb, tb, k0, kc, j * w, n, w, bp + (long)j * kc * w);
+#pragma omp parallel for collapse(2) schedule(static) if (par)
+        for (int j = 0; j < nj; j++)
+            for (int i = 0; i < ni; i++) {
+                const float *ai = a + (ta ? (long)k0 * lda + (long)i * mr : (long)i * mr * lda + k0);
+                float *ci = c + (long)i * mr * ldc + (long)j * w;
+                const int rows = imin(mr, m - i * mr), cols = imin(w, n - j * w);
+                if (narrow)
+                    tile_narrow(kc, ai, sr, sk, rows, bp + (long)j * kc * w, ci, ldc, cols, acc);
+                else
+                    tile_wide(kc, ai, sr, sk, rows, bp + (long)j * kc * w, ci, ldc, cols, acc);
+            }
+    }
+}
+
+/* y = x W^T (x: rows x in, W: out x in), or += */
+static void linear(int rows, int out, int in, const float *x, const float *w, float *y, int accum, float *bp) {
+    gemm(rows, out, in, x, in, 0, w, in, 1, y, out, accum, bp, 1);
+}
+
+/* dx (=, or +=) dy W; gW += dy^T x */
+static void linear_back(int rows, int out, int in, const float *x, const float *w, const float *dy, float *dx,
+                        int dx_accum, float *gw, float *bp) {
+    gemm(rows, in, out, dy, out, 0, w, in, 0, dx, in, dx_accum, bp, 1);
+    gemm(out, in, rows, dy, out, 1, x, in, 0, gw, in, 1, bp, 1);
+}
+
+/* ---- exp for softmax arguments (x <= 0): 2^n p(r), r = x - n ln2, vectorisable ---- */
+static inline float exp_neg(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = rintf(x * 1.44269504088896341f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { float f; int32_t i; } u = {.f = p};
+    u.i += (int32_t)n << 23;
+    return u.f;
+}
+
+/* the logistic function, vectorisable: from exp of -|x| */
+static inline float sigmoid(float x) {
+    const float e = exp_neg(x < 0.0f ? x : -x), r = 1.0f / (1.0f + e);
+    return x < 0.0f ? e * r : r;
+}
+
+/* ---- the model ---- */
+
+typedef struct {
+    const float *attn_norm, *wq, *wk, *wv, *wo, *mlp_norm, *w_gate, *w_up, *w_down;
+    float *g_attn_norm, *g_wq, *g_wk, *g_wv, *g_wo, *g_mlp_norm, *g_gate, *g_up, *g_down;
+} Layer;
+
+typedef struct {
+    int dim, n_layers, n_heads, n_kv_heads, head_dim, d_ff, vocab, seq_len;
+    float eps;
+    const float *embed, *norm, *head, *rope_cos, *rope_sin; /* head == embed when tied */
+    float *g_embed, *g_norm, *g_head;                        /* g_head == g_embed when tied */
+    const Layer *layers;
+} Net;
+
+/* the workspace, carved from one buffer of fw_train_floats() floats */
+typedef struct {
+    float *xin, *h1, *q, *k, *v, *att, *xmid, *h2, *a, *u, *rstd1, *rstd2, *lse; /* per layer: saved */
+    float *xf, *hf, *rstdf, *dx, *dh, *datt, *dq, *dk, *dv, *da, *du, *s;
+    float *bp;      /* packing scratch, per thread */
+    float *scores;  /* attention: two T x T per thread; the head: a block of logits */
+    long bp_floats, scores_floats;
+} Work;
+
+static int ce_rows(const Net *m) { /* rows of logits per block of the head: about 256 KB */
+    int r = 65536 / (m->vocab > 0 ? m->vocab : 1);
+    r = r < 12 ? 12 : r > 96 ? 96 : r;
+    return r / 12 * 12;
+}
+
+static long carve(const Net *m, int n, float *base, Work *w) {
+    const long d = m->dim, kvd = (long)m->n_kv_heads * m->head_dim, f = m->d_ff, L = m->n_layers, t = m->seq_len;
+    const long h = m->n_heads;
+    long at = 0;
+#define TAKE(field, count) (w ? (w->field = base + at) : 0, at += round_up((int)(count), 16))
+    TAKE(xin, L * n * d); TAKE(h1, L * n * d); TAKE(q, L * n * d); TAKE(k, L * n * kvd); TAKE(v, L * n * kvd);
+    TAKE(att, L * n * d); TAKE(xmid, L * n * d); TAKE(h2, L * n * d); TAKE(a, L * n * f); TAKE(u, L * n * f);
+    TAKE(rstd1, L * n); TAKE(rstd2, L * n); TAKE(lse, L * n * h);
+    TAKE(xf, n * d); TAKE(hf, n * d); TAKE(rstdf, n); TAKE(dx, n * d); TAKE(dh, n * d); TAKE(datt, n * d);
+    TAKE(dq, n * d); TAKE(dk, n * kvd); TAKE(dv, n * kvd); TAKE(da, n * f); TAKE(du, n * f); TAKE(s, n * f);
+    long widest = m->vocab;
+    if (f > widest) widest = f;
+    if (d > widest) widest = d;
+    if (t > widest) widest = t;
+    const long bp = (long)KC * round_up((int)widest, 32), sc = 2 * t * t > ce_rows(m) * (long)m->vocab
+                                                               ? 2 * t * t : ce_rows(m) * (long)m->vocab;
+    const long th = n_threads();
+    TAKE(bp, th * bp); TAKE(scores, th * sc);
+#undef TAKE
+    if (w) w->bp_floats = bp, w->scores_floats = sc;
+    return at;
+}
+
+/* floats of workspace a step of n tokens needs, with this process' threads */
+long fw_train_floats(const Net *m, int n) { return carve(m, n, 0, 0); }
+
+void fw_threads(int threads) {
+#ifdef _OPENMP
+    if (threads > 0) omp_set_num_threads(threads);
+#else
+    (void)threads;
+#endif
+}
+
+/* h = x rstd g, rstd = 1 / sqrt(mean(x^2) + eps) */
+static void rmsnorm(int n, int d, const float *x, const float *g, float eps, float *h, float *rstd) {
+#pragma omp parallel for schedule(static) if (n_threads() > 1 && (long)n * d > 65536)
+    for (int i = 0; i < n; i++) {
+        const float *xi = x + (long)i * d;
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int j = 0; j < d; j++) ss += xi[j] * xi[j];
+        const float r = 1.0f / sqrtf(ss / d + eps);
+        rstd[i] = r;
+#pragma omp simd
+        for (int j = 0; j < d; j++) h[(long)i * d + j] = xi[j] * r * g[j];
+    }
+}
+
+/* dx += d(rmsnorm)/dx^T dh; gg += sum_i dh x rstd */
+static void rmsnorm_back(int n, int d, const float *x, const float *g, const float *rstd, const float *dh, float *dx,
+                         float *gg) {
+    for (int i = 0; i < n; i++) {
+        const float *xi = x + (long)i * d, *di = dh + (long)i * d;
+        const float r = rstd[i];
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int j = 0; j < d; j++) dot += di[j] * g[j] * xi[j];
+        const float c = dot * r * r * r / d;
+#pragma omp simd
+        for (int j = 0; j < d; j++) {
+            dx[(long)i * d + j] += r * di[j] * g[j] - c * xi[j];
+            gg[j] += di[j] * xi[j] * r;
+        }
+    }
+}
+
+/* rotate-half rotary embedding of each head of x (n rows of heads x hd, position = row mod t), in place; back:
+   the transposed rotation (gradients) */
+static void rope(int n, int t, int heads, int hd, float *x, const float *cos_t, const float *sin_t, int back) {
+    const int half = hd / 2;
+    for (int i = 0; i < n; i++) {
+        const float *c = cos_t + (long)(i % t) * hd, *s = sin_t + (long)(i % t) * hd;
+        for (int hh = 0; hh < heads; hh++) {
+            float *x1 = x + ((long)i * heads + hh) * hd, *x2 = x1 + half;
+#pragma omp simd
+            for (int e = 0; e < half; e++) {
+                const float a = x1[e], b = x2[e];
+                if (!back) {
+                    x1[e] = a * c[e] - b * s[e];
+                    x2[e] = b * c[e + half] + a * s[e + half];
+                } else {
+                    x1[e] = a * c[e] + b * s[e + half];
+                    x2[e] = b * c[e + half] - a * s[e];
+                }
+            }
+        }
+    }
+}
+
+/* the causal scores q k^T of one sequence and head into s (t x t; only j <= i is computed where a block allows) */
+static void scores(int t, int hd, const float *q, long ldq, const float *k, long ldk, float *s, float *bp) {
+    for (int i0 = 0; i0 < t; i0 += 64) {
+        const int rows = imin(64, t - i0);
+        gemm(rows, imin(t, i0 + rows), hd, q + (long)i0 * ldq, ldq, 0, k, ldk, 1, s + (long)i0 * t, t, 0, bp, 0);
+    }
+}
+
+static void attention(const Net *m, int b, int t, const Work *w, int l, float *out, float *lse_out) {
+    const int h = m->n_heads, hk = m->n_kv_heads, hd = m->head_dim, d = m->dim, kvd = hk * hd;
+    const long n = (long)b * t;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const float *q = w->q + l * n * d, *k = w->k + l * n * kvd, *v = w->v + l * n * kvd;
+#pragma omp parallel for collapse(2) schedule(static) if (n_threads() > 1)
+    for (int bi = 0; bi < b; bi++)
+        for (int hh = 0; hh < h; hh++) {
+            float *s = w->scores + thread_id() * w->scores_floats, *bp = w->bp + thread_id() * w->bp_floats;
+            const long row0 = (long)bi * t;
+            const int g = hh / (h / hk);
+            scores(t, hd, q + row0 * d + hh * hd, d, k + row0 * kvd + g * hd, kvd, s, bp);
+            for (int i = 0; i < t; i++) {
+                float *si = s + (long)i * t, mx = -INFINITY, sum = 0.0f;
+                for (int j = 0; j <= i; j++) mx = si[j] * scale > mx ? si[j] * scale : mx;
+#pragma omp simd reduction(+ : sum)
+                for (int j = 0; j <= i; j++) {
+                    si[j] = exp_neg(si[j] * scale - mx);
+                    sum += si[j];
+                }
+                const float inv = 1.0f / sum;
+                for (int j = 0; j <= i; j++) si[j] *= inv;
+                for (int j = i + 1; j < t; j++) si[j] = 0.0f;
+                lse_out[(row0 + i) * h + hh] = mx + logf(sum);
+            }
+            gemm(t, hd, t, s, t, 0, v + row0 * kvd + g * hd, kvd, 0, out + row0 * d + hh * hd, d, 0, bp, 0);
+        }
+}
+
+/* from d(out) (w->datt): w->dq (=), w->dk and w->dv (+=, zeroed here) */
+static void attention_back(const Net *m, int b, int t, const Work *w, int l) {
+    const int h = m->n_heads, hk = m->n_kv_heads, hd = m->head_dim, d = m->dim, kvd = hk * hd;
+    const long n = (long)b * t;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const float *q = w->q + l * n * d, *k = w->k + l * n * kvd, *v = w->v + l * n * kvd, *y = w->att + l * n * d;
+    const float *lse = w->lse + l * n * h;
+    memset(w->dk, 0, sizeof(float) * n * kvd);
+    memset(w->dv, 0, sizeof(float) * n * kvd);
+    /* by sequence: the heads of a group add into the same dk, dv rows */
+#pragma omp parallel for schedule(static) if (n_threads() > 1)
+    for (int bi = 0; bi < b; bi++) {
+        float *p = w->scores + thread_id() * w->scores_floats, *ds = p + (long)t * t;
+        float *bp = w->bp + thread_id() * w->bp_floats;
+        const long row0 = (long)bi * t;
+        for (int hh = 0; hh < h; hh++) {
+            const int g = hh / (h / hk);
+            const float *qh = q + row0 * d + hh * hd, *kh = k + row0 * kvd + g * hd, *vh = v + row0 * kvd + g * hd;
+            const float *dy = w->datt + row0 * d + hh * hd, *yh = y + row0 * d + hh * hd;
+            scores(t, hd, qh, d, kh, kvd, p, bp);
+            gemm(t, t, hd, dy, d, 0, vh, kvd, 1, ds, t, 0, bp, 0); /* dP = dY V^T */
+            for (int i = 0; i < t; i++) {
+                float *pi = p + (long)i * t, *di = ds + (long)i * t;
+                const float li = lse[(row0 + i) * h + hh];
+                float dd = 0.0f;
+                for (int e = 0; e < hd; e++) dd += dy[(long)i * d + e] * yh[(long)i * d + e];
+#pragma omp simd
+                for (int j = 0; j <= i; j++) {
+                    pi[j] = exp_neg(pi[j] * scale - li);
+                    di[j] = pi[j] * (di[j] - dd) * scale;
+                }
+                for (int j = i + 1; j < t; j++) pi[j] = di[j] = 0.0f;
+            }
+            gemm(t, hd, t, ds, t, 0, kh, kvd, 0, w->dq + row0 * d + hh * hd, d, 0, bp, 0);  /* dQ = dS K */
+            gemm(t, hd, t, ds, t, 1, qh, d, 0, w->dk + row0 * kvd + g * hd, kvd, 1, bp, 0); /* dK += dS^T Q */
+            gemm(t, hd, t, p, t, 1, dy, d, 0, w->dv + row0 * kvd + g * hd, kvd, 1, bp, 0);  /* dV += P^T dY */
+        }
+    }
+}
+
+/* the head, the loss and their gradients, block by block: returns the summed loss; dhf = d(loss)/d(hf) times
+   scale, and the head's gradient += */
+static double head_loss(const Net *m, int n, const int64_t *targets, const Work *w, float scale) {
+    const int d = m->dim, vcb = m->vocab, rows = ce_rows(m);
+    double total = 0.0;
+    float *z = w->scores, *bp = w->bp;
+    for (int i0 = 0; i0 < n; i0 += rows) {
+        const int r = imin(rows, n - i0);
+        gemm(r, vcb, d, w->hf + (long)i0 * d, d, 0, m->head, d, 1, z, vcb, 0, bp, 1);
+        double part = 0.0;
+#pragma omp parallel for reduction(+ : part) schedule(static) if (n_threads() > 1)
+        for (int i = 0; i < r; i++) {
+            float *zi = z + (long)i * vcb, mx = -INFINITY, sum = 0.0f;
+            const int64_t ti = targets[i0 + i];
+            for (int j = 0; j < vcb; j++) mx = zi[j] > mx ? zi[j] : mx;
+            const float zt = zi[ti] - mx;
+#pragma omp simd reduction(+ : sum)
+            for (int j = 0; j < vcb; j++) {
+                zi[j] = exp_neg(zi[j] - mx);
+                sum += zi[j];
+            }
+            part += logf(sum) - zt;
+            const float c = scale / sum;
+#pragma omp simd
+            for (int j = 0; j < vcb; j++) zi[j] *= c;
+            zi[ti] -= scale;
+        }
+        total += part;
+        gemm(r, d, vcb, z, vcb, 0, m->head, d, 0, w->dh + (long)i0 * d, d, 0, bp, 1);
+        gemm(vcb, d, r, z, vcb, 1, w->hf + (long)i0 * d, d, 0, m->g_head, d, 1, bp, 1);
+    }
+    return total;
+}
+
+/* One micro-step: tokens and targets are b x t; returns the mean loss (nats/token) and adds its gradients, times
+   grad_scale, to the gradient buffers. Returns NaN for a token outside the vocabulary or t past the context. */
+double fw_train_step(const Net *m, const int64_t *tokens, const int64_t *targets, int b, int t, float *work,
+                     float grad_scale) {
+    const int d = m->dim, f = m->d_ff, h = m->n_heads, hk = m->n_kv_heads, hd = m->head_dim, kvd = hk * hd;
+    const long n = (long)b * t;
+    if (t > m->seq_len || t < 1 || b < 1) return NAN;
+    for (long i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->vocab || targets[i] < 0 || targets[i] >= m->vocab) return NAN;
+    Work w;
+    carve(m, (int)n, work, &w);
+    float *bp = w.bp;
+    float *x = w.xin; /* the residual stream: layer l's input is xin[l], its middle xmid[l] */
+    for (long i = 0; i < n; i++) memcpy(x + i * d, m->embed + tokens[i] * d, sizeof(float) * d);
+    for (int l = 0; l < m->n_layers; l++) {
+        const Layer *ly = &m->layers[l];
+        float *xin = w.xin + l * n * d, *h1 = w.h1 + l * n * d, *q = w.q + l * n * d, *k = w.k + l * n * kvd;
+        float *v = w.v + l * n * kvd, *att = w.att + l * n * d, *xmid = w.xmid + l * n * d, *h2 = w.h2 + l * n * d;
+        float *a = w.a + l * n * f, *u = w.u + l * n * f;
+        rmsnorm((int)n, d, xin, ly->attn_norm, m->eps, h1, w.rstd1 + l * n);
+        linear((int)n, d, d, h1, ly->wq, q, 0, bp);
+        linear((int)n, kvd, d, h1, ly->wk, k, 0, bp);
+        linear((int)n, kvd, d, h1, ly->wv, v, 0, bp);
+        rope((int)n, t, h, hd, q, m->rope_cos, m->rope_sin, 0);
+        rope((int)n, t, hk, hd, k, m->rope_cos, m->rope_sin, 0);
+        attention(m, b, t, &w, l, att, w.lse + l * n * h);
+        memcpy(xmid, xin, sizeof(float) * n * d);
+        linear((int)n, d, d, att, ly->wo, xmid, 1, bp);
+        rmsnorm((int)n, d, xmid, ly->mlp_norm, m->eps, h2, w.rstd2 + l * n);
+        linear((int)n, f, d, h2, ly->w_gate, a, 0, bp);
+        linear((int)n, f, d, h2, ly->w_up, u, 0, bp);
+#pragma omp simd
+        for (long i = 0; i < n * f; i++) w.s[i] = a[i] * sigmoid(a[i]) * u[i];
+        float *next = l + 1 < m->n_layers ? w.xin + (l + 1) * n * d : w.xf;
+        memcpy(next, xmid, sizeof(float) * n * d);
+        linear((int)n, d, f, w.s, ly->w_down, next, 1, bp);
+    }
+    rmsnorm((int)n, d, w.xf, m->norm, m->eps, w.hf, w.rstdf);
+    const double loss = head_loss(m, (int)n, targets, &w, grad_scale / (float)n);
+    memset(w.dx, 0, sizeof(float) * n * d);
+    rmsnorm_back((int)n, d, w.xf, m->norm, w.rstdf, w.dh, w.dx, m->g_norm);
+    for (int l = m->n_layers - 1; l >= 0; l--) {
+        const Layer *ly = &m->layers[l];
+        float *xin = w.xin + l * n * d, *h1 = w.h1 + l * n * d, *att = w.att + l * n * d;
+        float *xmid = w.xmid + l * n * d, *h2 = w.h2 + l * n * d, *a = w.a + l * n * f, *u = w.u + l * n * f;
+#pragma omp simd
+        for (long i = 0; i < n * f; i++) w.s[i] = a[i] * sigmoid(a[i]) * u[i];
+        gemm(d, f, (int)n, w.dx, d, 1, w.s, f, 0, ly->g_down, f, 1, bp, 1); /* g_down += dx^T s */
+        gemm((int)n, f, d, w.dx, d, 0, ly->w_down, f, 0, w.s, f, 0, bp, 1); /* ds = dx W_down, into s */
+#pragma omp simd
+        for (long i = 0; i < n * f; i++) {
+            const float sg = sigmoid(a[i]), silu = a[i] * sg;
+            w.da[i] = w.s[i] * u[i] * sg * (1.0f + a[i] * (1.0f - sg));
+            w.du[i] = w.s[i] * silu;
+        }
+        linear_back((int)n, f, d, h2, ly->w_gate, w.da, w.dh, 0, ly->g_gate, bp);
+        linear_back((int)n, f, d, h2, ly->w_up, w.du, w.dh, 1, ly->g_up, bp);
+        rmsnorm_back((int)n, d, xmid, ly->mlp_norm, w.rstd2 + l * n, w.dh, w.dx, ly->g_mlp_norm);
+        linear_back((int)n, d, d, att, ly->wo, w.dx, w.datt, 0, ly->g_wo, bp);
+        attention_back(m, b, t, &w, l);
+        rope((int)n, t, h, hd, w.dq, m->rope_cos, m->rope_sin, 1);
+        rope((int)n, t, hk, hd, w.dk, m->rope_cos, m->rope_sin, 1);
+        linear_back((int)n, d, d, h1, ly->wq, w.dq, w.dh, 0, ly->g_wq, bp);
+        linear_back((int)n, kvd, d, h1, ly->wk, w.dk, w.dh, 1, ly->g_wk, bp);
+        linear_back((int)n, kvd, d, h1, ly->wv, w.dv, w.dh, 1, ly->g_wv, bp);
+        rmsnorm_back((int)n, d, xin, ly->attn_norm, w.rstd1 + l * n, w.dh, w.dx, ly->g_attn_norm);
+    }
+    for (long i = 0; i < n; i++) {
+        float *ge = m->g_embed + tokens[i] * d;
+        const float *di = w.dx + i * d;
+#pragma omp simd
+        for (int j = 0; j < d; j++) ge[j] += di[j];
+    }
+    return loss / (double)n;
+}
+
+/* what this build is: 1 OpenMP, 4 AVX-512 tiles */
+int fw_build(void) {
+    int bits = 0;
+#ifdef _OPENMP
+    bits |= 1;
+#endif
+#ifdef __AVX512F__
+    bits |= 4;
+#endif
+    return bits;
+}
