@@ -2,8 +2,9 @@
 
 Both train the same LLaMA-style architecture on the bundled corpus with the same data order,
 learning-rate schedule and optimizer settings; the baseline is a nanoGPT-style loop (fp32, eager,
-default AdamW). flopwise runs twice: eager and compiled (--compile on; what --compile auto picks for a
-run long enough to repay compiling), both with --precision auto. Prints tokens/s of each, the ratios,
+default AdamW). flopwise runs three times, all with --precision auto: eager (--compile off), auto (the default: the
+fastest of eager and the C training step, measured per shape; torch.compile only for runs long enough to
+repay it) and compiled (--compile on). Prints tokens/s of each, the ratios,
 the compile time, final losses and MFU against this machine's measured bf16 and fp32 matmul peaks.
 Sweep-sized models (d32L1, d64L2, d128L4) use the autopilot's vocabulary (1,024) and a batch of
 32 x 128 tokens. Issue 12's targets: >= 2.5x the fp32 loop at d_model <= 64, >= 2x at d128L4.
@@ -45,6 +46,9 @@ CONFIGS = {
     "d128L4": dict(d_model=128, n_layers=4, n_heads=8, n_kv_heads=8, d_ff=352, seq_len=128),
 }
 SWEEP_SIZED = ("d32L1", "d64L2", "d128L4")
+# flopwise's runs: PyTorch eager (--compile off), the default (auto: the fastest of eager, the C training step and,
+# for runs long enough to repay it, torch.compile; measured), and torch.compile (on)
+MODES = {"off": "eager", "auto": "auto", "on": "compiled"}
 
 
 def plain_setup(mc: ModelConfig, tc: TrainConfig, corpus, r) -> tuple[Llama, torch.optim.AdamW, Batches]:
@@ -111,14 +115,14 @@ def main() -> None:
         micro = 32 if name in SWEEP_SIZED else args.micro_batch
         tokens_per_step = micro * mc.seq_len
         rows = []
-        for compiled in (False,) if args.no_compile else (False, True):
+        for mode in ("off", "auto") if args.no_compile else ("off", "auto", "on"):
             tc = TrainConfig(n_tokens=tokens_per_step * args.steps, batch_tokens=tokens_per_step,
                              micro_batch=micro, eval_every=10**9, ckpt_every=10**9, log_every=1,
                              final_eval_windows=1, eval_windows=1, precision=args.precision,
-                             compile="on" if compiled else "off", optimizer="adamw")  # the loop's optimizer
-            tok_s, loss, precision, first_s = _flopwise(corpus, mc, tc)
-            label = f"flopwise {'compiled' if compiled else 'eager'} ({args.precision} -> {precision})"
-            rows.append((label + (f", compiling {first_s:.0f} s" if compiled else ""), tok_s, loss))
+                             compile=mode, optimizer="adamw")  # the loop's optimizer
+            tok_s, loss, how, first_s = _flopwise(corpus, mc, tc)
+            label = f"flopwise {MODES[mode]} ({args.precision} -> {how})"
+            rows.append((label + (f", compiling {first_s:.0f} s" if mode == "on" else ""), tok_s, loss))
         r = resolve(mc, tc)
         base_tok_s, base_loss = in_fresh_process(baseline, mc, tc, corpus, r)
         rows.append(("baseline (fp32 eager loop)", base_tok_s, base_loss))
@@ -132,7 +136,7 @@ def main() -> None:
 
 
 def _flopwise(corpus, mc: ModelConfig, tc: TrainConfig) -> tuple[float, float, str, float]:
-    """(tok/s over the steady steps, final train loss, precision used, seconds of the first step)."""
+    """(tok/s over the steady steps, final train loss, how it trained, seconds of the first step)."""
     tmp = Path(tempfile.mkdtemp())
     try:
         run = new_run(tmp / "run", mc, tc, corpus)
@@ -140,8 +144,8 @@ def _flopwise(corpus, mc: ModelConfig, tc: TrainConfig) -> tuple[float, float, s
         lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         first_s = tc.batch_tokens / lines[0]["tok_per_s"]
         # the median step, without the first two (compilation, allocator warm-up) and the last (the final eval)
-        return statistics.median(m["tok_per_s"] for m in lines[2:-1]), final["train_loss"], final["precision"], \
-            first_s
+        how = final["precision"] + (", C step" if final["kernel"] == "c" else ", compiled" if final["compiled"] else "")
+        return statistics.median(m["tok_per_s"] for m in lines[2:-1]), final["train_loss"], how, first_s
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -56,7 +56,7 @@ def library() -> ctypes.CDLL:
         raise
     lib.fw_train_step.argtypes = [ctypes.POINTER(_Net), _P, _P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_float]
     lib.fw_train_step.restype = ctypes.c_double
-    lib.fw_train_floats.argtypes = [ctypes.POINTER(_Net), ctypes.c_int]
+    lib.fw_train_floats.argtypes = [ctypes.POINTER(_Net), ctypes.c_int, ctypes.c_int]
     lib.fw_train_floats.restype = ctypes.c_long
     lib.fw_threads.argtypes = [ctypes.c_int]
     lib.fw_build.restype = ctypes.c_int
@@ -114,7 +114,7 @@ class NativeTrainStep:
         targets = targets.to(torch.int64).contiguous()
         b, t = tokens.shape
         self.lib.fw_threads(torch.get_num_threads())
-        need = self.lib.fw_train_floats(ctypes.byref(self._net), b * t)
+        need = self.lib.fw_train_floats(ctypes.byref(self._net), b, t)
         if self._work.numel() < need:
             self._work = torch.empty(need)
         loss = self.lib.fw_train_step(ctypes.byref(self._net), tokens.data_ptr(), targets.data_ptr(), b, t,

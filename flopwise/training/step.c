@@ -104,10 +104,9 @@ TILE(tile_wide, MR_WIDE, 2)
 TILE(tile_narrow, MR_NARROW, 1)
 
 /* C (m x n) = op(A) op(B), or += with accum; op(A) is m x k: ta ? A[k lda + i] : A[i lda + k]; op(B) is k x n, as
-   pack_b reads it. bp: scratch of KC x round_up(n, 32) floats. par: split the tiles across threads (0 inside a
-   parallel region). */
+   pack_b reads it. bp: scratch of KC x round_up(n, 32) floats. */
 static void gemm(int m, int n, int k, const float *a, long lda, int ta, const float *b, long ldb, int tb, float *c,
-                 long ldc, int accum, float *bp, int par) {
+                 long ldc, int accum, float *bp) {
     if (m <= 0 || n <= 0) return;
     if (k <= 0) {
         if (!accum)
@@ -117,12 +116,9 @@ static void gemm(int m, int n, int k, const float *a, long lda, int ta, const fl
     const int narrow = n <= 16, w = narrow ? 16 : 32, mr = narrow ? MR_NARROW : MR_WIDE;
     const long sr = ta ? 1 : lda, sk = ta ? lda : 1;
     const int nj = (n + w - 1) / w, ni = (m + mr - 1) / mr;
-    par = par && n_threads() > 1 && (long)m * n * k > 200000;
     for (int k0 = 0; k0 < k; k0 += KC) {
         const int kc = imin(KC, k - k0), acc = accum || k0 > 0;
-#pragma omp parallel for schedule(static) if (par && nj > 1)
         for (int j = 0; j < nj; j++) pack_b(b, ldb, tb, k0, kc, j * w, n, w, bp + (long)j * kc * w);
-#pragma omp parallel for collapse(2) schedule(static) if (par)
         for (int j = 0; j < nj; j++)
             for (int i = 0; i < ni; i++) {
                 const float *ai = a + (ta ? (long)k0 * lda + (long)i * mr : (long)i * mr * lda + k0);
@@ -138,14 +134,14 @@ static void gemm(int m, int n, int k, const float *a, long lda, int ta, const fl
 
 /* y = x W^T (x: rows x in, W: out x in), or += */
 static void linear(int rows, int out, int in, const float *x, const float *w, float *y, int accum, float *bp) {
-    gemm(rows, out, in, x, in, 0, w, in, 1, y, out, accum, bp, 1);
+    gemm(rows, out, in, x, in, 0, w, in, 1, y, out, accum, bp);
 }
 
 /* dx (=, or +=) dy W; gW += dy^T x */
 static void linear_back(int rows, int out, int in, const float *x, const float *w, const float *dy, float *dx,
                         int dx_accum, float *gw, float *bp) {
-    gemm(rows, in, out, dy, out, 0, w, in, 0, dx, in, dx_accum, bp, 1);
-    gemm(out, in, rows, dy, out, 1, x, in, 0, gw, in, 1, bp, 1);
+    gemm(rows, in, out, dy, out, 0, w, in, 0, dx, in, dx_accum, bp);
+    gemm(out, in, rows, dy, out, 1, x, in, 0, gw, in, 1, bp);
 }
 
 /* ---- exp for softmax arguments (x <= 0): 2^n p(r), r = x - n ln2, vectorisable ---- */
@@ -186,13 +182,12 @@ typedef struct {
     const Layer *layers;
 } Net;
 
-/* the workspace, carved from one buffer of fw_train_floats() floats */
+/* one thread's workspace, carved from its share of the buffer of fw_train_floats() floats */
 typedef struct {
     float *xin, *h1, *q, *k, *v, *att, *xmid, *h2, *a, *u, *rstd1, *rstd2, *lse; /* per layer: saved */
     float *xf, *hf, *rstdf, *dx, *dh, *datt, *dq, *dk, *dv, *da, *du, *s;
-    float *bp;      /* packing scratch, per thread */
-    float *scores;  /* attention: two T x T per thread; the head: a block of logits */
-    long bp_floats, scores_floats;
+    float *bp;     /* packing scratch */
+    float *scores; /* attention: two T x T; the head: a block of logits */
 } Work;
 
 static int ce_rows(const Net *m) { /* rows of logits per block of the head: about 256 KB */
@@ -201,11 +196,12 @@ static int ce_rows(const Net *m) { /* rows of logits per block of the head: abou
     return r / 12 * 12;
 }
 
-static long carve(const Net *m, int n, float *base, Work *w) {
+/* floats of one thread's workspace for n tokens; with w, its fields point into base */
+static long carve(const Net *m, long n, float *base, Work *w) {
     const long d = m->dim, kvd = (long)m->n_kv_heads * m->head_dim, f = m->d_ff, L = m->n_layers, t = m->seq_len;
     const long h = m->n_heads;
     long at = 0;
-#define TAKE(field, count) (w ? (w->field = base + at) : 0, at += round_up((int)(count), 16))
+#define TAKE(field, count) (w ? (w->field = base + at) : 0, at += ((count) + 15) / 16 * 16)
     TAKE(xin, L * n * d); TAKE(h1, L * n * d); TAKE(q, L * n * d); TAKE(k, L * n * kvd); TAKE(v, L * n * kvd);
     TAKE(att, L * n * d); TAKE(xmid, L * n * d); TAKE(h2, L * n * d); TAKE(a, L * n * f); TAKE(u, L * n * f);
     TAKE(rstd1, L * n); TAKE(rstd2, L * n); TAKE(lse, L * n * h);
@@ -215,17 +211,47 @@ static long carve(const Net *m, int n, float *base, Work *w) {
     if (f > widest) widest = f;
     if (d > widest) widest = d;
     if (t > widest) widest = t;
-    const long bp = (long)KC * round_up((int)widest, 32), sc = 2 * t * t > ce_rows(m) * (long)m->vocab
-                                                               ? 2 * t * t : ce_rows(m) * (long)m->vocab;
-    const long th = n_threads();
-    TAKE(bp, th * bp); TAKE(scores, th * sc);
+    const long logits = (long)ce_rows(m) * m->vocab;
+    TAKE(bp, (long)KC * round_up((int)widest, 32));
+    TAKE(scores, 2 * t * t > logits ? 2 * t * t : logits);
 #undef TAKE
-    if (w) w->bp_floats = bp, w->scores_floats = sc;
     return at;
 }
 
-/* floats of workspace a step of n tokens needs, with this process' threads */
-long fw_train_floats(const Net *m, int n) { return carve(m, n, 0, 0); }
+/* the gradient buffers, in one order: (buffer, floats); a tied head shares the embedding's and is listed once */
+static int grad_list(const Net *m, float **ptr, long *size) {
+    const long d = m->dim, kvd = (long)m->n_kv_heads * m->head_dim, f = m->d_ff, v = m->vocab;
+    int c = 0;
+#define ADD(p, count) (ptr[c] = (p), size[c++] = (count))
+    ADD(m->g_embed, v * d);
+    if (m->g_head != m->g_embed) ADD(m->g_head, v * d);
+    ADD(m->g_norm, d);
+    for (int l = 0; l < m->n_layers; l++) {
+        const Layer *y = &m->layers[l];
+        ADD(y->g_attn_norm, d); ADD(y->g_wq, d * d); ADD(y->g_wk, kvd * d); ADD(y->g_wv, kvd * d);
+        ADD(y->g_wo, d * d); ADD(y->g_mlp_norm, d); ADD(y->g_gate, f * d); ADD(y->g_up, f * d);
+        ADD(y->g_down, d * f);
+    }
+#undef ADD
+    return c;
+}
+
+static long grad_floats(const Net *m) {
+    const long d = m->dim, kvd = (long)m->n_kv_heads * m->head_dim, f = m->d_ff, v = m->vocab;
+    return (m->g_head != m->g_embed ? 2 : 1) * v * d + d +
+           m->n_layers * (2 * d + 2 * d * d + 2 * kvd * d + 3 * d * f);
+}
+
+/* threads a step of b sequences splits into (each takes whole sequences) */
+static int step_threads(int b) { return imin(n_threads(), b); }
+
+/* floats of workspace for a step of b sequences of t tokens with this process' threads: each thread's share,
+   and with more than one, each thread's own gradients */
+long fw_train_floats(const Net *m, int b, int t) {
+    const int th = step_threads(b);
+    const long rows = (long)((b + th - 1) / th) * t;
+    return th * (carve(m, rows, 0, 0) + (th > 1 ? grad_floats(m) : 0));
+}
 
 void fw_threads(int threads) {
 #ifdef _OPENMP
@@ -237,7 +263,6 @@ void fw_threads(int threads) {
 
 /* h = x rstd g, rstd = 1 / sqrt(mean(x^2) + eps) */
 static void rmsnorm(int n, int d, const float *x, const float *g, float eps, float *h, float *rstd) {
-#pragma omp parallel for schedule(static) if (n_threads() > 1 && (long)n * d > 65536)
     for (int i = 0; i < n; i++) {
         const float *xi = x + (long)i * d;
         float ss = 0.0f;
@@ -295,7 +320,7 @@ static void rope(int n, int t, int heads, int hd, float *x, const float *cos_t, 
 static void scores(int t, int hd, const float *q, long ldq, const float *k, long ldk, float *s, float *bp) {
     for (int i0 = 0; i0 < t; i0 += 64) {
         const int rows = imin(64, t - i0);
-        gemm(rows, imin(t, i0 + rows), hd, q + (long)i0 * ldq, ldq, 0, k, ldk, 1, s + (long)i0 * t, t, 0, bp, 0);
+        gemm(rows, imin(t, i0 + rows), hd, q + (long)i0 * ldq, ldq, 0, k, ldk, 1, s + (long)i0 * t, t, 0, bp);
     }
 }
 
@@ -304,15 +329,15 @@ static void attention(const Net *m, int b, int t, const Work *w, int l, float *o
     const long n = (long)b * t;
     const float scale = 1.0f / sqrtf((float)hd);
     const float *q = w->q + l * n * d, *k = w->k + l * n * kvd, *v = w->v + l * n * kvd;
-#pragma omp parallel for collapse(2) schedule(static) if (n_threads() > 1)
     for (int bi = 0; bi < b; bi++)
         for (int hh = 0; hh < h; hh++) {
-            float *s = w->scores + thread_id() * w->scores_floats, *bp = w->bp + thread_id() * w->bp_floats;
+            float *s = w->scores, *bp = w->bp;
             const long row0 = (long)bi * t;
             const int g = hh / (h / hk);
             scores(t, hd, q + row0 * d + hh * hd, d, k + row0 * kvd + g * hd, kvd, s, bp);
             for (int i = 0; i < t; i++) {
                 float *si = s + (long)i * t, mx = -INFINITY, sum = 0.0f;
+#pragma omp simd reduction(max : mx)
                 for (int j = 0; j <= i; j++) mx = si[j] * scale > mx ? si[j] * scale : mx;
 #pragma omp simd reduction(+ : sum)
                 for (int j = 0; j <= i; j++) {
@@ -320,11 +345,12 @@ static void attention(const Net *m, int b, int t, const Work *w, int l, float *o
                     sum += si[j];
                 }
                 const float inv = 1.0f / sum;
+#pragma omp simd
                 for (int j = 0; j <= i; j++) si[j] *= inv;
                 for (int j = i + 1; j < t; j++) si[j] = 0.0f;
                 lse_out[(row0 + i) * h + hh] = mx + logf(sum);
             }
-            gemm(t, hd, t, s, t, 0, v + row0 * kvd + g * hd, kvd, 0, out + row0 * d + hh * hd, d, 0, bp, 0);
+            gemm(t, hd, t, s, t, 0, v + row0 * kvd + g * hd, kvd, 0, out + row0 * d + hh * hd, d, 0, bp);
         }
 }
 
@@ -337,18 +363,15 @@ static void attention_back(const Net *m, int b, int t, const Work *w, int l) {
     const float *lse = w->lse + l * n * h;
     memset(w->dk, 0, sizeof(float) * n * kvd);
     memset(w->dv, 0, sizeof(float) * n * kvd);
-    /* by sequence: the heads of a group add into the same dk, dv rows */
-#pragma omp parallel for schedule(static) if (n_threads() > 1)
     for (int bi = 0; bi < b; bi++) {
-        float *p = w->scores + thread_id() * w->scores_floats, *ds = p + (long)t * t;
-        float *bp = w->bp + thread_id() * w->bp_floats;
+        float *p = w->scores, *ds = p + (long)t * t, *bp = w->bp;
         const long row0 = (long)bi * t;
         for (int hh = 0; hh < h; hh++) {
             const int g = hh / (h / hk);
             const float *qh = q + row0 * d + hh * hd, *kh = k + row0 * kvd + g * hd, *vh = v + row0 * kvd + g * hd;
             const float *dy = w->datt + row0 * d + hh * hd, *yh = y + row0 * d + hh * hd;
             scores(t, hd, qh, d, kh, kvd, p, bp);
-            gemm(t, t, hd, dy, d, 0, vh, kvd, 1, ds, t, 0, bp, 0); /* dP = dY V^T */
+            gemm(t, t, hd, dy, d, 0, vh, kvd, 1, ds, t, 0, bp); /* dP = dY V^T */
             for (int i = 0; i < t; i++) {
                 float *pi = p + (long)i * t, *di = ds + (long)i * t;
                 const float li = lse[(row0 + i) * h + hh];
@@ -361,9 +384,9 @@ static void attention_back(const Net *m, int b, int t, const Work *w, int l) {
                 }
                 for (int j = i + 1; j < t; j++) pi[j] = di[j] = 0.0f;
             }
-            gemm(t, hd, t, ds, t, 0, kh, kvd, 0, w->dq + row0 * d + hh * hd, d, 0, bp, 0);  /* dQ = dS K */
-            gemm(t, hd, t, ds, t, 1, qh, d, 0, w->dk + row0 * kvd + g * hd, kvd, 1, bp, 0); /* dK += dS^T Q */
-            gemm(t, hd, t, p, t, 1, dy, d, 0, w->dv + row0 * kvd + g * hd, kvd, 1, bp, 0);  /* dV += P^T dY */
+            gemm(t, hd, t, ds, t, 0, kh, kvd, 0, w->dq + row0 * d + hh * hd, d, 0, bp);  /* dQ = dS K */
+            gemm(t, hd, t, ds, t, 1, qh, d, 0, w->dk + row0 * kvd + g * hd, kvd, 1, bp); /* dK += dS^T Q */
+            gemm(t, hd, t, p, t, 1, dy, d, 0, w->dv + row0 * kvd + g * hd, kvd, 1, bp);  /* dV += P^T dY */
         }
     }
 }
@@ -376,12 +399,12 @@ static double head_loss(const Net *m, int n, const int64_t *targets, const Work 
     float *z = w->scores, *bp = w->bp;
     for (int i0 = 0; i0 < n; i0 += rows) {
         const int r = imin(rows, n - i0);
-        gemm(r, vcb, d, w->hf + (long)i0 * d, d, 0, m->head, d, 1, z, vcb, 0, bp, 1);
+        gemm(r, vcb, d, w->hf + (long)i0 * d, d, 0, m->head, d, 1, z, vcb, 0, bp);
         double part = 0.0;
-#pragma omp parallel for reduction(+ : part) schedule(static) if (n_threads() > 1)
         for (int i = 0; i < r; i++) {
             float *zi = z + (long)i * vcb, mx = -INFINITY, sum = 0.0f;
             const int64_t ti = targets[i0 + i];
+#pragma omp simd reduction(max : mx)
             for (int j = 0; j < vcb; j++) mx = zi[j] > mx ? zi[j] : mx;
             const float zt = zi[ti] - mx;
 #pragma omp simd reduction(+ : sum)
@@ -396,23 +419,19 @@ static double head_loss(const Net *m, int n, const int64_t *targets, const Work 
             zi[ti] -= scale;
         }
         total += part;
-        gemm(r, d, vcb, z, vcb, 0, m->head, d, 0, w->dh + (long)i0 * d, d, 0, bp, 1);
-        gemm(vcb, d, r, z, vcb, 1, w->hf + (long)i0 * d, d, 0, m->g_head, d, 1, bp, 1);
+        gemm(r, d, vcb, z, vcb, 0, m->head, d, 0, w->dh + (long)i0 * d, d, 0, bp);
+        gemm(vcb, d, r, z, vcb, 1, w->hf + (long)i0 * d, d, 0, m->g_head, d, 1, bp);
     }
     return total;
 }
 
-/* One micro-step: tokens and targets are b x t; returns the mean loss (nats/token) and adds its gradients, times
-   grad_scale, to the gradient buffers. Returns NaN for a token outside the vocabulary or t past the context. */
-double fw_train_step(const Net *m, const int64_t *tokens, const int64_t *targets, int b, int t, float *work,
-                     float grad_scale) {
+/* b sequences of t tokens, on one thread: the summed loss; gradients, times dscale per token, added */
+static double forward_backward(const Net *m, const int64_t *tokens, const int64_t *targets, int b, int t, float *work,
+                               float dscale) {
     const int d = m->dim, f = m->d_ff, h = m->n_heads, hk = m->n_kv_heads, hd = m->head_dim, kvd = hk * hd;
     const long n = (long)b * t;
-    if (t > m->seq_len || t < 1 || b < 1) return NAN;
-    for (long i = 0; i < n; i++)
-        if (tokens[i] < 0 || tokens[i] >= m->vocab || targets[i] < 0 || targets[i] >= m->vocab) return NAN;
     Work w;
-    carve(m, (int)n, work, &w);
+    carve(m, n, work, &w);
     float *bp = w.bp;
     float *x = w.xin; /* the residual stream: layer l's input is xin[l], its middle xmid[l] */
     for (long i = 0; i < n; i++) memcpy(x + i * d, m->embed + tokens[i] * d, sizeof(float) * d);
@@ -440,7 +459,7 @@ double fw_train_step(const Net *m, const int64_t *tokens, const int64_t *targets
         linear((int)n, d, f, w.s, ly->w_down, next, 1, bp);
     }
     rmsnorm((int)n, d, w.xf, m->norm, m->eps, w.hf, w.rstdf);
-    const double loss = head_loss(m, (int)n, targets, &w, grad_scale / (float)n);
+    const double loss = head_loss(m, (int)n, targets, &w, dscale);
     memset(w.dx, 0, sizeof(float) * n * d);
     rmsnorm_back((int)n, d, w.xf, m->norm, w.rstdf, w.dh, w.dx, m->g_norm);
     for (int l = m->n_layers - 1; l >= 0; l--) {
@@ -449,8 +468,8 @@ double fw_train_step(const Net *m, const int64_t *tokens, const int64_t *targets
         float *xmid = w.xmid + l * n * d, *h2 = w.h2 + l * n * d, *a = w.a + l * n * f, *u = w.u + l * n * f;
 #pragma omp simd
         for (long i = 0; i < n * f; i++) w.s[i] = a[i] * sigmoid(a[i]) * u[i];
-        gemm(d, f, (int)n, w.dx, d, 1, w.s, f, 0, ly->g_down, f, 1, bp, 1); /* g_down += dx^T s */
-        gemm((int)n, f, d, w.dx, d, 0, ly->w_down, f, 0, w.s, f, 0, bp, 1); /* ds = dx W_down, into s */
+        gemm(d, f, (int)n, w.dx, d, 1, w.s, f, 0, ly->g_down, f, 1, bp); /* g_down += dx^T s */
+        gemm((int)n, f, d, w.dx, d, 0, ly->w_down, f, 0, w.s, f, 0, bp); /* ds = dx W_down, into s */
 #pragma omp simd
         for (long i = 0; i < n * f; i++) {
             const float sg = sigmoid(a[i]), silu = a[i] * sg;
@@ -475,7 +494,67 @@ double fw_train_step(const Net *m, const int64_t *tokens, const int64_t *targets
 #pragma omp simd
         for (int j = 0; j < d; j++) ge[j] += di[j];
     }
-    return loss / (double)n;
+    return loss;
+}
+
+/* One micro-step: tokens and targets are b x t; returns the mean loss (nats/token) and adds its gradients, times
+   grad_scale, to the gradient buffers. Returns NaN for a token outside the vocabulary or t past the context.
+   Threads split the batch by sequences, each with its own workspace and gradients (the models this step is for
+   are too small for one product to feed two cores), summed into the caller's at the end. */
+double fw_train_step(const Net *m, const int64_t *tokens, const int64_t *targets, int b, int t, float *work,
+                     float grad_scale) {
+    const long n = (long)b * t;
+    if (t > m->seq_len || t < 1 || b < 1) return NAN;
+    for (long i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->vocab || targets[i] < 0 || targets[i] >= m->vocab) return NAN;
+    const float dscale = grad_scale / (float)n;
+    const int th = step_threads(b);
+    if (th == 1) return forward_backward(m, tokens, targets, b, t, work, dscale) / (double)n;
+    const long rows = (long)((b + th - 1) / th) * t, share = carve(m, rows, 0, 0) + grad_floats(m);
+    float *mine[3 + 9 * m->n_layers];
+    long size[3 + 9 * m->n_layers];
+    const int count = grad_list(m, mine, size);
+    double total = 0.0;
+#pragma omp parallel num_threads(th) reduction(+ : total)
+    {
+        const int id = thread_id(), b0 = (int)((long)b * id / th), b1 = (int)((long)b * (id + 1) / th);
+        float *base = work + id * share, *g = base + carve(m, rows, 0, 0);
+        Layer layers[m->n_layers];
+        Net own = *m;
+        memset(g, 0, sizeof(float) * grad_floats(m));
+        own.g_embed = g;
+        own.g_head = m->g_head == m->g_embed ? g : g + (long)m->vocab * m->dim;
+        float *at = g + (long)(m->g_head == m->g_embed ? 1 : 2) * m->vocab * m->dim;
+        own.g_norm = at, at += m->dim;
+        for (int l = 0; l < m->n_layers; l++) {
+            layers[l] = m->layers[l];
+            const long d = m->dim, kvd = (long)m->n_kv_heads * m->head_dim, f = m->d_ff;
+            layers[l].g_attn_norm = at, at += d;
+            layers[l].g_wq = at, at += d * d;
+            layers[l].g_wk = at, at += kvd * d;
+            layers[l].g_wv = at, at += kvd * d;
+            layers[l].g_wo = at, at += d * d;
+            layers[l].g_mlp_norm = at, at += d;
+            layers[l].g_gate = at, at += f * d;
+            layers[l].g_up = at, at += f * d;
+            layers[l].g_down = at, at += d * f;
+        }
+        own.layers = layers;
+        total += forward_backward(&own, tokens + (long)b0 * t, targets + (long)b0 * t, b1 - b0, t, base, dscale);
+#pragma omp barrier
+        /* each thread sums a slice of every buffer over the threads' copies (laid out in grad_list's order) */
+        long offset = carve(m, rows, 0, 0);
+        for (int c = 0; c < count; c++) {
+            const long lo = size[c] * id / th, hi = size[c] * (id + 1) / th;
+            for (int other = 0; other < th; other++) {
+                const float *src = work + other * share + offset;
+#pragma omp simd
+                for (long i = lo; i < hi; i++) mine[c][i] += src[i];
+            }
+            offset += size[c];
+        }
+    }
+    return total / (double)n;
 }
 
 /* what this build is: 1 OpenMP, 4 AVX-512 tiles */
