@@ -28,7 +28,7 @@ from flopwise.model.compiling import can_compile, use_compile_cache
 from flopwise.model.llama import Llama, ModelConfig
 from flopwise.run import KERNELS, require_device
 from flopwise.training.malloc import keep_freed_memory
-from flopwise.training.native import NativeTrainStep
+from flopwise.training.native import SOURCE_DIGEST, NativeTrainStep
 
 
 def use_threads(threads: int = 0) -> int:
@@ -173,9 +173,9 @@ def _choice_key(shape_items: tuple, micro_batch: int, threads: int, *more) -> st
 def faster_kernel(shape_items: tuple, micro_batch: int, threads: int, precision: str = "auto") -> str:
     """"c" where the C training step (``training/step.c``, fp32) trains this shape faster than PyTorch eager at
     ``precision`` (auto: the faster of fp32 and bf16), else "torch": measured once per shape, micro-batch,
-    thread count, CPU and version, and remembered in compiled.json as the precision is. Where the step does not
-    build, "torch" (not remembered: a compiler may be installed later)."""
-    key = _choice_key(shape_items, micro_batch, threads, precision)
+    thread count, CPU, version and C source, and remembered in compiled.json as the precision is. Where the step
+    does not build, "torch" (not remembered: a compiler may be installed later)."""
+    key = _choice_key(shape_items, micro_batch, threads, precision, SOURCE_DIGEST)
     known = _registry()["kernel"].get(key)
     if known is not None:
         return known
