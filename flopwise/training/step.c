@@ -317,10 +317,32 @@ static void rope(int n, int t, int heads, int hd, float *x, const float *cos_t, 
 }
 
 /* the causal scores q k^T of one sequence and head into s (t x t; only j <= i is computed where a block allows) */
-static void scores(int t, int hd, const float *q, long ldq, const float *k, long ldk, float *s, float *bp) {
-    for (int i0 = 0; i0 < t; i0 += 64) {
-        const int rows = imin(64, t - i0);
-        gemm(rows, imin(t, i0 + rows), hd, q + (long)i0 * ldq, ldq, 0, k, ldk, 1, s + (long)i0 * t, t, 0, bp);
+/* Causal products skip the upper triangle a block of CB rows (or columns) at a time: rows i0..i0+CB read, or
+   write, only columns below i0 + CB. */
+#define CB 32
+
+/* s (t x t, row stride t) = a b^T for rows i and columns j <= i of each block; a: t x hd, b: t x hd */
+static void causal_abt(int t, int hd, const float *a, long lda, const float *b, long ldb, float *s, float *bp) {
+    for (int i0 = 0; i0 < t; i0 += CB) {
+        const int rows = imin(CB, t - i0);
+        gemm(rows, i0 + rows, hd, a + (long)i0 * lda, lda, 0, b, ldb, 1, s + (long)i0 * t, t, 0, bp);
+    }
+}
+
+/* out (t x hd, =) = s b, s lower-triangular (t x t) */
+static void causal_sb(int t, int hd, const float *s, const float *b, long ldb, float *out, long ldo, float *bp) {
+    for (int i0 = 0; i0 < t; i0 += CB) {
+        const int rows = imin(CB, t - i0);
+        gemm(rows, hd, i0 + rows, s + (long)i0 * t, t, 0, b, ldb, 0, out + (long)i0 * ldo, ldo, 0, bp);
+    }
+}
+
+/* out (t x hd, +=) = s^T b, s lower-triangular (t x t): row j of out sums rows i >= j of s */
+static void causal_stb(int t, int hd, const float *s, const float *b, long ldb, float *out, long ldo, float *bp) {
+    for (int j0 = 0; j0 < t; j0 += CB) {
+        const int cols = imin(CB, t - j0);
+        gemm(cols, hd, t - j0, s + (long)j0 * t + j0, t, 1, b + (long)j0 * ldb, ldb, 0, out + (long)j0 * ldo, ldo, 1,
+             bp);
     }
 }
 
@@ -334,7 +356,7 @@ static void attention(const Net *m, int b, int t, const Work *w, int l, float *o
             float *s = w->scores, *bp = w->bp;
             const long row0 = (long)bi * t;
             const int g = hh / (h / hk);
-            scores(t, hd, q + row0 * d + hh * hd, d, k + row0 * kvd + g * hd, kvd, s, bp);
+            causal_abt(t, hd, q + row0 * d + hh * hd, d, k + row0 * kvd + g * hd, kvd, s, bp);
             for (int i = 0; i < t; i++) {
                 float *si = s + (long)i * t, mx = -INFINITY, sum = 0.0f;
 #pragma omp simd reduction(max : mx)
@@ -347,10 +369,10 @@ static void attention(const Net *m, int b, int t, const Work *w, int l, float *o
                 const float inv = 1.0f / sum;
 #pragma omp simd
                 for (int j = 0; j <= i; j++) si[j] *= inv;
-                for (int j = i + 1; j < t; j++) si[j] = 0.0f;
+                for (int j = i + 1; j < imin(t, (i / CB + 1) * CB); j++) si[j] = 0.0f; /* read by the block */
                 lse_out[(row0 + i) * h + hh] = mx + logf(sum);
             }
-            gemm(t, hd, t, s, t, 0, v + row0 * kvd + g * hd, kvd, 0, out + row0 * d + hh * hd, d, 0, bp);
+            causal_sb(t, hd, s, v + row0 * kvd + g * hd, kvd, out + row0 * d + hh * hd, d, bp);
         }
 }
 
@@ -370,8 +392,8 @@ static void attention_back(const Net *m, int b, int t, const Work *w, int l) {
             const int g = hh / (h / hk);
             const float *qh = q + row0 * d + hh * hd, *kh = k + row0 * kvd + g * hd, *vh = v + row0 * kvd + g * hd;
             const float *dy = w->datt + row0 * d + hh * hd, *yh = y + row0 * d + hh * hd;
-            scores(t, hd, qh, d, kh, kvd, p, bp);
-            gemm(t, t, hd, dy, d, 0, vh, kvd, 1, ds, t, 0, bp); /* dP = dY V^T */
+            causal_abt(t, hd, qh, d, kh, kvd, p, bp);
+            causal_abt(t, hd, dy, d, vh, kvd, ds, bp); /* dP = dY V^T */
             for (int i = 0; i < t; i++) {
                 float *pi = p + (long)i * t, *di = ds + (long)i * t;
                 const float li = lse[(row0 + i) * h + hh];
@@ -382,11 +404,11 @@ static void attention_back(const Net *m, int b, int t, const Work *w, int l) {
                     pi[j] = exp_neg(pi[j] * scale - li);
                     di[j] = pi[j] * (di[j] - dd) * scale;
                 }
-                for (int j = i + 1; j < t; j++) pi[j] = di[j] = 0.0f;
+                for (int j = i + 1; j < imin(t, (i / CB + 1) * CB); j++) pi[j] = di[j] = 0.0f; /* read by the block */
             }
-            gemm(t, hd, t, ds, t, 0, kh, kvd, 0, w->dq + row0 * d + hh * hd, d, 0, bp);  /* dQ = dS K */
-            gemm(t, hd, t, ds, t, 1, qh, d, 0, w->dk + row0 * kvd + g * hd, kvd, 1, bp); /* dK += dS^T Q */
-            gemm(t, hd, t, p, t, 1, dy, d, 0, w->dv + row0 * kvd + g * hd, kvd, 1, bp);  /* dV += P^T dY */
+            causal_sb(t, hd, ds, kh, kvd, w->dq + row0 * d + hh * hd, d, bp);     /* dQ = dS K */
+            causal_stb(t, hd, ds, qh, d, w->dk + row0 * kvd + g * hd, kvd, bp);   /* dK += dS^T Q */
+            causal_stb(t, hd, p, dy, d, w->dv + row0 * kvd + g * hd, kvd, bp);    /* dV += P^T dY */
         }
     }
 }
