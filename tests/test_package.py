@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ["flopwise/assets/tinystories/train.txt", "flopwise/assets/tinystories/valid.txt",
           "flopwise/assets/tinystories/LICENSE-CDLA-Sharing-1.0.txt", "flopwise/assets/tinystories/INSTRUCTIONS.md",
-          "flopwise/infer/step.c"]  # the C decode step's source, compiled on the user's machine
+          "flopwise/infer/step.c", "flopwise/training/step.c"]  # the C steps' sources, compiled on the user's machine
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +82,11 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs(dist, tmp_path):
     assert train.returncode == 2 and train.stderr.strip() == ("error: 'flopwise train' needs torch, which is not "
                                                               "installed: pip install 'flopwise[train]'")
     assert not (tmp_path / "r").exists()
-    if shutil.which("cc") or shutil.which("gcc"):  # the installed package builds its C decode step from its own source
-        built = subprocess.run([python, "-c", "from flopwise.infer.native import library; print(library()._name)"],
-                               capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
-        assert built.returncode == 0 and str(tmp_path / "cache" / "native") in built.stdout, built.stderr
+    if shutil.which("cc") or shutil.which("gcc"):  # the installed package builds its C steps from its own sources
+        for module in ("flopwise.infer.native", "flopwise.training.native"):
+            built = subprocess.run([python, "-c", f"from {module} import library; print(library()._name)"],
+                                   capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+            assert built.returncode == 0 and str(tmp_path / "cache" / "native") in built.stdout, built.stderr
 
 
 def test_every_optional_module_names_the_extra_that_installs_it():

@@ -44,17 +44,20 @@ _LIB: ctypes.CDLL | None = None
 _FAILED: str | None = None  # why the build failed in this process: not tried again
 
 
-def library() -> ctypes.CDLL:
-    """The compiled training step, built on first use (about a second) or loaded from the cache."""
+def library(flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The compiled training step, built on first use (about a second) or loaded from the cache. ``flags`` adds
+    compiler flags (the tests build AVX2 and plain-C variants); the default build is loaded once a process, and a
+    failure is remembered for the process."""
     global _LIB, _FAILED
-    if _LIB is not None:
+    if not flags and _LIB is not None:
         return _LIB
-    if _FAILED is not None:
+    if not flags and _FAILED is not None:
         raise NativeUnavailable(_FAILED)
     try:
-        lib = load(SOURCE, "the C training step")
+        lib = load(SOURCE, "the C training step", flags)
     except NativeUnavailable as e:
-        _FAILED = str(e)
+        if not flags:
+            _FAILED = str(e)
         raise
     lib.fw_train_step.argtypes = [ctypes.POINTER(_Net), _P, _P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_float]
     lib.fw_train_step.restype = ctypes.c_double
@@ -62,7 +65,8 @@ def library() -> ctypes.CDLL:
     lib.fw_train_floats.restype = ctypes.c_long
     lib.fw_threads.argtypes = [ctypes.c_int]
     lib.fw_build.restype = ctypes.c_int
-    _LIB = lib
+    if not flags:
+        _LIB = lib
     return lib
 
 
