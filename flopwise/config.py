@@ -69,7 +69,7 @@ class TrainConfig:
     ckpt_every: int = 0  # steps; 0: about 20 checkpoints per run
     log_every: int = 0  # steps; 0: about 200 log lines per run
     precision: str = "auto"  # auto | bf16 | fp32
-    compile: str = "auto"  # auto | on | off; auto: torch.compile on a CPU when the run is long enough to repay it
+    compile: str = "auto"  # auto | on | off; auto, on a CPU: the C training step or torch.compile where faster
     device: str = "auto"
     threads: int = 0  # CPU threads; 0: all cores while the machine is idle, fewer while other processes are busy
     save_at_steps: list[int] = field(default_factory=list)  # keep ckpt/step-K.pt when K steps are done

@@ -145,8 +145,9 @@ def train(
     cooldown_fraction: float = typer.Option(T.cooldown_fraction, help="WSD: fraction of steps in the cooldown."),
     cooldown_shape: str = typer.Option(T.cooldown_shape, help="WSD cooldown: linear or 1-sqrt."),
     precision: str = typer.Option(T.precision, help="auto, bf16 or fp32."),
-    compile_model: str = typer.Option(T.compile, "--compile", help="auto (torch.compile on a CPU where the run is "
-                                      "long enough to repay compiling), on or off."),
+    compile_model: str = typer.Option(T.compile, "--compile", help="auto (on a CPU, the fastest of PyTorch eager, "
+                                      "the C training step and torch.compile, measured), on (torch.compile) or off "
+                                      "(PyTorch eager)."),
     device: str = typer.Option(T.device, help="auto, cpu or cuda."),
     ckpt_every: int = typer.Option(T.ckpt_every, help="Checkpoint every K steps (0: about 20 per run)."),
     eval_every: int = typer.Option(T.eval_every, help="Evaluate every K steps (0: about 10 per run)."),
