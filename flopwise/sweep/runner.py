@@ -31,12 +31,15 @@ from flopwise.training.trainer import train
 
 def sweep_seconds(specs: list[RunSpec], workers: int, threads: int) -> float:
     """Wall seconds to train ``specs`` on ``workers`` workers of ``threads`` threads each, from a few measured
-    steps of the smallest and the largest shape (the rate log-linear in N between them), each run compiled or
-    eager as the trainer will choose."""
+    steps of the smallest and the largest shape (the C step's or PyTorch's, as the trainer will choose; the rate
+    log-linear in N between them), each run compiled or not as the trainer will choose."""
+    def micro(s: RunSpec) -> int:
+        return resolve(Shape(**s.shape), TrainConfig(n_tokens=s.n_tokens, **s.options)).micro_batch
+
     small = min(specs, key=lambda s: s.n_params)
     large = max(specs, key=lambda s: s.n_params)
-    r_small = run_rate(small.shape, threads)
-    r_large = run_rate(large.shape, threads) if large.n_params != small.n_params else r_small
+    r_small = run_rate(small.shape, threads, micro(small))
+    r_large = run_rate(large.shape, threads, micro(large)) if large.n_params != small.n_params else r_small
 
     def rate(n: float) -> float:
         t = math.log(n / small.n_params) / math.log(large.n_params / small.n_params) if r_large != r_small else 0.0
@@ -44,8 +47,7 @@ def sweep_seconds(specs: list[RunSpec], workers: int, threads: int) -> float:
 
     def seconds(s: RunSpec) -> float:
         eager = s.flops / rate(s.n_params) * ETA_OVERHEAD
-        micro = resolve(Shape(**s.shape), TrainConfig(n_tokens=s.n_tokens, **s.options)).micro_batch
-        return expected_seconds(eager, rate(s.n_params), s.shape, micro, s.options.get("compile", "auto"), threads)
+        return expected_seconds(eager, rate(s.n_params), s.shape, micro(s), s.options.get("compile", "auto"), threads)
 
     return sum(seconds(s) for s in specs) / workers
 

@@ -11,6 +11,7 @@ checkpoints and the evaluation stay PyTorch's.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import math
 from pathlib import Path
@@ -22,7 +23,15 @@ from flopwise.errors import FlopwiseError
 from flopwise.model.llama import Llama
 
 SOURCE = Path(__file__).with_name("step.c")
-SOURCE_DIGEST = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]  # a choice measured on another step is void
+
+
+@functools.cache
+def source_digest() -> str:
+    """The C source's digest: a choice measured on another version of the step is void."""
+    try:
+        return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return "missing"  # library() then says why, and PyTorch trains
 _P, _I = ctypes.c_void_p, ctypes.c_int32
 _LAYER = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 
@@ -33,7 +42,7 @@ class _Layer(ctypes.Structure):
 
 class _Net(ctypes.Structure):
     _fields_ = [(name, _I) for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab",
-                                        "seq_len")] + \
+                                        "seq_len", "bf16")] + \
                [("eps", ctypes.c_float)] + \
                [(name, _P) for name in ("embed", "norm", "head", "rope_cos", "rope_sin", "g_embed", "g_norm",
                                         "g_head")] + \
@@ -70,22 +79,37 @@ def library(flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     return lib
 
 
+def has_bf16() -> bool:
+    """Whether the C step built here multiplies in bf16 (AVX512_BF16)."""
+    try:
+        return bool(library().fw_build() & 2)
+    except NativeUnavailable:
+        return False
+
+
 class NativeTrainStep:
-    """``model``'s training micro-step in C. The model's parameters must stay where they are (the optimizer
+    """``model``'s training micro-step in C, in fp32, or with ``bf16`` the linear layers' and the head's products in
+    bf16 (inputs rounded, sums in fp32, as bf16 autocast; attention stays fp32, as the PyTorch model keeps it on a
+    CPU). The model's parameters must stay where they are (the optimizer
     updates them in place); each parameter's gradient lives in one buffer bound here, handed back to ``.grad``
     (zeroed) after the optimizer's ``zero_grad(set_to_none=True)``."""
 
-    def __init__(self, model: Llama):
-        if not isinstance(model, Llama) or type(model.layers[0].wq) is not torch.nn.Linear:
+    def __init__(self, model: Llama, bf16: bool = False):
+        if not isinstance(model, Llama) or any(type(getattr(block, name)) is not torch.nn.Linear
+                                               for block in model.layers for name in _LAYER if name[0] == "w"):
             raise NativeUnavailable("the C training step trains flopwise's Llama without adapters")
+        c = model.config
+        if c.head_dim % 2 or tuple(model.rope_cos.shape) != (c.seq_len, c.head_dim):
+            raise NativeUnavailable(f"a head dimension of {c.head_dim}: the C training step rotates even ones")
         params = list(model.parameters())
         if any(p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous() for p in params):
             raise NativeUnavailable("the C training step reads contiguous fp32 weights on the CPU")
         self.lib = library()
+        if bf16 and not has_bf16():
+            raise NativeUnavailable("this CPU or compiler has no AVX512_BF16: the C training step runs fp32 here")
         self.model = model
         self.grads = [(p, torch.zeros_like(p)) for p in params]
         grad = {id(p): g for p, g in self.grads}
-        c = model.config
         self._layers = (_Layer * c.n_layers)()
         for i, block in enumerate(model.layers):
             for name in _LAYER:
@@ -96,17 +120,21 @@ class NativeTrainStep:
                                                   ("head", model.head.weight), ("rope_cos", model.rope_cos),
                                                   ("rope_sin", model.rope_sin))}
         self._net = _Net(c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.vocab_size,
-                         c.seq_len, c.norm_eps, ptr["embed"], ptr["norm"], ptr["head"], ptr["rope_cos"],
+                         c.seq_len, int(bf16), c.norm_eps, ptr["embed"], ptr["norm"], ptr["head"], ptr["rope_cos"],
                          ptr["rope_sin"], grad[id(model.embed.weight)].data_ptr(),
                          grad[id(model.norm.weight)].data_ptr(), grad[id(model.head.weight)].data_ptr(),
                          self._layers)
-        self._pointers = [p.data_ptr() for p in params]
+        self._tensors = [*params, model.rope_cos, model.rope_sin]
+        self._pointers = [t.data_ptr() for t in self._tensors]
         self._work = torch.empty(0)
 
     def step(self, tokens: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> float:
         """Adds d(mean loss)/d(weights) x ``scale`` to each parameter's ``.grad``; returns the mean loss (nats)."""
-        if [p.data_ptr() for p, _ in self.grads] != self._pointers:
+        if [t.data_ptr() for t in self._tensors] != self._pointers:
             raise RuntimeError("the model's weights moved since the C training step bound them")
+        if tokens.dim() != 2 or tokens.shape != targets.shape or tokens.numel() == 0:
+            raise FlopwiseError(f"tokens {tuple(tokens.shape)} and targets {tuple(targets.shape)}: the C training "
+                                "step takes two equal (batch, tokens) arrays")
         for p, g in self.grads:
             if p.grad is None:
                 p.grad = g.zero_()
@@ -120,11 +148,13 @@ class NativeTrainStep:
         targets = targets.to(torch.int64).contiguous()
         b, t = tokens.shape
         self.lib.fw_threads(torch.get_num_threads())
-        need = self.lib.fw_train_floats(ctypes.byref(self._net), b, t)
+        need = self.lib.fw_train_floats(ctypes.byref(self._net), b, t) + 16
         if self._work.numel() < need:
             self._work = torch.empty(need)
-        loss = self.lib.fw_train_step(ctypes.byref(self._net), tokens.data_ptr(), targets.data_ptr(), b, t,
-                                      self._work.data_ptr(), scale)
+        work = self._work.data_ptr()
+        work += -work % 64  # the tiles load the workspace's panels as whole 64-byte vectors
+        loss = self.lib.fw_train_step(ctypes.byref(self._net), tokens.data_ptr(), targets.data_ptr(), b, t, work,
+                                      scale)
         if math.isnan(loss) and any(bool((x.min() < 0) | (x.max() >= self.model.config.vocab_size))
                                     for x in (tokens, targets)):
             raise FlopwiseError("a token outside the model's vocabulary")

@@ -26,9 +26,9 @@ from flopwise.laws.flops import training_flops_per_token
 from flopwise.laws.hardware import probe_cache_path
 from flopwise.model.compiling import can_compile, use_compile_cache
 from flopwise.model.llama import Llama, ModelConfig
-from flopwise.run import KERNELS, require_device
+from flopwise.run import require_device
 from flopwise.training.malloc import keep_freed_memory
-from flopwise.training.native import SOURCE_DIGEST, NativeTrainStep
+from flopwise.training.native import NativeTrainStep, has_bf16, source_digest
 
 
 def use_threads(threads: int = 0) -> int:
@@ -170,31 +170,39 @@ def _choice_key(shape_items: tuple, micro_batch: int, threads: int, *more) -> st
 
 
 @functools.lru_cache(maxsize=64)
-def faster_kernel(shape_items: tuple, micro_batch: int, threads: int, precision: str = "auto") -> str:
-    """"c" where the C training step (``training/step.c``, fp32) trains this shape faster than PyTorch eager at
-    ``precision`` (auto: the faster of fp32 and bf16), else "torch": measured once per shape, micro-batch,
-    thread count, CPU, version and C source, and remembered in compiled.json as the precision is. Where the step
-    does not build, "torch" (not remembered: a compiler may be installed later)."""
-    key = _choice_key(shape_items, micro_batch, threads, precision, SOURCE_DIGEST)
+def faster_kernel(shape_items: tuple, micro_batch: int, threads: int, precision: str = "auto") -> tuple[str, str]:
+    """("c", its precision) where the C training step (``training/step.c``: fp32, or bf16 products where the CPU
+    has AVX512_BF16) trains this shape faster than PyTorch eager at ``precision`` (auto: the faster of fp32 and
+    bf16), else ("torch", precision): measured once per shape, micro-batch, thread count, CPU, version and C source,
+    and remembered in compiled.json as the precision is. Where the step does not build, "torch" (not remembered: a
+    compiler may be installed later)."""
+    key = _choice_key(shape_items, micro_batch, threads, precision, source_digest())
     known = _registry()["kernel"].get(key)
-    if known is not None:
-        return known
-    shape = dict(shape_items)
-    c_rate = native_rate(shape, threads, micro_batch)
-    if c_rate is None:
-        return "torch"
-    faster = "c" if c_rate > training_rate(shape, threads, micro_batch, steps=3, precision=precision) else "torch"
-    return _update_registry(lambda reg: reg["kernel"].setdefault(key, faster))
+    if known is None:
+        shape = dict(shape_items)
+        rates = {p: native_rate(shape, threads, micro_batch, p) for p in ("fp32", "bf16")
+                 if precision in ("auto", p) and (p == "fp32" or has_bf16())}
+        rates = {p: r for p, r in rates.items() if r is not None}
+        if not rates:
+            return "torch", precision
+        best = max(rates, key=rates.get)
+        faster = f"c:{best}" if rates[best] > training_rate(shape, threads, micro_batch, 3, precision) else "torch"
+        known = _update_registry(lambda reg: reg["kernel"].setdefault(key, faster))
+    kernel, _, chosen = known.partition(":")
+    return kernel, chosen or precision
 
 
-def native_rate(shape_dict: dict, threads: int | None = None, micro_batch: int = 16, steps: int = 3) -> float | None:
-    """Measured training FLOP/s of the C training step at this shape (None where it does not build here)."""
+def native_rate(shape_dict: dict, threads: int | None = None, micro_batch: int = 16,
+                precision: str = "fp32") -> float | None:
+    """Measured training FLOP/s of the C training step at this shape and precision (None where it does not build
+    here, or has no bf16)."""
     with _threads(threads):
-        key = (tuple(sorted(shape_dict.items())), torch.get_num_threads(), micro_batch, "c")
+        key = (tuple(sorted(shape_dict.items())), torch.get_num_threads(), micro_batch, "c", precision)
         if key not in _RATES:
             try:
-                _RATES[key] = _measure_rate(ModelConfig(**shape_dict), micro_batch, steps, False, native=True)
-            except NativeUnavailable:
+                _RATES[key] = _measure_rate(ModelConfig(**shape_dict), micro_batch, 3, precision == "bf16",
+                                            native=True)
+            except (NativeUnavailable, RuntimeError):  # no build here; out of memory for its workspace
                 return None
         return _RATES[key]
 
@@ -203,8 +211,9 @@ def run_rate(shape_dict: dict, threads: int | None = None, micro_batch: int = 16
     """Training FLOP/s of a run at the defaults (precision and compile auto), before compiling: the C step's where
     the trainer will choose it, else PyTorch eager's."""
     threads = threads or torch.get_num_threads()
-    if faster_kernel(tuple(sorted(shape_dict.items())), micro_batch, threads) == "c":
-        rate = native_rate(shape_dict, threads, micro_batch)
+    kernel, precision = faster_kernel(tuple(sorted(shape_dict.items())), micro_batch, threads)
+    if kernel == "c":
+        rate = native_rate(shape_dict, threads, micro_batch, precision)
         if rate is not None:
             return rate
     return training_rate(shape_dict, threads, micro_batch)
@@ -311,7 +320,7 @@ def _measure_rate(mc: ModelConfig, micro_batch: int, steps: int, bf16: bool, com
     keep_freed_memory()  # as the trainer allocates: with glibc's default, small models ran 1.35x slower
     model = Llama(mc)
     net = torch.compile(model) if compiled else model
-    c_step = NativeTrainStep(model) if native else None
+    c_step = NativeTrainStep(model, bf16) if native else None
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, mc.vocab_size, (micro_batch, mc.seq_len))
 
@@ -358,7 +367,8 @@ def _compiled_path() -> Path:
 def _registry() -> dict:
     """compiled.json: {"keys": graphs compiled here before, "rates": measured compiled FLOP/s by key and
     threads, "precision": the faster eager precision by shape, micro-batch and threads, "kernel": whether the C
-    training step beats PyTorch eager, likewise}; an older file is a list of keys."""
+    training step beats PyTorch eager, and in which precision ("torch", "c:fp32", "c:bf16"), likewise}; an older
+    file is a list of keys."""
     empty = {"keys": [], "rates": {}, "precision": {}, "kernel": {}}
     try:
         data = json.loads(_compiled_path().read_text())
@@ -378,7 +388,8 @@ def _registry() -> dict:
             "rates": {k: v for k, v in rates.items()
                       if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0}
             if isinstance(rates, dict) else {},
-            "precision": choices("precision", ("bf16", "fp32")), "kernel": choices("kernel", KERNELS)}
+            "precision": choices("precision", ("bf16", "fp32")),
+            "kernel": choices("kernel", ("torch", "c:fp32", "c:bf16"))}
 
 
 def _save_registry(reg: dict) -> None:

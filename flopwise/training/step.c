@@ -1,7 +1,7 @@
 /* One training micro-step of flopwise's Llama in C: the forward, the mean cross-entropy and every gradient, in fp32.
 
    flopwise/model/llama.py is the reference; this file computes the same function and its gradients (the tests hold
-   both to 1e-5). It exists because the models a sweep trains (d_model 16-64, 1-2 layers, context 128, about 1,000
+   the loss to 1e-6 and the gradients to 1e-4, relative). It exists because the models a sweep trains (d_model 16-64, 1-2 layers, context 128, about 1,000
    tokens a step) spend most of a PyTorch step in operator dispatch and in writing and re-reading the logits: here
    a step is some twenty matrix products and a few loops, the logits never leave the cache (the head, the loss and
    its gradient run block by block), and nothing is allocated.
@@ -19,8 +19,8 @@
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 
-/* rows of the two register tiles: 6 x 32 and 12 x 16 accumulate in 12 of AVX-512's 32 registers; with 16
-   registers (AVX2, NEON), half as many rows */
+/* rows of the two register tiles: 6 x 32 and 12 x 16 accumulate in 12 of AVX-512's 32 registers; elsewhere (AVX2's
+   16 registers; other CPUs build the same vector code portably) half as many rows */
 #ifdef __AVX512F__
 #define MR_WIDE 6
 #define MR_NARROW 12
@@ -36,6 +36,14 @@ static inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 static int n_threads(void) {
 #ifdef _OPENMP
     return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static int team_size(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
 #else
     return 1;
 #endif
@@ -103,10 +111,125 @@ static void pack_b(const float *b, long ldb, int tb, int k0, int kc, int j0, int
 TILE(tile_wide, MR_WIDE, 2)
 TILE(tile_narrow, MR_NARROW, 1)
 
+/* Scratch of one thread's products: b, the packed panels of B; a, A in bf16 pairs (bf16 products only) */
+typedef struct {
+    float *b;
+    uint32_t *a;
+} Scratch;
+
+/* bf16 products (AVX512_BF16's vdpbf16ps: pairs of bf16 multiplied and added into fp32 at twice fp32's rate):
+   each operand is rounded to bf16 once per product (to nearest, ties to even) into pairs along k (k even in the
+   low half), sums stay fp32, as PyTorch's bf16 autocast multiplies on a CPU. */
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define HAVE_BF16 1
+
+static inline uint32_t bf16_bits(float x) {
+    union {
+        float f;
+        uint32_t u;
+    } v = {.f = x};
+    return (v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16;
+}
+
+/* op(A) (m x kc, from column k0) in pairs along k: a16[i kp + p] (ta = 0) or a16[p m + i] (ta = 1) */
+static void convert_a(const float *a, long lda, int ta, int m, int k0, int kc, uint32_t *a16) {
+    const int kp = (kc + 1) / 2, even = kc / 2;
+    if (!ta) {
+        for (int i = 0; i < m; i++) {
+            const float *row = a + (long)i * lda + k0;
+            uint32_t *dst = a16 + (long)i * kp;
+#pragma omp simd
+            for (int p = 0; p < even; p++) dst[p] = bf16_bits(row[2 * p]) | bf16_bits(row[2 * p + 1]) << 16;
+            if (kc & 1) dst[kp - 1] = bf16_bits(row[kc - 1]);
+        }
+        return;
+    }
+    for (int p = 0; p < kp; p++) {
+        const float *lo = a + (long)(k0 + 2 * p) * lda, *hi = lo + lda;
+        uint32_t *dst = a16 + (long)p * m;
+        if (2 * p + 1 < kc) {
+#pragma omp simd
+            for (int i = 0; i < m; i++) dst[i] = bf16_bits(lo[i]) | bf16_bits(hi[i]) << 16;
+        } else {
+#pragma omp simd
+            for (int i = 0; i < m; i++) dst[i] = bf16_bits(lo[i]);
+        }
+    }
+}
+
+/* op(B)[k0:k0+kc, j0:j0+w] as (kc + 1) / 2 rows of w pairs, zero past column n */
+static void pack_b16(const float *b, long ldb, int tb, int k0, int kc, int j0, int n, int w, uint32_t *bp) {
+    const int cols = imin(w, n - j0), kp = (kc + 1) / 2, even = kc / 2;
+    if (!tb) {
+        for (int p = 0; p < kp; p++) {
+            const float *lo = b + (long)(k0 + 2 * p) * ldb + j0, *hi = lo + ldb;
+            uint32_t *dst = bp + (long)p * w;
+            if (2 * p + 1 < kc) {
+#pragma omp simd
+                for (int c = 0; c < cols; c++) dst[c] = bf16_bits(lo[c]) | bf16_bits(hi[c]) << 16;
+            } else {
+                for (int c = 0; c < cols; c++) dst[c] = bf16_bits(lo[c]);
+            }
+            for (int c = cols; c < w; c++) dst[c] = 0;
+        }
+        return;
+    }
+    uint32_t row[KC / 2];
+    for (int c = 0; c < w; c++) {
+        if (c < cols) {
+            const float *src = b + (long)(j0 + c) * ldb + k0;
+#pragma omp simd
+            for (int p = 0; p < even; p++) row[p] = bf16_bits(src[2 * p]) | bf16_bits(src[2 * p + 1]) << 16;
+            if (kc & 1) row[kp - 1] = bf16_bits(src[kc - 1]);
+        } else {
+            for (int p = 0; p < kp; p++) row[p] = 0;
+        }
+        for (int p = 0; p < kp; p++) bp[(long)p * w + c] = row[p];
+    }
+}
+
+/* as TILE, over kp pairs: a(r, p) = a[r sr + p sp] */
+#define TILE16(NAME, MR, NV)                                                                                        \
+    static void NAME(int kp, const uint32_t *a, long sr, long sp, int rows, const uint32_t *bp, float *c, long ldc, \
+                     int cols, int accum) {                                                                         \
+        __m512 acc[MR][NV];                                                                                         \
+        const uint32_t *ar[MR];                                                                                     \
+        for (int r = 0; r < MR; r++) {                                                                              \
+            ar[r] = a + (long)(r < rows ? r : rows - 1) * sr;                                                       \
+            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();                                           \
+        }                                                                                                           \
+        for (int p = 0; p < kp; p++) {                                                                              \
+            __m512bh b[NV];                                                                                         \
+            for (int v = 0; v < NV; v++) b[v] = (__m512bh)_mm512_loadu_si512(bp + (long)p * 16 * NV + 16 * v);     \
+            _Pragma("GCC unroll 12") for (int r = 0; r < MR; r++) {                                                 \
+                const __m512bh x = (__m512bh)_mm512_set1_epi32((int)ar[r][p * sp]);                                 \
+                _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, b[v]); \
+            }                                                                                                       \
+        }                                                                                                           \
+        for (int r = 0; r < rows; r++)                                                                              \
+            for (int v = 0; v < NV && 16 * v < cols; v++) {                                                         \
+                float *dst = c + r * ldc + 16 * v;                                                                  \
+                if (cols - 16 * v >= 16) {                                                                          \
+                    _mm512_storeu_ps(dst, accum ? _mm512_add_ps(_mm512_loadu_ps(dst), acc[r][v]) : acc[r][v]);      \
+                } else {                                                                                            \
+                    float tmp[16];                                                                                  \
+                    _mm512_storeu_ps(tmp, acc[r][v]);                                                               \
+                    for (int j = 0; j < cols - 16 * v; j++) dst[j] = (accum ? dst[j] : 0.0f) + tmp[j];              \
+                }                                                                                                   \
+            }                                                                                                       \
+    }
+TILE16(tile16_wide, MR_WIDE, 2)
+TILE16(tile16_narrow, MR_NARROW, 1)
+#else
+#define HAVE_BF16 0
+#endif
+
 /* C (m x n) = op(A) op(B), or += with accum; op(A) is m x k: ta ? A[k lda + i] : A[i lda + k]; op(B) is k x n, as
-   pack_b reads it. bp: scratch of KC x round_up(n, 32) floats. */
+   pack_b reads it. sc->b: KC x round_up(n, 32) floats; with lowp, the product in bf16 where the build has it,
+   sc->a holding m x KC / 2 pairs. */
 static void gemm(int m, int n, int k, const float *a, long lda, int ta, const float *b, long ldb, int tb, float *c,
-                 long ldc, int accum, float *bp) {
+                 long ldc, int accum, const Scratch *sc, int lowp) {
     if (m <= 0 || n <= 0) return;
     if (k <= 0) {
         if (!accum)
@@ -116,6 +239,31 @@ static void gemm(int m, int n, int k, const float *a, long lda, int ta, const fl
     const int narrow = n <= 16, w = narrow ? 16 : 32, mr = narrow ? MR_NARROW : MR_WIDE;
     const long sr = ta ? 1 : lda, sk = ta ? lda : 1;
     const int nj = (n + w - 1) / w, ni = (m + mr - 1) / mr;
+    float *bp = sc->b;
+#if HAVE_BF16
+    if (lowp) {
+        uint32_t *bp16 = (uint32_t *)bp, *a16 = sc->a;
+        for (int k0 = 0; k0 < k; k0 += KC) {
+            const int kc = imin(KC, k - k0), acc = accum || k0 > 0, kp = (kc + 1) / 2;
+            const long sr16 = ta ? 1 : kp, sp16 = ta ? m : 1;
+            convert_a(a, lda, ta, m, k0, kc, a16);
+            for (int j = 0; j < nj; j++) pack_b16(b, ldb, tb, k0, kc, j * w, n, w, bp16 + (long)j * kp * w);
+            for (int j = 0; j < nj; j++)
+                for (int i = 0; i < ni; i++) {
+                    const uint32_t *ai = a16 + (long)i * mr * sr16, *bj = bp16 + (long)j * kp * w;
+                    float *ci = c + (long)i * mr * ldc + (long)j * w;
+                    const int rows = imin(mr, m - i * mr), cols = imin(w, n - j * w);
+                    if (narrow)
+                        tile16_narrow(kp, ai, sr16, sp16, rows, bj, ci, ldc, cols, acc);
+                    else
+                        tile16_wide(kp, ai, sr16, sp16, rows, bj, ci, ldc, cols, acc);
+                }
+        }
+        return;
+    }
+#else
+    (void)lowp;
+#endif
     for (int k0 = 0; k0 < k; k0 += KC) {
         const int kc = imin(KC, k - k0), acc = accum || k0 > 0;
         for (int j = 0; j < nj; j++) pack_b(b, ldb, tb, k0, kc, j * w, n, w, bp + (long)j * kc * w);
@@ -133,15 +281,16 @@ static void gemm(int m, int n, int k, const float *a, long lda, int ta, const fl
 }
 
 /* y = x W^T (x: rows x in, W: out x in), or += */
-static void linear(int rows, int out, int in, const float *x, const float *w, float *y, int accum, float *bp) {
-    gemm(rows, out, in, x, in, 0, w, in, 1, y, out, accum, bp);
+static void linear(int rows, int out, int in, const float *x, const float *w, float *y, int accum,
+                   const Scratch *bp, int lowp) {
+    gemm(rows, out, in, x, in, 0, w, in, 1, y, out, accum, bp, lowp);
 }
 
 /* dx (=, or +=) dy W; gW += dy^T x */
 static void linear_back(int rows, int out, int in, const float *x, const float *w, const float *dy, float *dx,
-                        int dx_accum, float *gw, float *bp) {
-    gemm(rows, in, out, dy, out, 0, w, in, 0, dx, in, dx_accum, bp);
-    gemm(out, in, rows, dy, out, 1, x, in, 0, gw, in, 1, bp);
+                        int dx_accum, float *gw, const Scratch *bp, int lowp) {
+    gemm(rows, in, out, dy, out, 0, w, in, 0, dx, in, dx_accum, bp, lowp);
+    gemm(out, in, rows, dy, out, 1, x, in, 0, gw, in, 1, bp, lowp);
 }
 
 /* ---- exp for softmax arguments (x <= 0): 2^n p(r), r = x - n ln2, vectorisable ---- */
@@ -176,6 +325,7 @@ typedef struct {
 
 typedef struct {
     int dim, n_layers, n_heads, n_kv_heads, head_dim, d_ff, vocab, seq_len;
+    int bf16; /* the linear layers' and the head's products in bf16 (a build with fw_build() bit 2) */
     float eps;
     const float *embed, *norm, *head, *rope_cos, *rope_sin; /* head == embed when tied */
     float *g_embed, *g_norm, *g_head;                        /* g_head == g_embed when tied */
@@ -187,6 +337,7 @@ typedef struct {
     float *xin, *h1, *q, *k, *v, *att, *xmid, *h2, *a, *u, *rstd1, *rstd2, *lse; /* per layer: saved */
     float *xf, *hf, *rstdf, *dx, *dh, *datt, *dq, *dk, *dv, *da, *du, *s;
     float *bp;     /* packing scratch */
+    uint32_t *ap;  /* A in bf16 pairs (bf16 products only) */
     float *scores; /* attention: two T x T; the head: a block of logits */
 } Work;
 
@@ -213,6 +364,13 @@ static long carve(const Net *m, long n, float *base, Work *w) {
     if (t > widest) widest = t;
     const long logits = (long)ce_rows(m) * m->vocab;
     TAKE(bp, (long)KC * round_up((int)widest, 32));
+    long tallest = n > widest ? n : widest; /* the most rows a product's A has: tokens, vocabulary or d_ff */
+    if (m->bf16) {
+        if (w) w->ap = (uint32_t *)(base + at);
+        at += (tallest + 15) / 16 * 16 * (KC / 2);
+    } else if (w) {
+        w->ap = 0;
+    }
     TAKE(scores, 2 * t * t > logits ? 2 * t * t : logits);
 #undef TAKE
     return at;
@@ -242,15 +400,20 @@ static long grad_floats(const Net *m) {
            m->n_layers * (2 * d + 2 * d * d + 2 * kvd * d + 3 * d * f);
 }
 
-/* threads a step of b sequences splits into (each takes whole sequences) */
+/* one chunk's workspace: its activations and, split across threads, its own gradients (64-byte aligned: the
+   tiles load packed panels as whole vectors) */
+static long share_floats(const Net *m, long rows, int chunks) {
+    return carve(m, rows, 0, 0) + (chunks > 1 ? (grad_floats(m) + 15) / 16 * 16 : 0);
+}
+
+/* chunks a step of b sequences splits into, one a thread (each takes whole sequences) */
 static int step_threads(int b) { return imin(n_threads(), b); }
 
 /* floats of workspace for a step of b sequences of t tokens with this process' threads: each thread's share,
    and with more than one, each thread's own gradients */
 long fw_train_floats(const Net *m, int b, int t) {
     const int th = step_threads(b);
-    const long rows = (long)((b + th - 1) / th) * t;
-    return th * (carve(m, rows, 0, 0) + (th > 1 ? grad_floats(m) : 0));
+    return th * share_floats(m, (long)((b + th - 1) / th) * t, th);
 }
 
 void fw_threads(int threads) {
@@ -322,27 +485,27 @@ static void rope(int n, int t, int heads, int hd, float *x, const float *cos_t, 
 #define CB 32
 
 /* s (t x t, row stride t) = a b^T for rows i and columns j <= i of each block; a: t x hd, b: t x hd */
-static void causal_abt(int t, int hd, const float *a, long lda, const float *b, long ldb, float *s, float *bp) {
+static void causal_abt(int t, int hd, const float *a, long lda, const float *b, long ldb, float *s, const Scratch *bp) {
     for (int i0 = 0; i0 < t; i0 += CB) {
         const int rows = imin(CB, t - i0);
-        gemm(rows, i0 + rows, hd, a + (long)i0 * lda, lda, 0, b, ldb, 1, s + (long)i0 * t, t, 0, bp);
+        gemm(rows, i0 + rows, hd, a + (long)i0 * lda, lda, 0, b, ldb, 1, s + (long)i0 * t, t, 0, bp, 0);
     }
 }
 
 /* out (t x hd, =) = s b, s lower-triangular (t x t) */
-static void causal_sb(int t, int hd, const float *s, const float *b, long ldb, float *out, long ldo, float *bp) {
+static void causal_sb(int t, int hd, const float *s, const float *b, long ldb, float *out, long ldo, const Scratch *bp) {
     for (int i0 = 0; i0 < t; i0 += CB) {
         const int rows = imin(CB, t - i0);
-        gemm(rows, hd, i0 + rows, s + (long)i0 * t, t, 0, b, ldb, 0, out + (long)i0 * ldo, ldo, 0, bp);
+        gemm(rows, hd, i0 + rows, s + (long)i0 * t, t, 0, b, ldb, 0, out + (long)i0 * ldo, ldo, 0, bp, 0);
     }
 }
 
 /* out (t x hd, +=) = s^T b, s lower-triangular (t x t): row j of out sums rows i >= j of s */
-static void causal_stb(int t, int hd, const float *s, const float *b, long ldb, float *out, long ldo, float *bp) {
+static void causal_stb(int t, int hd, const float *s, const float *b, long ldb, float *out, long ldo, const Scratch *bp) {
     for (int j0 = 0; j0 < t; j0 += CB) {
         const int cols = imin(CB, t - j0);
         gemm(cols, hd, t - j0, s + (long)j0 * t + j0, t, 1, b + (long)j0 * ldb, ldb, 0, out + (long)j0 * ldo, ldo, 1,
-             bp);
+             bp, 0);
     }
 }
 
@@ -353,7 +516,8 @@ static void attention(const Net *m, int b, int t, const Work *w, int l, float *o
     const float *q = w->q + l * n * d, *k = w->k + l * n * kvd, *v = w->v + l * n * kvd;
     for (int bi = 0; bi < b; bi++)
         for (int hh = 0; hh < h; hh++) {
-            float *s = w->scores, *bp = w->bp;
+            float *s = w->scores;
+            const Scratch scratch = {w->bp, w->ap}, *bp = &scratch;
             const long row0 = (long)bi * t;
             const int g = hh / (h / hk);
             causal_abt(t, hd, q + row0 * d + hh * hd, d, k + row0 * kvd + g * hd, kvd, s, bp);
@@ -386,7 +550,8 @@ static void attention_back(const Net *m, int b, int t, const Work *w, int l) {
     memset(w->dk, 0, sizeof(float) * n * kvd);
     memset(w->dv, 0, sizeof(float) * n * kvd);
     for (int bi = 0; bi < b; bi++) {
-        float *p = w->scores, *ds = p + (long)t * t, *bp = w->bp;
+        float *p = w->scores, *ds = p + (long)t * t;
+        const Scratch scratch = {w->bp, w->ap}, *bp = &scratch;
         const long row0 = (long)bi * t;
         for (int hh = 0; hh < h; hh++) {
             const int g = hh / (h / hk);
@@ -418,10 +583,11 @@ static void attention_back(const Net *m, int b, int t, const Work *w, int l) {
 static double head_loss(const Net *m, int n, const int64_t *targets, const Work *w, float scale) {
     const int d = m->dim, vcb = m->vocab, rows = ce_rows(m);
     double total = 0.0;
-    float *z = w->scores, *bp = w->bp;
+    float *z = w->scores;
+    const Scratch scratch = {w->bp, w->ap}, *bp = &scratch;
     for (int i0 = 0; i0 < n; i0 += rows) {
         const int r = imin(rows, n - i0);
-        gemm(r, vcb, d, w->hf + (long)i0 * d, d, 0, m->head, d, 1, z, vcb, 0, bp);
+        gemm(r, vcb, d, w->hf + (long)i0 * d, d, 0, m->head, d, 1, z, vcb, 0, bp, m->bf16);
         double part = 0.0;
         for (int i = 0; i < r; i++) {
             float *zi = z + (long)i * vcb, mx = -INFINITY, sum = 0.0f;
@@ -441,8 +607,8 @@ static double head_loss(const Net *m, int n, const int64_t *targets, const Work 
             zi[ti] -= scale;
         }
         total += part;
-        gemm(r, d, vcb, z, vcb, 0, m->head, d, 0, w->dh + (long)i0 * d, d, 0, bp);
-        gemm(vcb, d, r, z, vcb, 1, w->hf + (long)i0 * d, d, 0, m->g_head, d, 1, bp);
+        gemm(r, d, vcb, z, vcb, 0, m->head, d, 0, w->dh + (long)i0 * d, d, 0, bp, m->bf16);
+        gemm(vcb, d, r, z, vcb, 1, w->hf + (long)i0 * d, d, 0, m->g_head, d, 1, bp, m->bf16);
     }
     return total;
 }
@@ -454,7 +620,7 @@ static double forward_backward(const Net *m, const int64_t *tokens, const int64_
     const long n = (long)b * t;
     Work w;
     carve(m, n, work, &w);
-    float *bp = w.bp;
+    const Scratch scratch = {w.bp, w.ap}, *bp = &scratch;
     float *x = w.xin; /* the residual stream: layer l's input is xin[l], its middle xmid[l] */
     for (long i = 0; i < n; i++) memcpy(x + i * d, m->embed + tokens[i] * d, sizeof(float) * d);
     for (int l = 0; l < m->n_layers; l++) {
@@ -463,22 +629,22 @@ static double forward_backward(const Net *m, const int64_t *tokens, const int64_
         float *v = w.v + l * n * kvd, *att = w.att + l * n * d, *xmid = w.xmid + l * n * d, *h2 = w.h2 + l * n * d;
         float *a = w.a + l * n * f, *u = w.u + l * n * f;
         rmsnorm((int)n, d, xin, ly->attn_norm, m->eps, h1, w.rstd1 + l * n);
-        linear((int)n, d, d, h1, ly->wq, q, 0, bp);
-        linear((int)n, kvd, d, h1, ly->wk, k, 0, bp);
-        linear((int)n, kvd, d, h1, ly->wv, v, 0, bp);
+        linear((int)n, d, d, h1, ly->wq, q, 0, bp, m->bf16);
+        linear((int)n, kvd, d, h1, ly->wk, k, 0, bp, m->bf16);
+        linear((int)n, kvd, d, h1, ly->wv, v, 0, bp, m->bf16);
         rope((int)n, t, h, hd, q, m->rope_cos, m->rope_sin, 0);
         rope((int)n, t, hk, hd, k, m->rope_cos, m->rope_sin, 0);
         attention(m, b, t, &w, l, att, w.lse + l * n * h);
         memcpy(xmid, xin, sizeof(float) * n * d);
-        linear((int)n, d, d, att, ly->wo, xmid, 1, bp);
+        linear((int)n, d, d, att, ly->wo, xmid, 1, bp, m->bf16);
         rmsnorm((int)n, d, xmid, ly->mlp_norm, m->eps, h2, w.rstd2 + l * n);
-        linear((int)n, f, d, h2, ly->w_gate, a, 0, bp);
-        linear((int)n, f, d, h2, ly->w_up, u, 0, bp);
+        linear((int)n, f, d, h2, ly->w_gate, a, 0, bp, m->bf16);
+        linear((int)n, f, d, h2, ly->w_up, u, 0, bp, m->bf16);
 #pragma omp simd
         for (long i = 0; i < n * f; i++) w.s[i] = a[i] * sigmoid(a[i]) * u[i];
         float *next = l + 1 < m->n_layers ? w.xin + (l + 1) * n * d : w.xf;
         memcpy(next, xmid, sizeof(float) * n * d);
-        linear((int)n, d, f, w.s, ly->w_down, next, 1, bp);
+        linear((int)n, d, f, w.s, ly->w_down, next, 1, bp, m->bf16);
     }
     rmsnorm((int)n, d, w.xf, m->norm, m->eps, w.hf, w.rstdf);
     const double loss = head_loss(m, (int)n, targets, &w, dscale);
@@ -490,24 +656,24 @@ static double forward_backward(const Net *m, const int64_t *tokens, const int64_
         float *xmid = w.xmid + l * n * d, *h2 = w.h2 + l * n * d, *a = w.a + l * n * f, *u = w.u + l * n * f;
 #pragma omp simd
         for (long i = 0; i < n * f; i++) w.s[i] = a[i] * sigmoid(a[i]) * u[i];
-        gemm(d, f, (int)n, w.dx, d, 1, w.s, f, 0, ly->g_down, f, 1, bp); /* g_down += dx^T s */
-        gemm((int)n, f, d, w.dx, d, 0, ly->w_down, f, 0, w.s, f, 0, bp); /* ds = dx W_down, into s */
+        gemm(d, f, (int)n, w.dx, d, 1, w.s, f, 0, ly->g_down, f, 1, bp, m->bf16); /* g_down += dx^T s */
+        gemm((int)n, f, d, w.dx, d, 0, ly->w_down, f, 0, w.s, f, 0, bp, m->bf16); /* ds = dx W_down, into s */
 #pragma omp simd
         for (long i = 0; i < n * f; i++) {
             const float sg = sigmoid(a[i]), silu = a[i] * sg;
             w.da[i] = w.s[i] * u[i] * sg * (1.0f + a[i] * (1.0f - sg));
             w.du[i] = w.s[i] * silu;
         }
-        linear_back((int)n, f, d, h2, ly->w_gate, w.da, w.dh, 0, ly->g_gate, bp);
-        linear_back((int)n, f, d, h2, ly->w_up, w.du, w.dh, 1, ly->g_up, bp);
+        linear_back((int)n, f, d, h2, ly->w_gate, w.da, w.dh, 0, ly->g_gate, bp, m->bf16);
+        linear_back((int)n, f, d, h2, ly->w_up, w.du, w.dh, 1, ly->g_up, bp, m->bf16);
         rmsnorm_back((int)n, d, xmid, ly->mlp_norm, w.rstd2 + l * n, w.dh, w.dx, ly->g_mlp_norm);
-        linear_back((int)n, d, d, att, ly->wo, w.dx, w.datt, 0, ly->g_wo, bp);
+        linear_back((int)n, d, d, att, ly->wo, w.dx, w.datt, 0, ly->g_wo, bp, m->bf16);
         attention_back(m, b, t, &w, l);
         rope((int)n, t, h, hd, w.dq, m->rope_cos, m->rope_sin, 1);
         rope((int)n, t, hk, hd, w.dk, m->rope_cos, m->rope_sin, 1);
-        linear_back((int)n, d, d, h1, ly->wq, w.dq, w.dh, 0, ly->g_wq, bp);
-        linear_back((int)n, kvd, d, h1, ly->wk, w.dk, w.dh, 1, ly->g_wk, bp);
-        linear_back((int)n, kvd, d, h1, ly->wv, w.dv, w.dh, 1, ly->g_wv, bp);
+        linear_back((int)n, d, d, h1, ly->wq, w.dq, w.dh, 0, ly->g_wq, bp, m->bf16);
+        linear_back((int)n, kvd, d, h1, ly->wk, w.dk, w.dh, 1, ly->g_wk, bp, m->bf16);
+        linear_back((int)n, kvd, d, h1, ly->wv, w.dv, w.dh, 1, ly->g_wv, bp, m->bf16);
         rmsnorm_back((int)n, d, xin, ly->attn_norm, w.rstd1 + l * n, w.dh, w.dx, ly->g_attn_norm);
     }
     for (long i = 0; i < n; i++) {
@@ -532,44 +698,49 @@ double fw_train_step(const Net *m, const int64_t *tokens, const int64_t *targets
     const float dscale = grad_scale / (float)n;
     const int th = step_threads(b);
     if (th == 1) return forward_backward(m, tokens, targets, b, t, work, dscale) / (double)n;
-    const long rows = (long)((b + th - 1) / th) * t, share = carve(m, rows, 0, 0) + grad_floats(m);
+    const long rows = (long)((b + th - 1) / th) * t, share = share_floats(m, rows, th), act = carve(m, rows, 0, 0);
     float *mine[3 + 9 * m->n_layers];
     long size[3 + 9 * m->n_layers];
     const int count = grad_list(m, mine, size);
     double total = 0.0;
 #pragma omp parallel num_threads(th) reduction(+ : total)
     {
-        const int id = thread_id(), b0 = (int)((long)b * id / th), b1 = (int)((long)b * (id + 1) / th);
-        float *base = work + id * share, *g = base + carve(m, rows, 0, 0);
-        Layer layers[m->n_layers];
-        Net own = *m;
-        memset(g, 0, sizeof(float) * grad_floats(m));
-        own.g_embed = g;
-        own.g_head = m->g_head == m->g_embed ? g : g + (long)m->vocab * m->dim;
-        float *at = g + (long)(m->g_head == m->g_embed ? 1 : 2) * m->vocab * m->dim;
-        own.g_norm = at, at += m->dim;
-        for (int l = 0; l < m->n_layers; l++) {
-            layers[l] = m->layers[l];
-            const long d = m->dim, kvd = (long)m->n_kv_heads * m->head_dim, f = m->d_ff;
-            layers[l].g_attn_norm = at, at += d;
-            layers[l].g_wq = at, at += d * d;
-            layers[l].g_wk = at, at += kvd * d;
-            layers[l].g_wv = at, at += kvd * d;
-            layers[l].g_wo = at, at += d * d;
-            layers[l].g_mlp_norm = at, at += d;
-            layers[l].g_gate = at, at += f * d;
-            layers[l].g_up = at, at += f * d;
-            layers[l].g_down = at, at += d * f;
+        /* the team may be smaller than asked for (OMP_THREAD_LIMIT, OMP_DYNAMIC): a thread then takes several
+           chunks, each in its own share of the workspace */
+        const int id = thread_id(), team = team_size();
+        for (int c = id; c < th; c += team) {
+            const int b0 = (int)((long)b * c / th), b1 = (int)((long)b * (c + 1) / th);
+            float *base = work + c * share, *g = base + act;
+            Layer layers[m->n_layers];
+            Net own = *m;
+            memset(g, 0, sizeof(float) * grad_floats(m));
+            own.g_embed = g;
+            own.g_head = m->g_head == m->g_embed ? g : g + (long)m->vocab * m->dim;
+            float *at = g + (long)(m->g_head == m->g_embed ? 1 : 2) * m->vocab * m->dim;
+            own.g_norm = at, at += m->dim;
+            for (int l = 0; l < m->n_layers; l++) { /* in grad_list's order */
+                const long d = m->dim, kvd = (long)m->n_kv_heads * m->head_dim, f = m->d_ff;
+                layers[l] = m->layers[l];
+                layers[l].g_attn_norm = at, at += d;
+                layers[l].g_wq = at, at += d * d;
+                layers[l].g_wk = at, at += kvd * d;
+                layers[l].g_wv = at, at += kvd * d;
+                layers[l].g_wo = at, at += d * d;
+                layers[l].g_mlp_norm = at, at += d;
+                layers[l].g_gate = at, at += f * d;
+                layers[l].g_up = at, at += f * d;
+                layers[l].g_down = at, at += d * f;
+            }
+            own.layers = layers;
+            total += forward_backward(&own, tokens + (long)b0 * t, targets + (long)b0 * t, b1 - b0, t, base, dscale);
         }
-        own.layers = layers;
-        total += forward_backward(&own, tokens + (long)b0 * t, targets + (long)b0 * t, b1 - b0, t, base, dscale);
 #pragma omp barrier
-        /* each thread sums a slice of every buffer over the threads' copies (laid out in grad_list's order) */
-        long offset = carve(m, rows, 0, 0);
+        /* each thread sums a slice of every buffer over the chunks' copies */
+        long offset = act;
         for (int c = 0; c < count; c++) {
-            const long lo = size[c] * id / th, hi = size[c] * (id + 1) / th;
-            for (int other = 0; other < th; other++) {
-                const float *src = work + other * share + offset;
+            const long lo = size[c] * id / team, hi = size[c] * (id + 1) / team;
+            for (int chunk = 0; chunk < th; chunk++) {
+                const float *src = work + chunk * share + offset;
 #pragma omp simd
                 for (long i = lo; i < hi; i++) mine[c][i] += src[i];
             }
@@ -579,9 +750,9 @@ double fw_train_step(const Net *m, const int64_t *tokens, const int64_t *targets
     return total / (double)n;
 }
 
-/* what this build is: 1 OpenMP, 4 AVX-512 tiles */
+/* what this build is: 1 OpenMP, 2 bf16 products, 4 AVX-512 tiles */
 int fw_build(void) {
-    int bits = 0;
+    int bits = HAVE_BF16 ? 2 : 0;
 #ifdef _OPENMP
     bits |= 1;
 #endif

@@ -324,8 +324,6 @@ class _Run:
             precision = chosen["precision"] if tc.precision == "auto" else tc.precision
             compiled = chosen["compile"] if tc.compile == "auto" else tc.compile == "on"
             kernel = chosen["kernel"] if self._c_step_allowed else "torch"
-            if kernel == "c" and precision != "fp32":
-                kernel = "torch"
         else:
             precision, compiled, kernel = self._choose_speed()
         if self.rank == 0 and own != {"precision": precision, "compile": compiled, "kernel": kernel}:
@@ -335,10 +333,10 @@ class _Run:
     @property
     def _c_step_allowed(self) -> bool:
         """Whether this run may train through the C step: a single process on a CPU, pre-training the full model
-        (no adapters, no masked targets), with compile and precision auto (or fp32)."""
+        (no adapters, no masked targets), with compile auto."""
         tc = self.tc
-        return (self.world == 1 and self.device.type == "cpu" and tc.compile == "auto"
-                and tc.precision in ("auto", "fp32") and not tc.lora_rank and not self._tuning)
+        return (self.world == 1 and self.device.type == "cpu" and tc.compile == "auto" and not tc.lora_rank
+                and not self._tuning)
 
     def _choose_speed(self) -> tuple[str, bool, str]:
         """Measured: the faster of PyTorch eager (in the faster precision) and the C step, and whether compiling
@@ -349,15 +347,18 @@ class _Run:
             return precision, tc.compile == "on", "torch"
         try:
             eager = pick_precision("auto", self.device, shape, micro) if tc.precision == "auto" else precision
-            c_step = self._c_step_allowed and faster_kernel(tuple(sorted(shape.items())), micro,
-                                                            torch.get_num_threads(), tc.precision) == "c"
-            if c_step:  # the rate to beat is the C step's
-                self.eager_rate = native_rate(shape, torch.get_num_threads(), micro)
-                c_step = self.eager_rate is not None
+            c_step = False
+            if self._c_step_allowed:
+                kernel, c_precision = faster_kernel(tuple(sorted(shape.items())), micro, torch.get_num_threads(),
+                                                    tc.precision)
+                if kernel == "c":  # the rate to beat is the C step's
+                    self.eager_rate = native_rate(shape, torch.get_num_threads(), micro, c_precision)
+                    c_step = self.eager_rate is not None
+                    eager = c_precision if c_step else eager
             compiled, precision = choose_compile(
                 tc.compile, self.device, shape, micro,
                 lambda: self._remaining_flops(0) / self._eager_rate(eager) * ETA_OVERHEAD, precision=tc.precision,
-                eager_precision="fp32" if c_step else eager, tuning=self._tuning, lora_rank=tc.lora_rank,
+                eager_precision=eager, tuning=self._tuning, lora_rank=tc.lora_rank,
                 eager_rate=lambda: self._eager_rate(eager))
         except RuntimeError:  # e.g. out of memory while measuring: the run says so, clearly, in its first step
             self.eager_rate = None
@@ -368,9 +369,9 @@ class _Run:
 
     def _bind_c_step(self, model: Llama) -> None:
         """The C step bound to the model; where it cannot be (no compiler on the machine a run resumed on), one note
-        and PyTorch eager in fp32, which the run chose it over."""
+        and PyTorch eager in the same precision."""
         try:
-            self.c_step = NativeTrainStep(model)
+            self.c_step = NativeTrainStep(model, bf16=self.precision == "bf16")
         except NativeUnavailable as e:
             self.log(f"note: {e}; training with PyTorch (slower)")
             self.kernel = "torch"
@@ -386,7 +387,8 @@ class _Run:
         """Training FLOP/s of this shape here, eager (a few real steps; small models run far below the matmul
         peak, so a fixed MFU guess was off by 2x and more)."""
         if self.eager_rate is None and self.kernel == "c":
-            self.eager_rate = native_rate(self.mc.shape.to_dict(), torch.get_num_threads(), self.r.micro_batch)
+            self.eager_rate = native_rate(self.mc.shape.to_dict(), torch.get_num_threads(), self.r.micro_batch,
+                                          self.precision)
         if self.eager_rate is None:
             self.eager_rate = training_rate(self.mc.shape.to_dict(), torch.get_num_threads(), self.r.micro_batch,
                                             precision=precision) * self.world
