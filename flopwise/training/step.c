@@ -69,18 +69,20 @@ static void pack_b(const float *b, long ldb, int tb, int k0, int kc, int j0, int
         }
         return;
     }
-    for (int c = 0; c < cols; c++) {
-        const float *src = b + (long)(j0 + c) * ldb + k0;
-        for (int k = 0; k < kc; k++) bp[(long)k * w + c] = src[k];
+    /* transposed: strided reads, contiguous writes (strided writes ran 2-3x slower) */
+    for (int k = 0; k < kc; k++) {
+        const float *src = b + (long)j0 * ldb + k0 + k;
+        float *dst = bp + (long)k * w;
+        for (int c = 0; c < cols; c++) dst[c] = src[(long)c * ldb];
+        for (int c = cols; c < w; c++) dst[c] = 0.0f;
     }
-    for (int c = cols; c < w; c++)
-        for (int k = 0; k < kc; k++) bp[(long)k * w + c] = 0.0f;
 }
 
-/* C[rows x cols] (=, or += with accum) sum_k a(r, k) bp[k, :], a(r, k) = a[r sr + k sk]; the tile is MR x 16 NV */
+/* C[rows x cols] (=, or += with accum) sum_k a(r, k) bp[k ldbp + :], a(r, k) = a[r sr + k sk]; the tile is
+   MR x 16 NV */
 #define TILE(NAME, MR, NV)                                                                                          \
-    static void NAME(int kc, const float *a, long sr, long sk, int rows, const float *bp, float *c, long ldc,       \
-                     int cols, int accum) {                                                                         \
+    static void NAME(int kc, const float *a, long sr, long sk, int rows, const float *bp, long ldbp, float *c,      \
+                     long ldc, int cols, int accum) {                                                               \
         v16 acc[MR][NV];                                                                                            \
         const float *ar[MR];                                                                                        \
         for (int r = 0; r < MR; r++) {                                                                              \
@@ -88,7 +90,7 @@ static void pack_b(const float *b, long ldb, int tb, int k0, int kc, int j0, int
             for (int v = 0; v < NV; v++) acc[r][v] = (v16){0};                                                      \
         }                                                                                                           \
         for (int k = 0; k < kc; k++) {                                                                              \
-            const v16 *b = (const v16 *)(bp + (long)k * 16 * NV);                                                   \
+            const v16u *b = (const v16u *)(bp + (long)k * ldbp);                                                    \
             _Pragma("GCC unroll 12") for (int r = 0; r < MR; r++) {                                                 \
                 const float x = ar[r][k * sk];                                                                      \
                 _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) acc[r][v] += x * b[v];                         \
@@ -175,18 +177,18 @@ static void pack_b16(const float *b, long ldb, int tb, int k0, int kc, int j0, i
         }
         return;
     }
-    uint32_t row[KC / 2];
-    for (int c = 0; c < w; c++) {
-        if (c < cols) {
-            const float *src = b + (long)(j0 + c) * ldb + k0;
-#pragma omp simd
-            for (int p = 0; p < even; p++) row[p] = bf16_bits(src[2 * p]) | bf16_bits(src[2 * p + 1]) << 16;
-            if (kc & 1) row[kp - 1] = bf16_bits(src[kc - 1]);
+    for (int p = 0; p < kp; p++) { /* transposed: strided reads, contiguous writes */
+        const float *src = b + (long)j0 * ldb + k0 + 2 * p;
+        uint32_t *dst = bp + (long)p * w;
+        if (2 * p + 1 < kc) {
+            for (int c = 0; c < cols; c++)
+                dst[c] = bf16_bits(src[(long)c * ldb]) | bf16_bits(src[(long)c * ldb + 1]) << 16;
         } else {
-            for (int p = 0; p < kp; p++) row[p] = 0;
+            for (int c = 0; c < cols; c++) dst[c] = bf16_bits(src[(long)c * ldb]);
         }
-        for (int p = 0; p < kp; p++) bp[(long)p * w + c] = row[p];
+        for (int c = cols; c < w; c++) dst[c] = 0;
     }
+    (void)even;
 }
 
 /* as TILE, over kp pairs: a(r, p) = a[r sr + p sp] */
@@ -266,17 +268,22 @@ static void gemm(int m, int n, int k, const float *a, long lda, int ta, const fl
 #endif
     for (int k0 = 0; k0 < k; k0 += KC) {
         const int kc = imin(KC, k - k0), acc = accum || k0 > 0;
-        for (int j = 0; j < nj; j++) pack_b(b, ldb, tb, k0, kc, j * w, n, w, bp + (long)j * kc * w);
-        for (int j = 0; j < nj; j++)
+        for (int j = 0; j < nj; j++) {
+            /* a whole panel of an untransposed B is read where it lies; others are packed (transposed, padded) */
+            const int cols = imin(w, n - j * w), direct = !tb && cols == w;
+            const float *bj = direct ? b + (long)k0 * ldb + (long)j * w : bp;
+            const long ldbj = direct ? ldb : w;
+            if (!direct) pack_b(b, ldb, tb, k0, kc, j * w, n, w, bp);
             for (int i = 0; i < ni; i++) {
                 const float *ai = a + (ta ? (long)k0 * lda + (long)i * mr : (long)i * mr * lda + k0);
                 float *ci = c + (long)i * mr * ldc + (long)j * w;
-                const int rows = imin(mr, m - i * mr), cols = imin(w, n - j * w);
+                const int rows = imin(mr, m - i * mr);
                 if (narrow)
-                    tile_narrow(kc, ai, sr, sk, rows, bp + (long)j * kc * w, ci, ldc, cols, acc);
+                    tile_narrow(kc, ai, sr, sk, rows, bj, ldbj, ci, ldc, cols, acc);
                 else
-                    tile_wide(kc, ai, sr, sk, rows, bp + (long)j * kc * w, ci, ldc, cols, acc);
+                    tile_wide(kc, ai, sr, sk, rows, bj, ldbj, ci, ldc, cols, acc);
             }
+        }
     }
 }
 
@@ -339,6 +346,7 @@ typedef struct {
     float *bp;     /* packing scratch */
     uint32_t *ap;  /* A in bf16 pairs (bf16 products only) */
     float *scores; /* attention: two T x T; the head: a block of logits */
+    float *kt;     /* attention: one head's keys and values, transposed */
 } Work;
 
 static int ce_rows(const Net *m) { /* rows of logits per block of the head: about 256 KB */
@@ -372,6 +380,7 @@ static long carve(const Net *m, long n, float *base, Work *w) {
         w->ap = 0;
     }
     TAKE(scores, 2 * t * t > logits ? 2 * t * t : logits);
+    TAKE(kt, 2L * m->head_dim * t);
 #undef TAKE
     return at;
 }
@@ -484,11 +493,17 @@ static void rope(int n, int t, int heads, int hd, float *x, const float *cos_t, 
    write, only columns below i0 + CB. */
 #define CB 32
 
-/* s (t x t, row stride t) = a b^T for rows i and columns j <= i of each block; a: t x hd, b: t x hd */
-static void causal_abt(int t, int hd, const float *a, long lda, const float *b, long ldb, float *s, const Scratch *bp) {
+/* bt (hd x t) = b^T, b: t x hd with row stride ldb: the products below then read it where it lies */
+static void transpose(int t, int hd, const float *b, long ldb, float *bt) {
+    for (int e = 0; e < hd; e++)
+        for (int j = 0; j < t; j++) bt[(long)e * t + j] = b[(long)j * ldb + e];
+}
+
+/* s (t x t, row stride t) = a b for rows i and columns j <= i of each block; a: t x hd, b: hd x t (a transpose) */
+static void causal_ab(int t, int hd, const float *a, long lda, const float *b, float *s, const Scratch *bp) {
     for (int i0 = 0; i0 < t; i0 += CB) {
         const int rows = imin(CB, t - i0);
-        gemm(rows, i0 + rows, hd, a + (long)i0 * lda, lda, 0, b, ldb, 1, s + (long)i0 * t, t, 0, bp, 0);
+        gemm(rows, i0 + rows, hd, a + (long)i0 * lda, lda, 0, b, t, 0, s + (long)i0 * t, t, 0, bp, 0);
     }
 }
 
@@ -520,7 +535,8 @@ static void attention(const Net *m, int b, int t, const Work *w, int l, float *o
             const Scratch scratch = {w->bp, w->ap}, *bp = &scratch;
             const long row0 = (long)bi * t;
             const int g = hh / (h / hk);
-            causal_abt(t, hd, q + row0 * d + hh * hd, d, k + row0 * kvd + g * hd, kvd, s, bp);
+            if (hh % (h / hk) == 0) transpose(t, hd, k + row0 * kvd + g * hd, kvd, w->kt); /* once a group */
+            causal_ab(t, hd, q + row0 * d + hh * hd, d, w->kt, s, bp);
             for (int i = 0; i < t; i++) {
                 float *si = s + (long)i * t, mx = -INFINITY, sum = 0.0f;
 #pragma omp simd reduction(max : mx)
@@ -557,8 +573,12 @@ static void attention_back(const Net *m, int b, int t, const Work *w, int l) {
             const int g = hh / (h / hk);
             const float *qh = q + row0 * d + hh * hd, *kh = k + row0 * kvd + g * hd, *vh = v + row0 * kvd + g * hd;
             const float *dy = w->datt + row0 * d + hh * hd, *yh = y + row0 * d + hh * hd;
-            causal_abt(t, hd, qh, d, kh, kvd, p, bp);
-            causal_abt(t, hd, dy, d, vh, kvd, ds, bp); /* dP = dY V^T */
+            if (hh % (h / hk) == 0) {
+                transpose(t, hd, kh, kvd, w->kt);
+                transpose(t, hd, vh, kvd, w->kt + (long)hd * t);
+            }
+            causal_ab(t, hd, qh, d, w->kt, p, bp);
+            causal_ab(t, hd, dy, d, w->kt + (long)hd * t, ds, bp); /* dP = dY V^T */
             for (int i = 0; i < t; i++) {
                 float *pi = p + (long)i * t, *di = ds + (long)i * t;
                 const float li = lse[(row0 + i) * h + hh];
