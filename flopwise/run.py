@@ -167,7 +167,7 @@ def read_speed(run_dir: str | Path) -> dict | None:
     return speed if ok else None
 
 
-KERNELS = ("torch", "c")  # who computes a training step: PyTorch (eager or compiled), or the C step (fp32)
+KERNELS = ("torch", "c")  # who computes a training step: PyTorch (eager or compiled), or the C step (training/step.c)
 
 
 def write_speed(run_dir: str | Path, precision: str, compiled: bool, kernel: str = "torch") -> None:

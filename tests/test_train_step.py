@@ -201,7 +201,8 @@ def test_the_c_step_is_not_used_for_adapters_or_compile_off(bundled, tmp_path, m
 
 
 def test_a_smaller_openmp_team_than_planned_still_computes_every_sequence(tmp_path):
-    """OMP_THREAD_LIMIT=1 with two torch threads: the step plans two chunks and one thread takes both."""
+    """OMP_THREAD_LIMIT=1 with two torch threads: the step plans two chunks, one thread takes both, and the loss and
+    gradients are autograd's."""
     script = (
         "import torch\n"
         "from flopwise.model.llama import Llama, ModelConfig\n"
@@ -210,31 +211,56 @@ def test_a_smaller_openmp_team_than_planned_still_computes_every_sequence(tmp_pa
         f"m = Llama(ModelConfig(**{SHAPES[3]!r}))\n"
         "x = torch.randint(0, 1000, (4, 32))\n"
         "want = m(x, x).item()\n"
+        "m(x, x).backward()\n"
+        "ref = torch.cat([p.grad.flatten() for p in m.parameters()])\n"
         "torch.set_num_threads(2)\n"
         "m.zero_grad(set_to_none=True)\n"
-        "print(want, NativeTrainStep(m).step(x, x))\n")
+        "got = NativeTrainStep(m).step(x, x)\n"
+        "grad = torch.cat([p.grad.flatten() for p in m.parameters()])\n"
+        "print(want, got, float((grad - ref).norm() / ref.norm()))\n")
     env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
-    want, got = map(float, r.stdout.split())
-    assert got == pytest.approx(want, rel=1e-6)
+    want, got, grad_error = map(float, r.stdout.split())
+    assert got == pytest.approx(want, rel=1e-6) and grad_error < 1e-5
 
 
-def test_bf16_products_stay_within_bf16s_rounding_of_fp32(monkeypatch):
+@pytest.mark.parametrize("shape", SHAPES, ids=["d16-tied", "d64-gqa-untied", "d48-t77", "d24"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_products_stay_within_bf16s_rounding_of_fp32(shape, threads):
     """bf16 (AVX512_BF16 builds): the loss and gradients move from fp32's by about bf16's rounding (PyTorch's bf16
-    autocast moves them as far), and do move: the products really are bf16."""
+    autocast moves them as far), and do move: the products really are bf16. Batch 5 gives odd product depths (5 x 77
+    tokens), the narrow tiles (d16) and partial panels (d24, d48)."""
     if not native.has_bf16():
         pytest.skip("no AVX512_BF16 here")
-    model = _model(SHAPES[1])
-    x = torch.randint(0, 1000, (4, 40), generator=torch.Generator().manual_seed(4))
+    model = _model(shape)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, shape["vocab_size"], (5, shape["seq_len"]), generator=g)
     want = model(x, x).item()
     model(x, x).backward()
     fp32 = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    got = NativeTrainStep(model, bf16=True).step(x, x)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = NativeTrainStep(model, bf16=True).step(x, x)
+    finally:
+        torch.set_num_threads(before)
     assert abs(got - want) < 2e-3 * want and got != pytest.approx(want, rel=1e-7)
     for name, p in model.named_parameters():
         assert (p.grad - fp32[name]).norm() <= 3e-2 * fp32[name].norm(), name
+
+
+def test_a_bf16_choice_resumed_where_the_step_has_no_bf16_trains_pytorch_bf16(bundled, tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "has_bf16", lambda: False)
+    run = _tiny_run(bundled, tmp_path, "r", n_tokens=64 * 8 * 2)
+    (run / "speed.json").write_text(json.dumps({"precision": "bf16", "compile": False, "kernel": "c"}))
+    lines = []
+    final = train(run, log=lines.append)
+    assert (final["kernel"], final["precision"]) == ("torch", "bf16")
+    assert [x for x in lines if x.startswith("note:")] == [
+        "note: the C training step's bf16 needs AVX512_BF16, which this CPU or compiler lacks; training with PyTorch "
+        "(slower)"]
 
 
 def test_a_killed_run_through_the_c_step_resumes_to_the_same_losses(bundled, tmp_path):

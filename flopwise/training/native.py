@@ -89,8 +89,8 @@ def has_bf16() -> bool:
 
 class NativeTrainStep:
     """``model``'s training micro-step in C, in fp32, or with ``bf16`` the linear layers' and the head's products in
-    bf16 (inputs rounded, sums in fp32, as bf16 autocast; attention stays fp32, as the PyTorch model keeps it on a
-    CPU). The model's parameters must stay where they are (the optimizer
+    bf16 (operands rounded to bf16, sums and outputs fp32, where bf16 autocast also rounds the outputs; attention
+    stays fp32, as the PyTorch model keeps it on a CPU). The model's parameters must stay where they are (the optimizer
     updates them in place); each parameter's gradient lives in one buffer bound here, handed back to ``.grad``
     (zeroed) after the optimizer's ``zero_grad(set_to_none=True)``."""
 
@@ -106,7 +106,7 @@ class NativeTrainStep:
             raise NativeUnavailable("the C training step reads contiguous fp32 weights on the CPU")
         self.lib = library()
         if bf16 and not has_bf16():
-            raise NativeUnavailable("this CPU or compiler has no AVX512_BF16: the C training step runs fp32 here")
+            raise NativeUnavailable("the C training step's bf16 needs AVX512_BF16, which this CPU or compiler lacks")
         self.model = model
         self.grads = [(p, torch.zeros_like(p)) for p in params]
         grad = {id(p): g for p, g in self.grads}
@@ -152,7 +152,7 @@ class NativeTrainStep:
         if self._work.numel() < need:
             self._work = torch.empty(need)
         work = self._work.data_ptr()
-        work += -work % 64  # the tiles load the workspace's panels as whole 64-byte vectors
+        work += -work % 64  # each thread's share starts on a cache line
         loss = self.lib.fw_train_step(ctypes.byref(self._net), tokens.data_ptr(), targets.data_ptr(), b, t, work,
                                       scale)
         if math.isnan(loss) and any(bool((x.min() < 0) | (x.max() >= self.model.config.vocab_size))

@@ -173,10 +173,10 @@ def _choice_key(shape_items: tuple, micro_batch: int, threads: int, *more) -> st
 def faster_kernel(shape_items: tuple, micro_batch: int, threads: int, precision: str = "auto") -> tuple[str, str]:
     """("c", its precision) where the C training step (``training/step.c``: fp32, or bf16 products where the CPU
     has AVX512_BF16) trains this shape faster than PyTorch eager at ``precision`` (auto: the faster of fp32 and
-    bf16), else ("torch", precision): measured once per shape, micro-batch, thread count, CPU, version and C source,
-    and remembered in compiled.json as the precision is. Where the step does not build, "torch" (not remembered: a
-    compiler may be installed later)."""
-    key = _choice_key(shape_items, micro_batch, threads, precision, source_digest())
+    bf16), else ("torch", precision): measured once per shape, micro-batch, thread count, CPU, version, C source and
+    whether its build has bf16, and remembered in compiled.json as the precision is. Where the step does not
+    build, "torch" (not remembered: a compiler may be installed later)."""
+    key = _choice_key(shape_items, micro_batch, threads, precision, source_digest(), has_bf16())
     known = _registry()["kernel"].get(key)
     if known is None:
         shape = dict(shape_items)

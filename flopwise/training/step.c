@@ -1,8 +1,9 @@
-/* One training micro-step of flopwise's Llama in C: the forward, the mean cross-entropy and every gradient, in fp32.
+/* One training micro-step of flopwise's Llama in C: the forward, the mean cross-entropy and every gradient, in fp32
+   or with bf16 products (AVX512_BF16).
 
    flopwise/model/llama.py is the reference; this file computes the same function and its gradients (the tests hold
-   the loss to 1e-6 and the gradients to 1e-4, relative). It exists because the models a sweep trains (d_model 16-64, 1-2 layers, context 128, about 1,000
-   tokens a step) spend most of a PyTorch step in operator dispatch and in writing and re-reading the logits: here
+   fp32's loss to 1e-6 and its gradients to 1e-4, relative). It exists because the models a sweep trains (d_model
+   16-64, 1-2 layers, context 128, about 1,000 tokens a step) spend most of a PyTorch step in operator dispatch and in writing and re-reading the logits: here
    a step is some twenty matrix products and a few loops, the logits never leave the cache (the head, the loss and
    its gradient run block by block), and nothing is allocated.
 
@@ -121,7 +122,7 @@ typedef struct {
 
 /* bf16 products (AVX512_BF16's vdpbf16ps: pairs of bf16 multiplied and added into fp32 at twice fp32's rate):
    each operand is rounded to bf16 once per product (to nearest, ties to even) into pairs along k (k even in the
-   low half), sums stay fp32, as PyTorch's bf16 autocast multiplies on a CPU. */
+   low half), sums and outputs stay fp32 (bf16 autocast also rounds the outputs). */
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define HAVE_BF16 1
@@ -131,7 +132,8 @@ static inline uint32_t bf16_bits(float x) {
         float f;
         uint32_t u;
     } v = {.f = x};
-    return (v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16;
+    const uint32_t rounded = (v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16;
+    return (v.u & 0x7fffffffu) > 0x7f800000u ? (v.u >> 16) | 0x40u : rounded; /* a NaN stays a NaN */
 }
 
 /* op(A) (m x kc, from column k0) in pairs along k: a16[i kp + p] (ta = 0) or a16[p m + i] (ta = 1) */
@@ -148,9 +150,10 @@ static void convert_a(const float *a, long lda, int ta, int m, int k0, int kc, u
         return;
     }
     for (int p = 0; p < kp; p++) {
-        const float *lo = a + (long)(k0 + 2 * p) * lda, *hi = lo + lda;
+        const float *lo = a + (long)(k0 + 2 * p) * lda;
         uint32_t *dst = a16 + (long)p * m;
         if (2 * p + 1 < kc) {
+            const float *hi = lo + lda;
 #pragma omp simd
             for (int i = 0; i < m; i++) dst[i] = bf16_bits(lo[i]) | bf16_bits(hi[i]) << 16;
         } else {
@@ -162,12 +165,13 @@ static void convert_a(const float *a, long lda, int ta, int m, int k0, int kc, u
 
 /* op(B)[k0:k0+kc, j0:j0+w] as (kc + 1) / 2 rows of w pairs, zero past column n */
 static void pack_b16(const float *b, long ldb, int tb, int k0, int kc, int j0, int n, int w, uint32_t *bp) {
-    const int cols = imin(w, n - j0), kp = (kc + 1) / 2, even = kc / 2;
+    const int cols = imin(w, n - j0), kp = (kc + 1) / 2;
     if (!tb) {
         for (int p = 0; p < kp; p++) {
-            const float *lo = b + (long)(k0 + 2 * p) * ldb + j0, *hi = lo + ldb;
+            const float *lo = b + (long)(k0 + 2 * p) * ldb + j0;
             uint32_t *dst = bp + (long)p * w;
             if (2 * p + 1 < kc) {
+                const float *hi = lo + ldb;
 #pragma omp simd
                 for (int c = 0; c < cols; c++) dst[c] = bf16_bits(lo[c]) | bf16_bits(hi[c]) << 16;
             } else {
@@ -188,7 +192,6 @@ static void pack_b16(const float *b, long ldb, int tb, int k0, int kc, int j0, i
         }
         for (int c = cols; c < w; c++) dst[c] = 0;
     }
-    (void)even;
 }
 
 /* as TILE, over kp pairs: a(r, p) = a[r sr + p sp] */
@@ -228,7 +231,8 @@ TILE16(tile16_narrow, MR_NARROW, 1)
 #endif
 
 /* C (m x n) = op(A) op(B), or += with accum; op(A) is m x k: ta ? A[k lda + i] : A[i lda + k]; op(B) is k x n, as
-   pack_b reads it. sc->b: KC x round_up(n, 32) floats; with lowp, the product in bf16 where the build has it,
+   pack_b reads it. sc->b: one packed panel (KC x 32 floats), or with lowp all of them ((KC / 2) x round_up(n, 32)
+   pairs); with lowp, the product in bf16 where the build has it,
    sc->a holding m x KC / 2 pairs. */
 static void gemm(int m, int n, int k, const float *a, long lda, int ta, const float *b, long ldb, int tb, float *c,
                  long ldc, int accum, const Scratch *sc, int lowp) {
@@ -371,7 +375,8 @@ static long carve(const Net *m, long n, float *base, Work *w) {
     if (d > widest) widest = d;
     if (t > widest) widest = t;
     const long logits = (long)ce_rows(m) * m->vocab;
-    TAKE(bp, (long)KC * round_up((int)widest, 32));
+    const long panels = (long)(KC / 2) * round_up((int)widest, 32); /* bf16: every panel of a product at once */
+    TAKE(bp, m->bf16 && panels > KC * 32 ? panels : KC * 32);           /* fp32: one panel at a time */
     long tallest = n > widest ? n : widest; /* the most rows a product's A has: tokens, vocabulary or d_ff */
     if (m->bf16) {
         if (w) w->ap = (uint32_t *)(base + at);
@@ -409,8 +414,8 @@ static long grad_floats(const Net *m) {
            m->n_layers * (2 * d + 2 * d * d + 2 * kvd * d + 3 * d * f);
 }
 
-/* one chunk's workspace: its activations and, split across threads, its own gradients (64-byte aligned: the
-   tiles load packed panels as whole vectors) */
+/* one chunk's workspace: its activations and, split across threads, its own gradients (each chunk's share starts
+   on a 64-byte cache line) */
 static long share_floats(const Net *m, long rows, int chunks) {
     return carve(m, rows, 0, 0) + (chunks > 1 ? (grad_floats(m) + 15) / 16 * 16 : 0);
 }

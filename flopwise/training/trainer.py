@@ -374,7 +374,7 @@ class _Run:
             self.c_step = NativeTrainStep(model, bf16=self.precision == "bf16")
         except NativeUnavailable as e:
             self.log(f"note: {e}; training with PyTorch (slower)")
-            self.kernel = "torch"
+            self.kernel, self.eager_rate = "torch", None
 
     @property
     def _tuning(self) -> bool:
