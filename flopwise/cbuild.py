@@ -3,7 +3,8 @@
 flopwise has two: the decode step (``infer/step.c``) and the training step (``training/step.c``). ``load`` compiles
 a source into flopwise's cache folder (``-O3 -march=native``, OpenMP where the compiler has it), keyed by the
 source, the compiler and its version, and the CPU it targets, so a build is reused until one of them changes; it
-raises ``NativeUnavailable`` with the reason where no compiler builds it.
+raises ``NativeUnavailable`` with the reason where no compiler builds it. ``Builds`` keeps one source's default build
+(and a failure to build it) for the process.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from flopwise.fsutil import cache_root
@@ -84,3 +86,30 @@ def _build(cc: str, source: Path, what: str, path: Path, extra: list[str]) -> No
             if os.path.exists(tmp):
                 os.unlink(tmp)
     raise NativeUnavailable(f"{cc} could not build {what}: {errors[0][:160]}")
+
+
+class Builds:
+    """``builds(flags)``: ``source`` built by ``load`` and declared by ``declare`` (its functions' ctypes signatures).
+    The default build (no flags) is loaded once a process and a failure to build it is remembered (``lib``,
+    ``failed``), so that no caller tries the compiler twice; the tests build variants with flags."""
+
+    def __init__(self, source: Path, what: str, declare: Callable[[ctypes.CDLL], None]):
+        self.source, self.what, self.declare = source, what, declare
+        self.lib: ctypes.CDLL | None = None
+        self.failed: str | None = None
+
+    def __call__(self, flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+        if not flags and self.lib is not None:
+            return self.lib
+        if not flags and self.failed is not None:
+            raise NativeUnavailable(self.failed)
+        try:
+            lib = load(self.source, self.what, flags)
+        except NativeUnavailable as e:
+            if not flags:
+                self.failed = str(e)
+            raise
+        self.declare(lib)
+        if not flags:
+            self.lib = lib
+        return lib

@@ -221,7 +221,7 @@ def test_without_a_c_compiler_decoding_falls_back_to_torch(engine, tmp_path, mon
 
     s = Sampling(max_new_tokens=10, temperature=0, ignore_eos=True)
     want = [t.tolist() for t in engine.stream_ids([engine.encode_prompt("Once upon a time")], s)]
-    monkeypatch.setattr(native, "_LIB", None)
+    monkeypatch.setattr(native.library, "lib", None)
     monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path))
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "cc").symlink_to(shutil.which("false"))  # a compiler that fails every build
@@ -231,7 +231,7 @@ def test_without_a_c_compiler_decoding_falls_back_to_torch(engine, tmp_path, mon
                       (os.environ["PATH"], "the C decode step: [Errno 20] Not a directory")):
         monkeypatch.delenv("CC", raising=False)
         monkeypatch.setenv("PATH", path)
-        monkeypatch.setattr(native, "_FAILED", None)
+        monkeypatch.setattr(native.library, "failed", None)
         if "Errno" in why:  # a cache folder it cannot write: also one note
             monkeypatch.setenv("FLOPWISE_CACHE", str(not_a_folder))
         notes = []

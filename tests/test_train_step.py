@@ -150,8 +150,8 @@ def test_a_run_through_the_c_step_tracks_pytorch_and_records_its_choice(bundled,
 def test_where_the_c_step_cannot_be_built_runs_train_with_pytorch(bundled, tmp_path, monkeypatch):
     """No compiler: auto measures nothing in C and trains PyTorch; a run that chose the C step and resumes on such
     a machine says so in one line and trains PyTorch in the same precision."""
-    monkeypatch.setattr(native, "_LIB", None)
-    monkeypatch.setattr(native, "_FAILED", None)
+    monkeypatch.setattr(native.library, "lib", None)
+    monkeypatch.setattr(native.library, "failed", None)
     monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
     monkeypatch.delenv("CC", raising=False)
     assert probe.native_rate(SHAPES[0], 1, 2) is None

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from flopwise.cbuild import NativeUnavailable, load
+from flopwise.cbuild import Builds, NativeUnavailable
 
 SOURCE = Path(__file__).with_name("step.c")
 _P, _I = ctypes.c_void_p, ctypes.c_int32
@@ -37,36 +37,15 @@ class _Model(ctypes.Structure):
                [(name, _P) for name in ("x", "h", "qkv", "att", "gu", "ff", "scores", "xq", "xs")]
 
 
-_LIB: ctypes.CDLL | None = None
-_FAILED: str | None = None  # why the default build failed in this process: not tried again
-
-
-def library(flags: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """The compiled step, built on first use (about a second) or loaded from the cache. ``flags`` adds compiler
-    flags (the tests build the AVX2 and plain-C variants with -mno-avx512f, -mno-avx2); the default build is
-    loaded once a process, and a failure is remembered for the process."""
-    global _LIB, _FAILED
-    if not flags and _LIB is not None:
-        return _LIB
-    if not flags and _FAILED is not None:
-        raise NativeUnavailable(_FAILED)
-    try:
-        lib = _load(flags)
-    except NativeUnavailable as e:
-        if not flags:
-            _FAILED = str(e)
-        raise
-    if not flags:
-        _LIB = lib
-    return lib
-
-
-def _load(flags: tuple[str, ...]) -> ctypes.CDLL:
-    lib = load(SOURCE, "the C decode step", flags)
+def _declare(lib: ctypes.CDLL) -> None:
     lib.fw_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, _P, ctypes.c_int, _P, _P, ctypes.c_int]
     lib.fw_step.restype = ctypes.c_int
     lib.fw_build.restype = ctypes.c_int
-    return lib
+
+
+# library(flags): the compiled step, built on first use (about a second) or loaded from the cache; the default
+# build is loaded once a process, and a failure is remembered (flopwise.cbuild.Builds)
+library = Builds(SOURCE, "the C decode step", _declare)
 
 
 def _mat(module: nn.Module, shape: tuple[int, int], keep: list, integer: bool) -> _Mat:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from flopwise.cbuild import NativeUnavailable, load
+from flopwise.cbuild import Builds, NativeUnavailable
 from flopwise.errors import FlopwiseError
 from flopwise.model.llama import Llama
 
@@ -49,34 +49,18 @@ class _Net(ctypes.Structure):
                [("layers", ctypes.POINTER(_Layer))]
 
 
-_LIB: ctypes.CDLL | None = None
-_FAILED: str | None = None  # why the build failed in this process: not tried again
-
-
-def library(flags: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """The compiled training step, built on first use (about a second) or loaded from the cache. ``flags`` adds
-    compiler flags (the tests build AVX2 and plain-C variants); the default build is loaded once a process, and a
-    failure is remembered for the process."""
-    global _LIB, _FAILED
-    if not flags and _LIB is not None:
-        return _LIB
-    if not flags and _FAILED is not None:
-        raise NativeUnavailable(_FAILED)
-    try:
-        lib = load(SOURCE, "the C training step", flags)
-    except NativeUnavailable as e:
-        if not flags:
-            _FAILED = str(e)
-        raise
+def _declare(lib: ctypes.CDLL) -> None:
     lib.fw_train_step.argtypes = [ctypes.POINTER(_Net), _P, _P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_float]
     lib.fw_train_step.restype = ctypes.c_double
     lib.fw_train_floats.argtypes = [ctypes.POINTER(_Net), ctypes.c_int, ctypes.c_int]
     lib.fw_train_floats.restype = ctypes.c_long
     lib.fw_threads.argtypes = [ctypes.c_int]
     lib.fw_build.restype = ctypes.c_int
-    if not flags:
-        _LIB = lib
-    return lib
+
+
+# library(flags): the compiled training step, built on first use (about a second) or loaded from the cache; the
+# default build is loaded once a process, and a failure is remembered (flopwise.cbuild.Builds)
+library = Builds(SOURCE, "the C training step", _declare)
 
 
 def has_bf16() -> bool:
