@@ -97,6 +97,16 @@ def test_bad_input_is_refused_in_one_line():
         step.step(torch.zeros(1, 78, dtype=torch.long), torch.zeros(1, 78, dtype=torch.long))
 
 
+def test_a_workspace_past_half_the_memory_is_refused_before_it_is_touched(monkeypatch):
+    """Linux overcommits: torch.empty of more than the machine has succeeds and the step's writes get the process
+    killed, so the step refuses first, as an out-of-memory error (the trainer names the fix; measuring skips it)."""
+    step = NativeTrainStep(_model(SHAPES[0]))
+    monkeypatch.setattr(native, "available_memory", lambda: 1 << 20)
+    x = torch.zeros(4, 128, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="can't allocate memory: the C training step's workspace for 4 x 128"):
+        step.step(x, x)
+
+
 def test_plain_and_avx2_builds_give_the_same_step(monkeypatch):
     """The tiles are written with GCC's vector extensions: the AVX-512, AVX2 and plain-C builds agree."""
     model = _model(SHAPES[1])
@@ -184,6 +194,9 @@ def test_the_kernel_choice_is_measured_once_and_remembered(tmp_path, monkeypatch
     assert sorted(saved.values()) == ["c:bf16", "c:fp32"] and all(native.source_digest() in k for k in saved)
     c_rates.update(fp32=0.5e9, bf16=0.9e9)  # slower than PyTorch at another micro-batch
     assert probe.faster_kernel.__wrapped__(shape, 16, 1, "auto") == ("torch", "auto")
+    wide = tuple(sorted({**SHAPES[0], "d_model": 768, "n_heads": 12, "n_kv_heads": 12}.items()))
+    before = len(measured)
+    assert probe.faster_kernel.__wrapped__(wide, 8, 1, "auto") == ("torch", "auto") and len(measured) == before
     saved = json.loads((tmp_path / "compiled.json").read_text())
     saved["kernel"] = {k: "fast" for k in saved["kernel"]}
     (tmp_path / "compiled.json").write_text(json.dumps(saved))

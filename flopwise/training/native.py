@@ -14,6 +14,7 @@ import ctypes
 import functools
 import hashlib
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -61,6 +62,21 @@ def _declare(lib: ctypes.CDLL) -> None:
 # library(flags): the compiled training step, built on first use (about a second) or loaded from the cache; the
 # default build is loaded once a process, and a failure is remembered (flopwise.cbuild.Builds)
 library = Builds(SOURCE, "the C training step", _declare)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux: MemAvailable; elsewhere physical memory)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError, AttributeError):
+        return 1 << 62
 
 
 def has_bf16() -> bool:
@@ -134,6 +150,9 @@ class NativeTrainStep:
         self.lib.fw_threads(torch.get_num_threads())
         need = self.lib.fw_train_floats(ctypes.byref(self._net), b, t) + 16
         if self._work.numel() < need:
+            if need * 4 > available_memory() // 2:  # torch.empty would succeed (overcommit) and the step be killed
+                raise RuntimeError(f"can't allocate memory: the C training step's workspace for {b} x {t} tokens "
+                                   f"({need * 4 / 2**30:.1f} GiB) exceeds half the available memory")
             self._work = torch.empty(need)
         work = self._work.data_ptr()
         work += -work % 64  # each thread's share starts on a cache line
