@@ -232,7 +232,7 @@ class _Run:
         fixed = requested_threads(0) or self.tc.threads  # --threads / $FLOPWISE_THREADS now, else the run's own
         self.cpu = CpuShare(fixed or torch.get_num_threads(), adapt=not fixed and self.device.type == "cpu")
         self.eager_rate: float | None = None  # measured training FLOP/s uncompiled (CPU): PyTorch's, or the C step's
-        self.kernel = "torch"
+        self.kernel = "torch"  # until chosen: _eager_rate reads it while _speed measures
         self.precision, self.compiled, self.kernel = self._speed()
         self.c_step: NativeTrainStep | None = None  # bound to the model in train()
         self.peak = measured_peak(self.device, self.precision) * self.world
