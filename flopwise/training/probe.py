@@ -169,9 +169,9 @@ def _choice_key(shape_items: tuple, micro_batch: int, threads: int, *more) -> st
     return json.dumps([__version__, torch.__version__, _cpu_name(), list(shape_items), micro_batch, threads, *more])
 
 
-# The C step is for the small models whose PyTorch steps are mostly overhead: 2.6x PyTorch at d_model 16, 1.2-1.4x
-# at d128 L4, slower than torch.compile at d384 L6 (2-core AMD EPYC). Wider models are not measured: a few steps of
-# each precision cost seconds each there, for a choice that goes to PyTorch.
+# The C step is for the small models whose PyTorch steps are mostly overhead: 2.6x PyTorch eager at d_model 16,
+# 1.2-1.4x at d128 L4, not chosen at d384 L6, where auto took torch.compile (2-core AMD EPYC). Wider models are not
+# measured: a few steps of each precision cost seconds each there, for a choice expected to go to PyTorch.
 C_STEP_MAX_WIDTH = 512
 
 

@@ -136,59 +136,46 @@ static inline uint32_t bf16_bits(float x) {
     return (v.u & 0x7fffffffu) > 0x7f800000u ? (v.u >> 16) | 0x40u : rounded; /* a NaN stays a NaN */
 }
 
+/* dst[i] = (lo[i step] in the low half, hi[i step] in the high half, or 0 without hi) as bf16, for count i; inlined,
+   so each caller's constant step vectorises */
+static inline void bf16_pairs(const float *lo, const float *hi, long step, int count, uint32_t *dst) {
+    if (hi) {
+#pragma omp simd
+        for (int i = 0; i < count; i++) dst[i] = bf16_bits(lo[i * step]) | bf16_bits(hi[i * step]) << 16;
+    } else {
+#pragma omp simd
+        for (int i = 0; i < count; i++) dst[i] = bf16_bits(lo[i * step]);
+    }
+}
+
 /* op(A) (m x kc, from column k0) in pairs along k: a16[i kp + p] (ta = 0) or a16[p m + i] (ta = 1) */
 static void convert_a(const float *a, long lda, int ta, int m, int k0, int kc, uint32_t *a16) {
-    const int kp = (kc + 1) / 2, even = kc / 2;
+    const int kp = (kc + 1) / 2;
     if (!ta) {
         for (int i = 0; i < m; i++) {
             const float *row = a + (long)i * lda + k0;
-            uint32_t *dst = a16 + (long)i * kp;
-#pragma omp simd
-            for (int p = 0; p < even; p++) dst[p] = bf16_bits(row[2 * p]) | bf16_bits(row[2 * p + 1]) << 16;
-            if (kc & 1) dst[kp - 1] = bf16_bits(row[kc - 1]);
+            bf16_pairs(row, row + 1, 2, kc / 2, a16 + (long)i * kp);
+            if (kc & 1) bf16_pairs(row + kc - 1, 0, 1, 1, a16 + (long)i * kp + kp - 1);
         }
         return;
     }
     for (int p = 0; p < kp; p++) {
         const float *lo = a + (long)(k0 + 2 * p) * lda;
-        uint32_t *dst = a16 + (long)p * m;
-        if (2 * p + 1 < kc) {
-            const float *hi = lo + lda;
-#pragma omp simd
-            for (int i = 0; i < m; i++) dst[i] = bf16_bits(lo[i]) | bf16_bits(hi[i]) << 16;
-        } else {
-#pragma omp simd
-            for (int i = 0; i < m; i++) dst[i] = bf16_bits(lo[i]);
-        }
+        bf16_pairs(lo, 2 * p + 1 < kc ? lo + lda : 0, 1, m, a16 + (long)p * m);
     }
 }
 
 /* op(B)[k0:k0+kc, j0:j0+w] as (kc + 1) / 2 rows of w pairs, zero past column n */
 static void pack_b16(const float *b, long ldb, int tb, int k0, int kc, int j0, int n, int w, uint32_t *bp) {
     const int cols = imin(w, n - j0), kp = (kc + 1) / 2;
-    if (!tb) {
-        for (int p = 0; p < kp; p++) {
-            const float *lo = b + (long)(k0 + 2 * p) * ldb + j0;
-            uint32_t *dst = bp + (long)p * w;
-            if (2 * p + 1 < kc) {
-                const float *hi = lo + ldb;
-#pragma omp simd
-                for (int c = 0; c < cols; c++) dst[c] = bf16_bits(lo[c]) | bf16_bits(hi[c]) << 16;
-            } else {
-                for (int c = 0; c < cols; c++) dst[c] = bf16_bits(lo[c]);
-            }
-            for (int c = cols; c < w; c++) dst[c] = 0;
-        }
-        return;
-    }
-    for (int p = 0; p < kp; p++) { /* transposed: strided reads, contiguous writes */
-        const float *src = b + (long)j0 * ldb + k0 + 2 * p;
+    for (int p = 0; p < kp; p++) {
         uint32_t *dst = bp + (long)p * w;
-        if (2 * p + 1 < kc) {
-            for (int c = 0; c < cols; c++)
-                dst[c] = bf16_bits(src[(long)c * ldb]) | bf16_bits(src[(long)c * ldb + 1]) << 16;
-        } else {
-            for (int c = 0; c < cols; c++) dst[c] = bf16_bits(src[(long)c * ldb]);
+        if (!tb) {
+            const float *lo = b + (long)(k0 + 2 * p) * ldb + j0;
+            bf16_pairs(lo, 2 * p + 1 < kc ? lo + ldb : 0, 1, cols, dst);
+        } else { /* transposed: strided reads, contiguous writes */
+            const float *lo = b + (long)j0 * ldb + k0 + 2 * p;
+            bf16_pairs(lo, 2 * p + 1 < kc ? lo + 1 : 0, ldb, cols, dst);
         }
         for (int c = cols; c < w; c++) dst[c] = 0;
     }
@@ -390,16 +377,18 @@ static long carve(const Net *m, long n, float *base, Work *w) {
     return at;
 }
 
-/* the gradient buffers, in one order: (buffer, floats); a tied head shares the embedding's and is listed once */
-static int grad_list(const Net *m, float **ptr, long *size) {
+/* The gradient buffers' fields of m (whose layers are the writable array `layers`), in one order, with their
+   floats: slot[c] is the address of a g_ pointer. A tied head shares the embedding's buffer and is listed once.
+   The caller's buffers are read, and a chunk's own ones laid out, through the same list. */
+static int grad_slots(Net *m, Layer *layers, float **slot[], long size[]) {
     const long d = m->dim, kvd = (long)m->n_kv_heads * m->head_dim, f = m->d_ff, v = m->vocab;
     int c = 0;
-#define ADD(p, count) (ptr[c] = (p), size[c++] = (count))
+#define ADD(field, count) (slot[c] = &(field), size[c++] = (count))
     ADD(m->g_embed, v * d);
     if (m->g_head != m->g_embed) ADD(m->g_head, v * d);
     ADD(m->g_norm, d);
     for (int l = 0; l < m->n_layers; l++) {
-        const Layer *y = &m->layers[l];
+        Layer *y = &layers[l];
         ADD(y->g_attn_norm, d); ADD(y->g_wq, d * d); ADD(y->g_wk, kvd * d); ADD(y->g_wv, kvd * d);
         ADD(y->g_wo, d * d); ADD(y->g_mlp_norm, d); ADD(y->g_gate, f * d); ADD(y->g_up, f * d);
         ADD(y->g_down, d * f);
@@ -408,10 +397,17 @@ static int grad_list(const Net *m, float **ptr, long *size) {
     return c;
 }
 
+#define MAX_SLOTS(m) (3 + 9 * (m)->n_layers)
+
 static long grad_floats(const Net *m) {
-    const long d = m->dim, kvd = (long)m->n_kv_heads * m->head_dim, f = m->d_ff, v = m->vocab;
-    return (m->g_head != m->g_embed ? 2 : 1) * v * d + d +
-           m->n_layers * (2 * d + 2 * d * d + 2 * kvd * d + 3 * d * f);
+    Layer layers[m->n_layers];
+    Net copy = *m;
+    memcpy(layers, m->layers, sizeof(Layer) * m->n_layers);
+    float **slot[MAX_SLOTS(m)];
+    long size[MAX_SLOTS(m)], total = 0;
+    const int count = grad_slots(&copy, layers, slot, size);
+    for (int c = 0; c < count; c++) total += size[c];
+    return total;
 }
 
 /* one chunk's workspace: its activations and, split across threads, its own gradients (each chunk's share starts
@@ -724,9 +720,12 @@ double fw_train_step(const Net *m, const int64_t *tokens, const int64_t *targets
     const int th = step_threads(b);
     if (th == 1) return forward_backward(m, tokens, targets, b, t, work, dscale) / (double)n;
     const long rows = (long)((b + th - 1) / th) * t, share = share_floats(m, rows, th), act = carve(m, rows, 0, 0);
-    float *mine[3 + 9 * m->n_layers];
-    long size[3 + 9 * m->n_layers];
-    const int count = grad_list(m, mine, size);
+    Layer caller_layers[m->n_layers];
+    Net caller = *m;
+    memcpy(caller_layers, m->layers, sizeof(Layer) * m->n_layers);
+    float **mine[MAX_SLOTS(m)];
+    long size[MAX_SLOTS(m)];
+    const int count = grad_slots(&caller, caller_layers, mine, size);
     double total = 0.0;
 #pragma omp parallel num_threads(th) reduction(+ : total)
     {
@@ -735,39 +734,29 @@ double fw_train_step(const Net *m, const int64_t *tokens, const int64_t *targets
         const int id = thread_id(), team = team_size();
         for (int c = id; c < th; c += team) {
             const int b0 = (int)((long)b * c / th), b1 = (int)((long)b * (c + 1) / th);
-            float *base = work + c * share, *g = base + act;
+            float *base = work + c * share, *at = base + act;
             Layer layers[m->n_layers];
             Net own = *m;
-            memset(g, 0, sizeof(float) * grad_floats(m));
-            own.g_embed = g;
-            own.g_head = m->g_head == m->g_embed ? g : g + (long)m->vocab * m->dim;
-            float *at = g + (long)(m->g_head == m->g_embed ? 1 : 2) * m->vocab * m->dim;
-            own.g_norm = at, at += m->dim;
-            for (int l = 0; l < m->n_layers; l++) { /* in grad_list's order */
-                const long d = m->dim, kvd = (long)m->n_kv_heads * m->head_dim, f = m->d_ff;
-                layers[l] = m->layers[l];
-                layers[l].g_attn_norm = at, at += d;
-                layers[l].g_wq = at, at += d * d;
-                layers[l].g_wk = at, at += kvd * d;
-                layers[l].g_wv = at, at += kvd * d;
-                layers[l].g_wo = at, at += d * d;
-                layers[l].g_mlp_norm = at, at += d;
-                layers[l].g_gate = at, at += f * d;
-                layers[l].g_up = at, at += f * d;
-                layers[l].g_down = at, at += d * f;
-            }
+            memcpy(layers, m->layers, sizeof(Layer) * m->n_layers);
             own.layers = layers;
+            float **slot[MAX_SLOTS(m)];
+            long floats[MAX_SLOTS(m)];
+            const int n_slots = grad_slots(&own, layers, slot, floats);
+            memset(at, 0, sizeof(float) * grad_floats(m));
+            for (int k = 0; k < n_slots; k++) *slot[k] = at, at += floats[k];
+            if (m->g_head == m->g_embed) own.g_head = own.g_embed;
             total += forward_backward(&own, tokens + (long)b0 * t, targets + (long)b0 * t, b1 - b0, t, base, dscale);
         }
 #pragma omp barrier
-        /* each thread sums a slice of every buffer over the chunks' copies */
+        /* each thread sums a slice of every buffer over the chunks' copies (laid out in grad_slots' order) */
         long offset = act;
         for (int c = 0; c < count; c++) {
             const long lo = size[c] * id / team, hi = size[c] * (id + 1) / team;
+            float *dst = *mine[c];
             for (int chunk = 0; chunk < th; chunk++) {
                 const float *src = work + chunk * share + offset;
 #pragma omp simd
-                for (long i = lo; i < hi; i++) mine[c][i] += src[i];
+                for (long i = lo; i < hi; i++) dst[i] += src[i];
             }
             offset += size[c];
         }
