@@ -135,16 +135,26 @@ def _tiny_run(bundled, tmp_path, name, **kw):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_run_through_the_c_step_tracks_pytorch_and_records_its_choice(bundled, tmp_path, monkeypatch, precision):
-    """Where auto picks the C step, the run trains it (two micro-batches a step, accumulated), follows PyTorch's run
-    in the same precision with the same seed (fp32 to 1e-4; bf16 to bf16's rounding), and records the choice in
-    speed.json and final.json."""
+    """Where auto picks the C step, the run trains it (two micro-batches a step, accumulated) with the C update,
+    follows PyTorch's run in the same precision with the same seed (fp32 to 1e-4; bf16 to bf16's rounding), and
+    records the choice in speed.json and final.json."""
     if precision == "bf16" and not native.has_bf16():
         pytest.skip("no AVX512_BF16 here")
     monkeypatch.setattr(trainer_module, "faster_kernel", lambda *a: ("c", precision))
+    updates = []
+
+    class Counted(native.NativeUpdate):
+        def step(self, clip=0.0):
+            updates.append(clip)
+            return super().step(clip)
+
+    monkeypatch.setattr(trainer_module, "NativeUpdate", Counted)
     eager = train(_tiny_run(bundled, tmp_path, "eager", precision=precision, compile="off"), quiet=True)
+    assert not updates  # PyTorch's run keeps torch's optimizers
     lines = []
     run = _tiny_run(bundled, tmp_path, "c")
     c = train(run, log=lines.append)
+    assert updates == [1.0] * 12  # and the C step's run clips and steps in C, every step
     assert (eager["kernel"], c["kernel"], c["precision"], c["compiled"]) == ("torch", "c", precision, False)
     assert json.loads((run / "speed.json").read_text()) == {"precision": precision, "compile": False, "kernel": "c"}
     assert f"{precision}, C step on cpu" in lines[0]
@@ -296,3 +306,90 @@ def test_a_killed_run_through_the_c_step_resumes_to_the_same_losses(bundled, tmp
     lines = [[json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
              for run in (straight, killed)]
     assert lines[0] == pytest.approx(lines[1], rel=1e-6)
+
+
+# ---- the C update: clipping, AdamW and Muon in one call ----
+
+def _optimizers(model: Llama, lr: float = 3e-3):
+    return trainer_module.make_optimizer(model, TrainConfig(n_tokens=1, optimizer="muon"), lr)
+
+
+def _random_grads(model: Llama, seed: int, scale: float = 1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return [scale * torch.randn(p.shape, generator=gen) for p in model.parameters()]
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0, 1e-3], ids=["no-clip", "clip-loose", "clip-binding"])
+def test_the_c_update_steps_as_torchs_clipping_adamw_and_muon(clip):
+    """Three steps of the C update against clip_grad_norm_ and the optimizers' own step(), fed the same gradients:
+    AdamW's updates and every state to a few ulps; Muon's (Newton-Schulz in bf16 as torch's) bit for bit at these
+    sizes, and within bf16's rounding where clipping's scale (summed in another order) differs by an ulp; the
+    returned norm is torch's total norm, and the gradients are zeroed after."""
+    shape = dict(SHAPES[1], d_model=32, n_heads=2, n_kv_heads=1, d_ff=96)
+    want, got = _model(shape), _model(shape)
+    ow, og = _optimizers(want), _optimizers(got)
+    update = native.NativeUpdate(list(og.optimizers.values()))
+    muon = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
+    for step in range(3):
+        grads = _random_grads(want, step, scale=0.05)
+        for model in (want, got):
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g.clone()
+        before = [p.detach().clone() for p in want.parameters()]
+        norm = torch.nn.utils.clip_grad_norm_(want.parameters(), clip if clip else float("inf"))
+        ow.step()
+        assert update.step(clip) == pytest.approx(float(norm), rel=1e-6)
+        assert all(not p.grad.any() for p in got.parameters())
+        for (name, a), b, start in zip(want.named_parameters(), got.parameters(), before, strict=True):
+            moved = (a - start).detach()
+            if name.split(".")[-2] in muon:  # a bf16 rounding flipped early in the iteration moves the rest
+                atol = (5e-2 if clip else 0.0) * float(moved.abs().max())
+            else:  # a few ulps of the parameters
+                atol = 4e-7 * float(start.abs().max())
+            assert torch.allclose((b - start).detach(), moved, rtol=0, atol=atol), name
+    for kind, state in ow.state_dict().items():
+        for i, tensors in state["state"].items():
+            for name, t in tensors.items():  # a few ulps of each tensor's largest entry (fused sums round alike)
+                assert torch.allclose(og.state_dict()[kind]["state"][i][name], t, rtol=1e-6,
+                                      atol=1e-6 * float(t.abs().max())), name
+
+
+def test_the_c_updates_state_resumes_under_torch_and_torchs_under_it(tmp_path):
+    """The state the C update leaves is torch's own: saved after two C steps and loaded into fresh optimizers, a third
+    step under torch matches a third C step from the same checkpoint."""
+    shape = SHAPES[0]
+    model = _model(shape)
+    opts = _optimizers(model)
+    update = native.NativeUpdate(list(opts.optimizers.values()))
+    for step in range(2):
+        for p, g in zip(model.parameters(), _random_grads(model, step), strict=True):
+            p.grad = g
+        update.step(1.0)
+    torch.save({"model": model.state_dict(), "opt": opts.state_dict()}, tmp_path / "ckpt.pt")
+    results = []
+    for use_c in (True, False):
+        ckpt = torch.load(tmp_path / "ckpt.pt")  # each its own: optimizers update the loaded state in place
+        m = _model(shape)
+        m.load_state_dict(ckpt["model"])
+        o = _optimizers(m)
+        o.load_state_dict(ckpt["opt"])
+        for p, g in zip(m.parameters(), _random_grads(m, 2), strict=True):
+            p.grad = g
+        if use_c:  # unclipped: clipping's norm, summed in another order, may flip a bf16 rounding in Muon
+            native.NativeUpdate(list(o.optimizers.values())).step()
+        else:
+            o.step()
+        results.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*results, strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=4e-7 * float(b.abs().max()))
+
+
+def test_the_c_update_refuses_what_it_does_not_run():
+    model = _model(SHAPES[0])
+    for opt, why in ((torch.optim.SGD(model.parameters(), lr=0.1), "not SGD"),
+                     (torch.optim.AdamW(model.parameters(), amsgrad=True), "without amsgrad")):
+        with pytest.raises(NativeUnavailable, match=why):
+            native.NativeUpdate([opt])
+    big = torch.nn.Parameter(torch.zeros(native.UPDATE_MAX_ELEMENTS // 64 + 1, 64))
+    with pytest.raises(NativeUnavailable, match="matrices of up to"):
+        native.NativeUpdate([torch.optim.Muon([big])])

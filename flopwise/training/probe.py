@@ -28,7 +28,7 @@ from flopwise.model.compiling import can_compile, use_compile_cache
 from flopwise.model.llama import Llama, ModelConfig
 from flopwise.run import require_device
 from flopwise.training.malloc import keep_freed_memory
-from flopwise.training.native import NativeTrainStep, has_bf16, source_digest
+from flopwise.training.native import NativeTrainStep, NativeUpdate, has_bf16, source_digest
 
 
 def use_threads(threads: int = 0) -> int:
@@ -330,15 +330,17 @@ def _measure_rate(mc: ModelConfig, micro_batch: int, steps: int, bf16: bool, com
     net = torch.compile(model) if compiled else model
     c_step = NativeTrainStep(model, bf16) if native else None
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    c_update = NativeUpdate([opt]) if native else None  # as the trainer pairs them
     x = torch.randint(0, mc.vocab_size, (micro_batch, mc.seq_len))
 
     def step():
         if c_step is not None:
             c_step.step(x, x)
-        else:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = net(x, x)
-            loss.backward()
+            c_update.step()
+            return
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = net(x, x)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -46,7 +46,7 @@ from flopwise.run import (
 from flopwise.training import distributed as dist
 from flopwise.training.batches import TrainingData, training_data
 from flopwise.training.malloc import keep_freed_memory
-from flopwise.training.native import NativeTrainStep
+from flopwise.training.native import NativeTrainStep, NativeUpdate
 from flopwise.training.probe import (
     ETA_OVERHEAD,
     CpuShare,
@@ -235,6 +235,7 @@ class _Run:
         self.kernel = "torch"  # until chosen: _eager_rate reads it while _speed measures
         self.precision, self.compiled, self.kernel = self._speed()
         self.c_step: NativeTrainStep | None = None  # bound to the model in train()
+        self.c_update: NativeUpdate | None = None  # with the C step: clipping and the optimizers' step
         self.peak = measured_peak(self.device, self.precision) * self.world
 
     def train(self) -> dict:
@@ -245,7 +246,7 @@ class _Run:
             use_compile_cache()
             net = torch.compile(eager)
         if self.kernel == "c":
-            self._bind_c_step(s.model)
+            self._bind_c_step(s)
         self._announce(s.step, s.model)
         metrics_path = self.run_dir / "metrics.jsonl"
         kept = read_metrics(self.run_dir, s.step)
@@ -367,14 +368,20 @@ class _Run:
             self.eager_rate = None  # measured for another way of training
         return precision, compiled, "c" if c_step and not compiled else "torch"
 
-    def _bind_c_step(self, model: Llama) -> None:
-        """The C step bound to the model; where it cannot be (no compiler on the machine a run resumed on), one note
-        and PyTorch eager in the same precision."""
+    def _bind_c_step(self, s: _State) -> None:
+        """The C step bound to the model, and the C update to the optimizers where it runs them (their matrices
+        small enough to gain); where the step cannot be bound (no compiler on the machine a run resumed on), one
+        note and PyTorch eager in the same precision."""
         try:
-            self.c_step = NativeTrainStep(model, bf16=self.precision == "bf16")
+            self.c_step = NativeTrainStep(s.model, bf16=self.precision == "bf16")
         except NativeUnavailable as e:
             self.log(f"note: {e}; training with PyTorch (slower)")
             self.kernel, self.eager_rate = "torch", None
+            return
+        try:
+            self.c_update = NativeUpdate(list(s.optimizer.optimizers.values()))
+        except NativeUnavailable:
+            self.c_update = None  # torch's optimizers: as fast or faster for these matrices
 
     @property
     def _tuning(self) -> bool:
@@ -470,10 +477,13 @@ class _Run:
             raise FlopwiseError(f"a micro-batch of {r.micro_batch} sequences of {self.mc.seq_len} tokens does not "
                                 f"fit in memory: lower --micro-batch (gradient accumulation keeps the global "
                                 f"batch of {r.global_batch})") from None
-        if self.tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(s.model.parameters(), self.tc.grad_clip)
-        s.optimizer.step()
-        s.optimizer.zero_grad(set_to_none=True)
+        if self.c_update is not None:  # clips, updates and zeroes the gradients in one call
+            self.c_update.step(self.tc.grad_clip)
+        else:
+            if self.tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(s.model.parameters(), self.tc.grad_clip)
+            s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
         return dist.mean(loss_sum, self.device)
 
     def _evaluate(self, model: Llama, final: bool) -> tuple[float, float | None]:
