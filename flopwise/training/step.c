@@ -137,15 +137,32 @@ static inline uint32_t bf16_bits(float x) {
 #include <immintrin.h>
 #define HAVE_BF16 1
 
-/* dst[i] = (lo[i step] in the low half, hi[i step] in the high half, or 0 without hi) as bf16, for count i; inlined,
-   so each caller's constant step vectorises */
+/* dst[i] = (lo[i step] in the low half, hi[i step] in the high half, or 0 without hi) as bf16, for count i. The two
+   layouts the products read most, pairs along a row (hi = lo + 1, step 2) and two rows side by side (step 1), go
+   through AVX512_BF16's own conversion (32 floats an instruction, the same rounding; it reads denormals as 0) */
 static inline void bf16_pairs(const float *lo, const float *hi, long step, int count, uint32_t *dst) {
+    int i = 0;
+    if (step == 2 && hi == lo + 1) { /* a row's bf16 in order: the pairs are its consecutive elements */
+        for (; i + 16 <= count; i += 16)
+            _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(lo + 2 * i + 16),
+                                                                        _mm512_loadu_ps(lo + 2 * i)));
+    } else if (step == 1 && hi) { /* two rows interleaved */
+        const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                               22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        for (; i + 16 <= count; i += 16) {
+            const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(hi + i), _mm512_loadu_ps(lo + i));
+            _mm512_storeu_si512(dst + i, _mm512_permutexvar_epi16(order, both));
+        }
+    } else if (step == 1) { /* one row, zero high halves */
+        for (; i + 16 <= count; i += 16)
+            _mm512_storeu_si512(dst + i, _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(lo + i))));
+    }
     if (hi) {
 #pragma omp simd
-        for (int i = 0; i < count; i++) dst[i] = bf16_bits(lo[i * step]) | bf16_bits(hi[i * step]) << 16;
+        for (int j = i; j < count; j++) dst[j] = bf16_bits(lo[j * step]) | bf16_bits(hi[j * step]) << 16;
     } else {
 #pragma omp simd
-        for (int i = 0; i < count; i++) dst[i] = bf16_bits(lo[i * step]);
+        for (int j = i; j < count; j++) dst[j] = bf16_bits(lo[j * step]);
     }
 }
 
@@ -222,8 +239,8 @@ TILE16(tile16_narrow, MR_NARROW, 1)
    pack_b reads it. sc->b: one packed panel (KC x 32 floats), or with lowp all of them ((KC / 2) x round_up(n, 32)
    pairs); with lowp, the product in bf16 where the build has it,
    sc->a holding m x KC / 2 pairs. */
-static void gemm(int m, int n, int k, const float *a, long lda, int ta, const float *b, long ldb, int tb, float *c,
-                 long ldc, int accum, const Scratch *sc, int lowp) {
+static void gemm_with(int m, int n, int k, const float *a, long lda, int ta, const float *b, long ldb, int tb,
+                      float *c, long ldc, int accum, const Scratch *sc, int lowp, const uint32_t *packed) {
     if (m <= 0 || n <= 0) return;
     if (k <= 0) {
         if (!accum)
@@ -236,12 +253,16 @@ static void gemm(int m, int n, int k, const float *a, long lda, int ta, const fl
     float *bp = sc->b;
 #if HAVE_BF16
     if (lowp) {
-        uint32_t *bp16 = (uint32_t *)bp, *a16 = sc->a;
+        uint32_t *a16 = sc->a;
+        long offset = 0; /* of this pass's panels in packed */
         for (int k0 = 0; k0 < k; k0 += KC) {
             const int kc = imin(KC, k - k0), acc = accum || k0 > 0, kp = (kc + 1) / 2;
             const long sr16 = ta ? 1 : kp, sp16 = ta ? m : 1;
+            const uint32_t *bp16 = packed ? packed + offset : (const uint32_t *)bp;
+            offset += (long)kp * nj * w;
             convert_a(a, lda, ta, m, k0, kc, a16);
-            for (int j = 0; j < nj; j++) pack_b16(b, ldb, tb, k0, kc, j * w, n, w, bp16 + (long)j * kp * w);
+            if (!packed)
+                for (int j = 0; j < nj; j++) pack_b16(b, ldb, tb, k0, kc, j * w, n, w, (uint32_t *)bp + (long)j * kp * w);
             for (int j = 0; j < nj; j++)
                 for (int i = 0; i < ni; i++) {
                     const uint32_t *ai = a16 + (long)i * mr * sr16, *bj = bp16 + (long)j * kp * w;
@@ -257,6 +278,7 @@ static void gemm(int m, int n, int k, const float *a, long lda, int ta, const fl
     }
 #else
     (void)lowp;
+    (void)packed;
 #endif
     for (int k0 = 0; k0 < k; k0 += KC) {
         const int kc = imin(KC, k - k0), acc = accum || k0 > 0;
@@ -277,6 +299,29 @@ static void gemm(int m, int n, int k, const float *a, long lda, int ta, const fl
             }
         }
     }
+}
+
+static void gemm(int m, int n, int k, const float *a, long lda, int ta, const float *b, long ldb, int tb, float *c,
+                 long ldc, int accum, const Scratch *sc, int lowp) {
+    gemm_with(m, n, k, a, lda, ta, b, ldb, tb, c, ldc, accum, sc, lowp, 0);
+}
+
+/* op(B) (k x n) in bf16 pairs, every panel of every pass as gemm_with's lowp reads them from packed (a B used by
+   many products, packed once); returns their count, and with dst 0 only counts */
+static long pack_whole_b16(const float *b, long ldb, int tb, int k, int n, uint32_t *dst) {
+    const int w = n <= 16 ? 16 : 32, nj = (n + w - 1) / w;
+    long at = 0;
+    for (int k0 = 0; k0 < k; k0 += KC) {
+        const int kc = imin(KC, k - k0), kp = (kc + 1) / 2;
+#if HAVE_BF16
+        if (dst)
+            for (int j = 0; j < nj; j++) pack_b16(b, ldb, tb, k0, kc, j * w, n, w, dst + at + (long)j * kp * w);
+#else
+        (void)b, (void)ldb, (void)tb, (void)dst;
+#endif
+        at += (long)kp * nj * w;
+    }
+    return at;
 }
 
 /* y = x W^T (x: rows x in, W: out x in), or += */
@@ -417,6 +462,13 @@ static long share_floats(const Net *m, long rows, int chunks) {
     return carve(m, rows, 0, 0) + (chunks > 1 ? (grad_floats(m) + 15) / 16 * 16 : 0);
 }
 
+/* floats of the head's weights packed in bf16 pairs for the two products that read them whole (shared by the
+   threads, at the workspace's start), or 0 */
+static long head16_floats(const Net *m) {
+    if (!(m->bf16 && HAVE_BF16)) return 0;
+    return (pack_whole_b16(0, 0, 1, m->dim, m->vocab, 0) + pack_whole_b16(0, 0, 0, m->vocab, m->dim, 0) + 15) / 16 * 16;
+}
+
 /* chunks a step of b sequences splits into, one a thread (each takes whole sequences) */
 static int step_threads(int b) { return imin(n_threads(), b); }
 
@@ -424,7 +476,7 @@ static int step_threads(int b) { return imin(n_threads(), b); }
    and with more than one, each thread's own gradients */
 long fw_train_floats(const Net *m, int b, int t) {
     const int th = step_threads(b);
-    return th * share_floats(m, (long)((b + th - 1) / th) * t, th);
+    return head16_floats(m) + th * share_floats(m, (long)((b + th - 1) / th) * t, th);
 }
 
 void fw_threads(int threads) {
@@ -601,15 +653,17 @@ static void attention_back(const Net *m, int b, int t, const Work *w, int l) {
 }
 
 /* the head, the loss and their gradients, block by block: returns the summed loss; dhf = d(loss)/d(hf) times
-   scale, and the head's gradient += */
-static double head_loss(const Net *m, int n, const int64_t *targets, const Work *w, float scale) {
+   scale, and the head's gradient +=. With bf16 products, head16 holds the head's weights packed for the logits'
+   product and then for dhf's (packed once a step, not once a block). */
+static double head_loss(const Net *m, int n, const int64_t *targets, const Work *w, float scale,
+                        const uint32_t *head16) {
     const int d = m->dim, vcb = m->vocab, rows = ce_rows(m);
     double total = 0.0;
     float *z = w->scores;
     const Scratch scratch = {w->bp, w->ap}, *bp = &scratch;
     for (int i0 = 0; i0 < n; i0 += rows) {
         const int r = imin(rows, n - i0);
-        gemm(r, vcb, d, w->hf + (long)i0 * d, d, 0, m->head, d, 1, z, vcb, 0, bp, m->bf16);
+        gemm_with(r, vcb, d, w->hf + (long)i0 * d, d, 0, m->head, d, 1, z, vcb, 0, bp, m->bf16, head16);
         double part = 0.0;
         for (int i = 0; i < r; i++) {
             float *zi = z + (long)i * vcb, mx = -INFINITY, sum = 0.0f;
@@ -629,7 +683,8 @@ static double head_loss(const Net *m, int n, const int64_t *targets, const Work 
             zi[ti] -= scale;
         }
         total += part;
-        gemm(r, d, vcb, z, vcb, 0, m->head, d, 0, w->dh + (long)i0 * d, d, 0, bp, m->bf16);
+        gemm_with(r, d, vcb, z, vcb, 0, m->head, d, 0, w->dh + (long)i0 * d, d, 0, bp, m->bf16,
+                  head16 ? head16 + pack_whole_b16(0, 0, 1, d, vcb, 0) : 0);
         gemm(vcb, d, r, z, vcb, 1, w->hf + (long)i0 * d, d, 0, m->g_head, d, 1, bp, m->bf16);
     }
     return total;
@@ -637,7 +692,7 @@ static double head_loss(const Net *m, int n, const int64_t *targets, const Work 
 
 /* b sequences of t tokens, on one thread: the summed loss; gradients, times dscale per token, added */
 static double forward_backward(const Net *m, const int64_t *tokens, const int64_t *targets, int b, int t, float *work,
-                               float dscale) {
+                               float dscale, const uint32_t *head16) {
     const int d = m->dim, f = m->d_ff, h = m->n_heads, hk = m->n_kv_heads, hd = m->head_dim, kvd = hk * hd;
     const long n = (long)b * t;
     Work w;
@@ -669,7 +724,7 @@ static double forward_backward(const Net *m, const int64_t *tokens, const int64_
         linear((int)n, d, f, w.s, ly->w_down, next, 1, bp, m->bf16);
     }
     rmsnorm((int)n, d, w.xf, m->norm, m->eps, w.hf, w.rstdf);
-    const double loss = head_loss(m, (int)n, targets, &w, dscale);
+    const double loss = head_loss(m, (int)n, targets, &w, dscale, head16);
     memset(w.dx, 0, sizeof(float) * n * d);
     rmsnorm_back((int)n, d, w.xf, m->norm, w.rstdf, w.dh, w.dx, m->g_norm);
     for (int l = m->n_layers - 1; l >= 0; l--) {
@@ -719,7 +774,15 @@ double fw_train_step(const Net *m, const int64_t *tokens, const int64_t *targets
         if (tokens[i] < 0 || tokens[i] >= m->vocab || targets[i] < 0 || targets[i] >= m->vocab) return NAN;
     const float dscale = grad_scale / (float)n;
     const int th = step_threads(b);
-    if (th == 1) return forward_backward(m, tokens, targets, b, t, work, dscale) / (double)n;
+    const long shared = head16_floats(m);
+    const uint32_t *head16 = shared ? (const uint32_t *)work : 0;
+    if (shared) {
+        uint32_t *dst = (uint32_t *)work;
+        dst += pack_whole_b16(m->head, m->dim, 1, m->dim, m->vocab, dst);
+        pack_whole_b16(m->head, m->dim, 0, m->vocab, m->dim, dst);
+        work += shared;
+    }
+    if (th == 1) return forward_backward(m, tokens, targets, b, t, work, dscale, head16) / (double)n;
     const long rows = (long)((b + th - 1) / th) * t, share = share_floats(m, rows, th), act = carve(m, rows, 0, 0);
     Layer caller_layers[m->n_layers];
     Net caller = *m;
@@ -746,7 +809,8 @@ double fw_train_step(const Net *m, const int64_t *tokens, const int64_t *targets
             memset(at, 0, sizeof(float) * grad_floats(m));
             for (int k = 0; k < n_slots; k++) *slot[k] = at, at += floats[k];
             if (m->g_head == m->g_embed) own.g_head = own.g_embed;
-            total += forward_backward(&own, tokens + (long)b0 * t, targets + (long)b0 * t, b1 - b0, t, base, dscale);
+            total += forward_backward(&own, tokens + (long)b0 * t, targets + (long)b0 * t, b1 - b0, t, base, dscale,
+                                      head16);
         }
 #pragma omp barrier
         /* each thread sums a slice of every buffer over the chunks' copies (laid out in grad_slots' order) */
