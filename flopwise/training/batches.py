@@ -72,10 +72,10 @@ class Batches:
 
     def get(self, step: int, lo: int, hi: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
         """Inputs and targets for sequences lo..hi of the global batch of ``step``."""
-        rows = np.stack([np.asarray(self.tokens[s:s + self.seq_len + 1], dtype=np.int64)
-                         for s in self.starts(step)[lo:hi]])
-        rows = torch.from_numpy(rows)
-        return rows[:, :-1].to(device), rows[:, 1:].to(device)
+        starts = self.starts(step)[lo:hi]
+        rows = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)  # one gather
+        return (torch.from_numpy(np.ascontiguousarray(rows[:, :-1])).to(device),
+                torch.from_numpy(np.ascontiguousarray(rows[:, 1:])).to(device))
 
 
 class InstructionBatches:
