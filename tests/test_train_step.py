@@ -43,7 +43,8 @@ def _model(shape: dict, seed: int = 0) -> Llama:
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["d16-tied", "d64-gqa-untied", "d48-t77", "d24"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_loss_and_gradients_equal_autograds(shape, threads):
+@pytest.mark.parametrize("passes", [0, 2], ids=["one-pass", "2-seqs-a-pass"])
+def test_loss_and_gradients_equal_autograds(shape, threads, passes):
     model = _model(shape)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, shape["vocab_size"], (5, shape["seq_len"]), generator=g)
@@ -55,9 +56,9 @@ def test_loss_and_gradients_equal_autograds(shape, threads):
     if threads > 1:
         assert native.library().fw_build() & 1  # OpenMP: the split below is what runs
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # the step splits 5 sequences 3 + 2 between two threads
+    torch.set_num_threads(threads)  # the step splits 5 sequences 3 + 2 between two threads (passes: 2 + 1, 2)
     try:
-        got = NativeTrainStep(model).step(x, y)
+        got = NativeTrainStep(model, seqs_per_pass=passes).step(x, y)
     finally:
         torch.set_num_threads(before)
     assert got == pytest.approx(loss.item(), rel=1e-6)
@@ -211,6 +212,26 @@ def test_the_kernel_choice_is_measured_once_and_remembered(tmp_path, monkeypatch
     saved["kernel"] = {k: "fast" for k in saved["kernel"]}
     (tmp_path / "compiled.json").write_text(json.dumps(saved))
     assert probe._registry()["kernel"] == {}
+
+
+def test_the_c_steps_sequences_a_pass_are_measured_once_and_remembered(tmp_path, monkeypatch):
+    """c_step_passes: a pass over PASS_TOKENS tokens a thread against one over the whole share, the faster kept in
+    compiled.json (a later process reads it); not measured where a thread's share is no larger; bad values ignored."""
+    monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path))
+    measured = []
+    rates = {0: 2e9, 2: 2.2e9}
+    monkeypatch.setattr(probe, "native_rate", lambda shape, th, mb, p, n: measured.append(n) or rates[n])
+    shape = tuple(sorted(SHAPES[0].items()))  # seq_len 128: 2 sequences a pass
+    assert probe.c_step_passes.__wrapped__(shape, 12, 1, "bf16") == 2 and measured == [0, 2]
+    assert probe.c_step_passes.__wrapped__(shape, 12, 1, "bf16") == 2 and len(measured) == 2
+    rates[2] = 1.5e9
+    assert probe.c_step_passes.__wrapped__(shape, 12, 2, "bf16") == 0  # two threads: measured afresh, slower
+    assert probe.c_step_passes.__wrapped__(shape, 4, 2, "bf16") == 0 and len(measured) == 4  # shares of 2
+    saved = json.loads((tmp_path / "compiled.json").read_text())
+    assert sorted(saved["passes"].values()) == [0, 2]
+    saved["passes"] = {k: "2" for k in saved["passes"]}
+    (tmp_path / "compiled.json").write_text(json.dumps(saved))
+    assert probe._registry()["passes"] == {}
 
 
 def test_the_c_step_is_not_used_for_adapters_or_compile_off(bundled, tmp_path, monkeypatch):

@@ -43,7 +43,7 @@ class _Layer(ctypes.Structure):
 
 class _Net(ctypes.Structure):
     _fields_ = [(name, _I) for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab",
-                                        "seq_len", "bf16")] + \
+                                        "seq_len", "bf16", "seqs_per_pass")] + \
                [("eps", ctypes.c_float)] + \
                [(name, _P) for name in ("embed", "norm", "head", "rope_cos", "rope_sin", "g_embed", "g_norm",
                                         "g_head")] + \
@@ -105,11 +105,13 @@ def has_bf16() -> bool:
 class NativeTrainStep:
     """``model``'s training micro-step in C, in fp32, or with ``bf16`` the linear layers' and the head's products in
     bf16 (operands rounded to bf16, sums and outputs fp32, where bf16 autocast also rounds the outputs; attention
-    stays fp32, as the PyTorch model keeps it on a CPU). The model's parameters must stay where they are (the optimizer
-    updates them in place); each parameter's gradient lives in one buffer bound here, handed back to ``.grad``
-    (zeroed) after the optimizer's ``zero_grad(set_to_none=True)``."""
+    stays fp32, as the PyTorch model keeps it on a CPU). With ``seqs_per_pass``, each thread runs that many sequences
+    forward and backward at a time (activations that stay in the core's cache; only the order of the gradients' sums
+    changes). The model's parameters must stay where they are (the optimizer updates them in place); each parameter's
+    gradient lives in one buffer bound here, handed back to ``.grad`` (zeroed) after the optimizer's
+    ``zero_grad(set_to_none=True)``."""
 
-    def __init__(self, model: Llama, bf16: bool = False):
+    def __init__(self, model: Llama, bf16: bool = False, seqs_per_pass: int = 0):
         if not isinstance(model, Llama) or any(type(getattr(block, name)) is not torch.nn.Linear
                                                for block in model.layers for name in _LAYER if name[0] == "w"):
             raise NativeUnavailable("the C training step trains flopwise's Llama without adapters")
@@ -135,8 +137,8 @@ class NativeTrainStep:
                                                   ("head", model.head.weight), ("rope_cos", model.rope_cos),
                                                   ("rope_sin", model.rope_sin))}
         self._net = _Net(c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.vocab_size,
-                         c.seq_len, int(bf16), c.norm_eps, ptr["embed"], ptr["norm"], ptr["head"], ptr["rope_cos"],
-                         ptr["rope_sin"], grad[id(model.embed.weight)].data_ptr(),
+                         c.seq_len, int(bf16), seqs_per_pass, c.norm_eps, ptr["embed"], ptr["norm"], ptr["head"],
+                         ptr["rope_cos"], ptr["rope_sin"], grad[id(model.embed.weight)].data_ptr(),
                          grad[id(model.norm.weight)].data_ptr(), grad[id(model.head.weight)].data_ptr(),
                          self._layers)
         self._tensors = [*params, model.rope_cos, model.rope_sin]

@@ -369,7 +369,10 @@ typedef struct {
 
 typedef struct {
     int dim, n_layers, n_heads, n_kv_heads, head_dim, d_ff, vocab, seq_len;
-    int bf16; /* the linear layers' and the head's products in bf16 (a build with fw_build() bit 2) */
+    int bf16;  /* the linear layers' and the head's products in bf16 (a build with fw_build() bit 2) */
+    int seqs_per_pass; /* sequences a thread runs forward and backward at a time (0: its whole share): activations
+                          that stay in the core's cache, against more passes over the weights (changes the order of
+                          the gradients' sums only) */
     float eps;
     const float *embed, *norm, *head, *rope_cos, *rope_sin; /* head == embed when tied */
     float *g_embed, *g_norm, *g_head;                        /* g_head == g_embed when tied */
@@ -472,11 +475,15 @@ static long head16_floats(const Net *m) {
 /* chunks a step of b sequences splits into, one a thread (each takes whole sequences) */
 static int step_threads(int b) { return imin(n_threads(), b); }
 
+/* sequences a thread runs forward and backward at a time, of its share of b */
+static int pass_seqs(const Net *m, int b) { return m->seqs_per_pass > 0 && m->seqs_per_pass < b ? m->seqs_per_pass : b; }
+
+
 /* floats of workspace for a step of b sequences of t tokens with this process' threads: each thread's share,
    and with more than one, each thread's own gradients */
 long fw_train_floats(const Net *m, int b, int t) {
-    const int th = step_threads(b);
-    return head16_floats(m) + th * share_floats(m, (long)((b + th - 1) / th) * t, th);
+    const int th = step_threads(b), per = pass_seqs(m, (b + th - 1) / th);
+    return head16_floats(m) + th * share_floats(m, (long)per * t, th);
 }
 
 void fw_threads(int threads) {
@@ -762,6 +769,16 @@ static double forward_backward(const Net *m, const int64_t *tokens, const int64_
     return loss;
 }
 
+/* b sequences on one thread, forward and backward `per` at a time: their summed loss */
+static double run_passes(const Net *m, const int64_t *tokens, const int64_t *targets, int b, int t, float *work,
+                         float dscale, const uint32_t *head16, int per) {
+    double total = 0.0;
+    for (int b0 = 0; b0 < b; b0 += per)
+        total += forward_backward(m, tokens + (long)b0 * t, targets + (long)b0 * t, imin(per, b - b0), t, work,
+                                  dscale, head16);
+    return total;
+}
+
 /* One micro-step: tokens and targets are b x t; returns the mean loss (nats/token) and adds its gradients, times
    grad_scale, to the gradient buffers. Returns NaN for a token outside the vocabulary or t past the context.
    Threads split the batch by sequences, each with its own workspace and gradients (the models this step is for
@@ -782,8 +799,9 @@ double fw_train_step(const Net *m, const int64_t *tokens, const int64_t *targets
         pack_whole_b16(m->head, m->dim, 0, m->vocab, m->dim, dst);
         work += shared;
     }
-    if (th == 1) return forward_backward(m, tokens, targets, b, t, work, dscale, head16) / (double)n;
-    const long rows = (long)((b + th - 1) / th) * t, share = share_floats(m, rows, th), act = carve(m, rows, 0, 0);
+    const int per = pass_seqs(m, (b + th - 1) / th);
+    if (th == 1) return run_passes(m, tokens, targets, b, t, work, dscale, head16, per) / (double)n;
+    const long rows = (long)per * t, share = share_floats(m, rows, th), act = carve(m, rows, 0, 0);
     Layer caller_layers[m->n_layers];
     Net caller = *m;
     memcpy(caller_layers, m->layers, sizeof(Layer) * m->n_layers);
@@ -809,8 +827,8 @@ double fw_train_step(const Net *m, const int64_t *tokens, const int64_t *targets
             memset(at, 0, sizeof(float) * grad_floats(m));
             for (int k = 0; k < n_slots; k++) *slot[k] = at, at += floats[k];
             if (m->g_head == m->g_embed) own.g_head = own.g_embed;
-            total += forward_backward(&own, tokens + (long)b0 * t, targets + (long)b0 * t, b1 - b0, t, base, dscale,
-                                      head16);
+            total += run_passes(&own, tokens + (long)b0 * t, targets + (long)b0 * t, b1 - b0, t, base, dscale, head16,
+                                per);
         }
 #pragma omp barrier
         /* each thread sums a slice of every buffer over the chunks' copies (laid out in grad_slots' order) */

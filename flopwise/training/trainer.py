@@ -50,6 +50,7 @@ from flopwise.training.native import NativeTrainStep, NativeUpdate
 from flopwise.training.probe import (
     ETA_OVERHEAD,
     CpuShare,
+    c_step_passes,
     choose_compile,
     compile_key,
     compiled_before,
@@ -353,7 +354,8 @@ class _Run:
                 kernel, c_precision = faster_kernel(tuple(sorted(shape.items())), micro, torch.get_num_threads(),
                                                     tc.precision)
                 if kernel == "c":  # the rate to beat is the C step's
-                    self.eager_rate = native_rate(shape, torch.get_num_threads(), micro, c_precision)
+                    self.eager_rate = native_rate(shape, torch.get_num_threads(), micro, c_precision,
+                                                  self._c_passes(c_precision))
                     c_step = self.eager_rate is not None
                     eager = c_precision if c_step else eager
             compiled, precision = choose_compile(
@@ -373,7 +375,8 @@ class _Run:
         small enough to gain); where the step cannot be bound (no compiler on the machine a run resumed on), one
         note and PyTorch eager in the same precision."""
         try:
-            self.c_step = NativeTrainStep(s.model, bf16=self.precision == "bf16")
+            self.c_step = NativeTrainStep(s.model, bf16=self.precision == "bf16",
+                                          seqs_per_pass=self._c_passes(self.precision))
         except NativeUnavailable as e:
             self.log(f"note: {e}; training with PyTorch (slower)")
             self.kernel, self.eager_rate = "torch", None
@@ -382,6 +385,11 @@ class _Run:
             self.c_update = NativeUpdate(list(s.optimizer.optimizers.values()))
         except NativeUnavailable:
             self.c_update = None  # torch's optimizers: as fast or faster for these matrices
+
+    def _c_passes(self, precision: str) -> int:
+        """The C step's sequences a pass, measured (the order of the gradients' sums follows it, not the run)."""
+        return c_step_passes(tuple(sorted(self.mc.shape.to_dict().items())), self.r.micro_batch,
+                             torch.get_num_threads(), precision)
 
     @property
     def _tuning(self) -> bool:
@@ -395,7 +403,7 @@ class _Run:
         peak, so a fixed MFU guess was off by 2x and more)."""
         if self.eager_rate is None and self.kernel == "c":
             self.eager_rate = native_rate(self.mc.shape.to_dict(), torch.get_num_threads(), self.r.micro_batch,
-                                          self.precision)
+                                          self.precision, self._c_passes(self.precision))
         if self.eager_rate is None:
             self.eager_rate = training_rate(self.mc.shape.to_dict(), torch.get_num_threads(), self.r.micro_batch,
                                             precision=precision) * self.world
