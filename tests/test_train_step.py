@@ -234,6 +234,22 @@ def test_the_c_steps_sequences_a_pass_are_measured_once_and_remembered(tmp_path,
     assert probe._registry()["passes"] == {}
 
 
+def test_the_c_steps_rate_is_remembered_for_the_next_process(tmp_path, monkeypatch):
+    """native_rate measures once per machine (a sweep's ETA then reads compiled.json instead of training a few steps
+    of each shape); a remembered rate is not used where the step no longer builds."""
+    monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path))
+    measured = []
+    monkeypatch.setattr(probe, "_measure_rate", lambda *a, **k: measured.append(k["seqs_per_pass"]) or 4e9)
+    monkeypatch.setattr(probe, "_RATES", {})
+    assert probe.native_rate(SHAPES[0], 1, 8, "fp32", 2) == 4e9 and measured == [2]
+    monkeypatch.setattr(probe, "_RATES", {})  # a new process
+    assert probe.native_rate(SHAPES[0], 1, 8, "fp32", 2) == 4e9 and measured == [2]
+    assert probe.native_rate(SHAPES[0], 1, 8, "fp32", 0) == 4e9 and measured == [2, 0]
+    monkeypatch.setattr(probe, "_RATES", {})
+    monkeypatch.setattr(probe, "builds", lambda: False)
+    assert probe.native_rate(SHAPES[0], 1, 8, "fp32", 2) is None
+
+
 def test_the_c_step_is_not_used_for_adapters_or_compile_off(bundled, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "faster_kernel", lambda *a: ("c", "fp32"))
     assert train(_tiny_run(bundled, tmp_path, "off", n_tokens=64 * 8 * 2, compile="off"), quiet=True)["kernel"] == \

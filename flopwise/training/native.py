@@ -94,6 +94,15 @@ def available_memory() -> int:
         return 1 << 62
 
 
+def builds() -> bool:
+    """Whether the C step builds (or loads from the cache) here."""
+    try:
+        library()
+    except NativeUnavailable:
+        return False
+    return True
+
+
 def has_bf16() -> bool:
     """Whether the C step built here multiplies in bf16 (AVX512_BF16)."""
     try:

@@ -28,7 +28,7 @@ from flopwise.model.compiling import can_compile, use_compile_cache
 from flopwise.model.llama import Llama, ModelConfig
 from flopwise.run import require_device
 from flopwise.training.malloc import keep_freed_memory
-from flopwise.training.native import NativeTrainStep, NativeUpdate, has_bf16, source_digest
+from flopwise.training.native import NativeTrainStep, NativeUpdate, builds, has_bf16, source_digest
 
 
 def use_threads(threads: int = 0) -> int:
@@ -203,15 +203,22 @@ def faster_kernel(shape_items: tuple, micro_batch: int, threads: int, precision:
 def native_rate(shape_dict: dict, threads: int | None = None, micro_batch: int = 16,
                 precision: str = "fp32", seqs_per_pass: int = 0) -> float | None:
     """Measured training FLOP/s of the C training step at this shape and precision (None where it does not build
-    here, or has no bf16)."""
+    here, or has no bf16), remembered in compiled.json: a sweep's ETA reads it instead of measuring again."""
     with _threads(threads):
         key = (tuple(sorted(shape_dict.items())), torch.get_num_threads(), micro_batch, "c", precision, seqs_per_pass)
         if key not in _RATES:
-            try:
-                _RATES[key] = _measure_rate(ModelConfig(**shape_dict), micro_batch, 3, precision == "bf16",
-                                            native=True, seqs_per_pass=seqs_per_pass)
-            except (NativeUnavailable, RuntimeError):  # no build here; out of memory for its workspace
-                return None
+            saved = _choice_key(key[0], micro_batch, key[1], "c", precision, seqs_per_pass, source_digest())
+            rate = _registry()["rates"].get(saved)
+            if rate is not None and (precision == "bf16" and not has_bf16() or not builds()):
+                return None  # remembered, but no longer builds here
+            if rate is None:
+                try:
+                    rate = _measure_rate(ModelConfig(**shape_dict), micro_batch, 3, precision == "bf16",
+                                         native=True, seqs_per_pass=seqs_per_pass)
+                except (NativeUnavailable, RuntimeError):  # no build here; out of memory for its workspace
+                    return None
+                _update_registry(lambda reg: reg["rates"].__setitem__(saved, rate))
+            _RATES[key] = rate
         return _RATES[key]
 
 
@@ -404,9 +411,10 @@ def _compiled_path() -> Path:
 
 def _registry() -> dict:
     """compiled.json: {"keys": graphs compiled here before, "rates": measured compiled FLOP/s by key and
-    threads, "precision": the faster eager precision by shape, micro-batch and threads, "kernel": whether the C
-    training step beats PyTorch eager, and in which precision ("torch", "c:fp32", "c:bf16"), likewise, "passes": the
-    C step's sequences a pass (0: all)}; an older file is a list of keys."""
+    threads (and the C step's, by shape, micro-batch, threads, precision, passes and C source), "precision": the
+    faster eager precision by shape, micro-batch and threads, "kernel": whether the C training step beats PyTorch
+    eager, and in which precision ("torch", "c:fp32", "c:bf16"), likewise, "passes": the C step's sequences a pass
+    (0: all)}; an older file is a list of keys."""
     empty = {"keys": [], "rates": {}, "precision": {}, "kernel": {}, "passes": {}}
     try:
         data = json.loads(_compiled_path().read_text())
