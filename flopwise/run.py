@@ -152,8 +152,9 @@ LEGACY_PRECISION_FILE = "precision.txt"  # runs started before compile was chose
 
 
 def read_speed(run_dir: str | Path) -> dict | None:
-    """``{"precision": "bf16" | "fp32", "compile": bool, "kernel": "torch" | "c"}`` chosen at the run's first start
-    (runs from before the C step have no kernel: torch), or None."""
+    """``{"precision": "bf16" | "fp32", "compile": bool, "kernel": "torch" | "c", "passes": int}`` chosen at the run's
+    first start (runs from before the C step have no kernel: torch; "passes", the C step's sequences a pass, 0: all),
+    or None."""
     run_dir = Path(run_dir)
     try:
         speed = json.loads((run_dir / SPEED_FILE).read_text())
@@ -163,16 +164,19 @@ def read_speed(run_dir: str | Path) -> dict | None:
         except OSError:
             return None
     ok = isinstance(speed, dict) and speed.get("precision") in ("bf16", "fp32") and \
-        isinstance(speed.get("compile"), bool) and speed.setdefault("kernel", "torch") in KERNELS
+        isinstance(speed.get("compile"), bool) and speed.setdefault("kernel", "torch") in KERNELS and \
+        type(speed.setdefault("passes", 0)) is int and speed["passes"] >= 0
     return speed if ok else None
 
 
 KERNELS = ("torch", "c")  # who computes a training step: PyTorch (eager or compiled), or the C step (training/step.c)
 
 
-def write_speed(run_dir: str | Path, precision: str, compiled: bool, kernel: str = "torch") -> None:
-    atomic_write_text(Path(run_dir) / SPEED_FILE,
-                      json.dumps({"precision": precision, "compile": compiled, "kernel": kernel}) + "\n")
+def write_speed(run_dir: str | Path, precision: str, compiled: bool, kernel: str = "torch", passes: int = 0) -> None:
+    speed = {"precision": precision, "compile": compiled, "kernel": kernel}
+    if kernel == "c":
+        speed["passes"] = passes
+    atomic_write_text(Path(run_dir) / SPEED_FILE, json.dumps(speed) + "\n")
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, step: int, wall_seconds: float) -> None:

@@ -4,8 +4,9 @@ sweep trains on a CPU.
 ``library()`` builds ``step.c`` through ``flopwise.cbuild`` (cached per source, compiler and CPU; a failure is
 remembered for the process). ``NativeTrainStep`` binds a model's weights and gradient buffers to the C structs
 once; ``step(tokens, targets, scale)`` then adds one micro-batch's gradients (times ``scale``) to the parameters'
-``.grad`` and returns its mean loss, as ``model(tokens, targets).backward()`` would in fp32. The optimizer, the
-checkpoints and the evaluation stay PyTorch's.
+``.grad`` and returns its mean loss, as ``model(tokens, targets).backward()`` would in fp32. ``NativeUpdate`` then
+clips the gradients and steps torch's AdamW and Muon in one call, on their own state tensors, so checkpoints stay
+torch's; the evaluation stays PyTorch's.
 """
 
 from __future__ import annotations
@@ -198,6 +199,22 @@ _LR_RATIO = {None: 1, "original": 1, "match_rms_adamw": 2}  # torch.optim.Muon's
 UPDATE_MAX_ELEMENTS = 1 << 16
 
 
+def _as_c_reads(state: dict, p: torch.Tensor) -> None:
+    """An optimizer state as step.c reads and writes it in place: contiguous fp32 like the parameter on the CPU, and
+    AdamW's step a float32 scalar (a checkpoint may hold a number, an older torch's, or another dtype)."""
+    for name, t in state.items():
+        if name == "step":
+            if not (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu"
+                    and t.numel() == 1):
+                state[name] = torch.tensor(float(t), dtype=torch.float32)
+        elif isinstance(t, torch.Tensor) and (t.dtype != torch.float32 or t.device.type != "cpu"
+                                              or not t.is_contiguous() or t.shape != p.shape):
+            if t.numel() != p.numel():
+                raise FlopwiseError(f"an optimizer state {name} of {tuple(t.shape)} for a parameter of "
+                                    f"{tuple(p.shape)}: the checkpoint belongs to another model")
+            state[name] = t.detach().to("cpu", torch.float32).reshape(p.shape).contiguous()
+
+
 class NativeUpdate:
     """Gradient clipping and the optimizers' step in one C call: the same update as
     ``torch.nn.utils.clip_grad_norm_`` followed by ``step()`` of each of ``optimizers`` (torch.optim.AdamW and
@@ -209,15 +226,14 @@ class NativeUpdate:
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]):
         for o in optimizers:
-            if isinstance(o, torch.optim.AdamW):
-                bad = [k for k in ("amsgrad", "maximize", "capturable", "differentiable") if o.defaults.get(k)]
-            elif hasattr(torch.optim, "Muon") and isinstance(o, torch.optim.Muon):
-                bad = [] if o.defaults.get("adjust_lr_fn") in _LR_RATIO else ["adjust_lr_fn"]
-            else:
+            adamw = isinstance(o, torch.optim.AdamW)
+            if not adamw and not (hasattr(torch.optim, "Muon") and isinstance(o, torch.optim.Muon)):
                 raise NativeUnavailable(f"the C update runs AdamW and Muon, not {type(o).__name__}")
-            if bad:
-                raise NativeUnavailable(f"the C update runs {type(o).__name__} without {', '.join(bad)}")
             for group in o.param_groups:
+                bad = [k for k in ("amsgrad", "maximize", "capturable", "differentiable") if group.get(k)] if adamw \
+                    else [] if group.get("adjust_lr_fn") in _LR_RATIO else ["adjust_lr_fn"]
+                if bad:
+                    raise NativeUnavailable(f"the C update runs {type(o).__name__} without {', '.join(bad)}")
                 for p in group["params"]:
                     if p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous():
                         raise NativeUnavailable("the C update reads contiguous fp32 parameters on the CPU")
@@ -227,11 +243,13 @@ class NativeUpdate:
         self.lib = library()
         self.optimizers = optimizers
         self._work = torch.empty(0)
+        self._states: list[int] = []  # the optimizers' state dicts checked last (load_state_dict makes new ones)
 
     def step(self, clip: float = 0.0) -> float:
         """Clips the gradients to a total norm of ``clip`` (0: not), updates the parameters and zeroes the gradients;
         returns the total gradient norm before clipping."""
         groups, tensors = [], []
+        fresh = [id(o.state) for o in self.optimizers] != self._states
         for o in self.optimizers:
             muon = not isinstance(o, torch.optim.AdamW)
             for group in o.param_groups:
@@ -253,8 +271,10 @@ class NativeUpdate:
                         if muon:
                             state["momentum_buffer"] = torch.zeros_like(p)
                         else:
-                            state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                            state.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(p),
                                          exp_avg_sq=torch.zeros_like(p))
+                    elif fresh:  # loaded from a checkpoint
+                        _as_c_reads(state, p)
                     rows, cols = (p.shape[0], p.shape[1]) if p.dim() == 2 else (1, p.numel())
                     if muon:
                         tensors.append((p.data_ptr(), p.grad.data_ptr(), state["momentum_buffer"].data_ptr(), None,
@@ -263,6 +283,7 @@ class NativeUpdate:
                         tensors.append((p.data_ptr(), p.grad.data_ptr(), state["exp_avg"].data_ptr(),
                                         state["exp_avg_sq"].data_ptr(), state["step"].data_ptr(), rows, cols,
                                         len(groups) - 1))
+        self._states = [id(o.state) for o in self.optimizers]
         tensor_array = (_Tensor * len(tensors))(*tensors)
         group_array = (_Group * len(groups))(*groups)
         self.lib.fw_threads(torch.get_num_threads())

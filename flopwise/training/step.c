@@ -3,13 +3,16 @@
 
    flopwise/model/llama.py is the reference; this file computes the same function and its gradients (the tests hold
    fp32's loss to 1e-6 and its gradients to 1e-4, relative). It exists because the models a sweep trains (d_model
-   16-64, 1-2 layers, context 128, about 1,000 tokens a step) spend most of a PyTorch step in operator dispatch and in writing and re-reading the logits: here
+   16-64, 1-2 layers, context 128, about 1,000 tokens a step) spend most of a PyTorch step in operator dispatch and
+   in writing and re-reading the logits: here
    a step is some twenty matrix products and a few loops, the logits never leave the cache (the head, the loss and
    its gradient run block by block), and nothing is allocated.
 
    Layout: activations are row-major (tokens, features); a linear layer's weight is (out, in), as torch stores it.
    Gradients are added to what the caller's buffers hold (gradient accumulation; a tied head adds to the
-   embedding's). Built by flopwise/training/native.py with -O3 -march=native (OpenMP where there is one). */
+   embedding's). Built by flopwise/training/native.py with -O3 -march=native (OpenMP where there is one).
+
+   The file ends with the optimizer step (fw_update): gradient clipping, AdamW and Muon on torch's own state. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -133,7 +136,7 @@ static inline uint32_t bf16_bits(float x) {
 /* bf16 products (AVX512_BF16's vdpbf16ps: pairs of bf16 multiplied and added into fp32 at twice fp32's rate):
    each operand is rounded to bf16 once per product (to nearest, ties to even) into pairs along k (k even in the
    low half), sums and outputs stay fp32 (bf16 autocast also rounds the outputs). */
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define HAVE_BF16 1
 
@@ -237,8 +240,8 @@ TILE16(tile16_narrow, MR_NARROW, 1)
 
 /* C (m x n) = op(A) op(B), or += with accum; op(A) is m x k: ta ? A[k lda + i] : A[i lda + k]; op(B) is k x n, as
    pack_b reads it. sc->b: one packed panel (KC x 32 floats), or with lowp all of them ((KC / 2) x round_up(n, 32)
-   pairs); with lowp, the product in bf16 where the build has it,
-   sc->a holding m x KC / 2 pairs. */
+   pairs); with lowp, the product in bf16 where the build has it, sc->a holding m x KC / 2 pairs, and op(B) read
+   from packed where given (pack_whole_b16's layout; sc->b is then unused). */
 static void gemm_with(int m, int n, int k, const float *a, long lda, int ta, const float *b, long ldb, int tb,
                       float *c, long ldc, int accum, const Scratch *sc, int lowp, const uint32_t *packed) {
     if (m <= 0 || n <= 0) return;
@@ -479,8 +482,8 @@ static int step_threads(int b) { return imin(n_threads(), b); }
 static int pass_seqs(const Net *m, int b) { return m->seqs_per_pass > 0 && m->seqs_per_pass < b ? m->seqs_per_pass : b; }
 
 
-/* floats of workspace for a step of b sequences of t tokens with this process' threads: each thread's share,
-   and with more than one, each thread's own gradients */
+/* floats of workspace for a step of b sequences of t tokens with this process' threads: the packed head (bf16),
+   then each thread's share, and with more than one, each thread's own gradients */
 long fw_train_floats(const Net *m, int b, int t) {
     const int th = step_threads(b), per = pass_seqs(m, (b + th - 1) / th);
     return head16_floats(m) + th * share_floats(m, (long)per * t, th);
@@ -857,7 +860,7 @@ double fw_train_step(const Net *m, const int64_t *tokens, const int64_t *targets
 typedef struct {
     int muon;                /* 0: AdamW; 1: Muon */
     int nesterov, ns_steps;  /* Muon */
-    int lr_ratio;            /* Muon's learning-rate adjustment: 0 none, 1 sqrt(max(1, rows / cols)), 2 0.2 sqrt(max) */
+    int lr_ratio;            /* Muon's learning-rate adjustment: 1 sqrt(max(1, rows / cols)), 2 0.2 sqrt(max) */
     double lr, weight_decay; /* this step's */
     double beta1, beta2, eps;                     /* AdamW */
     double momentum, ns_a, ns_b, ns_c, ns_eps;    /* Muon */
@@ -888,17 +891,17 @@ static inline float lerp(float start, float end, float w) {
 static void adamw(const Tensor *t, const Group *g) {
     const float step = *t->step += 1.0f;
     const double c1 = 1.0 - pow(g->beta1, step), c2_sqrt = sqrt(1.0 - pow(g->beta2, step));
-    const float decay = (float)(1.0 - g->lr * g->weight_decay), b1 = (float)g->beta1, b2 = (float)g->beta2;
+    const float decay = (float)(1.0 - g->lr * g->weight_decay), b2 = (float)g->beta2;
     const float w1 = (float)(1.0 - g->beta1), w2 = (float)(1.0 - g->beta2), eps = (float)g->eps;
     const float step_size = (float)(g->lr / c1), c2s = (float)c2_sqrt;
     const long n = t->rows * t->cols;
     float *p = t->param, *m = t->avg, *v = t->avg_sq, *gr = t->grad;
 #pragma omp simd
-    for (long i = 0; i < n; i++) {
+    for (long i = 0; i < n; i++) { /* the first moment as a lerp, the second (w2 x) x, as torch's fused kernel */
         const float x = gr[i], pi = p[i] * decay;
         gr[i] = 0.0f;
-        m[i] = m[i] * b1 + x * w1;
-        v[i] = v[i] * b2 + x * x * w2;
+        m[i] += w1 * (x - m[i]);
+        v[i] = v[i] * b2 + w2 * x * x;
         p[i] = pi - step_size * m[i] / (sqrtf(v[i]) / c2s + eps);
     }
 }
@@ -963,7 +966,7 @@ static void muon(const Tensor *t, const Group *g, float *work) {
         memcpy(x, upd, sizeof(float) * n);
     const float *o = newton_schulz(r, c, x, y, gram, poly, tmp, g, &scratch);
     const double big = rows > cols ? rows : cols;
-    const double ratio = g->lr_ratio == 2 ? 0.2 * sqrt(big) : g->lr_ratio == 1 ? sqrt(fmax(1.0, (double)rows / cols)) : 1.0;
+    const double ratio = g->lr_ratio == 2 ? 0.2 * sqrt(big) : sqrt(fmax(1.0, (double)rows / cols));
     const float decay = (float)(1.0 - g->lr * g->weight_decay), step = (float)-(g->lr * ratio);
     float *p = t->param;
     for (long i = 0; i < n; i++) p[i] *= decay; /* rounded on its own, as torch's two operations round */

@@ -234,6 +234,7 @@ class _Run:
         self.cpu = CpuShare(fixed or torch.get_num_threads(), adapt=not fixed and self.device.type == "cpu")
         self.eager_rate: float | None = None  # measured training FLOP/s uncompiled (CPU): PyTorch's, or the C step's
         self.kernel = "torch"  # until chosen: _eager_rate reads it while _speed measures
+        self.passes = 0  # the C step's sequences a pass (measured with the kernel, kept in speed.json)
         self.precision, self.compiled, self.kernel = self._speed()
         self.c_step: NativeTrainStep | None = None  # bound to the model in train()
         self.c_update: NativeUpdate | None = None  # with the C step: clipping and the optimizers' step
@@ -326,10 +327,12 @@ class _Run:
             precision = chosen["precision"] if tc.precision == "auto" else tc.precision
             compiled = chosen["compile"] if tc.compile == "auto" else tc.compile == "on"
             kernel = chosen["kernel"] if self._c_step_allowed else "torch"
+            self.passes = chosen["passes"] if kernel == "c" else 0  # the same order of sums as before
         else:
             precision, compiled, kernel = self._choose_speed()
-        if self.rank == 0 and own != {"precision": precision, "compile": compiled, "kernel": kernel}:
-            write_speed(self.run_dir, precision, compiled, kernel)
+        if self.rank == 0 and own != {"precision": precision, "compile": compiled, "kernel": kernel,
+                                      "passes": self.passes}:
+            write_speed(self.run_dir, precision, compiled, kernel, self.passes)
         return precision, compiled, kernel
 
     @property
@@ -354,8 +357,9 @@ class _Run:
                 kernel, c_precision = faster_kernel(tuple(sorted(shape.items())), micro, torch.get_num_threads(),
                                                     tc.precision)
                 if kernel == "c":  # the rate to beat is the C step's
-                    self.eager_rate = native_rate(shape, torch.get_num_threads(), micro, c_precision,
-                                                  self._c_passes(c_precision))
+                    self.passes = c_step_passes(tuple(sorted(shape.items())), micro, torch.get_num_threads(),
+                                                c_precision)
+                    self.eager_rate = native_rate(shape, torch.get_num_threads(), micro, c_precision, self.passes)
                     c_step = self.eager_rate is not None
                     eager = c_precision if c_step else eager
             compiled, precision = choose_compile(
@@ -364,10 +368,12 @@ class _Run:
                 eager_precision=eager, tuning=self._tuning, lora_rank=tc.lora_rank,
                 eager_rate=lambda: self._eager_rate(eager))
         except RuntimeError:  # e.g. out of memory while measuring: the run says so, clearly, in its first step
-            self.eager_rate = None
+            self.eager_rate, self.passes = None, 0
             return precision, tc.compile == "on", "torch"
         if compiled or (not c_step and precision != eager):
             self.eager_rate = None  # measured for another way of training
+        if compiled or not c_step:
+            self.passes = 0
         return precision, compiled, "c" if c_step and not compiled else "torch"
 
     def _bind_c_step(self, s: _State) -> None:
@@ -375,8 +381,7 @@ class _Run:
         small enough to gain); where the step cannot be bound (no compiler on the machine a run resumed on), one
         note and PyTorch eager in the same precision."""
         try:
-            self.c_step = NativeTrainStep(s.model, bf16=self.precision == "bf16",
-                                          seqs_per_pass=self._c_passes(self.precision))
+            self.c_step = NativeTrainStep(s.model, bf16=self.precision == "bf16", seqs_per_pass=self.passes)
         except NativeUnavailable as e:
             self.log(f"note: {e}; training with PyTorch (slower)")
             self.kernel, self.eager_rate = "torch", None
@@ -384,12 +389,7 @@ class _Run:
         try:
             self.c_update = NativeUpdate(list(s.optimizer.optimizers.values()))
         except NativeUnavailable:
-            self.c_update = None  # torch's optimizers: as fast or faster for these matrices
-
-    def _c_passes(self, precision: str) -> int:
-        """The C step's sequences a pass, measured (the order of the gradients' sums follows it, not the run)."""
-        return c_step_passes(tuple(sorted(self.mc.shape.to_dict().items())), self.r.micro_batch,
-                             torch.get_num_threads(), precision)
+            self.c_update = None  # torch's optimizers: larger matrices (as fast there) or options it does not run
 
     @property
     def _tuning(self) -> bool:
@@ -403,7 +403,7 @@ class _Run:
         peak, so a fixed MFU guess was off by 2x and more)."""
         if self.eager_rate is None and self.kernel == "c":
             self.eager_rate = native_rate(self.mc.shape.to_dict(), torch.get_num_threads(), self.r.micro_batch,
-                                          self.precision, self._c_passes(self.precision))
+                                          self.precision, self.passes)
         if self.eager_rate is None:
             self.eager_rate = training_rate(self.mc.shape.to_dict(), torch.get_num_threads(), self.r.micro_batch,
                                             precision=precision) * self.world
