@@ -290,7 +290,7 @@ def test_compile_option_values_and_legacy_runs(bundled, tmp_path):
     assert not choose_compile("off", cpu, shape, 4, lambda: 1e6, precision="fp32", eager_precision="fp32")[0]
     # a run started before speed.json: its precision.txt still decides, eager
     (tmp_path / "precision.txt").write_text("bf16\n")
-    assert read_speed(tmp_path) == {"precision": "bf16", "compile": False, "kernel": "torch"}
+    assert read_speed(tmp_path) == {"precision": "bf16", "compile": False, "kernel": "torch", "passes": 0}
 
 
 def test_auto_compiles_where_the_measured_compiled_rate_repays_the_compile(monkeypatch, tmp_path):
