@@ -233,8 +233,8 @@ PASS_MARGIN = 1.03
 def c_step_passes(shape_items: tuple, micro_batch: int, threads: int, precision: str) -> int:
     """Sequences each thread of the C step runs forward and backward at a time (``NativeTrainStep``'s
     ``seqs_per_pass``): those of ``PASS_TOKENS`` tokens where that measured 3% faster than the thread's whole
-    share, else 0 (the whole share); measured once per shape, micro-batch, thread count, precision, CPU, version and C
-    source, and remembered in compiled.json."""
+    share (``_pass_seconds``), else 0 (the whole share); measured once per shape, micro-batch, thread count,
+    precision, CPU, version and C source, and remembered in compiled.json."""
     shape = dict(shape_items)
     per = max(1, PASS_TOKENS // shape["seq_len"])
     if per >= -(-micro_batch // threads):  # a thread's share is no larger
@@ -242,12 +242,35 @@ def c_step_passes(shape_items: tuple, micro_batch: int, threads: int, precision:
     key = _choice_key(shape_items, micro_batch, threads, precision, source_digest())
     known = _registry()["passes"].get(key)
     if known is None:
-        rates = {n: native_rate(shape, threads, micro_batch, precision, n) for n in (0, per)}
-        if None in rates.values():
+        seconds = _pass_seconds(shape, threads, micro_batch, precision, per)
+        if seconds is None:
             return 0
-        faster = per if rates[per] > PASS_MARGIN * rates[0] else 0  # a few steps' noise does not flip it
+        faster = per if seconds[0] > PASS_MARGIN * seconds[1] else 0  # a few steps' noise does not flip it
         known = _update_registry(lambda reg: reg["passes"].setdefault(key, faster))
     return known
+
+
+def _pass_seconds(shape: dict, threads: int, micro_batch: int, precision: str, per: int,
+                  repeats: int = 5) -> tuple[float, float] | None:
+    """Seconds of a C step in one pass and in passes of ``per`` sequences: the two timed in turn (the machine's
+    drift falls on both), the best of ``repeats`` each; None where the step does not build or fit."""
+    with _threads(threads):
+        keep_freed_memory()
+        mc = ModelConfig(**shape)
+        x = torch.randint(0, mc.vocab_size, (micro_batch, mc.seq_len))
+        try:
+            steps = [NativeTrainStep(Llama(mc), precision == "bf16", n) for n in (0, per)]
+            for step in steps:
+                step.step(x, x)  # warm-up: the workspace, page faults
+            best = [float("inf")] * 2
+            for _ in range(repeats):
+                for i, step in enumerate(steps):
+                    t0 = time.perf_counter()
+                    step.step(x, x)
+                    best[i] = min(best[i], time.perf_counter() - t0)
+        except (NativeUnavailable, RuntimeError):  # no build here; out of memory for its workspace
+            return None
+    return best[0], best[1]
 
 
 def run_rate(shape_dict: dict, threads: int | None = None, micro_batch: int = 16) -> float:
