@@ -327,9 +327,11 @@ class _Run:
             precision = chosen["precision"] if tc.precision == "auto" else tc.precision
             compiled = chosen["compile"] if tc.compile == "auto" else tc.compile == "on"
             kernel = chosen["kernel"] if self._c_step_allowed else "torch"
-            self.passes = chosen["passes"] if kernel == "c" else 0  # the same order of sums as before
+            self.passes = chosen["passes"]  # the same order of sums as before
         else:
             precision, compiled, kernel = self._choose_speed()
+        if kernel != "c":
+            self.passes = 0
         if self.rank == 0 and own != {"precision": precision, "compile": compiled, "kernel": kernel,
                                       "passes": self.passes}:
             write_speed(self.run_dir, precision, compiled, kernel, self.passes)
@@ -368,12 +370,10 @@ class _Run:
                 eager_precision=eager, tuning=self._tuning, lora_rank=tc.lora_rank,
                 eager_rate=lambda: self._eager_rate(eager))
         except RuntimeError:  # e.g. out of memory while measuring: the run says so, clearly, in its first step
-            self.eager_rate, self.passes = None, 0
+            self.eager_rate = None
             return precision, tc.compile == "on", "torch"
         if compiled or (not c_step and precision != eager):
             self.eager_rate = None  # measured for another way of training
-        if compiled or not c_step:
-            self.passes = 0
         return precision, compiled, "c" if c_step and not compiled else "torch"
 
     def _bind_c_step(self, s: _State) -> None:
