@@ -363,6 +363,97 @@ static inline float sigmoid(float x) {
     return x < 0.0f ? e * r : r;
 }
 
+/* ---- softmax rows: max, exponentials and their sum, scaling. A row is often short and of any length (an attention
+   row has i + 1 scores), where a compiler's vector loop with a scalar remainder and a reduction per loop costs more
+   than the exponentials: with AVX-512 a row runs in whole vectors, masked at its end ---- */
+#ifdef __AVX512F__
+#include <immintrin.h>
+static inline __mmask16 lanes(int n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
+
+static inline __m512 exp16(__m512 x) { /* exp_neg, 16 at a time */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23)));
+}
+
+static inline float row_max(const float *x, int n) {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int j = 0; j < n; j += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, lanes(n - j), x + j));
+    return _mm512_reduce_max_ps(m);
+}
+
+/* x = exp(x scale - shift), in place; returns their sum */
+static inline float row_exp(float *x, int n, float scale, float shift) {
+    const __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(shift);
+    __m512 sum = _mm512_setzero_ps();
+    for (int j = 0; j < n; j += 16) {
+        const __mmask16 k = lanes(n - j);
+        const __m512 e = exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, x + j), vs, vm));
+        _mm512_mask_storeu_ps(x + j, k, e);
+        sum = _mm512_mask_add_ps(sum, k, sum, e);
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
+static inline void row_scale(float *x, int n, float c) {
+    const __m512 vc = _mm512_set1_ps(c);
+    for (int j = 0; j < n; j += 16) {
+        const __mmask16 k = lanes(n - j);
+        _mm512_mask_storeu_ps(x + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + j), vc));
+    }
+}
+
+/* attention's backward, one row: p = exp(p scale - lse), ds = p (ds - dd) scale */
+static inline void row_softmax_back(float *p, float *ds, int n, float scale, float lse, float dd) {
+    const __m512 vs = _mm512_set1_ps(scale), vl = _mm512_set1_ps(lse), vd = _mm512_set1_ps(dd);
+    for (int j = 0; j < n; j += 16) {
+        const __mmask16 k = lanes(n - j);
+        const __m512 e = exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, p + j), vs, vl));
+        _mm512_mask_storeu_ps(p + j, k, e);
+        _mm512_mask_storeu_ps(ds + j, k, _mm512_mul_ps(_mm512_mul_ps(e, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, ds + j), vd)), vs));
+    }
+}
+#else
+static inline float row_max(const float *x, int n) {
+    float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+    for (int j = 0; j < n; j++) m = x[j] > m ? x[j] : m;
+    return m;
+}
+
+static inline float row_exp(float *x, int n, float scale, float shift) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < n; j++) {
+        x[j] = exp_neg(x[j] * scale - shift);
+        sum += x[j];
+    }
+    return sum;
+}
+
+static inline void row_scale(float *x, int n, float c) {
+#pragma omp simd
+    for (int j = 0; j < n; j++) x[j] *= c;
+}
+
+static inline void row_softmax_back(float *p, float *ds, int n, float scale, float lse, float dd) {
+#pragma omp simd
+    for (int j = 0; j < n; j++) {
+        p[j] = exp_neg(p[j] * scale - lse);
+        ds[j] = p[j] * (ds[j] - dd) * scale;
+    }
+}
+#endif
+
 /* ---- the model ---- */
 
 typedef struct {
@@ -602,17 +693,9 @@ static void attention(const Net *m, int b, int t, const Work *w, int l, float *o
             if (hh % (h / hk) == 0) transpose(t, hd, k + row0 * kvd + g * hd, kvd, w->kt); /* once a group */
             causal_ab(t, hd, q + row0 * d + hh * hd, d, w->kt, s, bp);
             for (int i = 0; i < t; i++) {
-                float *si = s + (long)i * t, mx = -INFINITY, sum = 0.0f;
-#pragma omp simd reduction(max : mx)
-                for (int j = 0; j <= i; j++) mx = si[j] * scale > mx ? si[j] * scale : mx;
-#pragma omp simd reduction(+ : sum)
-                for (int j = 0; j <= i; j++) {
-                    si[j] = exp_neg(si[j] * scale - mx);
-                    sum += si[j];
-                }
-                const float inv = 1.0f / sum;
-#pragma omp simd
-                for (int j = 0; j <= i; j++) si[j] *= inv;
+                float *si = s + (long)i * t;
+                const float mx = row_max(si, i + 1) * scale, sum = row_exp(si, i + 1, scale, mx);
+                row_scale(si, i + 1, 1.0f / sum);
                 for (int j = i + 1; j < imin(t, (i / CB + 1) * CB); j++) si[j] = 0.0f; /* read by the block */
                 lse_out[(row0 + i) * h + hh] = mx + logf(sum);
             }
@@ -647,12 +730,9 @@ static void attention_back(const Net *m, int b, int t, const Work *w, int l) {
                 float *pi = p + (long)i * t, *di = ds + (long)i * t;
                 const float li = lse[(row0 + i) * h + hh];
                 float dd = 0.0f;
+#pragma omp simd reduction(+ : dd)
                 for (int e = 0; e < hd; e++) dd += dy[(long)i * d + e] * yh[(long)i * d + e];
-#pragma omp simd
-                for (int j = 0; j <= i; j++) {
-                    pi[j] = exp_neg(pi[j] * scale - li);
-                    di[j] = pi[j] * (di[j] - dd) * scale;
-                }
+                row_softmax_back(pi, di, i + 1, scale, li, dd);
                 for (int j = i + 1; j < imin(t, (i / CB + 1) * CB); j++) pi[j] = di[j] = 0.0f; /* read by the block */
             }
             causal_sb(t, hd, ds, kh, kvd, w->dq + row0 * d + hh * hd, d, bp);     /* dQ = dS K */
@@ -676,20 +756,11 @@ static double head_loss(const Net *m, int n, const int64_t *targets, const Work 
         gemm_with(r, vcb, d, w->hf + (long)i0 * d, d, 0, m->head, d, 1, z, vcb, 0, bp, m->bf16, head16);
         double part = 0.0;
         for (int i = 0; i < r; i++) {
-            float *zi = z + (long)i * vcb, mx = -INFINITY, sum = 0.0f;
+            float *zi = z + (long)i * vcb;
             const int64_t ti = targets[i0 + i];
-#pragma omp simd reduction(max : mx)
-            for (int j = 0; j < vcb; j++) mx = zi[j] > mx ? zi[j] : mx;
-            const float zt = zi[ti] - mx;
-#pragma omp simd reduction(+ : sum)
-            for (int j = 0; j < vcb; j++) {
-                zi[j] = exp_neg(zi[j] - mx);
-                sum += zi[j];
-            }
+            const float mx = row_max(zi, vcb), zt = zi[ti] - mx, sum = row_exp(zi, vcb, 1.0f, mx);
             part += logf(sum) - zt;
-            const float c = scale / sum;
-#pragma omp simd
-            for (int j = 0; j < vcb; j++) zi[j] *= c;
+            row_scale(zi, vcb, scale / sum);
             zi[ti] -= scale;
         }
         total += part;
