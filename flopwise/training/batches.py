@@ -45,11 +45,13 @@ class Shuffle:
     def items(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(item index, epoch offset) of each sequence of the global batch of ``step``."""
         if step != self._step:
-            idx = np.empty(self.global_batch, dtype=np.int64)
-            off = np.empty(self.global_batch, dtype=np.int64)
-            for j, i in enumerate(range(step * self.global_batch, (step + 1) * self.global_batch)):
-                perm, offset = self._order(i // self.n)
-                idx[j], off[j] = perm[i % self.n], offset
+            i = np.arange(step * self.global_batch, (step + 1) * self.global_batch, dtype=np.int64)
+            idx, off = np.empty_like(i), np.empty_like(i)
+            epochs = i // self.n
+            for epoch in range(int(epochs[0]), int(epochs[-1]) + 1):  # a step spans one epoch, or a few
+                at = epochs == epoch
+                perm, offset = self._order(epoch)
+                idx[at], off[at] = perm[i[at] % self.n], offset
             self._step, self._items = step, (idx, off)
         return self._items
 
@@ -58,7 +60,8 @@ class Batches:
     """Non-overlapping windows of seq_len + 1 tokens of a token memmap, shifted by a per-epoch offset."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int = 0):
-        self.tokens, self.seq_len = tokens, seq_len
+        # a plain array over the same memory: np.memmap's indexing adds its own overhead to every gather
+        self.tokens, self.seq_len = tokens.view(np.ndarray), seq_len
         self.n_windows = (len(tokens) - 1 - seq_len) // seq_len
         if self.n_windows < 1:
             raise FlopwiseError(f"the corpus has {len(tokens)} training tokens, fewer than two context windows of "

@@ -467,10 +467,13 @@ class _Run:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         lo = self.rank * r.micro_batch * r.grad_accum
         loss_sum = 0.0
+        # this process' sequences of the step in one gather, sliced into micro-batches (contiguous rows: the C step
+        # reads them where they lie); the Python between two C steps runs from a cache the step has emptied
+        share = self.data.batches.get(step, lo, lo + r.micro_batch * r.grad_accum, self.device)
         try:
             for micro in range(r.grad_accum):
-                a = lo + micro * r.micro_batch
-                x, y, *mask = self.data.batches.get(step, a, a + r.micro_batch, self.device)  # mask: tuning
+                a = micro * r.micro_batch
+                x, y, *mask = (part[a:a + r.micro_batch] for part in share)  # mask: tuning
                 if self.c_step is not None:  # the C step adds its gradients to .grad itself
                     loss_sum += self.c_step.step(x, y, 1.0 / r.grad_accum) / r.grad_accum
                     continue
