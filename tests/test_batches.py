@@ -26,8 +26,9 @@ def test_a_step_takes_its_items_in_order_across_epoch_boundaries():
             assert (idx.tolist(), off.tolist()) == _items_one_by_one(n, batch, 4, offsets, step)
 
 
-def test_a_step_is_one_gather_of_whole_windows():
-    tokens = np.arange(1000, dtype=np.uint16)
+def test_a_step_is_one_gather_of_whole_windows(tmp_path):
+    np.arange(1000, dtype=np.uint16).tofile(tmp_path / "tokens.bin")
+    tokens = np.memmap(tmp_path / "tokens.bin", dtype=np.uint16, mode="r")  # as the trainer opens a corpus
     batches = Batches(tokens, seq_len=8, global_batch=6, seed=1)
     x, y = batches.get(5, 0, 6)
     starts = batches.starts(5)

@@ -2,6 +2,7 @@
 build and thread count; chosen by measurement, remembered, and left cleanly where it cannot be built."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -420,6 +421,51 @@ def test_the_c_updates_state_is_torchs_own(tmp_path):
         results.append([p.detach().clone() for p in m.parameters()])
     for a, b in zip(*results, strict=True):
         assert torch.allclose(a, b, rtol=0, atol=4e-7 * float(b.abs().max()))
+
+
+def test_the_c_update_follows_a_state_loaded_under_it(tmp_path):
+    """An update bound once follows its optimizers' state when load_state_dict replaces it (twice: a state dict
+    freed and another made may share an address), as a fresh update from the same checkpoint does."""
+    shape = SHAPES[0]
+    model = _model(shape)
+    opts = _optimizers(model)
+    update = native.NativeUpdate(list(opts.optimizers.values()))
+    for step in range(2):
+        for p, g in zip(model.parameters(), _random_grads(model, step), strict=True):
+            p.grad = g
+        update.step()
+    torch.save({"model": model.state_dict(), "opt": opts.state_dict()}, tmp_path / "ckpt.pt")
+    update.step()  # a step the checkpoint does not hold, undone by the loads below
+    results = []
+    for same in (True, False):
+        ckpt = torch.load(tmp_path / "ckpt.pt")
+        if same:
+            m, o = model, opts
+        else:
+            m = _model(shape)
+            o = _optimizers(m)
+        m.load_state_dict(ckpt["model"])
+        for _ in range(2 if same else 1):
+            o.load_state_dict(torch.load(tmp_path / "ckpt.pt")["opt"])
+        for p, g in zip(m.parameters(), _random_grads(m, 2), strict=True):
+            p.grad = g
+        (update if same else native.NativeUpdate(list(o.optimizers.values()))).step()
+        results.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_nan_logit_makes_the_loss_nan_in_every_build(monkeypatch):
+    """A diverged model's NaN reaches the loss, through the vector softmax as through the portable one."""
+    model = _model(SHAPES[1])
+    with torch.no_grad():
+        model.head.weight[3] = float("nan")
+    x = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(1))
+    builds = [native.library(flags) for flags in ((), ("-mno-avx512f",))]
+    for flags, lib in zip(((), ("-mno-avx512f",)), builds, strict=True):
+        monkeypatch.setattr(native, "library", lambda lib=lib: lib)
+        model.zero_grad(set_to_none=True)
+        assert math.isnan(NativeTrainStep(model).step(x, x)), flags
 
 
 def test_the_c_update_runs_muons_other_options():

@@ -370,8 +370,8 @@ static inline float sigmoid(float x) {
 #include <immintrin.h>
 static inline __mmask16 lanes(int n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
 
-static inline __m512 exp16(__m512 x) { /* exp_neg, 16 at a time */
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+static inline __m512 exp16(__m512 x) { /* exp_neg, 16 at a time (a NaN stays one: max returns its second operand) */
+    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
@@ -385,9 +385,11 @@ static inline __m512 exp16(__m512 x) { /* exp_neg, 16 at a time */
     return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23)));
 }
 
+/* the largest of x[0..n) that is not NaN (as the portable loop's comparison skips NaN; row_exp then makes the sum
+   NaN) */
 static inline float row_max(const float *x, int n) {
     __m512 m = _mm512_set1_ps(-INFINITY);
-    for (int j = 0; j < n; j += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, lanes(n - j), x + j));
+    for (int j = 0; j < n; j += 16) m = _mm512_max_ps(_mm512_mask_loadu_ps(m, lanes(n - j), x + j), m);
     return _mm512_reduce_max_ps(m);
 }
 

@@ -469,8 +469,8 @@ class _Run:
         loss_sum = 0.0
         # this process' sequences of the step in one gather, sliced into micro-batches (contiguous rows: the C step
         # reads them where they lie); the Python between two C steps runs from a cache the step has emptied
-        share = self.data.batches.get(step, lo, lo + r.micro_batch * r.grad_accum, self.device)
         try:
+            share = self.data.batches.get(step, lo, lo + r.micro_batch * r.grad_accum, self.device)
             for micro in range(r.grad_accum):
                 a = micro * r.micro_batch
                 x, y, *mask = (part[a:a + r.micro_batch] for part in share)  # mask: tuning
