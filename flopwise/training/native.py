@@ -154,6 +154,7 @@ class NativeTrainStep:
         self._tensors = [*params, model.rope_cos, model.rope_sin]
         self._pointers = [t.data_ptr() for t in self._tensors]
         self._work = torch.empty(0)
+        self._sized = (0, 0, 0)  # (sequences, tokens, threads) the workspace was last sized for
 
     def step(self, tokens: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> float:
         """Adds d(mean loss)/d(weights) x ``scale`` to each parameter's ``.grad``; returns the mean loss (nats)."""
@@ -163,6 +164,8 @@ class NativeTrainStep:
             raise FlopwiseError(f"tokens {tuple(tokens.shape)} and targets {tuple(targets.shape)}: the C training "
                                 "step takes two equal (batch, tokens) arrays")
         for p, g in self.grads:
+            if p.grad is g:  # bound (the C update zeroes it in place)
+                continue
             if p.grad is None:
                 p.grad = g.zero_()
             elif p.grad.data_ptr() != g.data_ptr():  # someone replaced .grad: carry it into the bound buffer
@@ -174,13 +177,16 @@ class NativeTrainStep:
         tokens = tokens.to(torch.int64).contiguous()
         targets = targets.to(torch.int64).contiguous()
         b, t = tokens.shape
-        self.lib.fw_threads(torch.get_num_threads())
-        need = self.lib.fw_train_floats(ctypes.byref(self._net), b, t) + 16
-        if self._work.numel() < need:
-            if need * 4 > available_memory() // 2:  # torch.empty would succeed (overcommit) and the step be killed
-                raise RuntimeError(f"can't allocate memory: the C training step's workspace for {b} x {t} tokens "
-                                   f"({need * 4 / 2**30:.1f} GiB) exceeds half the available memory")
-            self._work = torch.empty(need)
+        threads = torch.get_num_threads()
+        self.lib.fw_threads(threads)
+        if (b, t, threads) != self._sized:  # the workspace's size follows the step's shape and threads
+            need = self.lib.fw_train_floats(ctypes.byref(self._net), b, t) + 16
+            if self._work.numel() < need:
+                if need * 4 > available_memory() // 2:  # torch.empty would succeed (overcommit), the step be killed
+                    raise RuntimeError(f"can't allocate memory: the C training step's workspace for {b} x {t} tokens "
+                                       f"({need * 4 / 2**30:.1f} GiB) exceeds half the available memory")
+                self._work = torch.empty(need)
+            self._sized = (b, t, threads)
         work = self._work.data_ptr()
         work += -work % 64  # each thread's share starts on a cache line
         loss = self.lib.fw_train_step(ctypes.byref(self._net), tokens.data_ptr(), targets.data_ptr(), b, t, work,
