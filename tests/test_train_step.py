@@ -393,22 +393,27 @@ def test_the_c_update_steps_as_torchs_clipping_adamw_and_muon(clip):
                                       atol=1e-6 * float(t.abs().max())), name
 
 
-def test_the_c_updates_state_is_torchs_own(tmp_path):
-    """The state the C update leaves is torch's own: saved after two C steps and loaded into fresh optimizers, a third
-    step under torch matches a third C step from the same checkpoint."""
-    shape = SHAPES[0]
-    model = _model(shape)
+def _two_c_steps_saved(path, clip: float):
+    """A model, its optimizers and their C update after two steps of random gradients, saved to ``path``."""
+    model = _model(SHAPES[0])
     opts = _optimizers(model)
     update = native.NativeUpdate(list(opts.optimizers.values()))
     for step in range(2):
         for p, g in zip(model.parameters(), _random_grads(model, step), strict=True):
             p.grad = g
-        update.step(1.0)
-    torch.save({"model": model.state_dict(), "opt": opts.state_dict()}, tmp_path / "ckpt.pt")
+        update.step(clip)
+    torch.save({"model": model.state_dict(), "opt": opts.state_dict()}, path)
+    return model, opts, update
+
+
+def test_the_c_updates_state_is_torchs_own(tmp_path):
+    """The state the C update leaves is torch's own: saved after two C steps and loaded into fresh optimizers, a third
+    step under torch matches a third C step from the same checkpoint."""
+    _two_c_steps_saved(tmp_path / "ckpt.pt", 1.0)
     results = []
     for use_c in (True, False):
         ckpt = torch.load(tmp_path / "ckpt.pt")  # each its own: optimizers update the loaded state in place
-        m = _model(shape)
+        m = _model(SHAPES[0])
         m.load_state_dict(ckpt["model"])
         o = _optimizers(m)
         o.load_state_dict(ckpt["opt"])
@@ -426,15 +431,7 @@ def test_the_c_updates_state_is_torchs_own(tmp_path):
 def test_the_c_update_follows_a_state_loaded_under_it(tmp_path):
     """An update bound once follows its optimizers' state when load_state_dict replaces it (twice: a state dict
     freed and another made may share an address), as a fresh update from the same checkpoint does."""
-    shape = SHAPES[0]
-    model = _model(shape)
-    opts = _optimizers(model)
-    update = native.NativeUpdate(list(opts.optimizers.values()))
-    for step in range(2):
-        for p, g in zip(model.parameters(), _random_grads(model, step), strict=True):
-            p.grad = g
-        update.step()
-    torch.save({"model": model.state_dict(), "opt": opts.state_dict()}, tmp_path / "ckpt.pt")
+    model, opts, update = _two_c_steps_saved(tmp_path / "ckpt.pt", 0.0)
     update.step()  # a step the checkpoint does not hold, undone by the loads below
     results = []
     for same in (True, False):
@@ -442,7 +439,7 @@ def test_the_c_update_follows_a_state_loaded_under_it(tmp_path):
         if same:
             m, o = model, opts
         else:
-            m = _model(shape)
+            m = _model(SHAPES[0])
             o = _optimizers(m)
         m.load_state_dict(ckpt["model"])
         for _ in range(2 if same else 1):
