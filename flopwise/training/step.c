@@ -992,7 +992,8 @@ static long muon_floats(long rows, long cols) {
    are bf16, its sum fp32, its result rounded to bf16 */
 static float *newton_schulz(int r, int c, float *x, float *y, float *gram, float *poly, float *tmp, const Group *g,
                             const Scratch *sc) {
-    double sq = 0.0;
+    double sq = 0.0; /* in lanes: one chain of dependent adds cost 4 cycles an element (its bf16 rounding hides the order) */
+#pragma omp simd reduction(+ : sq)
     for (long i = 0; i < (long)r * c; i++) {
         x[i] = to_bf16(x[i]);
         sq += (double)x[i] * x[i];
