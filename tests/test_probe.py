@@ -80,7 +80,7 @@ def test_threads_option_and_environment(monkeypatch):
 def test_auto_precision_is_the_faster_one_measured_per_shape(monkeypatch, tmp_path):
     import torch
 
-    from flopwise.training import probe
+    from flopwise.training import probe, registry
 
     monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path))
     measured = []
@@ -100,7 +100,7 @@ def test_auto_precision_is_the_faster_one_measured_per_shape(monkeypatch, tmp_pa
     assert probe.pick_precision("auto", cpu, tiny) == "fp32" and len(measured) == 4  # measured once per shape
     probe.faster_precision.cache_clear()  # a new process: the choice comes from compiled.json, not measured again
     assert probe.pick_precision("auto", cpu, tiny) == "fp32" and probe.pick_precision("auto", cpu, wide) == "bf16"
-    assert len(measured) == 4 and set(probe._registry()["precision"].values()) >= {"fp32", "bf16"}
+    assert len(measured) == 4 and set(registry.read()["precision"].values()) >= {"fp32", "bf16"}
     assert probe.pick_precision("bf16", cpu, tiny) == "bf16"  # an explicit choice is kept
     monkeypatch.setattr(probe, "cpu_has_fast_bf16", lambda: False)
     assert probe.pick_precision("auto", cpu, wide) == "fp32"  # no bf16 instructions: nothing to measure
@@ -113,7 +113,7 @@ def test_the_remembered_precision_survives_old_registries_and_a_worker_measuring
     so sibling runs train in one precision."""
     import json
 
-    from flopwise.training import probe
+    from flopwise.training import probe, registry
 
     monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path))
     (tmp_path / "compiled.json").write_text(json.dumps(["an old compiled key"]))
@@ -122,15 +122,15 @@ def test_the_remembered_precision_survives_old_registries_and_a_worker_measuring
 
     def rate(shape, threads, micro_batch, steps, precision):
         if precision == "bf16":  # meanwhile another worker saves bf16 for this shape
-            probe._update_registry(lambda reg: reg["precision"].__setitem__(key, "bf16"))
+            registry.update(lambda reg: reg["precision"].__setitem__(key, "bf16"))
         return {"fp32": 2.0, "bf16": 1.0}[precision]
 
     monkeypatch.setattr(probe, "training_rate", rate)
     probe.faster_precision.cache_clear()
     assert probe.faster_precision(shape, 8, 1) == "bf16"  # measured fp32 faster, but the first saved answer wins
-    reg = probe._registry()
+    reg = registry.read()
     assert reg["keys"] == ["an old compiled key"] and reg["precision"] == {key: "bf16"}
     (tmp_path / "compiled.json").write_text(json.dumps({"keys": [], "precision": {key: "fp16", "x": 3}}))
     probe.faster_precision.cache_clear()
-    assert probe.faster_precision(shape, 8, 1) == "bf16" and probe._registry()["precision"][key] == "bf16"
+    assert probe.faster_precision(shape, 8, 1) == "bf16" and registry.read()["precision"][key] == "bf16"
     probe.faster_precision.cache_clear()

@@ -297,6 +297,7 @@ def test_auto_compiles_where_the_measured_compiled_rate_repays_the_compile(monke
     """auto's decision from measured rates (compiled FLOP/s per precision, measured once per shape and remembered)
     against the run's measured eager rate: never by an assumed speed-up once measured."""
     import flopwise.training.probe as pr
+    from flopwise.training import registry
     monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path))
     monkeypatch.setattr(pr, "use_compile_cache", lambda: None)
     monkeypatch.setattr(pr, "can_compile", lambda device: True)
@@ -350,7 +351,7 @@ def test_auto_compiles_where_the_measured_compiled_rate_repays_the_compile(monke
     key = pr.compile_key(shape, 4, "fp32")
     (tmp_path / "third").mkdir(exist_ok=True)
     (tmp_path / "third" / "compiled.json").write_text(json.dumps([key]))
-    assert pr.compiled_before(key) and pr.recorded_compiled_rate(shape, 4, "fp32", 1) is None
+    assert registry.compiled_before(key) and pr.recorded_compiled_rate(shape, 4, "fp32", 1) is None
 
 
 def test_a_failed_compile_trains_eager_and_says_so(bundled, tmp_path, monkeypatch):

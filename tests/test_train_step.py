@@ -17,7 +17,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.model.llama import Llama, ModelConfig
 from flopwise.model.lora import apply_lora
 from flopwise.run import new_run
-from flopwise.training import native, probe
+from flopwise.training import native, probe, registry
 from flopwise.training import trainer as trainer_module
 from flopwise.training.native import NativeTrainStep, NativeUnavailable
 from flopwise.training.trainer import KILL_AT_STEP_ENV, train
@@ -213,7 +213,7 @@ def test_the_kernel_choice_is_measured_once_and_remembered(tmp_path, monkeypatch
     saved = json.loads((tmp_path / "compiled.json").read_text())
     saved["kernel"] = {k: "fast" for k in saved["kernel"]}
     (tmp_path / "compiled.json").write_text(json.dumps(saved))
-    assert probe._registry()["kernel"] == {}
+    assert registry.read()["kernel"] == {}
 
 
 def test_the_c_steps_sequences_a_pass_are_measured_once_and_remembered(tmp_path, monkeypatch):
@@ -233,7 +233,7 @@ def test_the_c_steps_sequences_a_pass_are_measured_once_and_remembered(tmp_path,
     assert sorted(saved["passes"].values()) == [0, 2]
     saved["passes"] = {k: "2" for k in saved["passes"]}
     (tmp_path / "compiled.json").write_text(json.dumps(saved))
-    assert probe._registry()["passes"] == {}
+    assert registry.read()["passes"] == {}
 
 
 def test_the_c_steps_rate_is_remembered_for_the_next_process(tmp_path, monkeypatch):

@@ -277,10 +277,10 @@ class NativeUpdate:
         # replaced (a resume's load_state_dict, a .grad set by someone else): rebuilding them every step cost 29 us
         # of an update's 188 at d_model 16
         params = [p for o in self.optimizers for group in o.param_groups for p in group["params"]]
-        if len(groups) != self._n_groups or len(params) != len(self._grads) or \
-                any(a is not b for a, b in zip([o.state for o in self.optimizers], self._states, strict=True)) or \
+        loaded = any(a is not b for a, b in zip([o.state for o in self.optimizers], self._states, strict=True))
+        if loaded or len(groups) != self._n_groups or len(params) != len(self._grads) or \
                 any(p is not q or p.grad is not g for p, (q, g) in zip(params, self._grads, strict=True)):
-            self._bind()
+            self._bind(loaded)
         self.lib.fw_threads(torch.get_num_threads())
         need = self.lib.fw_update_floats(self._tensors, len(self._tensors), group_array) + 16  # follows the threads
         if self._work.numel() < need:
@@ -288,11 +288,10 @@ class NativeUpdate:
         work = self._work.data_ptr()
         return self.lib.fw_update(self._tensors, len(self._tensors), group_array, clip, work + -work % 64)
 
-    def _bind(self) -> None:
+    def _bind(self, loaded: bool) -> None:
         """The tensors' addresses, each with its group's index; state created as torch creates it, or normalised
-        where it was loaded."""
+        where it was ``loaded`` (a state dict not bound before)."""
         tensors, self._grads = [], []
-        fresh = any(a is not b for a, b in zip([o.state for o in self.optimizers], self._states, strict=True))
         index = 0
         for o in self.optimizers:
             muon = not isinstance(o, torch.optim.AdamW)
@@ -310,7 +309,7 @@ class NativeUpdate:
                         else:
                             state.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(p),
                                          exp_avg_sq=torch.zeros_like(p))
-                    elif fresh:  # loaded from a checkpoint
+                    elif loaded:  # from a checkpoint
                         _as_c_reads(state, p)
                     rows, cols = (p.shape[0], p.shape[1]) if p.dim() == 2 else (1, p.numel())
                     if muon:

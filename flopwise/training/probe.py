@@ -6,10 +6,8 @@ MFU is computed against these measured numbers, never against a hard-coded part.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import json
-import math
 import os
 import platform
 import time
@@ -21,12 +19,13 @@ from flopwise import __version__
 from flopwise.cbuild import NativeUnavailable
 from flopwise.config import requested_threads
 from flopwise.errors import FlopwiseError
-from flopwise.fsutil import atomic_write_text, cache_root
+from flopwise.fsutil import atomic_write_text
 from flopwise.laws.flops import training_flops_per_token
 from flopwise.laws.hardware import probe_cache_path
 from flopwise.model.compiling import can_compile, use_compile_cache
 from flopwise.model.llama import Llama, ModelConfig
 from flopwise.run import require_device
+from flopwise.training import registry
 from flopwise.training.malloc import keep_freed_memory
 from flopwise.training.native import NativeTrainStep, NativeUpdate, builds, has_bf16, source_digest
 
@@ -156,13 +155,13 @@ def faster_precision(shape_items: tuple, micro_batch: int, threads: int) -> str:
     afresh in every run, near-equal rates flipped from run to run, and a sweep's losses with them (the same run,
     the same seed, another precision)."""
     key = _choice_key(shape_items, micro_batch, threads)
-    known = _registry()["precision"].get(key)
+    known = registry.read()["precision"].get(key)
     if known is not None:
         return known
     shape = dict(shape_items)
     rates = {p: training_rate(shape, threads, micro_batch, steps=3, precision=p) for p in ("fp32", "bf16")}
     # the first answer saved wins: a sweep worker that measured the same shape at the same time takes it too
-    return _update_registry(lambda reg: reg["precision"].setdefault(key, max(rates, key=rates.get)))
+    return registry.update(lambda reg: reg["precision"].setdefault(key, max(rates, key=rates.get)))
 
 
 def _choice_key(shape_items: tuple, micro_batch: int, threads: int, *more) -> str:
@@ -186,7 +185,7 @@ def faster_kernel(shape_items: tuple, micro_batch: int, threads: int, precision:
     if shape["d_model"] > C_STEP_MAX_WIDTH:
         return "torch", precision
     key = _choice_key(shape_items, micro_batch, threads, precision, source_digest(), has_bf16())
-    known = _registry()["kernel"].get(key)
+    known = registry.read()["kernel"].get(key)
     if known is None:
         rates = {p: native_rate(shape, threads, micro_batch, p) for p in ("fp32", "bf16")
                  if precision in ("auto", p) and (p == "fp32" or has_bf16())}
@@ -195,7 +194,7 @@ def faster_kernel(shape_items: tuple, micro_batch: int, threads: int, precision:
             return "torch", precision
         best = max(rates, key=rates.get)
         faster = f"c:{best}" if rates[best] > training_rate(shape, threads, micro_batch, 3, precision) else "torch"
-        known = _update_registry(lambda reg: reg["kernel"].setdefault(key, faster))
+        known = registry.update(lambda reg: reg["kernel"].setdefault(key, faster))
     kernel, _, chosen = known.partition(":")
     return kernel, chosen or precision
 
@@ -208,7 +207,7 @@ def native_rate(shape_dict: dict, threads: int | None = None, micro_batch: int =
         key = (tuple(sorted(shape_dict.items())), torch.get_num_threads(), micro_batch, "c", precision, seqs_per_pass)
         if key not in _RATES:
             saved = _choice_key(key[0], micro_batch, key[1], "c", precision, seqs_per_pass, source_digest())
-            rate = _registry()["rates"].get(saved)
+            rate = registry.read()["rates"].get(saved)
             if rate is not None and (precision == "bf16" and not has_bf16() or not builds()):
                 return None  # remembered, but no longer builds here
             if rate is None:
@@ -217,7 +216,7 @@ def native_rate(shape_dict: dict, threads: int | None = None, micro_batch: int =
                                          native=True, seqs_per_pass=seqs_per_pass)
                 except (NativeUnavailable, RuntimeError):  # no build here; out of memory for its workspace
                     return None
-                _update_registry(lambda reg: reg["rates"].__setitem__(saved, rate))
+                registry.update(lambda reg: reg["rates"].__setitem__(saved, rate))
             _RATES[key] = rate
         return _RATES[key]
 
@@ -240,13 +239,13 @@ def c_step_passes(shape_items: tuple, micro_batch: int, threads: int, precision:
     if per >= -(-micro_batch // threads):  # a thread's share is no larger
         return 0
     key = _choice_key(shape_items, micro_batch, threads, precision, source_digest())
-    known = _registry()["passes"].get(key)
+    known = registry.read()["passes"].get(key)
     if known is None:
         seconds = _pass_seconds(shape, threads, micro_batch, precision, per)
         if seconds is None:
             return 0
         faster = per if seconds[0] > PASS_MARGIN * seconds[1] else 0  # a few steps' noise does not flip it
-        known = _update_registry(lambda reg: reg["passes"].setdefault(key, faster))
+        known = registry.update(lambda reg: reg["passes"].setdefault(key, faster))
     return known
 
 
@@ -430,95 +429,13 @@ def compile_key(shape: dict, micro_batch: int, precision: str, tuning: bool = Fa
     return json.dumps([torch.__version__, sorted(shape.items()), micro_batch, precision, tuning, lora_rank])
 
 
-def _compiled_path() -> Path:
-    return cache_root() / "compiled.json"
-
-
-def _registry() -> dict:
-    """compiled.json: {"keys": graphs compiled here before, "rates": measured compiled FLOP/s by key and
-    threads (and the C step's, by shape, micro-batch, threads, precision, passes and C source), "precision": the
-    faster eager precision by shape, micro-batch and threads, "kernel": whether the C training step beats PyTorch
-    eager, and in which precision ("torch", "c:fp32", "c:bf16"), likewise, "passes": the C step's sequences a pass
-    (0: all)}; an older file is a list of keys."""
-    empty = {"keys": [], "rates": {}, "precision": {}, "kernel": {}, "passes": {}}
-    try:
-        data = json.loads(_compiled_path().read_text())
-    except (OSError, ValueError):
-        return empty
-    if isinstance(data, list):
-        return {**empty, "keys": [k for k in data if isinstance(k, str)]}
-    if not isinstance(data, dict):
-        return empty
-    keys, rates = data.get("keys"), data.get("rates")
-
-    def choices(name: str, allowed: tuple[str, ...]) -> dict:
-        section = data.get(name)
-        return {k: v for k, v in section.items() if v in allowed} if isinstance(section, dict) else {}
-
-    return {"keys": [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else [],
-            "rates": {k: v for k, v in rates.items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0}
-            if isinstance(rates, dict) else {},
-            "precision": choices("precision", ("bf16", "fp32")),
-            "kernel": choices("kernel", ("torch", "c:fp32", "c:bf16")),
-            "passes": {k: v for k, v in data["passes"].items() if type(v) is int and v >= 0}
-            if isinstance(data.get("passes"), dict) else {}}
-
-
-def _save_registry(reg: dict) -> None:
-    reg = {"keys": reg["keys"][-500:], **{name: dict(list(reg[name].items())[-500:])
-                                          for name in ("rates", "precision", "kernel", "passes")}}
-    try:
-        atomic_write_text(_compiled_path(), json.dumps(reg) + "\n")
-    except OSError:
-        pass  # the registry only sharpens decisions and estimates
-
-
-@contextlib.contextmanager
-def _registry_lock():
-    """compiled.json's lock (a sibling file, flock): sweep workers update the registry at once, and a read, change
-    and write of one would otherwise drop another's entry. Without a writable folder: no lock (nor a file)."""
-    try:
-        _compiled_path().parent.mkdir(parents=True, exist_ok=True)
-        f = open(str(_compiled_path()) + ".lock", "a")
-    except OSError:
-        yield
-        return
-    with f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
-def _update_registry(change):
-    """Apply ``change(registry)`` to compiled.json under its lock, read afresh; returns what ``change`` returns."""
-    with _registry_lock():
-        reg = _registry()
-        out = change(reg)
-        _save_registry(reg)
-    return out
-
-
-def compiled_before(key: str) -> bool:
-    return key in _registry()["keys"]
-
-
-def remember_compiled(key: str) -> None:
-    if key not in _registry()["keys"]:
-        _update_registry(lambda reg: _add_key(reg, key))
-
-
-def _add_key(reg: dict, key: str) -> None:
-    if key not in reg["keys"]:
-        reg["keys"].append(key)
-
-
 def _rate_key(shape: dict, micro_batch: int, precision: str, threads: int) -> str:
     return json.dumps([compile_key(shape, micro_batch, precision), threads])
 
 
 def recorded_compiled_rate(shape: dict, micro_batch: int, precision: str, threads: int) -> float | None:
     """Compiled training FLOP/s of this shape measured here before, if it was."""
-    return _registry()["rates"].get(_rate_key(shape, micro_batch, precision, threads))
+    return registry.read()["rates"].get(_rate_key(shape, micro_batch, precision, threads))
 
 
 def compiled_rate(shape: dict, micro_batch: int, precision: str, threads: int | None = None,
@@ -534,9 +451,9 @@ def compiled_rate(shape: dict, micro_batch: int, precision: str, threads: int | 
         rate = _measure_rate(ModelConfig(**shape), micro_batch, steps, precision == "bf16", compiled=True)
     def record(reg: dict) -> None:  # the rate, and that this graph is in inductor's cache now: one write
         reg["rates"][_rate_key(shape, micro_batch, precision, threads)] = rate
-        _add_key(reg, compile_key(shape, micro_batch, precision))
+        registry.add_key(reg, compile_key(shape, micro_batch, precision))
 
-    _update_registry(record)
+    registry.update(record)
     return rate
 
 
@@ -593,7 +510,8 @@ def choose_compile(mode: str, device: torch.device, shape: dict, micro_batch: in
         if rates is None:
             return False, eager_precision
     best = max(rates, key=rates.get)
-    warm = compiled_before(compile_key(shape, micro_batch, best, tuning, lora_rank)) or (not tuning and not lora_rank)
+    warm = (registry.compiled_before(compile_key(shape, micro_batch, best, tuning, lora_rank))
+            or (not tuning and not lora_rank))
     if compiled_seconds(seconds, warm, rates[best] / eager_rate()) < seconds:
         return True, best
     return False, eager_precision

@@ -53,7 +53,6 @@ from flopwise.training.probe import (
     c_step_passes,
     choose_compile,
     compile_key,
-    compiled_before,
     compiled_seconds,
     faster_kernel,
     measured_peak,
@@ -61,10 +60,10 @@ from flopwise.training.probe import (
     pick_device,
     pick_precision,
     recorded_compiled_rate,
-    remember_compiled,
     requested_threads,
     training_rate,
 )
+from flopwise.training.registry import compiled_before, remember_compiled
 from flopwise.training.schedule import lr_at
 from flopwise.training.tracking import Tracker, open_tracker
 
