@@ -265,7 +265,8 @@ static void gemm_with(int m, int n, int k, const float *a, long lda, int ta, con
             offset += (long)kp * nj * w;
             convert_a(a, lda, ta, m, k0, kc, a16);
             if (!packed)
-                for (int j = 0; j < nj; j++) pack_b16(b, ldb, tb, k0, kc, j * w, n, w, (uint32_t *)bp + (long)j * kp * w);
+                for (int j = 0; j < nj; j++)
+                    pack_b16(b, ldb, tb, k0, kc, j * w, n, w, (uint32_t *)bp + (long)j * kp * w);
             for (int j = 0; j < nj; j++)
                 for (int i = 0; i < ni; i++) {
                     const uint32_t *ai = a16 + (long)i * mr * sr16, *bj = bp16 + (long)j * kp * w;
@@ -341,16 +342,28 @@ static void linear_back(int rows, int out, int in, const float *x, const float *
 }
 
 /* ---- exp for softmax arguments (x <= 0): 2^n p(r), r = x - n ln2, vectorisable ---- */
+/* the floor, log2(e), ln2 in two parts and the polynomial's coefficients: exp_neg's and exp16's */
+#define EXP_FLOOR -87.0f
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_LN2_HI 0.693359375f
+#define EXP_LN2_LO 2.12194440e-4f
+#define EXP_P0 1.9875691500e-4f
+#define EXP_P1 1.3981999507e-3f
+#define EXP_P2 8.3334519073e-3f
+#define EXP_P3 4.1665795894e-2f
+#define EXP_P4 1.6666665459e-1f
+#define EXP_P5 5.0000001201e-1f
+
 static inline float exp_neg(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float n = rintf(x * 1.44269504088896341f);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
+    x = x < EXP_FLOOR ? EXP_FLOOR : x;
+    const float n = rintf(x * EXP_LOG2E);
+    const float r = x - n * EXP_LN2_HI + n * EXP_LN2_LO;
+    float p = EXP_P0;
+    p = p * r + EXP_P1;
+    p = p * r + EXP_P2;
+    p = p * r + EXP_P3;
+    p = p * r + EXP_P4;
+    p = p * r + EXP_P5;
     p = p * r * r + r + 1.0f;
     union { float f; int32_t i; } u = {.f = p};
     u.i += (int32_t)n << 23;
@@ -371,16 +384,16 @@ static inline float sigmoid(float x) {
 static inline __mmask16 lanes(int n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
 
 static inline __m512 exp16(__m512 x) { /* exp_neg, 16 at a time (a NaN stays one: max returns its second operand) */
-    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+    x = _mm512_max_ps(_mm512_set1_ps(EXP_FLOOR), x);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(EXP_LOG2E)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), x));
+    __m512 p = _mm512_set1_ps(EXP_P0);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P5));
     p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23)));
 }
@@ -421,7 +434,8 @@ static inline void row_softmax_back(float *p, float *ds, int n, float scale, flo
         const __mmask16 k = lanes(n - j);
         const __m512 e = exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, p + j), vs, vl));
         _mm512_mask_storeu_ps(p + j, k, e);
-        _mm512_mask_storeu_ps(ds + j, k, _mm512_mul_ps(_mm512_mul_ps(e, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, ds + j), vd)), vs));
+        const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, ds + j), vd);
+        _mm512_mask_storeu_ps(ds + j, k, _mm512_mul_ps(_mm512_mul_ps(e, d), vs));
     }
 }
 #else
@@ -572,8 +586,9 @@ static long head16_floats(const Net *m) {
 static int step_threads(int b) { return imin(n_threads(), b); }
 
 /* sequences a thread runs forward and backward at a time, of its share of b */
-static int pass_seqs(const Net *m, int b) { return m->seqs_per_pass > 0 && m->seqs_per_pass < b ? m->seqs_per_pass : b; }
-
+static int pass_seqs(const Net *m, int b) {
+    return m->seqs_per_pass > 0 && m->seqs_per_pass < b ? m->seqs_per_pass : b;
+}
 
 /* floats of workspace for a step of b sequences of t tokens with this process' threads: the packed head (bf16),
    then each thread's share, and with more than one, each thread's own gradients */
@@ -992,7 +1007,7 @@ static long muon_floats(long rows, long cols) {
    are bf16, its sum fp32, its result rounded to bf16 */
 static float *newton_schulz(int r, int c, float *x, float *y, float *gram, float *poly, float *tmp, const Group *g,
                             const Scratch *sc) {
-    double sq = 0.0; /* in lanes: one chain of dependent adds cost 4 cycles an element (its bf16 rounding hides the order) */
+    double sq = 0.0; /* in lanes: one chain of dependent adds cost 4 cycles an element (bf16 hides the order) */
 #pragma omp simd reduction(+ : sq)
     for (long i = 0; i < (long)r * c; i++) {
         x[i] = to_bf16(x[i]);
@@ -1052,7 +1067,8 @@ static void muon(const Tensor *t, const Group *g, float *work) {
 long fw_update_floats(const Tensor *t, int count, const Group *groups) {
     long most = 0;
     for (int i = 0; i < count; i++)
-        if (groups[t[i].group].muon && muon_floats(t[i].rows, t[i].cols) > most) most = muon_floats(t[i].rows, t[i].cols);
+        if (groups[t[i].group].muon && muon_floats(t[i].rows, t[i].cols) > most)
+            most = muon_floats(t[i].rows, t[i].cols);
     return (long)n_threads() * round_up((int)most, 16);
 }
 
