@@ -67,6 +67,33 @@ def test_loss_and_gradients_equal_autograds(shape, threads, passes):
         assert torch.allclose(p.grad, want[name], rtol=1e-4, atol=1e-6 * want[name].abs().max()), name
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=["d16-tied", "d64-gqa-untied", "d48-t77", "d24"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_forward_alone_gives_the_steps_loss_and_leaves_the_gradients(shape, threads):
+    """The evaluation's loss (forward only) is autograd's in fp32 and the step's own to the bit; the gradients
+    accumulated so far stay as they were."""
+    model = _model(shape)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, shape["vocab_size"], (5, shape["seq_len"]), generator=g)
+    y = torch.randint(0, shape["vocab_size"], (5, shape["seq_len"]), generator=g)
+    with torch.no_grad():
+        want = model(x, y).item()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        c = NativeTrainStep(model)
+        c.step(x[:3], y[:3])  # gradients of another batch, which the forward must not touch
+        grads = [p.grad.clone() for p in model.parameters()]
+        got = c.loss(x, y)
+        assert [torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True)] == [True] * len(grads)
+        assert got == c.step(x, y)
+    finally:
+        torch.set_num_threads(before)
+    assert got == pytest.approx(want, rel=1e-6)
+    with pytest.raises(FlopwiseError, match="outside the model's vocabulary"):
+        c.loss(x, torch.full_like(y, shape["vocab_size"]))
+
+
 def test_gradients_accumulate_scaled_and_the_buffers_follow_zero_grad():
     """Two half micro-batches at scale 1/2 give the whole batch's gradient (gradient accumulation); after
     zero_grad(set_to_none=True) the next step starts from zero in the same buffers."""

@@ -6,7 +6,7 @@ remembered for the process). ``NativeTrainStep`` binds a model's weights and gra
 once; ``step(tokens, targets, scale)`` then adds one micro-batch's gradients (times ``scale``) to the parameters'
 ``.grad`` and returns its mean loss, as ``model(tokens, targets).backward()`` would in fp32. ``NativeUpdate`` then
 clips the gradients and steps torch's AdamW and Muon in one call, on their own state tensors, so checkpoints stay
-torch's; the evaluation stays PyTorch's.
+torch's. ``loss(tokens, targets)`` runs the forward alone: the evaluation's loss.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ class _Tensor(ctypes.Structure):
 def _declare(lib: ctypes.CDLL) -> None:
     lib.fw_train_step.argtypes = [ctypes.POINTER(_Net), _P, _P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_float]
     lib.fw_train_step.restype = ctypes.c_double
+    lib.fw_loss.argtypes = [ctypes.POINTER(_Net), _P, _P, ctypes.c_int, ctypes.c_int, _P]
+    lib.fw_loss.restype = ctypes.c_double
     lib.fw_train_floats.argtypes = [ctypes.POINTER(_Net), ctypes.c_int, ctypes.c_int]
     lib.fw_train_floats.restype = ctypes.c_long
     lib.fw_threads.argtypes = [ctypes.c_int]
@@ -158,11 +160,7 @@ class NativeTrainStep:
 
     def step(self, tokens: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> float:
         """Adds d(mean loss)/d(weights) x ``scale`` to each parameter's ``.grad``; returns the mean loss (nats)."""
-        if [t.data_ptr() for t in self._tensors] != self._pointers:
-            raise RuntimeError("the model's weights moved since the C training step bound them")
-        if tokens.dim() != 2 or tokens.shape != targets.shape or tokens.numel() == 0:
-            raise FlopwiseError(f"tokens {tuple(tokens.shape)} and targets {tuple(targets.shape)}: the C training "
-                                "step takes two equal (batch, tokens) arrays")
+        self._check(tokens, targets)
         for p, g in self.grads:
             if p.grad is g:  # bound (the C update zeroes it in place)
                 continue
@@ -171,9 +169,27 @@ class NativeTrainStep:
             elif p.grad.data_ptr() != g.data_ptr():  # someone replaced .grad: carry it into the bound buffer
                 g.copy_(p.grad)
                 p.grad = g
+        return self._call(self.lib.fw_train_step, tokens, targets, scale)
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> float:
+        """The mean loss (nats) of ``tokens`` predicting ``targets``, forward only (the gradients are untouched):
+        the evaluation's, in the step's precision."""
+        self._check(tokens, targets)
+        return self._call(self.lib.fw_loss, tokens, targets)
+
+    def _check(self, tokens: torch.Tensor, targets: torch.Tensor) -> None:
+        if [t.data_ptr() for t in self._tensors] != self._pointers:
+            raise RuntimeError("the model's weights moved since the C training step bound them")
+        if tokens.dim() != 2 or tokens.shape != targets.shape or tokens.numel() == 0:
+            raise FlopwiseError(f"tokens {tuple(tokens.shape)} and targets {tuple(targets.shape)}: the C training "
+                                "step takes two equal (batch, tokens) arrays")
         if tokens.shape[1] > self.model.config.seq_len:
             raise FlopwiseError(f"sequence of {tokens.shape[1]} tokens exceeds the model's context "
                                 f"{self.model.config.seq_len}")
+
+    def _call(self, fn, tokens: torch.Tensor, targets: torch.Tensor, *scale: float) -> float:
+        """fn (fw_train_step or fw_loss) on the batch, in a workspace sized for it; a NaN from a token outside the
+        vocabulary becomes an error."""
         tokens = tokens.to(torch.int64).contiguous()
         targets = targets.to(torch.int64).contiguous()
         b, t = tokens.shape
@@ -189,8 +205,7 @@ class NativeTrainStep:
             self._sized = (b, t, threads)
         work = self._work.data_ptr()
         work += -work % 64  # each thread's share starts on a cache line
-        loss = self.lib.fw_train_step(ctypes.byref(self._net), tokens.data_ptr(), targets.data_ptr(), b, t, work,
-                                      scale)
+        loss = fn(ctypes.byref(self._net), tokens.data_ptr(), targets.data_ptr(), b, t, work, *scale)
         if math.isnan(loss) and any(bool((x.min() < 0) | (x.max() >= self.model.config.vocab_size))
                                     for x in (tokens, targets)):
             raise FlopwiseError("a token outside the model's vocabulary")

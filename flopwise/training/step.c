@@ -759,11 +759,11 @@ static void attention_back(const Net *m, int b, int t, const Work *w, int l) {
     }
 }
 
-/* the head, the loss and their gradients, block by block: returns the summed loss; dhf = d(loss)/d(hf) times
-   scale, and the head's gradient +=. With bf16 products, head16 holds the head's weights packed for the logits'
-   product and then for dhf's (packed once a step, not once a block). */
+/* the head, the loss and (with grads) their gradients, block by block: returns the summed loss; dhf =
+   d(loss)/d(hf) times scale, and the head's gradient +=. With bf16 products, head16 holds the head's weights packed
+   for the logits' product and then for dhf's (packed once a step, not once a block). */
 static double head_loss(const Net *m, int n, const int64_t *targets, const Work *w, float scale,
-                        const uint32_t *head16) {
+                        const uint32_t *head16, int grads) {
     const int d = m->dim, vcb = m->vocab, rows = ce_rows(m);
     double total = 0.0;
     float *z = w->scores;
@@ -777,10 +777,12 @@ static double head_loss(const Net *m, int n, const int64_t *targets, const Work 
             const int64_t ti = targets[i0 + i];
             const float mx = row_max(zi, vcb), zt = zi[ti] - mx, sum = row_exp(zi, vcb, 1.0f, mx);
             part += logf(sum) - zt;
+            if (!grads) continue;
             row_scale(zi, vcb, scale / sum);
             zi[ti] -= scale;
         }
         total += part;
+        if (!grads) continue;
         gemm_with(r, d, vcb, z, vcb, 0, m->head, d, 0, w->dh + (long)i0 * d, d, 0, bp, m->bf16,
                   head16 ? head16 + pack_whole_b16(0, 0, 1, d, vcb, 0) : 0);
         gemm(vcb, d, r, z, vcb, 1, w->hf + (long)i0 * d, d, 0, m->g_head, d, 1, bp, m->bf16);
@@ -788,9 +790,9 @@ static double head_loss(const Net *m, int n, const int64_t *targets, const Work 
     return total;
 }
 
-/* b sequences of t tokens, on one thread: the summed loss; gradients, times dscale per token, added */
+/* b sequences of t tokens, on one thread: the summed loss; with grads, gradients, times dscale per token, added */
 static double forward_backward(const Net *m, const int64_t *tokens, const int64_t *targets, int b, int t, float *work,
-                               float dscale, const uint32_t *head16) {
+                               float dscale, const uint32_t *head16, int grads) {
     const int d = m->dim, f = m->d_ff, h = m->n_heads, hk = m->n_kv_heads, hd = m->head_dim, kvd = hk * hd;
     const long n = (long)b * t;
     Work w;
@@ -822,7 +824,8 @@ static double forward_backward(const Net *m, const int64_t *tokens, const int64_
         linear((int)n, d, f, w.s, ly->w_down, next, 1, bp, m->bf16);
     }
     rmsnorm((int)n, d, w.xf, m->norm, m->eps, w.hf, w.rstdf);
-    const double loss = head_loss(m, (int)n, targets, &w, dscale, head16);
+    const double loss = head_loss(m, (int)n, targets, &w, dscale, head16, grads);
+    if (!grads) return loss;
     memset(w.dx, 0, sizeof(float) * n * d);
     rmsnorm_back((int)n, d, w.xf, m->norm, w.rstdf, w.dh, w.dx, m->g_norm);
     for (int l = m->n_layers - 1; l >= 0; l--) {
@@ -862,20 +865,20 @@ static double forward_backward(const Net *m, const int64_t *tokens, const int64_
 
 /* b sequences on one thread, forward and backward `per` at a time: their summed loss */
 static double run_passes(const Net *m, const int64_t *tokens, const int64_t *targets, int b, int t, float *work,
-                         float dscale, const uint32_t *head16, int per) {
+                         float dscale, const uint32_t *head16, int per, int grads) {
     double total = 0.0;
     for (int b0 = 0; b0 < b; b0 += per)
         total += forward_backward(m, tokens + (long)b0 * t, targets + (long)b0 * t, imin(per, b - b0), t, work,
-                                  dscale, head16);
+                                  dscale, head16, grads);
     return total;
 }
 
-/* One micro-step: tokens and targets are b x t; returns the mean loss (nats/token) and adds its gradients, times
-   grad_scale, to the gradient buffers. Returns NaN for a token outside the vocabulary or t past the context.
-   Threads split the batch by sequences, each with its own workspace and gradients (the models this step is for
-   are too small for one product to feed two cores), summed into the caller's at the end. */
-double fw_train_step(const Net *m, const int64_t *tokens, const int64_t *targets, int b, int t, float *work,
-                     float grad_scale) {
+/* A micro-step's passes over b x t tokens: the mean loss (nats/token), and with grads its gradients, times
+   grad_scale, added to the gradient buffers. NaN for a token outside the vocabulary or t past the context. Threads
+   split the batch by sequences, each with its own workspace and gradients (the models this step is for are too small
+   for one product to feed two cores), summed into the caller's at the end. */
+static double micro_step(const Net *m, const int64_t *tokens, const int64_t *targets, int b, int t, float *work,
+                         float grad_scale, int grads) {
     const long n = (long)b * t;
     if (t > m->seq_len || t < 1 || b < 1) return NAN;
     for (long i = 0; i < n; i++)
@@ -891,14 +894,14 @@ double fw_train_step(const Net *m, const int64_t *tokens, const int64_t *targets
         work += shared;
     }
     const int per = pass_seqs(m, (b + th - 1) / th);
-    if (th == 1) return run_passes(m, tokens, targets, b, t, work, dscale, head16, per) / (double)n;
+    if (th == 1) return run_passes(m, tokens, targets, b, t, work, dscale, head16, per, grads) / (double)n;
     const long rows = (long)per * t, share = share_floats(m, rows, th), act = carve(m, rows, 0, 0);
     Layer caller_layers[m->n_layers];
     Net caller = *m;
     memcpy(caller_layers, m->layers, sizeof(Layer) * m->n_layers);
     float **mine[MAX_SLOTS(m)];
     long size[MAX_SLOTS(m)];
-    const int count = grad_slots(&caller, caller_layers, mine, size);
+    const int count = grads ? grad_slots(&caller, caller_layers, mine, size) : 0;
     double total = 0.0;
 #pragma omp parallel num_threads(th) reduction(+ : total)
     {
@@ -912,14 +915,16 @@ double fw_train_step(const Net *m, const int64_t *tokens, const int64_t *targets
             Net own = *m;
             memcpy(layers, m->layers, sizeof(Layer) * m->n_layers);
             own.layers = layers;
-            float **slot[MAX_SLOTS(m)];
-            long floats[MAX_SLOTS(m)];
-            const int n_slots = grad_slots(&own, layers, slot, floats);
-            memset(at, 0, sizeof(float) * grad_floats(m));
-            for (int k = 0; k < n_slots; k++) *slot[k] = at, at += floats[k];
-            if (m->g_head == m->g_embed) own.g_head = own.g_embed;
+            if (grads) {
+                float **slot[MAX_SLOTS(m)];
+                long floats[MAX_SLOTS(m)];
+                const int n_slots = grad_slots(&own, layers, slot, floats);
+                memset(at, 0, sizeof(float) * grad_floats(m));
+                for (int k = 0; k < n_slots; k++) *slot[k] = at, at += floats[k];
+                if (m->g_head == m->g_embed) own.g_head = own.g_embed;
+            }
             total += run_passes(&own, tokens + (long)b0 * t, targets + (long)b0 * t, b1 - b0, t, base, dscale, head16,
-                                per);
+                                per, grads);
         }
 #pragma omp barrier
         /* each thread sums a slice of every buffer over the chunks' copies (laid out in grad_slots' order) */
@@ -936,6 +941,18 @@ double fw_train_step(const Net *m, const int64_t *tokens, const int64_t *targets
         }
     }
     return total / (double)n;
+}
+
+/* One micro-step: tokens and targets are b x t; returns the mean loss (nats/token) and adds its gradients, times
+   grad_scale, to the gradient buffers (NaN: see micro_step) */
+double fw_train_step(const Net *m, const int64_t *tokens, const int64_t *targets, int b, int t, float *work,
+                     float grad_scale) {
+    return micro_step(m, tokens, targets, b, t, work, grad_scale, 1);
+}
+
+/* The mean loss (nats/token) of b x t tokens, forward only: no gradient is written (the evaluation's) */
+double fw_loss(const Net *m, const int64_t *tokens, const int64_t *targets, int b, int t, float *work) {
+    return micro_step(m, tokens, targets, b, t, work, 0.0f, 0);
 }
 
 /* ---- the optimizer: gradient clipping, AdamW and Muon in one call ----

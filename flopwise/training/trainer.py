@@ -161,10 +161,13 @@ MUON_MOMENTUM = 0.95  # Jordan et al.'s and Moonshot's value (torch's default)
 
 @torch.no_grad()
 def evaluate(model: Llama, windows: np.ndarray, micro_batch: int, precision: str, device: torch.device,
-             byte_lengths: np.ndarray | None = None, masks: np.ndarray | None = None) -> tuple[float, float | None]:
+             byte_lengths: np.ndarray | None = None, masks: np.ndarray | None = None,
+             native: NativeTrainStep | None = None) -> tuple[float, float | None]:
     """Mean loss (nats/token) over ``windows`` and bits per byte (when byte lengths are given).
 
-    With ``masks`` (n, seq_len) only the targets marked 1 count (the responses of instruction data).
+    With ``masks`` (n, seq_len) only the targets marked 1 count (the responses of instruction data). With
+    ``native`` (the C step bound to ``model``) unmasked windows run through its forward: several times PyTorch's
+    speed at a sweep's sizes, in the same precision.
     """
     was_training = model.training
     model.eval()
@@ -173,8 +176,11 @@ def evaluate(model: Llama, windows: np.ndarray, micro_batch: int, precision: str
         rows = torch.from_numpy(windows[i:i + micro_batch]).to(device)
         x, y = rows[:, :-1], rows[:, 1:]
         m = None if masks is None else torch.from_numpy(masks[i:i + micro_batch]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model(x, y, loss_mask=m)
+        if native is not None and m is None:
+            loss = native.loss(x, y)
+        else:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = model(x, y, loss_mask=m)
         n = y.numel() if m is None else int(m.sum())
         total_nats += float(loss) * n
         total_tokens += n
@@ -499,7 +505,7 @@ class _Run:
     def _evaluate(self, model: Llama, final: bool) -> tuple[float, float | None]:
         windows, masks = self.data.val_final if final else self.data.val
         return evaluate(model, windows, self.r.micro_batch, self.precision, self.device,
-                        self.data.byte_lengths if final else None, masks)
+                        self.data.byte_lengths if final else None, masks, native=self.c_step)
 
     def _checkpoint(self, s: _State, done: int, last: bool, seconds: float) -> None:
         wall = s.wall_before + seconds
