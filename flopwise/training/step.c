@@ -342,17 +342,17 @@ static void linear_back(int rows, int out, int in, const float *x, const float *
 }
 
 /* ---- exp for softmax arguments (x <= 0): 2^n p(r), r = x - n ln2, vectorisable ---- */
-/* the floor, log2(e), ln2 in two parts and the polynomial's coefficients: exp_neg's and exp16's */
+/* the floor, log2(e), ln2 in two parts and p's coefficients: exp_neg's and exp16's. p(r) = 1 + r + r^2 q(r), q
+   cubic, fitted here for the least largest relative error on |r| <= ln2 / 2: 2.1e-7 in fp32 over [-87, 0] (3.5 ulp;
+   the degree-7 polynomial it replaced: 1.2e-7, for two more multiply-adds an element) */
 #define EXP_FLOOR -87.0f
 #define EXP_LOG2E 1.44269504088896341f
 #define EXP_LN2_HI 0.693359375f
 #define EXP_LN2_LO 2.12194440e-4f
-#define EXP_P0 1.9875691500e-4f
-#define EXP_P1 1.3981999507e-3f
-#define EXP_P2 8.3334519073e-3f
-#define EXP_P3 4.1665795894e-2f
-#define EXP_P4 1.6666665459e-1f
-#define EXP_P5 5.0000001201e-1f
+#define EXP_P0 8.31253268e-3f
+#define EXP_P1 4.18901103e-2f
+#define EXP_P2 1.66671137e-1f
+#define EXP_P3 4.99992324e-1f
 
 static inline float exp_neg(float x) {
     x = x < EXP_FLOOR ? EXP_FLOOR : x;
@@ -362,8 +362,6 @@ static inline float exp_neg(float x) {
     p = p * r + EXP_P1;
     p = p * r + EXP_P2;
     p = p * r + EXP_P3;
-    p = p * r + EXP_P4;
-    p = p * r + EXP_P5;
     p = p * r * r + r + 1.0f;
     union { float f; int32_t i; } u = {.f = p};
     u.i += (int32_t)n << 23;
@@ -392,10 +390,8 @@ static inline __m512 exp16(__m512 x) { /* exp_neg, 16 at a time (a NaN stays one
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P1));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P2));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P5));
     p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23)));
+    return _mm512_scalef_ps(p, n); /* p 2^n in one instruction (n is whole) */
 }
 
 /* the largest of x[0..n) that is not NaN (as the portable loop's comparison skips NaN; row_exp then makes the sum
