@@ -89,9 +89,9 @@ static void pack_b(const float *b, long ldb, int tb, int k0, int kc, int j0, int
                      long ldc, int cols, int accum) {                                                               \
         v16 acc[MR][NV];                                                                                            \
         const float *ar[MR];                                                                                        \
-        for (int r = 0; r < MR; r++) {                                                                              \
+        _Pragma("GCC unroll 12") for (int r = 0; r < MR; r++) {                                                     \
             ar[r] = a + (long)(r < rows ? r : rows - 1) * sr; /* rows past the edge repeat the last: not stored */  \
-            for (int v = 0; v < NV; v++) acc[r][v] = (v16){0};                                                      \
+            _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) acc[r][v] = (v16){0};                              \
         }                                                                                                           \
         for (int k = 0; k < kc; k++) {                                                                              \
             const v16u *b = (const v16u *)(bp + (long)k * ldbp);                                                    \
@@ -100,18 +100,20 @@ static void pack_b(const float *b, long ldb, int tb, int k0, int kc, int j0, int
                 _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) acc[r][v] += x * b[v];                         \
             }                                                                                                       \
         }                                                                                                           \
-        if (rows == MR && cols == 16 * NV) {                                                                        \
-            for (int r = 0; r < MR; r++)                                                                            \
-                for (int v = 0; v < NV; v++) {                                                                      \
-                    v16u *dst = (v16u *)(c + r * ldc + 16 * v);                                                     \
-                    *dst = accum ? *dst + acc[r][v] : acc[r][v];                                                    \
+        /* unrolled, every index into acc is a constant: the accumulators stay in registers (as TILE16's) */       \
+        _Pragma("GCC unroll 12") for (int r = 0; r < MR; r++) {                                                     \
+            if (r >= rows) break;                                                                                   \
+            _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) {                                                  \
+                float *dst = c + r * ldc + 16 * v;                                                                  \
+                if (cols >= 16 * (v + 1)) {                                                                         \
+                    *(v16u *)dst = accum ? *(v16u *)dst + acc[r][v] : acc[r][v];                                    \
+                    continue;                                                                                       \
                 }                                                                                                   \
-            return;                                                                                                 \
-        }                                                                                                           \
-        for (int r = 0; r < rows; r++) {                                                                            \
-            float tmp[16 * NV];                                                                                     \
-            memcpy(tmp, acc[r], sizeof(tmp));                                                                       \
-            for (int j = 0; j < cols; j++) c[r * ldc + j] = (accum ? c[r * ldc + j] : 0.0f) + tmp[j];               \
+                if (cols <= 16 * v) break;                                                                          \
+                float tmp[16];                                                                                      \
+                memcpy(tmp, &acc[r][v], sizeof(tmp));                                                               \
+                for (int j = 0; j < cols - 16 * v; j++) dst[j] = (accum ? dst[j] : 0.0f) + tmp[j];                  \
+            }                                                                                                       \
         }                                                                                                           \
     }
 TILE(tile_wide, MR_WIDE, 2)
@@ -208,9 +210,9 @@ static void pack_b16(const float *b, long ldb, int tb, int k0, int kc, int j0, i
                      int cols, int accum) {                                                                         \
         __m512 acc[MR][NV];                                                                                         \
         const uint32_t *ar[MR];                                                                                     \
-        for (int r = 0; r < MR; r++) {                                                                              \
+        _Pragma("GCC unroll 12") for (int r = 0; r < MR; r++) {                                                     \
             ar[r] = a + (long)(r < rows ? r : rows - 1) * sr;                                                       \
-            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();                                           \
+            _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();                   \
         }                                                                                                           \
         for (int p = 0; p < kp; p++) {                                                                              \
             __m512bh b[NV];                                                                                         \
@@ -220,17 +222,18 @@ static void pack_b16(const float *b, long ldb, int tb, int k0, int kc, int j0, i
                 _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, b[v]); \
             }                                                                                                       \
         }                                                                                                           \
-        for (int r = 0; r < rows; r++)                                                                              \
-            for (int v = 0; v < NV && 16 * v < cols; v++) {                                                         \
+        /* unrolled, every index into acc is a constant: the accumulators stay in registers (a loop to `rows` kept  \
+           them in memory, zeroed by a call to memset each tile); a partial row is stored under a mask */          \
+        _Pragma("GCC unroll 12") for (int r = 0; r < MR; r++) {                                                     \
+            if (r >= rows) break;                                                                                   \
+            _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) {                                                  \
+                if (16 * v >= cols) break;                                                                          \
+                const __mmask16 k = cols - 16 * v >= 16 ? 0xffff : (__mmask16)((1u << (cols - 16 * v)) - 1u);      \
                 float *dst = c + r * ldc + 16 * v;                                                                  \
-                if (cols - 16 * v >= 16) {                                                                          \
-                    _mm512_storeu_ps(dst, accum ? _mm512_add_ps(_mm512_loadu_ps(dst), acc[r][v]) : acc[r][v]);      \
-                } else {                                                                                            \
-                    float tmp[16];                                                                                  \
-                    _mm512_storeu_ps(tmp, acc[r][v]);                                                               \
-                    for (int j = 0; j < cols - 16 * v; j++) dst[j] = (accum ? dst[j] : 0.0f) + tmp[j];              \
-                }                                                                                                   \
+                _mm512_mask_storeu_ps(dst, k, accum ? _mm512_add_ps(_mm512_maskz_loadu_ps(k, dst), acc[r][v])       \
+                                                    : acc[r][v]);                                                   \
             }                                                                                                       \
+        }                                                                                                           \
     }
 TILE16(tile16_wide, MR_WIDE, 2)
 TILE16(tile16_narrow, MR_NARROW, 1)
