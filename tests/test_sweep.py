@@ -253,6 +253,21 @@ def test_sweep_workers_share_the_threads_out(monkeypatch):
     assert [runner.worker_threads(w) for w in (1, 2, 4)] == [(6, True), (3, True), (1, True)]
 
 
+def test_a_sweep_worker_skips_its_teardown_but_not_its_exit_handlers(tmp_path):
+    """A worker ends without freeing its interpreter object by object (about a second with torch loaded), but the
+    exit handlers registered before and after its own (torch's at import, a run's libraries later) still run, and it
+    exits cleanly."""
+    before, after = tmp_path / "before", tmp_path / "after"
+    code = ("import atexit, pathlib, sys; "
+            f"atexit.register(pathlib.Path({str(before)!r}).touch); "
+            "from flopwise.sweep.runner import _init_worker; _init_worker(1, False); "
+            f"atexit.register(pathlib.Path({str(after)!r}).touch); print('trained', end='')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe's output waits in its buffer
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert (done.returncode, done.stdout) == (0, "trained")  # the unterminated line flushed too
+    assert [before.exists(), after.exists()] == [True, True]
+
+
 def test_absurd_sweeps_are_refused_before_any_model_is_built(bundled, tmp_path):
     from flopwise.sweep.design import check_feasible
 
