@@ -254,18 +254,33 @@ def test_sweep_workers_share_the_threads_out(monkeypatch):
 
 
 def test_a_sweep_worker_skips_its_teardown_but_not_its_exit_handlers(tmp_path):
-    """A worker ends without freeing its interpreter object by object (about a second with torch loaded), but the
-    exit handlers registered before and after its own (torch's at import, a run's libraries later) still run, and it
-    exits cleanly."""
-    before, after = tmp_path / "before", tmp_path / "after"
-    code = ("import atexit, pathlib, sys; "
-            f"atexit.register(pathlib.Path({str(before)!r}).touch); "
-            "from flopwise.sweep.runner import _init_worker; _init_worker(1, False); "
-            f"atexit.register(pathlib.Path({str(after)!r}).touch); print('trained', end='')")
+    """A worker ends without tearing down its interpreter (about a second with torch loaded: an object's __del__
+    never runs), but each exit handler, registered before its start (torch's at import) or during a task (a run's
+    libraries), runs exactly once, its output is flushed, and it exits cleanly."""
+    log, torn = tmp_path / "handlers", tmp_path / "torn-down"
+    code = f"""
+import atexit, sys
+from pathlib import Path
+log = Path({str(log)!r})
+def mark(name):
+    with open(log, "a") as fh:
+        fh.write(name + "\\n")
+class Module:
+    def __del__(self):
+        Path({str(torn)!r}).touch()
+held = Module()
+atexit.register(mark, "before")
+from flopwise.sweep import runner
+runner._init_worker(1, False)
+atexit.register(mark, "during a task")
+runner._newest_exit()  # as a task's end does
+print("trained", end="")
+"""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe's output waits in its buffer
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert (done.returncode, done.stdout) == (0, "trained")  # the unterminated line flushed too
-    assert [before.exists(), after.exists()] == [True, True]
+    assert (done.returncode, done.stdout) == (0, "trained")
+    assert log.read_text().splitlines() == ["during a task", "before"]
+    assert not torn.exists()
 
 
 def test_absurd_sweeps_are_refused_before_any_model_is_built(bundled, tmp_path):

@@ -83,20 +83,38 @@ def _use_threads(threads: int, fixed: bool) -> None:
         os.environ.pop(THREADS_ENV, None)
 
 
+_fast_exit = False  # set in a pool worker: it ends through _exit_now
+
+
 def _exit_now() -> None:
-    """A worker's last exit handler: the others run, output is flushed, and the process ends without tearing down
-    its interpreter (freeing torch's and dynamo's modules object by object took ~1 s, which the sweep waited for)."""
+    """A pool worker's exit: the other exit handlers run, output is flushed, and the process ends without tearing
+    down its interpreter (freeing torch's and dynamo's modules object by object took ~1 s, which the sweep waited
+    for). It must be the newest handler (_newest_exit), as atexit runs them newest first: the call below runs the
+    rest, and a handler newer than this one would run twice. The exit status is 0: the pool reads none."""
     atexit.unregister(_exit_now)
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    try:
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    finally:
+        os._exit(0)
+
+
+def _newest_exit() -> None:
+    """In a pool worker, after each task: _exit_now becomes the newest exit handler again (a run's libraries
+    register theirs, e.g. torch's compile workers)."""
+    if _fast_exit:
+        atexit.unregister(_exit_now)
+        atexit.register(_exit_now)
 
 
 def _init_worker(threads: int, fixed: bool) -> None:
+    global _fast_exit
     _die_with_parent()
     _use_threads(threads, fixed)
-    atexit.register(_exit_now)  # registered last, so it runs first and then the rest
+    _fast_exit = True
+    _newest_exit()
 
 
 def run_one(sweep_dir: str, spec: dict, corpus_path: str, train_options: dict) -> dict:
@@ -200,7 +218,11 @@ def _wait_if_locked(run_dir: Path, fn, poll_seconds: float = 1.0):
 
 
 def _wait_if_locked_remote(sweep_dir: str, spec: dict, corpus_path: str, train_options: dict) -> dict:
-    return _wait_if_locked(Path(sweep_dir) / spec["name"], lambda: run_one(sweep_dir, spec, corpus_path, train_options))
+    try:
+        return _wait_if_locked(Path(sweep_dir) / spec["name"],
+                               lambda: run_one(sweep_dir, spec, corpus_path, train_options))
+    finally:
+        _newest_exit()
 
 
 def _run_ray(args, todo: list[RunSpec], address: str, threads: tuple[int, bool], progress, done_flops, total, n_done,

@@ -23,6 +23,12 @@
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+/* the first n of 16 lanes (n > 0; all of them from 16 on): a row's end, stored or loaded under a mask */
+static inline __mmask16 lanes(int n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
+#endif
+
 /* rows of the two register tiles: 6 x 32 and 12 x 16 accumulate in 12 of AVX-512's 32 registers; elsewhere (AVX2's
    16 registers; other CPUs build the same vector code portably) half as many rows */
 #ifdef __AVX512F__
@@ -228,7 +234,7 @@ static void pack_b16(const float *b, long ldb, int tb, int k0, int kc, int j0, i
             if (r >= rows) break;                                                                                   \
             _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) {                                                  \
                 if (16 * v >= cols) break;                                                                          \
-                const __mmask16 k = cols - 16 * v >= 16 ? 0xffff : (__mmask16)((1u << (cols - 16 * v)) - 1u);      \
+                const __mmask16 k = lanes(cols - 16 * v);                                                           \
                 float *dst = c + r * ldc + 16 * v;                                                                  \
                 _mm512_mask_storeu_ps(dst, k, accum ? _mm512_add_ps(_mm512_maskz_loadu_ps(k, dst), acc[r][v])       \
                                                     : acc[r][v]);                                                   \
@@ -382,7 +388,6 @@ static inline float sigmoid(float x) {
    than the exponentials: with AVX-512 a row runs in whole vectors, masked at its end ---- */
 #ifdef __AVX512F__
 #include <immintrin.h>
-static inline __mmask16 lanes(int n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
 
 static inline __m512 exp16(__m512 x) { /* exp_neg, 16 at a time (a NaN stays one: max returns its second operand) */
     x = _mm512_max_ps(_mm512_set1_ps(EXP_FLOOR), x);
@@ -889,7 +894,7 @@ static double micro_step(const Net *m, const int64_t *tokens, const int64_t *tar
     if (shared) {
         uint32_t *dst = (uint32_t *)work;
         dst += pack_whole_b16(m->head, m->dim, 1, m->dim, m->vocab, dst);
-        pack_whole_b16(m->head, m->dim, 0, m->vocab, m->dim, dst);
+        if (grads) pack_whole_b16(m->head, m->dim, 0, m->vocab, m->dim, dst); /* for dhf's product */
         work += shared;
     }
     const int per = pass_seqs(m, (b + th - 1) / th);
