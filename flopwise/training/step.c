@@ -387,8 +387,6 @@ static inline float sigmoid(float x) {
    row has i + 1 scores), where a compiler's vector loop with a scalar remainder and a reduction per loop costs more
    than the exponentials: with AVX-512 a row runs in whole vectors, masked at its end ---- */
 #ifdef __AVX512F__
-#include <immintrin.h>
-
 static inline __m512 exp16(__m512 x) { /* exp_neg, 16 at a time (a NaN stays one: max returns its second operand) */
     x = _mm512_max_ps(_mm512_set1_ps(EXP_FLOOR), x);
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(EXP_LOG2E)),
