@@ -337,16 +337,25 @@ static long pack_whole_b16(const float *b, long ldb, int tb, int k, int n, uint3
     return at;
 }
 
+/* A weight in bf16 pairs as gemm_with reads it from `packed` (pack_whole_b16's layout), packed once a step and
+   shared by the threads: fwd for x W^T, back for dy W; 0 where not packed (fp32 products), and the product packs
+   its own panels */
+typedef struct {
+    const uint32_t *fwd, *back;
+} Packed;
+
+static const Packed unpacked = {0, 0};
+
 /* y = x W^T (x: rows x in, W: out x in), or += */
-static void linear(int rows, int out, int in, const float *x, const float *w, float *y, int accum,
+static void linear(int rows, int out, int in, const float *x, const float *w, const Packed *pw, float *y, int accum,
                    const Scratch *bp, int lowp) {
-    gemm(rows, out, in, x, in, 0, w, in, 1, y, out, accum, bp, lowp);
+    gemm_with(rows, out, in, x, in, 0, w, in, 1, y, out, accum, bp, lowp, pw->fwd);
 }
 
 /* dx (=, or +=) dy W; gW += dy^T x */
-static void linear_back(int rows, int out, int in, const float *x, const float *w, const float *dy, float *dx,
-                        int dx_accum, float *gw, const Scratch *bp, int lowp) {
-    gemm(rows, in, out, dy, out, 0, w, in, 0, dx, in, dx_accum, bp, lowp);
+static void linear_back(int rows, int out, int in, const float *x, const float *w, const Packed *pw, const float *dy,
+                        float *dx, int dx_accum, float *gw, const Scratch *bp, int lowp) {
+    gemm_with(rows, in, out, dy, out, 0, w, in, 0, dx, in, dx_accum, bp, lowp, pw->back);
     gemm(out, in, rows, dy, out, 1, x, in, 0, gw, in, 1, bp, lowp);
 }
 
@@ -577,11 +586,57 @@ static long share_floats(const Net *m, long rows, int chunks) {
     return carve(m, rows, 0, 0) + (chunks > 1 ? (grad_floats(m) + 15) / 16 * 16 : 0);
 }
 
-/* floats of the head's weights packed in bf16 pairs for the two products that read them whole (shared by the
-   threads, at the workspace's start), or 0 */
-static long head16_floats(const Net *m) {
+/* The products' weights in bf16 pairs, packed once a step (bf16 products only). Every pass of every thread
+   multiplies by the same weights, and packing a weight for x W^T (a transposed, strided read) cost up to a third of
+   the product itself at 256 rows. Weights in one order: the head, then each layer's P_LAYER. */
+enum { P_WQ, P_WK, P_WV, P_WO, P_GATE, P_UP, P_DOWN, P_LAYER };
+#define MAX_WEIGHTS(m) (1 + P_LAYER * (m)->n_layers)
+
+/* the weights (out x in) in that order; returns their count */
+static int weight_list(const Net *m, const float *w[], int out[], int in[]) {
+    const int d = m->dim, kvd = m->n_kv_heads * m->head_dim, f = m->d_ff;
+    int c = 0;
+#define ADD(weight, rows, cols) (w[c] = (weight), out[c] = (rows), in[c++] = (cols))
+    ADD(m->head, m->vocab, d);
+    for (int l = 0; l < m->n_layers; l++) {
+        const Layer *y = &m->layers[l];
+        ADD(y->wq, d, d); ADD(y->wk, kvd, d); ADD(y->wv, kvd, d); ADD(y->wo, d, d);
+        ADD(y->w_gate, f, d); ADD(y->w_up, f, d); ADD(y->w_down, d, f);
+    }
+#undef ADD
+    return c;
+}
+
+/* floats of the packed weights (the fwd packs, then the back ones, from base), and with pk, where each lies; 0
+   without bf16 products */
+static long lay_out_packs(const Net *m, uint32_t *base, Packed *pk) {
     if (!(m->bf16 && HAVE_BF16)) return 0;
-    return (pack_whole_b16(0, 0, 1, m->dim, m->vocab, 0) + pack_whole_b16(0, 0, 0, m->vocab, m->dim, 0) + 15) / 16 * 16;
+    const float *w[MAX_WEIGHTS(m)];
+    int out[MAX_WEIGHTS(m)], in[MAX_WEIGHTS(m)];
+    const int count = weight_list(m, w, out, in);
+    long at = 0;
+    for (int back = 0; back < 2; back++)
+        for (int c = 0; c < count; c++) {
+            if (pk) *(back ? &pk[c].back : &pk[c].fwd) = base + at;
+            at += back ? pack_whole_b16(0, 0, 0, out[c], in[c], 0) : pack_whole_b16(0, 0, 1, in[c], out[c], 0);
+        }
+    return (at + 15) / 16 * 16;
+}
+
+/* pack this thread's share of the weights (every team-th, from id) where pk lays them out: the fwd packs, and with
+   back the back ones */
+static void pack_weights(const Net *m, const Packed *pk, int back, int id, int team) {
+    const float *w[MAX_WEIGHTS(m)];
+    int out[MAX_WEIGHTS(m)], in[MAX_WEIGHTS(m)];
+    const int count = weight_list(m, w, out, in);
+    for (int i = id; i < (back ? 2 : 1) * count; i += team) {
+        const int c = i % count;
+        uint32_t *dst = (uint32_t *)(i < count ? pk[c].fwd : pk[c].back);
+        if (i < count)
+            pack_whole_b16(w[c], in[c], 1, in[c], out[c], dst);
+        else
+            pack_whole_b16(w[c], in[c], 0, out[c], in[c], dst);
+    }
 }
 
 /* chunks a step of b sequences splits into, one a thread (each takes whole sequences) */
@@ -592,11 +647,11 @@ static int pass_seqs(const Net *m, int b) {
     return m->seqs_per_pass > 0 && m->seqs_per_pass < b ? m->seqs_per_pass : b;
 }
 
-/* floats of workspace for a step of b sequences of t tokens with this process' threads: the packed head (bf16),
-   then each thread's share, and with more than one, each thread's own gradients */
+/* floats of workspace for a step of b sequences of t tokens with this process' threads: the packed weights
+   (bf16), then each thread's share, and with more than one, each thread's own gradients */
 long fw_train_floats(const Net *m, int b, int t) {
     const int th = step_threads(b), per = pass_seqs(m, (b + th - 1) / th);
-    return head16_floats(m) + th * share_floats(m, (long)per * t, th);
+    return lay_out_packs(m, 0, 0) + th * share_floats(m, (long)per * t, th);
 }
 
 void fw_threads(int threads) {
@@ -762,17 +817,17 @@ static void attention_back(const Net *m, int b, int t, const Work *w, int l) {
 }
 
 /* the head, the loss and (with grads) their gradients, block by block: returns the summed loss; dhf =
-   d(loss)/d(hf) times scale, and the head's gradient +=. With bf16 products, head16 holds the head's weights packed
-   for the logits' product and then for dhf's (packed once a step, not once a block). */
-static double head_loss(const Net *m, int n, const int64_t *targets, const Work *w, float scale,
-                        const uint32_t *head16, int grads) {
+   d(loss)/d(hf) times scale, and the head's gradient +=. ph: the head's weights packed (bf16 products), for the
+   logits' product and dhf's. */
+static double head_loss(const Net *m, int n, const int64_t *targets, const Work *w, float scale, const Packed *ph,
+                        int grads) {
     const int d = m->dim, vcb = m->vocab, rows = ce_rows(m);
     double total = 0.0;
     float *z = w->scores;
     const Scratch scratch = {w->bp, w->ap}, *bp = &scratch;
     for (int i0 = 0; i0 < n; i0 += rows) {
         const int r = imin(rows, n - i0);
-        gemm_with(r, vcb, d, w->hf + (long)i0 * d, d, 0, m->head, d, 1, z, vcb, 0, bp, m->bf16, head16);
+        gemm_with(r, vcb, d, w->hf + (long)i0 * d, d, 0, m->head, d, 1, z, vcb, 0, bp, m->bf16, ph->fwd);
         double part = 0.0;
         for (int i = 0; i < r; i++) {
             float *zi = z + (long)i * vcb;
@@ -785,16 +840,21 @@ static double head_loss(const Net *m, int n, const int64_t *targets, const Work 
         }
         total += part;
         if (!grads) continue;
-        gemm_with(r, d, vcb, z, vcb, 0, m->head, d, 0, w->dh + (long)i0 * d, d, 0, bp, m->bf16,
-                  head16 ? head16 + pack_whole_b16(0, 0, 1, d, vcb, 0) : 0);
+        gemm_with(r, d, vcb, z, vcb, 0, m->head, d, 0, w->dh + (long)i0 * d, d, 0, bp, m->bf16, ph->back);
         gemm(vcb, d, r, z, vcb, 1, w->hf + (long)i0 * d, d, 0, m->g_head, d, 1, bp, m->bf16);
     }
     return total;
 }
 
-/* b sequences of t tokens, on one thread: the summed loss; with grads, gradients, times dscale per token, added */
+/* weight `which` of layer l as packed in pk (lay_out_packs'; the head is pk[0]), or unpacked */
+static inline const Packed *packed(const Packed *pk, int l, int which) {
+    return pk ? &pk[1 + P_LAYER * l + which] : &unpacked;
+}
+
+/* b sequences of t tokens, on one thread: the summed loss; with grads, gradients, times dscale per token, added. pk:
+   the weights packed (bf16 products), or 0 */
 static double forward_backward(const Net *m, const int64_t *tokens, const int64_t *targets, int b, int t, float *work,
-                               float dscale, const uint32_t *head16, int grads) {
+                               float dscale, const Packed *pk, int grads) {
     const int d = m->dim, f = m->d_ff, h = m->n_heads, hk = m->n_kv_heads, hd = m->head_dim, kvd = hk * hd;
     const long n = (long)b * t;
     Work w;
@@ -808,25 +868,25 @@ static double forward_backward(const Net *m, const int64_t *tokens, const int64_
         float *v = w.v + l * n * kvd, *att = w.att + l * n * d, *xmid = w.xmid + l * n * d, *h2 = w.h2 + l * n * d;
         float *a = w.a + l * n * f, *u = w.u + l * n * f;
         rmsnorm((int)n, d, xin, ly->attn_norm, m->eps, h1, w.rstd1 + l * n);
-        linear((int)n, d, d, h1, ly->wq, q, 0, bp, m->bf16);
-        linear((int)n, kvd, d, h1, ly->wk, k, 0, bp, m->bf16);
-        linear((int)n, kvd, d, h1, ly->wv, v, 0, bp, m->bf16);
+        linear((int)n, d, d, h1, ly->wq, packed(pk, l, P_WQ), q, 0, bp, m->bf16);
+        linear((int)n, kvd, d, h1, ly->wk, packed(pk, l, P_WK), k, 0, bp, m->bf16);
+        linear((int)n, kvd, d, h1, ly->wv, packed(pk, l, P_WV), v, 0, bp, m->bf16);
         rope((int)n, t, h, hd, q, m->rope_cos, m->rope_sin, 0);
         rope((int)n, t, hk, hd, k, m->rope_cos, m->rope_sin, 0);
         attention(m, b, t, &w, l, att, w.lse + l * n * h);
         memcpy(xmid, xin, sizeof(float) * n * d);
-        linear((int)n, d, d, att, ly->wo, xmid, 1, bp, m->bf16);
+        linear((int)n, d, d, att, ly->wo, packed(pk, l, P_WO), xmid, 1, bp, m->bf16);
         rmsnorm((int)n, d, xmid, ly->mlp_norm, m->eps, h2, w.rstd2 + l * n);
-        linear((int)n, f, d, h2, ly->w_gate, a, 0, bp, m->bf16);
-        linear((int)n, f, d, h2, ly->w_up, u, 0, bp, m->bf16);
+        linear((int)n, f, d, h2, ly->w_gate, packed(pk, l, P_GATE), a, 0, bp, m->bf16);
+        linear((int)n, f, d, h2, ly->w_up, packed(pk, l, P_UP), u, 0, bp, m->bf16);
 #pragma omp simd
         for (long i = 0; i < n * f; i++) w.s[i] = a[i] * sigmoid(a[i]) * u[i];
         float *next = l + 1 < m->n_layers ? w.xin + (l + 1) * n * d : w.xf;
         memcpy(next, xmid, sizeof(float) * n * d);
-        linear((int)n, d, f, w.s, ly->w_down, next, 1, bp, m->bf16);
+        linear((int)n, d, f, w.s, ly->w_down, packed(pk, l, P_DOWN), next, 1, bp, m->bf16);
     }
     rmsnorm((int)n, d, w.xf, m->norm, m->eps, w.hf, w.rstdf);
-    const double loss = head_loss(m, (int)n, targets, &w, dscale, head16, grads);
+    const double loss = head_loss(m, (int)n, targets, &w, dscale, pk ? pk : &unpacked, grads);
     if (!grads) return loss;
     memset(w.dx, 0, sizeof(float) * n * d);
     rmsnorm_back((int)n, d, w.xf, m->norm, w.rstdf, w.dh, w.dx, m->g_norm);
@@ -837,23 +897,23 @@ static double forward_backward(const Net *m, const int64_t *tokens, const int64_
 #pragma omp simd
         for (long i = 0; i < n * f; i++) w.s[i] = a[i] * sigmoid(a[i]) * u[i];
         gemm(d, f, (int)n, w.dx, d, 1, w.s, f, 0, ly->g_down, f, 1, bp, m->bf16); /* g_down += dx^T s */
-        gemm((int)n, f, d, w.dx, d, 0, ly->w_down, f, 0, w.s, f, 0, bp, m->bf16); /* ds = dx W_down, into s */
+        gemm_with((int)n, f, d, w.dx, d, 0, ly->w_down, f, 0, w.s, f, 0, bp, m->bf16, packed(pk, l, P_DOWN)->back); /* ds = dx W_down, into s */
 #pragma omp simd
         for (long i = 0; i < n * f; i++) {
             const float sg = sigmoid(a[i]), silu = a[i] * sg;
             w.da[i] = w.s[i] * u[i] * sg * (1.0f + a[i] * (1.0f - sg));
             w.du[i] = w.s[i] * silu;
         }
-        linear_back((int)n, f, d, h2, ly->w_gate, w.da, w.dh, 0, ly->g_gate, bp, m->bf16);
-        linear_back((int)n, f, d, h2, ly->w_up, w.du, w.dh, 1, ly->g_up, bp, m->bf16);
+        linear_back((int)n, f, d, h2, ly->w_gate, packed(pk, l, P_GATE), w.da, w.dh, 0, ly->g_gate, bp, m->bf16);
+        linear_back((int)n, f, d, h2, ly->w_up, packed(pk, l, P_UP), w.du, w.dh, 1, ly->g_up, bp, m->bf16);
         rmsnorm_back((int)n, d, xmid, ly->mlp_norm, w.rstd2 + l * n, w.dh, w.dx, ly->g_mlp_norm);
-        linear_back((int)n, d, d, att, ly->wo, w.dx, w.datt, 0, ly->g_wo, bp, m->bf16);
+        linear_back((int)n, d, d, att, ly->wo, packed(pk, l, P_WO), w.dx, w.datt, 0, ly->g_wo, bp, m->bf16);
         attention_back(m, b, t, &w, l);
         rope((int)n, t, h, hd, w.dq, m->rope_cos, m->rope_sin, 1);
         rope((int)n, t, hk, hd, w.dk, m->rope_cos, m->rope_sin, 1);
-        linear_back((int)n, d, d, h1, ly->wq, w.dq, w.dh, 0, ly->g_wq, bp, m->bf16);
-        linear_back((int)n, kvd, d, h1, ly->wk, w.dk, w.dh, 1, ly->g_wk, bp, m->bf16);
-        linear_back((int)n, kvd, d, h1, ly->wv, w.dv, w.dh, 1, ly->g_wv, bp, m->bf16);
+        linear_back((int)n, d, d, h1, ly->wq, packed(pk, l, P_WQ), w.dq, w.dh, 0, ly->g_wq, bp, m->bf16);
+        linear_back((int)n, kvd, d, h1, ly->wk, packed(pk, l, P_WK), w.dk, w.dh, 1, ly->g_wk, bp, m->bf16);
+        linear_back((int)n, kvd, d, h1, ly->wv, packed(pk, l, P_WV), w.dv, w.dh, 1, ly->g_wv, bp, m->bf16);
         rmsnorm_back((int)n, d, xin, ly->attn_norm, w.rstd1 + l * n, w.dh, w.dx, ly->g_attn_norm);
     }
     for (long i = 0; i < n; i++) {
@@ -867,11 +927,11 @@ static double forward_backward(const Net *m, const int64_t *tokens, const int64_
 
 /* b sequences on one thread, forward and backward `per` at a time: their summed loss */
 static double run_passes(const Net *m, const int64_t *tokens, const int64_t *targets, int b, int t, float *work,
-                         float dscale, const uint32_t *head16, int per, int grads) {
+                         float dscale, const Packed *pk, int per, int grads) {
     double total = 0.0;
     for (int b0 = 0; b0 < b; b0 += per)
         total += forward_backward(m, tokens + (long)b0 * t, targets + (long)b0 * t, imin(per, b - b0), t, work,
-                                  dscale, head16, grads);
+                                  dscale, pk, grads);
     return total;
 }
 
@@ -887,16 +947,15 @@ static double micro_step(const Net *m, const int64_t *tokens, const int64_t *tar
         if (tokens[i] < 0 || tokens[i] >= m->vocab || targets[i] < 0 || targets[i] >= m->vocab) return NAN;
     const float dscale = grad_scale / (float)n;
     const int th = step_threads(b);
-    const long shared = head16_floats(m);
-    const uint32_t *head16 = shared ? (const uint32_t *)work : 0;
-    if (shared) {
-        uint32_t *dst = (uint32_t *)work;
-        dst += pack_whole_b16(m->head, m->dim, 1, m->dim, m->vocab, dst);
-        if (grads) pack_whole_b16(m->head, m->dim, 0, m->vocab, m->dim, dst); /* for dhf's product */
-        work += shared;
-    }
+    Packed packs[MAX_WEIGHTS(m)]; /* the weights in bf16 pairs, at the workspace's start (packed by the threads) */
+    const long shared = lay_out_packs(m, (uint32_t *)work, packs);
+    const Packed *pk = shared ? packs : 0;
+    work += shared;
     const int per = pass_seqs(m, (b + th - 1) / th);
-    if (th == 1) return run_passes(m, tokens, targets, b, t, work, dscale, head16, per, grads) / (double)n;
+    if (th == 1) {
+        if (pk) pack_weights(m, pk, grads, 0, 1);
+        return run_passes(m, tokens, targets, b, t, work, dscale, pk, per, grads) / (double)n;
+    }
     const long rows = (long)per * t, share = share_floats(m, rows, th), act = carve(m, rows, 0, 0);
     Layer caller_layers[m->n_layers];
     Net caller = *m;
@@ -910,6 +969,10 @@ static double micro_step(const Net *m, const int64_t *tokens, const int64_t *tar
         /* the team may be smaller than asked for (OMP_THREAD_LIMIT, OMP_DYNAMIC): a thread then takes several
            chunks, each in its own share of the workspace */
         const int id = thread_id(), team = team_size();
+        if (pk) {
+            pack_weights(m, pk, grads, id, team);
+#pragma omp barrier
+        }
         for (int c = id; c < th; c += team) {
             const int b0 = (int)((long)b * c / th), b1 = (int)((long)b * (c + 1) / th);
             float *base = work + c * share, *at = base + act;
@@ -925,7 +988,7 @@ static double micro_step(const Net *m, const int64_t *tokens, const int64_t *tar
                 for (int k = 0; k < n_slots; k++) *slot[k] = at, at += floats[k];
                 if (m->g_head == m->g_embed) own.g_head = own.g_embed;
             }
-            total += run_passes(&own, tokens + (long)b0 * t, targets + (long)b0 * t, b1 - b0, t, base, dscale, head16,
+            total += run_passes(&own, tokens + (long)b0 * t, targets + (long)b0 * t, b1 - b0, t, base, dscale, pk,
                                 per, grads);
         }
 #pragma omp barrier
