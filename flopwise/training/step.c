@@ -895,12 +895,16 @@ static double forward_backward(const Net *m, const int64_t *tokens, const int64_
         float *xin = w.xin + l * n * d, *h1 = w.h1 + l * n * d, *att = w.att + l * n * d;
         float *xmid = w.xmid + l * n * d, *h2 = w.h2 + l * n * d, *a = w.a + l * n * f, *u = w.u + l * n * f;
 #pragma omp simd
-        for (long i = 0; i < n * f; i++) w.s[i] = a[i] * sigmoid(a[i]) * u[i];
+        for (long i = 0; i < n * f; i++) {
+            const float sg = sigmoid(a[i]);
+            w.du[i] = sg; /* kept for da and du below */
+            w.s[i] = a[i] * sg * u[i];
+        }
         gemm(d, f, (int)n, w.dx, d, 1, w.s, f, 0, ly->g_down, f, 1, bp, m->bf16); /* g_down += dx^T s */
         gemm_with((int)n, f, d, w.dx, d, 0, ly->w_down, f, 0, w.s, f, 0, bp, m->bf16, packed(pk, l, P_DOWN)->back); /* ds = dx W_down, into s */
 #pragma omp simd
         for (long i = 0; i < n * f; i++) {
-            const float sg = sigmoid(a[i]), silu = a[i] * sg;
+            const float sg = w.du[i], silu = a[i] * sg;
             w.da[i] = w.s[i] * u[i] * sg * (1.0f + a[i] * (1.0f - sg));
             w.du[i] = w.s[i] * silu;
         }
