@@ -150,30 +150,38 @@ static inline uint32_t bf16_bits(float x) {
 
 /* dst[i] = (lo[i step] in the low half, hi[i step] in the high half, or 0 without hi) as bf16, for count i. The two
    layouts the products read most, pairs along a row (hi = lo + 1, step 2) and two rows side by side (step 1), go
-   through AVX512_BF16's own conversion (32 floats an instruction, the same rounding; it reads denormals as 0) */
+   through AVX512_BF16's own conversion (32 floats an instruction, the same rounding; it reads denormals as 0), their
+   last partial vector under a mask: rows of 16-32 floats (d_model 16-32) are all tail */
 static inline void bf16_pairs(const float *lo, const float *hi, long step, int count, uint32_t *dst) {
-    int i = 0;
     if (step == 2 && hi == lo + 1) { /* a row's bf16 in order: the pairs are its consecutive elements */
-        for (; i + 16 <= count; i += 16)
-            _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(lo + 2 * i + 16),
-                                                                        _mm512_loadu_ps(lo + 2 * i)));
+        for (int i = 0; i < count; i += 16) {
+            const int floats = 2 * (count - i); /* left in the row */
+            const __mmask16 k_lo = lanes(floats), k_hi = floats > 16 ? lanes(floats - 16) : 0;
+            const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(k_hi, lo + 2 * i + 16),
+                                                      _mm512_maskz_loadu_ps(k_lo, lo + 2 * i));
+            _mm512_mask_storeu_epi32(dst + i, lanes(count - i), (__m512i)both);
+        }
     } else if (step == 1 && hi) { /* two rows interleaved */
         const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-        for (; i + 16 <= count; i += 16) {
-            const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(hi + i), _mm512_loadu_ps(lo + i));
-            _mm512_storeu_si512(dst + i, _mm512_permutexvar_epi16(order, both));
+        for (int i = 0; i < count; i += 16) {
+            const __mmask16 k = lanes(count - i);
+            const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(k, hi + i),
+                                                              _mm512_maskz_loadu_ps(k, lo + i));
+            _mm512_mask_storeu_epi32(dst + i, k, _mm512_permutexvar_epi16(order, both));
         }
     } else if (step == 1) { /* one row, zero high halves */
-        for (; i + 16 <= count; i += 16)
-            _mm512_storeu_si512(dst + i, _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(lo + i))));
-    }
-    if (hi) {
+        for (int i = 0; i < count; i += 16) {
+            const __mmask16 k = lanes(count - i);
+            const __m256i half = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, lo + i));
+            _mm512_mask_storeu_epi32(dst + i, k, _mm512_cvtepu16_epi32(half));
+        }
+    } else if (hi) { /* strided (a transposed weight, packed once a step) */
 #pragma omp simd
-        for (int j = i; j < count; j++) dst[j] = bf16_bits(lo[j * step]) | bf16_bits(hi[j * step]) << 16;
+        for (int j = 0; j < count; j++) dst[j] = bf16_bits(lo[j * step]) | bf16_bits(hi[j * step]) << 16;
     } else {
 #pragma omp simd
-        for (int j = i; j < count; j++) dst[j] = bf16_bits(lo[j * step]);
+        for (int j = 0; j < count; j++) dst[j] = bf16_bits(lo[j * step]);
     }
 }
 
