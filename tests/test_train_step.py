@@ -516,13 +516,15 @@ def test_the_c_update_runs_muons_other_options():
             assert torch.allclose((b - start).detach(), moved, rtol=0, atol=2e-2 * float(moved.abs().max()))
 
 
-def test_bf16_passes_change_only_the_order_of_the_sums():
-    """bf16 products, two threads, the head packed once and shared: two sequences a pass against one pass over each
-    thread's share give the same loss and gradients to fp32's rounding."""
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=["d16-tied", "d64-gqa-untied"])
+def test_bf16_passes_change_only_the_order_of_the_sums(shape):
+    """bf16 products, two threads, the weights packed once a call and shared (grouped keys and values, an untied
+    head): two sequences a pass against one pass over each thread's share give the same loss and gradients to fp32's
+    rounding."""
     if not native.has_bf16():
         pytest.skip("no AVX512_BF16 here")
-    model = _model(SHAPES[0])
-    x = torch.randint(0, SHAPES[0]["vocab_size"], (7, 128), generator=torch.Generator().manual_seed(2))
+    model = _model(shape)
+    x = torch.randint(0, shape["vocab_size"], (7, shape["seq_len"]), generator=torch.Generator().manual_seed(2))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -176,7 +176,7 @@ static inline void bf16_pairs(const float *lo, const float *hi, long step, int c
             const __m256i half = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, lo + i));
             _mm512_mask_storeu_epi32(dst + i, k, _mm512_cvtepu16_epi32(half));
         }
-    } else if (hi) { /* strided (a transposed weight, packed once a step) */
+    } else if (hi) { /* any other stride */
 #pragma omp simd
         for (int j = 0; j < count; j++) dst[j] = bf16_bits(lo[j * step]) | bf16_bits(hi[j * step]) << 16;
     } else {
@@ -202,18 +202,26 @@ static void convert_a(const float *a, long lda, int ta, int m, int k0, int kc, u
     }
 }
 
-/* op(B)[k0:k0+kc, j0:j0+w] as (kc + 1) / 2 rows of w pairs, zero past column n */
+/* op(B)[k0:k0+kc, j0:j0+w] as (kc + 1) / 2 rows of w pairs, zero past column n (kc <= KC) */
 static void pack_b16(const float *b, long ldb, int tb, int k0, int kc, int j0, int n, int w, uint32_t *bp) {
     const int cols = imin(w, n - j0), kp = (kc + 1) / 2;
+    if (tb) { /* a column of the panel is a row of b, its pairs consecutive there: converted along the row (whole
+                 vectors), then stored down the column (converting strided pairs one at a time ran ~7x slower) */
+        uint32_t pairs[KC / 2];
+        for (int c = 0; c < cols; c++) {
+            const float *row = b + (long)(j0 + c) * ldb + k0;
+            bf16_pairs(row, row + 1, 2, kc / 2, pairs);
+            if (kc & 1) bf16_pairs(row + kc - 1, 0, 1, 1, pairs + kp - 1);
+            for (int p = 0; p < kp; p++) bp[(long)p * w + c] = pairs[p];
+        }
+        for (int p = 0; p < kp; p++)
+            for (int c = cols; c < w; c++) bp[(long)p * w + c] = 0;
+        return;
+    }
     for (int p = 0; p < kp; p++) {
         uint32_t *dst = bp + (long)p * w;
-        if (!tb) {
-            const float *lo = b + (long)(k0 + 2 * p) * ldb + j0;
-            bf16_pairs(lo, 2 * p + 1 < kc ? lo + ldb : 0, 1, cols, dst);
-        } else { /* transposed: strided reads, contiguous writes */
-            const float *lo = b + (long)j0 * ldb + k0 + 2 * p;
-            bf16_pairs(lo, 2 * p + 1 < kc ? lo + 1 : 0, ldb, cols, dst);
-        }
+        const float *lo = b + (long)(k0 + 2 * p) * ldb + j0;
+        bf16_pairs(lo, 2 * p + 1 < kc ? lo + ldb : 0, 1, cols, dst);
         for (int c = cols; c < w; c++) dst[c] = 0;
     }
 }
@@ -345,9 +353,9 @@ static long pack_whole_b16(const float *b, long ldb, int tb, int k, int n, uint3
     return at;
 }
 
-/* A weight in bf16 pairs as gemm_with reads it from `packed` (pack_whole_b16's layout), packed once a step and
-   shared by the threads: fwd for x W^T, back for dy W; 0 where not packed (fp32 products), and the product packs
-   its own panels */
+/* A weight in bf16 pairs as gemm_with reads it from `packed` (pack_whole_b16's layout), packed once a call of the
+   step (a micro-step, or a batch of the evaluation's) and shared by the threads: fwd for x W^T, back for dy W; 0
+   where not packed (fp32 products), and the product packs its own panels */
 typedef struct {
     const uint32_t *fwd, *back;
 } Packed;
@@ -594,9 +602,9 @@ static long share_floats(const Net *m, long rows, int chunks) {
     return carve(m, rows, 0, 0) + (chunks > 1 ? (grad_floats(m) + 15) / 16 * 16 : 0);
 }
 
-/* The products' weights in bf16 pairs, packed once a step (bf16 products only). Every pass of every thread
-   multiplies by the same weights, and packing a weight for x W^T (a transposed, strided read) cost up to a third of
-   the product itself at 256 rows. Weights in one order: the head, then each layer's P_LAYER. */
+/* The products' weights in bf16 pairs, packed once a call (bf16 products only). Every pass of every thread
+   multiplies by the same weights, and packing a weight for x W^T cost up to a third of the product itself at 256
+   rows. Weights in one order: the head, then each layer's P_LAYER. */
 enum { P_WQ, P_WK, P_WV, P_WO, P_GATE, P_UP, P_DOWN, P_LAYER };
 #define MAX_WEIGHTS(m) (1 + P_LAYER * (m)->n_layers)
 
@@ -631,20 +639,26 @@ static long lay_out_packs(const Net *m, uint32_t *base, Packed *pk) {
     return (at + 15) / 16 * 16;
 }
 
-/* pack this thread's share of the weights (every team-th, from id) where pk lays them out: the fwd packs, and with
-   back the back ones */
+/* pack thread id's share of the weights where pk lays them out: the fwd packs, and with back the back ones. Each
+   goes to the thread with the fewest weights so far (the head, often the largest, first), reckoned alike on every
+   thread of the team. */
 static void pack_weights(const Net *m, const Packed *pk, int back, int id, int team) {
     const float *w[MAX_WEIGHTS(m)];
     int out[MAX_WEIGHTS(m)], in[MAX_WEIGHTS(m)];
     const int count = weight_list(m, w, out, in);
-    for (int i = id; i < (back ? 2 : 1) * count; i += team) {
-        const int c = i % count;
-        uint32_t *dst = (uint32_t *)(i < count ? pk[c].fwd : pk[c].back);
-        if (i < count)
-            pack_whole_b16(w[c], in[c], 1, in[c], out[c], dst);
-        else
-            pack_whole_b16(w[c], in[c], 0, out[c], in[c], dst);
-    }
+    long load[team];
+    for (int t = 0; t < team; t++) load[t] = 0;
+    for (int c = 0; c < count; c++)
+        for (int dir = 0; dir <= back; dir++) {
+            int least = 0;
+            for (int t = 1; t < team; t++) least = load[t] < load[least] ? t : least;
+            load[least] += (long)out[c] * in[c];
+            if (least != id) continue;
+            if (dir)
+                pack_whole_b16(w[c], in[c], 0, out[c], in[c], (uint32_t *)pk[c].back);
+            else
+                pack_whole_b16(w[c], in[c], 1, in[c], out[c], (uint32_t *)pk[c].fwd);
+        }
 }
 
 /* chunks a step of b sequences splits into, one a thread (each takes whole sequences) */
@@ -909,7 +923,8 @@ static double forward_backward(const Net *m, const int64_t *tokens, const int64_
             w.s[i] = a[i] * sg * u[i];
         }
         gemm(d, f, (int)n, w.dx, d, 1, w.s, f, 0, ly->g_down, f, 1, bp, m->bf16); /* g_down += dx^T s */
-        gemm_with((int)n, f, d, w.dx, d, 0, ly->w_down, f, 0, w.s, f, 0, bp, m->bf16, packed(pk, l, P_DOWN)->back); /* ds = dx W_down, into s */
+        /* ds = dx W_down, into s */
+        gemm_with((int)n, f, d, w.dx, d, 0, ly->w_down, f, 0, w.s, f, 0, bp, m->bf16, packed(pk, l, P_DOWN)->back);
 #pragma omp simd
         for (long i = 0; i < n * f; i++) {
             const float sg = w.du[i], silu = a[i] * sg;
