@@ -388,13 +388,15 @@ def _random_grads(model: Llama, seed: int, scale: float = 1.0):
     return [scale * torch.randn(p.shape, generator=gen) for p in model.parameters()]
 
 
-@pytest.mark.parametrize("clip", [0.0, 1.0, 1e-3], ids=["no-clip", "clip-loose", "clip-binding"])
-def test_the_c_update_steps_as_torchs_clipping_adamw_and_muon(clip):
+@pytest.mark.parametrize("clip, width", [(0.0, 32), (1.0, 32), (1e-3, 32), (0.0, 80)],
+                         ids=["no-clip", "clip-loose", "clip-binding", "no-clip-d80"])
+def test_the_c_update_steps_as_torchs_clipping_adamw_and_muon(clip, width):
     """Three steps of the C update against clip_grad_norm_ and the optimizers' own step(), fed the same gradients:
     AdamW's updates and every state to a few ulps; Muon's (Newton-Schulz in bf16 as torch's) within bf16's rounding
     (bit for bit on the CPUs measured without clipping; clipping's scale, summed in another order, can differ by an
-    ulp); the returned norm is torch's total norm, and the gradients are zeroed after."""
-    shape = dict(SHAPES[1], d_model=32, n_heads=2, n_kv_heads=1, d_ff=96)
+    ulp); the returned norm is torch's total norm, and the gradients are zeroed after. At d_model 80 Newton-Schulz's
+    symmetric products span three 32-column panels, two of them mirrored."""
+    shape = dict(SHAPES[1], d_model=width, n_heads=2, n_kv_heads=1, d_ff=3 * width)
     want, got = _model(shape), _model(shape)
     ow, og = _optimizers(want), _optimizers(got)
     update = native.NativeUpdate(list(og.optimizers.values()))

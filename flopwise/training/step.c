@@ -1112,6 +1112,20 @@ static long muon_floats(long rows, long cols) {
            (long)round_up((int)r, 16) * (KC / 2);
 }
 
+/* C (m x m) = op(A) op(B) where that is symmetric (x x^T, or a symmetric matrix squared), bf16 as gemm's: each
+   32-column panel is multiplied from its first column's row down, the rest mirrored. An element is the same sum in
+   the same order as gemm's (so the result is gemm's to the bit), for 5/8 of the work at m = 128. */
+static void gemm_symmetric(int m, int k, const float *a, long lda, const float *b, long ldb, int tb, float *c, long ldc,
+                           const Scratch *sc) {
+    for (int j0 = 0; j0 < m; j0 += 32)
+        gemm(m - j0, imin(32, m - j0), k, a + (long)j0 * lda, lda, 0, tb ? b + (long)j0 * ldb : b + j0, ldb, tb,
+             c + (long)j0 * ldc + j0, ldc, 0, sc, 1);
+    for (int i0 = 0; i0 < m; i0 += 32) /* the 32 x 32 blocks above the panels' diagonal blocks, each from its mirror */
+        for (int j0 = i0 + 32; j0 < m; j0 += 32)
+            for (int i = i0; i < i0 + 32; i++)
+                for (int j = j0; j < imin(j0 + 32, m); j++) c[(long)i * ldc + j] = c[(long)j * ldc + i];
+}
+
 /* Newton-Schulz's quintic iteration on x (r x c, r <= c), in bf16 as torch's Muon does it: each product's operands
    are bf16, its sum fp32, its result rounded to bf16 */
 static float *newton_schulz(int r, int c, float *x, float *y, float *gram, float *poly, float *tmp, const Group *g,
@@ -1128,9 +1142,9 @@ static float *newton_schulz(int r, int c, float *x, float *y, float *gram, float
     for (long i = 0; i < (long)r * c; i++) x[i] = to_bf16(x[i] / norm);
     const float a = (float)g->ns_a, b = (float)g->ns_b, cc = (float)g->ns_c;
     for (int it = 0; it < g->ns_steps; it++) {
-        gemm(r, r, c, x, c, 0, x, c, 1, gram, r, 0, sc, 1); /* x x^T */
+        gemm_symmetric(r, c, x, c, x, c, 1, gram, r, sc); /* x x^T */
         for (long i = 0; i < (long)r * r; i++) gram[i] = to_bf16(gram[i]);
-        gemm(r, r, r, gram, r, 0, gram, r, 0, tmp, r, 0, sc, 1);
+        gemm_symmetric(r, r, gram, r, gram, r, 0, tmp, r, sc); /* gram^2 */
         for (long i = 0; i < (long)r * r; i++) poly[i] = to_bf16(b * gram[i] + cc * tmp[i]);
         gemm(r, c, r, poly, r, 0, x, c, 0, y, c, 0, sc, 1);
         for (long i = 0; i < (long)r * c; i++) y[i] = to_bf16(a * x[i] + y[i]);
