@@ -640,8 +640,8 @@ static long lay_out_packs(const Net *m, uint32_t *base, Packed *pk) {
 }
 
 /* pack thread id's share of the weights where pk lays them out: the fwd packs, and with back the back ones. Each
-   goes to the thread with the fewest weights so far (the head, often the largest, first), reckoned alike on every
-   thread of the team. */
+   goes to the thread with the least work so far (the head, often the largest, first; a fwd pack, transposed, costs
+   about 8 back ones of its size), reckoned alike on every thread of the team. */
 static void pack_weights(const Net *m, const Packed *pk, int back, int id, int team) {
     const float *w[MAX_WEIGHTS(m)];
     int out[MAX_WEIGHTS(m)], in[MAX_WEIGHTS(m)];
@@ -652,7 +652,7 @@ static void pack_weights(const Net *m, const Packed *pk, int back, int id, int t
         for (int dir = 0; dir <= back; dir++) {
             int least = 0;
             for (int t = 1; t < team; t++) least = load[t] < load[least] ? t : least;
-            load[least] += (long)out[c] * in[c];
+            load[least] += (long)out[c] * in[c] * (dir ? 1 : 8);
             if (least != id) continue;
             if (dir)
                 pack_whole_b16(w[c], in[c], 0, out[c], in[c], (uint32_t *)pk[c].back);
