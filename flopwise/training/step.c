@@ -176,7 +176,7 @@ static inline void bf16_pairs(const float *lo, const float *hi, long step, int c
             const __m256i half = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, lo + i));
             _mm512_mask_storeu_epi32(dst + i, k, _mm512_cvtepu16_epi32(half));
         }
-    } else if (hi) { /* any other stride */
+    } else if (hi) { /* any other layout, one at a time (the products no longer use one) */
 #pragma omp simd
         for (int j = 0; j < count; j++) dst[j] = bf16_bits(lo[j * step]) | bf16_bits(hi[j * step]) << 16;
     } else {
@@ -206,7 +206,8 @@ static void convert_a(const float *a, long lda, int ta, int m, int k0, int kc, u
 static void pack_b16(const float *b, long ldb, int tb, int k0, int kc, int j0, int n, int w, uint32_t *bp) {
     const int cols = imin(w, n - j0), kp = (kc + 1) / 2;
     if (tb) { /* a column of the panel is a row of b, its pairs consecutive there: converted along the row (whole
-                 vectors), then stored down the column (converting strided pairs one at a time ran ~7x slower) */
+                 vectors; denormals read as 0, as the other layouts'), then stored down the column (converting
+                 strided pairs one at a time ran slower) */
         uint32_t pairs[KC / 2];
         for (int c = 0; c < cols; c++) {
             const float *row = b + (long)(j0 + c) * ldb + k0;
