@@ -148,12 +148,12 @@ static inline uint32_t bf16_bits(float x) {
 #include <immintrin.h>
 #define HAVE_BF16 1
 
-/* dst[i] = (lo[i step] in the low half, hi[i step] in the high half, or 0 without hi) as bf16, for count i. The two
-   layouts the products read most, pairs along a row (hi = lo + 1, step 2) and two rows side by side (step 1), go
-   through AVX512_BF16's own conversion (32 floats an instruction, the same rounding; it reads denormals as 0), their
-   last partial vector under a mask: rows of 16-32 floats (d_model 16-32) are all tail */
+/* dst[i] = (lo[i step] in the low half, hi[i step] in the high half, or 0 without hi) as bf16, for count i, in the
+   products' three layouts: pairs along a row (step 2, hi = lo + 1), two rows side by side (step 1) and one row (step
+   1, no hi). Through AVX512_BF16's own conversion (32 floats an instruction, the same rounding; it reads denormals
+   as 0), the last partial vector under a mask: rows of 16-32 floats (d_model 16-32) are all tail */
 static inline void bf16_pairs(const float *lo, const float *hi, long step, int count, uint32_t *dst) {
-    if (step == 2 && hi == lo + 1) { /* a row's bf16 in order: the pairs are its consecutive elements */
+    if (step == 2) { /* a row's bf16 in order: the pairs are its consecutive elements */
         for (int i = 0; i < count; i += 16) {
             const int floats = 2 * (count - i); /* left in the row */
             const __mmask16 k_lo = lanes(floats), k_hi = floats > 16 ? lanes(floats - 16) : 0;
@@ -161,7 +161,7 @@ static inline void bf16_pairs(const float *lo, const float *hi, long step, int c
                                                       _mm512_maskz_loadu_ps(k_lo, lo + 2 * i));
             _mm512_mask_storeu_epi32(dst + i, lanes(count - i), (__m512i)both);
         }
-    } else if (step == 1 && hi) { /* two rows interleaved */
+    } else if (hi) { /* two rows interleaved */
         const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
         for (int i = 0; i < count; i += 16) {
@@ -170,18 +170,12 @@ static inline void bf16_pairs(const float *lo, const float *hi, long step, int c
                                                               _mm512_maskz_loadu_ps(k, lo + i));
             _mm512_mask_storeu_epi32(dst + i, k, _mm512_permutexvar_epi16(order, both));
         }
-    } else if (step == 1) { /* one row, zero high halves */
+    } else { /* one row, zero high halves */
         for (int i = 0; i < count; i += 16) {
             const __mmask16 k = lanes(count - i);
             const __m256i half = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, lo + i));
             _mm512_mask_storeu_epi32(dst + i, k, _mm512_cvtepu16_epi32(half));
         }
-    } else if (hi) { /* any other layout, one at a time (the products no longer use one) */
-#pragma omp simd
-        for (int j = 0; j < count; j++) dst[j] = bf16_bits(lo[j * step]) | bf16_bits(hi[j * step]) << 16;
-    } else {
-#pragma omp simd
-        for (int j = 0; j < count; j++) dst[j] = bf16_bits(lo[j * step]);
     }
 }
 
@@ -210,9 +204,7 @@ static void pack_b16(const float *b, long ldb, int tb, int k0, int kc, int j0, i
                  strided pairs one at a time ran slower) */
         uint32_t pairs[KC / 2];
         for (int c = 0; c < cols; c++) {
-            const float *row = b + (long)(j0 + c) * ldb + k0;
-            bf16_pairs(row, row + 1, 2, kc / 2, pairs);
-            if (kc & 1) bf16_pairs(row + kc - 1, 0, 1, 1, pairs + kp - 1);
+            convert_a(b + (long)(j0 + c) * ldb, ldb, 0, 1, k0, kc, pairs);
             for (int p = 0; p < kp; p++) bp[(long)p * w + c] = pairs[p];
         }
         for (int p = 0; p < kp; p++)
