@@ -58,7 +58,7 @@ from flopwise.sweep.design import (
     total_flops,
     write_design,
 )
-from flopwise.sweep.runner import default_workers, run_sweep, sweep_seconds, worker_threads
+from flopwise.sweep.runner import default_workers, run_sweep, sweep_seconds, worker_pool, worker_threads
 from flopwise.training.trainer import train
 
 
@@ -109,16 +109,17 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     workers = cfg.workers or default_workers(len(specs))
     threads, _ = worker_threads(workers)
     remaining = cfg.budget_flops - sweep_flops
-    log(f"sweep: {len(specs)} runs over {len(budgets)} budgets ({', '.join(f'{b:.2g}' for b in budgets)} FLOPs), "
-        f"sizes {min(s.n_params for s in specs):,}-{max(s.n_params for s in specs):,} params "
-        f"({specs[0].shape['n_layers']} layers, width the one dial), "
-        + (f"at least {min(s.n_tokens // s.options['batch_tokens'] for s in specs)} steps per run, "
-           if all("batch_tokens" in s.options for s in specs) else "")
-        + f"{sweep_flops:.3g} FLOPs on {workers} worker(s); ETA ~{sweep_seconds(specs, workers, threads) / 60:.1f} min "
-        "(measured on this machine)")
-
-    with Bar("sweep", sweep_flops, quiet=not progress) as bar:
-        run_sweep(sweep_dir, workers, progress=lambda done, total, k, n: bar.update(done, f"{k}/{n} runs"))
+    with worker_pool(workers) as pool:  # the workers start while this process builds the C step and measures
+        eta = sweep_seconds(specs, workers, threads, pool)
+        log(f"sweep: {len(specs)} runs over {len(budgets)} budgets ({', '.join(f'{b:.2g}' for b in budgets)} FLOPs), "
+            f"sizes {min(s.n_params for s in specs):,}-{max(s.n_params for s in specs):,} params "
+            f"({specs[0].shape['n_layers']} layers, width the one dial), "
+            + (f"at least {min(s.n_tokens // s.options['batch_tokens'] for s in specs)} steps per run, "
+               if all("batch_tokens" in s.options for s in specs) else "")
+            + f"{sweep_flops:.3g} FLOPs on {workers} worker(s); ETA ~{eta / 60:.1f} min (measured on this machine)")
+        with Bar("sweep", sweep_flops, quiet=not progress) as bar:
+            run_sweep(sweep_dir, workers, pool=pool,
+                      progress=lambda done, total, k, n: bar.update(done, f"{k}/{n} runs"))
     t_sweep = time.time() - t_start
 
     # 3. fit (Approach 2 and 3, bootstrap, extrapolation check), the trust checks, and a fallback when they fail
@@ -210,10 +211,12 @@ def _compare_optimizers(out: Path, specs, meta: dict, free: dict, cfg: Autopilot
     options = {**meta.get("train_options", {}), "optimizer": other}
     if not (sweep_dir / "sweep.json").exists():
         write_design(sweep_dir, specs, {**meta, "train_options": options})
-    log(f"comparison sweep: the same {len(specs)} runs with {other} ({total_flops(specs):.3g} FLOPs beyond the "
-        f"budget); ETA ~{sweep_seconds(specs, workers, threads) / 60:.1f} min")
-    with Bar(f"sweep ({other})", total_flops(specs), quiet=not progress) as bar:
-        run_sweep(sweep_dir, workers, progress=lambda done, total, k, n: bar.update(done, f"{k}/{n} runs"))
+    with worker_pool(workers) as pool:
+        log(f"comparison sweep: the same {len(specs)} runs with {other} ({total_flops(specs):.3g} FLOPs beyond the "
+            f"budget); ETA ~{sweep_seconds(specs, workers, threads, pool) / 60:.1f} min")
+        with Bar(f"sweep ({other})", total_flops(specs), quiet=not progress) as bar:
+            run_sweep(sweep_dir, workers, pool=pool,
+                      progress=lambda done, total, k, n: bar.update(done, f"{k}/{n} runs"))
     runs = load_runs(sweep_dir)
     fit = fit_runs(runs, approach="3", n_boot=cfg.bootstrap, seed=cfg.seed + 1, effective_data=True,
                    min_steps=cfg.min_steps)

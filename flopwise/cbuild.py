@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from flopwise.fsutil import cache_root
+from flopwise.fsutil import cache_root, file_lock
 
 
 class NativeUnavailable(Exception):
@@ -54,7 +54,10 @@ def load(source: Path, what: str, flags: tuple[str, ...] = ()) -> ctypes.CDLL:
                                          platform.machine().encode(), " ".join(flags).encode()])).hexdigest()[:16]
         path = cache_root() / "native" / f"{source.parent.name}-{source.stem}-{key}.so"
         if not path.exists():
-            _build(cc, source, what, path, list(flags))
+            # one build at a time: a sweep's workers, started while the parent builds, wait for its build
+            with file_lock(path.with_suffix(".lock")):
+                if not path.exists():
+                    _build(cc, source, what, path, list(flags))
         return ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:  # an unwritable or noexec cache folder, a missing source
         raise NativeUnavailable(f"{what}: {e}") from None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from flopwise.errors import FlopwiseError
@@ -15,6 +17,21 @@ def cache_root() -> Path:
     """flopwise's cache folder: $FLOPWISE_CACHE, else ~/.cache/flopwise (prepared corpora, hardware probe)."""
     root = os.environ.get("FLOPWISE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "flopwise")
     return Path(root)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock on the file ``path`` (created; flock) for the block, between processes of this machine;
+    where the file cannot be created (an unwritable folder), no lock: callers then risk only repeated work."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a")
+    except OSError:
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def check_output_dir(path: str | os.PathLike, option: str, ours: Callable[[Path], bool]) -> None:

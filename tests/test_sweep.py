@@ -18,7 +18,7 @@ from flopwise.laws.runs import load_runs
 from flopwise.laws.shape import family_shape_at
 from flopwise.run import run_is_locked
 from flopwise.sweep.design import RunSpec, budgets_for, design_sweep, read_design, total_flops, write_design
-from flopwise.sweep.runner import run_sweep, status
+from flopwise.sweep.runner import run_sweep, status, sweep_seconds, worker_pool
 
 FAST = {"eval_every": 10**9, "eval_windows": 2, "final_eval_windows": 8, "micro_batch": 8, "batch_tokens": 1024}
 
@@ -281,6 +281,22 @@ print("trained", end="")
     assert (done.returncode, done.stdout) == (0, "trained")
     assert log.read_text().splitlines() == ["during a task", "before"]
     assert not torn.exists()
+
+
+def test_the_eta_measured_in_the_workers_is_remembered_for_the_runs(bundled, monkeypatch):
+    """The sweep's ETA is measured in its workers (started while the parent builds the C step): what they measured
+    is remembered for the runs, and the same ETA follows here without measuring again."""
+    from flopwise.training import probe
+    from flopwise.training.native import builds
+
+    if not builds():
+        pytest.skip("the C step does not build here: PyTorch's rates are measured per process")
+    specs = design_sweep([4e11, 1e12], bundled.vocab_size, 64, 3)
+    with worker_pool(2, (1, True)) as pool:
+        remote = sweep_seconds(specs, 2, 1, pool)
+    calls, measure = [], probe._measure_rate
+    monkeypatch.setattr(probe, "_measure_rate", lambda *a, **k: calls.append(a) or measure(*a, **k))
+    assert sweep_seconds(specs, 2, 1) == remote > 0 and calls == []
 
 
 def test_absurd_sweeps_are_refused_before_any_model_is_built(bundled, tmp_path):

@@ -157,6 +157,24 @@ def test_plain_and_avx2_builds_give_the_same_step(monkeypatch):
         assert torch.allclose(grad, results[0][1], rtol=1e-4, atol=1e-7)
 
 
+def test_processes_building_one_source_at_once_compile_it_once(tmp_path):
+    """A sweep's workers start while the parent builds the C step: a process that finds a build under way waits for
+    it and loads it, rather than compiling the same source again (the compiler here takes 2 s a build)."""
+    log, cc, source = tmp_path / "compiles", tmp_path / "cc", tmp_path / "one.c"
+    real = shutil.which("cc") or shutil.which("gcc")
+    if real is None:
+        pytest.skip("no C compiler")
+    cc.write_text(f'#!/bin/sh\ncase "$*" in *-shared*) echo build >> {log}; sleep 2;; esac\nexec {real} "$@"\n')
+    cc.chmod(0o755)
+    source.write_text("int one(void) { return 1; }\n")
+    code = f"from pathlib import Path; from flopwise.cbuild import load; print(load(Path({str(source)!r}), 'one').one())"
+    env = {**os.environ, "CC": str(cc), "FLOPWISE_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    assert [p.communicate(timeout=120)[0] for p in procs] == ["1\n", "1\n"]
+    assert log.read_text().splitlines() == ["build"]
+
+
 def _tiny_run(bundled, tmp_path, name, **kw):
     mc = ModelConfig(vocab_size=bundled.vocab_size, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=96,
                      seq_len=64, tie_embeddings=True)

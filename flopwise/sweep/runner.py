@@ -8,12 +8,14 @@ lock) is waited for, never trained twice.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import math
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
@@ -27,21 +29,29 @@ from flopwise.laws.flops import Shape
 from flopwise.model.llama import ModelConfig
 from flopwise.run import latest_checkpoint, new_run, read_final, run_is_locked
 from flopwise.sweep.design import RunSpec, read_design
-from flopwise.training.probe import ETA_OVERHEAD, expected_seconds, run_rate
+from flopwise.training.native import builds
+from flopwise.training.probe import C_STEP_MAX_WIDTH, ETA_OVERHEAD, expected_seconds, run_rate
 from flopwise.training.trainer import train
 
 
-def sweep_seconds(specs: list[RunSpec], workers: int, threads: int) -> float:
+def sweep_seconds(specs: list[RunSpec], workers: int, threads: int, pool: ProcessPoolExecutor | None = None) -> float:
     """Wall seconds to train ``specs`` on ``workers`` workers of ``threads`` threads each, from a few measured
     steps of the smallest and the largest shape (the C step's or PyTorch's, as the trainer will choose; the rate
-    log-linear in N between them), each run compiled or not as the trainer will choose."""
+    log-linear in N between them), each run compiled or not as the trainer will choose. With ``pool`` (the sweep's
+    workers, ``worker_pool``) the two shapes are measured there, side by side as their runs will train."""
     def micro(s: RunSpec) -> int:
         return resolve(Shape(**s.shape), TrainConfig(n_tokens=s.n_tokens, **s.options)).micro_batch
 
     small = min(specs, key=lambda s: s.n_params)
     large = max(specs, key=lambda s: s.n_params)
-    r_small = run_rate(small.shape, threads, micro(small))
-    r_large = run_rate(large.shape, threads, micro(large)) if large.n_params != small.n_params else r_small
+    ends = [small] if large.n_params == small.n_params else [small, large]
+    if pool is not None:
+        futures = [pool.submit(_run_rate_remote, s.shape, threads, micro(s)) for s in ends]
+        _build_c_step(small)  # here, while the workers start (they wait for this build rather than make their own)
+        measured = [f.result() for f in futures]
+    else:
+        measured = [run_rate(s.shape, threads, micro(s)) for s in ends]
+    r_small, r_large = measured[0], measured[-1]
 
     def rate(n: float) -> float:
         t = math.log(n / small.n_params) / math.log(large.n_params / small.n_params) if r_large != r_small else 0.0
@@ -52,6 +62,44 @@ def sweep_seconds(specs: list[RunSpec], workers: int, threads: int) -> float:
         return expected_seconds(eager, rate(s.n_params), s.shape, micro(s), s.options.get("compile", "auto"), threads)
 
     return sum(seconds(s) for s in specs) / workers
+
+
+def _build_c_step(spec: RunSpec) -> None:
+    """The C training step built (or found built) where the sweep's smallest shape would use it."""
+    if spec.shape["d_model"] <= C_STEP_MAX_WIDTH:
+        builds()
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, threads: tuple[int, bool] | None = None) -> Iterator[ProcessPoolExecutor | None]:
+    """The sweep's worker processes (None for one worker: the runs train in this process), started at once: each
+    imports torch and the trainer (about 2 s on 2 cores), which overlaps the parent's work before the first run
+    (the C step's build, the ETA's measurements, which then run in the workers). ``threads``: (per worker,
+    fixed), as ``worker_threads`` gives them."""
+    if workers <= 1:
+        yield None
+        return
+    threads = threads or worker_threads(workers)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=threads) as pool:
+        for _ in range(workers):  # a spawn pool starts a worker per task waiting
+            pool.submit(_warm_up)
+        yield pool
+
+
+def _warm_up() -> None:
+    """A worker's first task: the import each run's optimizer makes (torch.optim imports torch._dynamo, about a
+    second), made while the parent still works."""
+    import torch._dynamo  # noqa: F401
+
+    _newest_exit()
+
+
+def _run_rate_remote(shape: dict, threads: int, micro_batch: int) -> float:
+    try:
+        return run_rate(shape, threads, micro_batch)
+    finally:
+        _newest_exit()
 
 
 def _die_with_parent() -> None:
@@ -155,8 +203,9 @@ def status(sweep_dir: str | Path) -> list[dict]:
 
 
 def run_sweep(sweep_dir: str | Path, workers: int = 1, threads: int | None = None, ray_address: str | None = None,
-              progress=None) -> list[dict]:
-    """Train every run of the sweep that has no final.json; ``progress(done_flops, total_flops, n_done, n)``."""
+              progress=None, pool: ProcessPoolExecutor | None = None) -> list[dict]:
+    """Train every run of the sweep that has no final.json; ``progress(done_flops, total_flops, n_done, n)``.
+    ``pool``: the workers ``worker_pool`` started (else this call starts its own)."""
     sweep_dir = Path(sweep_dir)
     specs, meta = read_design(sweep_dir)
     threads, fixed = (threads, True) if threads else worker_threads(workers)
@@ -166,22 +215,28 @@ def run_sweep(sweep_dir: str | Path, workers: int = 1, threads: int | None = Non
     n_done = len(specs) - len(todo)
     if progress:
         progress(done_flops, total, n_done, len(specs))
+    if not todo:
+        return []
     results = []
-    for phase in sorted({s.phase for s in todo}):  # WSD: trunks (phase 0) before their branches
-        batch = sorted((s for s in todo if s.phase == phase), key=lambda s: -s.flops)  # largest first
-        out, done_flops, n_done = _run_batch(sweep_dir, batch, meta, workers, (threads, fixed), ray_address,
-                                             progress, done_flops, total, n_done, len(specs))
-        results += out
+    with contextlib.ExitStack() as stack:
+        if pool is None and ray_address is None:
+            pool = stack.enter_context(worker_pool(workers, (threads, fixed)))
+        for phase in sorted({s.phase for s in todo}):  # WSD: trunks (phase 0) before their branches
+            batch = sorted((s for s in todo if s.phase == phase), key=lambda s: -s.flops)  # largest first
+            out, done_flops, n_done = _run_batch(sweep_dir, batch, meta, pool, (threads, fixed), ray_address,
+                                                 progress, done_flops, total, n_done, len(specs))
+            results += out
     return results
 
 
-def _run_batch(sweep_dir: Path, todo: list[RunSpec], meta: dict, workers: int, threads: tuple[int, bool], ray_address,
-               progress, done_flops: float, total: float, n_done: int, n_specs: int):
+def _run_batch(sweep_dir: Path, todo: list[RunSpec], meta: dict, pool: ProcessPoolExecutor | None,
+               threads: tuple[int, bool], ray_address, progress, done_flops: float, total: float, n_done: int,
+               n_specs: int):
     args = [(str(sweep_dir), s.__dict__, meta["corpus"], meta.get("train_options", {})) for s in todo]
     if ray_address is not None:
         return _run_ray(args, todo, ray_address, threads, progress, done_flops, total, n_done, n_specs)
     results = []
-    if workers <= 1:
+    if pool is None:
         before = os.environ.get(THREADS_ENV)
         _use_threads(*threads)
         try:
@@ -196,17 +251,15 @@ def _run_batch(sweep_dir: Path, todo: list[RunSpec], meta: dict, workers: int, t
             else:
                 os.environ[THREADS_ENV] = before
         return results, done_flops, n_done
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=threads) as pool:
-        pending = {pool.submit(_wait_if_locked_remote, *a): s for a, s in zip(args, todo, strict=True)}
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                spec = pending.pop(fut)
-                results.append(fut.result())
-                done_flops, n_done = done_flops + spec.flops, n_done + 1
-                if progress:
-                    progress(done_flops, total, n_done, n_specs)
+    pending = {pool.submit(_wait_if_locked_remote, *a): s for a, s in zip(args, todo, strict=True)}
+    while pending:
+        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for fut in finished:
+            spec = pending.pop(fut)
+            results.append(fut.result())
+            done_flops, n_done = done_flops + spec.flops, n_done + 1
+            if progress:
+                progress(done_flops, total, n_done, n_specs)
     return results, done_flops, n_done
 
 

@@ -5,13 +5,11 @@ measurement again."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import math
 from pathlib import Path
 
-from flopwise.fsutil import atomic_write_text, cache_root
+from flopwise.fsutil import atomic_write_text, cache_root, file_lock
 
 
 def _path() -> Path:
@@ -58,19 +56,10 @@ def _save(reg: dict) -> None:
         pass  # the registry only sharpens decisions and estimates
 
 
-@contextlib.contextmanager
 def _lock():
-    """compiled.json's lock (a sibling file, flock): sweep workers update the registry at once, and a read, change
-    and write of one would otherwise drop another's entry. Without a writable folder: no lock (nor a file)."""
-    try:
-        _path().parent.mkdir(parents=True, exist_ok=True)
-        f = open(str(_path()) + ".lock", "a")
-    except OSError:
-        yield
-        return
-    with f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
+    """compiled.json's lock (a sibling file): sweep workers update the registry at once, and a read, change and
+    write of one would otherwise drop another's entry."""
+    return file_lock(str(_path()) + ".lock")
 
 
 def update(change):
