@@ -167,7 +167,8 @@ def test_processes_building_one_source_at_once_compile_it_once(tmp_path):
     cc.write_text(f'#!/bin/sh\ncase "$*" in *-shared*) echo build >> {log}; sleep 2;; esac\nexec {real} "$@"\n')
     cc.chmod(0o755)
     source.write_text("int one(void) { return 1; }\n")
-    code = f"from pathlib import Path; from flopwise.cbuild import load; print(load(Path({str(source)!r}), 'one').one())"
+    code = (f"from pathlib import Path; from flopwise.cbuild import load; "
+            f"print(load(Path({str(source)!r}), 'one').one())")
     env = {**os.environ, "CC": str(cc), "FLOPWISE_CACHE": str(tmp_path / "cache")}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
              for _ in range(2)]
