@@ -415,8 +415,7 @@ def test_the_c_update_steps_as_torchs_clipping_adamw_and_muon(clip, width):
     in bf16 as torch's) within bf16's rounding (bit for bit on the CPUs measured without clipping; clipping's scale,
     summed in another order, can differ by an ulp); the returned norm is torch's total norm, and the gradients are
     zeroed after. At d_model 80 Newton-Schulz's symmetric products span three 32-column panels, two of them
-    mirrored.
-    """
+    mirrored."""
     shape = dict(SHAPES[1], d_model=width, n_heads=2, n_kv_heads=1, d_ff=3 * width)
     want, got = _model(shape), _model(shape)
     ow, og = _optimizers(want), _optimizers(got)
