@@ -48,6 +48,7 @@ from flopwise.training.batches import TrainingData, training_data
 from flopwise.training.malloc import keep_freed_memory
 from flopwise.training.native import NativeTrainStep, NativeUpdate
 from flopwise.training.probe import (
+    C_STEP_ETA_OVERHEAD,
     ETA_OVERHEAD,
     CpuShare,
     c_step_passes,
@@ -531,7 +532,7 @@ class _Run:
                                      else self.peak * 0.4)
         except RuntimeError:  # e.g. out of memory: the first step says so, clearly
             rate = float("nan")
-        est = self._remaining_flops(start_step) / rate * ETA_OVERHEAD
+        est = self._remaining_flops(start_step) / rate * (C_STEP_ETA_OVERHEAD if self.kernel == "c" else ETA_OVERHEAD)
         if self.compiled:
             warm = compiled_before(self._compile_key(self.precision))
             est = compiled_seconds(est, warm, 1.0) if compiled_rate else compiled_seconds(est, warm)
