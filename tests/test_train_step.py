@@ -4,6 +4,7 @@ build and thread count; chosen by measurement, remembered, and left cleanly wher
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -407,20 +408,23 @@ def _random_grads(model: Llama, seed: int, scale: float = 1.0):
     return [scale * torch.randn(p.shape, generator=gen) for p in model.parameters()]
 
 
-@pytest.mark.parametrize("clip, width", [(0.0, 32), (1.0, 32), (1e-3, 32), (0.0, 80)],
-                         ids=["no-clip", "clip-loose", "clip-binding", "no-clip-d80"])
+@pytest.mark.parametrize("clip, width", [(0.0, 32), (1.0, 32), (1e-3, 32), (0.0, 80), (0.0, 36)],
+                         ids=["no-clip", "clip-loose", "clip-binding", "no-clip-d80", "no-clip-d36"])
 def test_the_c_update_steps_as_torchs_clipping_adamw_and_muon(clip, width):
     """Three steps of the C update against clip_grad_norm_ and the optimizers' own step(), fed the same gradients:
-    AdamW's updates and every state to a few ulps (without clipping its moments to the bit); Muon's (Newton-Schulz
-    in bf16 as torch's) within bf16's rounding (bit for bit on the CPUs measured without clipping; clipping's scale,
-    summed in another order, can differ by an ulp); the returned norm is torch's total norm, and the gradients are
-    zeroed after. At d_model 80 Newton-Schulz's symmetric products span three 32-column panels, two of them
-    mirrored."""
+    AdamW's updates and every state to a few ulps (without clipping, on x86-64 against torch's fused AdamW, the
+    trainer's, to the bit where a tensor is whole 16-float vectors); Muon's (Newton-Schulz in bf16 as torch's)
+    within bf16's rounding (bit for bit on the CPUs measured without clipping; clipping's scale, summed in another
+    order, can differ by an ulp); the returned norm is torch's total norm, and the gradients are zeroed after. At
+    d_model 80 Newton-Schulz's symmetric products span three 32-column panels, two of them mirrored; at 36 the
+    norms' gains end in a partial vector."""
     shape = dict(SHAPES[1], d_model=width, n_heads=2, n_kv_heads=1, d_ff=3 * width)
     want, got = _model(shape), _model(shape)
     ow, og = _optimizers(want), _optimizers(got)
     update = native.NativeUpdate(list(og.optimizers.values()))
     muon = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
+    # torch's fused AdamW kernel's roundings are its x86-64 build's (its FMAs): elsewhere a few ulps
+    exact = not clip and platform.machine() in ("x86_64", "AMD64") and ow.optimizers["adamw"].defaults.get("fused")
     for step in range(3):
         grads = _random_grads(want, step, scale=0.05)
         for model in (want, got):
@@ -437,13 +441,15 @@ def test_the_c_update_steps_as_torchs_clipping_adamw_and_muon(clip, width):
                 atol = 5e-2 * float(moved.abs().max())
             else:  # a few ulps of the parameters
                 atol = 4e-7 * float(start.abs().max())
+                if exact and a.numel() % 16 == 0:  # torch's scalar remainder rounds in its own way
+                    assert torch.equal(b, a), name
             assert torch.allclose((b - start).detach(), moved, rtol=0, atol=atol), name
     for kind, state in ow.state_dict().items():
         for i, tensors in state["state"].items():
             for name, t in tensors.items():  # a few ulps of each tensor's largest entry (fused sums round alike)
                 mine = og.state_dict()[kind]["state"][i][name]
                 assert torch.allclose(mine, t, rtol=1e-6, atol=1e-6 * float(t.abs().max())), name
-                if not clip and kind == "adamw" and name in ("exp_avg", "exp_avg_sq"):  # rounded as torch's
+                if exact and kind == "adamw" and t.numel() % 16 == 0:
                     assert torch.equal(mine, t), name
 
 

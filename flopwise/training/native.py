@@ -241,11 +241,11 @@ class NativeUpdate:
     ``torch.nn.utils.clip_grad_norm_`` followed by ``step()`` of each of ``optimizers`` (torch.optim.AdamW and
     torch.optim.Muon, flopwise's BatchedMuon included), on their own state tensors (created as torch creates them),
     so checkpoints and a resume under either are the same; the gradients are then zeroed (not set to None), ready for
-    the next step's micro-batches. AdamW's moments equal torch's to the bit, its parameters where torch's vector
-    sqrt is correctly rounded (otherwise within an ulp or two); Muon's Newton-Schulz iteration runs in bf16 as
-    torch's does, and agreed bit for bit up to 64 x 176 (larger products flip some bf16 roundings, as a different
-    summation order does). As for NativeTrainStep, the parameters and the state's tensors must keep their storage
-    (updated in place); a replaced parameter, .grad, group or state dict is bound again."""
+    the next step's micro-batches. AdamW's parameters and moments equal those of torch's fused AdamW (the trainer's) to
+    the bit, but for a tensor's last partial vector of 16 (within an ulp there); Muon's Newton-Schulz iteration runs
+    in bf16 as torch's does, and agreed bit for bit up to 64 x 176 (larger products flip some bf16 roundings, as a
+    different summation order does). As for NativeTrainStep, the parameters and the state's tensors must keep their
+    storage (updated in place); a replaced parameter, .grad, group or state dict is bound again."""
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]):
         for o in optimizers:

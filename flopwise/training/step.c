@@ -1073,9 +1073,17 @@ static inline float to_bf16(float x) {
     return v.f;
 }
 
-/* torch's lerp: start + w (end - start), from the end for w >= 1/2, each in one fused multiply-add as torch's */
+/* a b + c as torch's vector kernels compute it here: fused where the CPU has FMA (else fmaf is a library call, and
+   torch's kernels multiply and add) */
+#if defined(__FMA__) || defined(__aarch64__)
+#define FMA(a, b, c) fmaf(a, b, c)
+#else
+#define FMA(a, b, c) ((a) * (b) + (c))
+#endif
+
+/* torch's lerp: start + w (end - start), from the end for w >= 1/2 */
 static inline float lerp(float start, float end, float w) {
-    return w < 0.5f ? fmaf(w, end - start, start) : fmaf(-(end - start), 1.0f - w, end);
+    return w < 0.5f ? FMA(w, end - start, start) : FMA(-(end - start), 1.0f - w, end);
 }
 
 /* a function whose products and sums round as written: GCC otherwise fuses a * b + c into one rounding, even in
@@ -1087,12 +1095,12 @@ static inline float lerp(float start, float end, float w) {
 #define NO_CONTRACT
 #endif
 
-/* AdamW as torch.optim.AdamW's step, each operation ordered and rounded as torch's kernels do it: p *= 1 - lr wd;
-   m = lerp(m, g, 1 - beta1); v = fma(g (1 - beta2), g, v beta2); p += ((-lr / c1) m) / (sqrt(v) / sqrt(c2) + eps).
-   m and v then equal torch's to the bit; p differs where torch's sqrt (its vector library's, not IEEE's correctly
-   rounded one) is an ulp off: after 20 steps at d_model 128, 81% of the parameters equal torch's, the rest within
-   6e-8 (the compiler's own fusing had left 66% equal). With AVX-512 in intrinsics; the portable loop names each
-   fused multiply-add. */
+/* AdamW as torch.optim.AdamW(fused=True)'s step (the trainer's), each operation ordered and rounded as its kernel
+   does it: p *= 1 - lr wd; m = lerp(m, g, 1 - beta1); v = fma(g (1 - beta2), g, v beta2);
+   p += ((-lr / c1) m) / (sqrt(v) / sqrt(c2) + eps). After 20 steps at d_model 128 every parameter and moment
+   equals torch's to the bit (the compiler's own fusing had left 73% of the parameters equal); a tensor's last
+   partial vector (torch's scalar remainder) can differ by an ulp. With AVX-512 in intrinsics; the portable loop
+   names each fused multiply-add. */
 NO_CONTRACT static void adamw(const Tensor *t, const Group *g) {
     const float step = *t->step += 1.0f;
     const double c1 = 1.0 - pow(g->beta1, step), c2_sqrt = sqrt(1.0 - pow(g->beta2, step));
@@ -1122,7 +1130,7 @@ NO_CONTRACT static void adamw(const Tensor *t, const Group *g) {
         const float x = gr[i], pi = p[i] * decay;
         gr[i] = 0.0f;
         m[i] = lerp(m[i], x, w1);
-        v[i] = fmaf(w2 * x, x, v[i] * b2);
+        v[i] = FMA(w2 * x, x, v[i] * b2);
         p[i] = pi + step_size * m[i] / (sqrtf(v[i]) / c2s + eps);
     }
 }
