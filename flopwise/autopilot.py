@@ -58,7 +58,7 @@ from flopwise.sweep.design import (
     total_flops,
     write_design,
 )
-from flopwise.sweep.runner import default_workers, run_sweep, sweep_seconds, worker_pool, worker_threads
+from flopwise.sweep.runner import default_workers, run_sweep, sweep_seconds, unfinished, worker_pool, worker_threads
 from flopwise.training.trainer import train
 
 
@@ -109,14 +109,16 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     workers = cfg.workers or default_workers(len(specs))
     threads, _ = worker_threads(workers)
     remaining = cfg.budget_flops - sweep_flops
-    with worker_pool(workers) as pool:  # the workers start while this process builds the C step and measures
-        eta = sweep_seconds(specs, workers, threads, pool)
+    todo = unfinished(sweep_dir, specs)
+    with worker_pool(workers if todo else 1) as pool:  # the workers start while this process builds and measures
+        eta = f"ETA ~{sweep_seconds(todo, workers, threads, pool) / 60:.1f} min (measured on this machine)" if todo \
+            else "every run already done"
         log(f"sweep: {len(specs)} runs over {len(budgets)} budgets ({', '.join(f'{b:.2g}' for b in budgets)} FLOPs), "
             f"sizes {min(s.n_params for s in specs):,}-{max(s.n_params for s in specs):,} params "
             f"({specs[0].shape['n_layers']} layers, width the one dial), "
             + (f"at least {min(s.n_tokens // s.options['batch_tokens'] for s in specs)} steps per run, "
                if all("batch_tokens" in s.options for s in specs) else "")
-            + f"{sweep_flops:.3g} FLOPs on {workers} worker(s); ETA ~{eta / 60:.1f} min (measured on this machine)")
+            + f"{sweep_flops:.3g} FLOPs on {workers} worker(s); {eta}")
         with Bar("sweep", sweep_flops, quiet=not progress) as bar:
             run_sweep(sweep_dir, workers, pool=pool,
                       progress=lambda done, total, k, n: bar.update(done, f"{k}/{n} runs"))
@@ -211,9 +213,11 @@ def _compare_optimizers(out: Path, specs, meta: dict, free: dict, cfg: Autopilot
     options = {**meta.get("train_options", {}), "optimizer": other}
     if not (sweep_dir / "sweep.json").exists():
         write_design(sweep_dir, specs, {**meta, "train_options": options})
-    with worker_pool(workers) as pool:
+    todo = unfinished(sweep_dir, specs)
+    with worker_pool(workers if todo else 1) as pool:
         log(f"comparison sweep: the same {len(specs)} runs with {other} ({total_flops(specs):.3g} FLOPs beyond the "
-            f"budget); ETA ~{sweep_seconds(specs, workers, threads, pool) / 60:.1f} min")
+            "budget); " + (f"ETA ~{sweep_seconds(todo, workers, threads, pool) / 60:.1f} min" if todo
+                           else "every run already done"))
         with Bar(f"sweep ({other})", total_flops(specs), quiet=not progress) as bar:
             run_sweep(sweep_dir, workers, pool=pool,
                       progress=lambda done, total, k, n: bar.update(done, f"{k}/{n} runs"))

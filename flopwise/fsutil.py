@@ -22,16 +22,20 @@ def cache_root() -> Path:
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """An exclusive lock on the file ``path`` (created; flock) for the block, between processes of this machine;
-    where the file cannot be created (an unwritable folder), no lock: callers then risk only repeated work."""
+    where the file cannot be created (an unwritable folder) or locked (a file system without flock), no lock:
+    callers then risk only repeated work."""
+    f = None
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         f = open(path, "a")
-    except OSError:
-        yield
-        return
-    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
+    except OSError:
+        pass
+    try:
         yield
+    finally:
+        if f is not None:
+            f.close()  # closing releases the lock
 
 
 def check_output_dir(path: str | os.PathLike, option: str, ours: Callable[[Path], bool]) -> None:

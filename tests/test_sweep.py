@@ -292,10 +292,14 @@ def test_the_eta_measured_in_the_workers_is_remembered_for_the_runs(bundled, mon
     if not builds():
         pytest.skip("the C step does not build here: PyTorch's rates are measured per process")
     specs = design_sweep([4e11, 1e12], bundled.vocab_size, 64, 3)
-    with worker_pool(2, (1, True)) as pool:
-        remote = sweep_seconds(specs, 2, 1, pool)
     calls, measure = [], probe._measure_rate
     monkeypatch.setattr(probe, "_measure_rate", lambda *a, **k: calls.append(a) or measure(*a, **k))
+    with worker_pool(2, (1, True)) as pool:
+        remote = sweep_seconds(specs, 2, 1, pool)
+    assert calls == []  # measured in the workers
+    monkeypatch.setattr(probe, "_RATES", {})  # what this process remembers: only compiled.json is left
+    for remembered in (probe.faster_kernel, probe.faster_precision, probe.c_step_passes):
+        remembered.cache_clear()
     assert sweep_seconds(specs, 2, 1) == remote > 0 and calls == []
 
 

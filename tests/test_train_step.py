@@ -165,7 +165,7 @@ def test_processes_building_one_source_at_once_compile_it_once(tmp_path):
     real = shutil.which("cc") or shutil.which("gcc")
     if real is None:
         pytest.skip("no C compiler")
-    cc.write_text(f'#!/bin/sh\ncase "$*" in *-shared*) echo build >> {log}; sleep 2;; esac\nexec {real} "$@"\n')
+    cc.write_text(f'#!/bin/sh\ncase "$*" in *-shared*) echo $PPID >> {log}; sleep 2;; esac\nexec {real} "$@"\n')
     cc.chmod(0o755)
     source.write_text("int one(void) { return 1; }\n")
     code = (f"from pathlib import Path; from flopwise.cbuild import load; "
@@ -174,7 +174,7 @@ def test_processes_building_one_source_at_once_compile_it_once(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
              for _ in range(2)]
     assert [p.communicate(timeout=120)[0] for p in procs] == ["1\n", "1\n"]
-    assert log.read_text().splitlines() == ["build"]
+    assert len(set(log.read_text().split())) == 1  # the compiler ran for one process (each flags tried, once)
 
 
 def _tiny_run(bundled, tmp_path, name, **kw):

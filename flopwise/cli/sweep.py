@@ -91,7 +91,7 @@ def sweep_run(
     load_law(prior)  # an unknown --prior fails here, naming the laws there are
     set_threads(threads)
     # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
-    from flopwise.sweep.runner import default_workers, run_sweep, sweep_seconds, worker_pool, worker_threads
+    from flopwise.sweep.runner import default_workers, run_sweep, sweep_seconds, unfinished, worker_pool, worker_threads
 
     sweep_dir = Path(out)
     check_output_dir(sweep_dir, "--out", lambda p: (p / "sweep.json").exists())
@@ -139,16 +139,18 @@ def sweep_run(
                   f"d{s.shape['d_model']} L{s.shape['n_layers']}", fmt_count(s.n_tokens), fmt_count(batch),
                   str((s.n_tokens - s.start_tokens) // batch) if batch else "-", f"{s.n_tokens / s.n_params:.1f}",
                   f"{s.n_tokens / corpus.meta['n_tokens_train']:.2f}")
-    # the workers start while this process builds the C step and measures (on Ray: no local workers)
-    with worker_pool(workers if ray is None else 1) as pool:
+    todo = unfinished(sweep_dir, specs)
+    # the workers start while this process builds the C step and measures (on Ray, or with nothing to train: none)
+    with worker_pool(workers if ray is None and todo else 1) as pool:
         if not quiet or dry_run:
             console.print(t)
             if schedule == "wsd":
                 cos = equivalent_cosine_flops(specs)
                 console.print(f"WSD: {total_flops(specs):.3g} FLOPs for runs that cost {cos:.3g} FLOPs as "
                               f"independent cosine runs ({1 - total_flops(specs) / cos:.0%} saved)")
-            console.print(f"ETA about {sweep_seconds(specs, workers, threads, pool) / 60:.1f} min on {workers} "
-                          "worker(s) (measured on this machine)")
+            console.print(f"ETA about {sweep_seconds(todo, workers, threads, pool) / 60:.1f} min on {workers} "
+                          f"worker(s) for {plural(len(todo), 'run')} (measured on this machine)" if todo else
+                          "every run is done")
         if dry_run:
             return
         if not (sweep_dir / "sweep.json").exists():

@@ -34,12 +34,12 @@ from flopwise.training.trainer import train
 
 
 def sweep_seconds(specs: list[RunSpec], workers: int, threads: int, pool: ProcessPoolExecutor | None = None) -> float:
-    """Wall seconds to train ``specs`` on ``workers`` workers of ``threads`` threads each, from a few measured
-    steps of each run's shape and micro-batch (the C step's or PyTorch's, as the trainer will choose; remembered,
-    so the runs measure nothing again), each run compiled or not as the trainer will choose. With ``pool`` (the
-    sweep's workers, ``worker_pool``) the shapes are measured there, side by side as their runs will train.
-    Interpolating between the smallest and the largest shape's rates instead put the bundled sweep at 134 s for
-    a 110 s sweep: the middle shapes train faster than log-linear in N."""
+    """Wall seconds to train ``specs`` on ``workers`` workers of ``threads`` threads each, from a few measured steps of
+    each run's shape and micro-batch (the C step's or PyTorch's, as the trainer will choose; the C step's
+    remembered, so its runs measure nothing again), each run compiled or not as the trainer will choose. With
+    ``pool`` (the sweep's workers, ``worker_pool``) the shapes are measured there, side by side as their runs
+    will train. Interpolating between the smallest and the largest shape's rates instead put the bundled sweep at
+    134 s for a 110 s sweep: the middle shapes train faster than log-linear in N."""
     def key(s: RunSpec) -> tuple[tuple, int]:
         micro = resolve(Shape(**s.shape), TrainConfig(n_tokens=s.n_tokens, **s.options)).micro_batch
         return tuple(sorted(s.shape.items())), micro
@@ -68,28 +68,34 @@ def _build_c_step(specs: list[RunSpec]) -> None:
 
 
 @contextlib.contextmanager
-def worker_pool(workers: int, threads: tuple[int, bool] | None = None) -> Iterator[ProcessPoolExecutor | None]:
+def worker_pool(workers: int, split: tuple[int, bool] | None = None) -> Iterator[ProcessPoolExecutor | None]:
     """The sweep's worker processes (None for one worker: the runs train in this process), started at once: each
     imports torch and the trainer (about 2 s on 2 cores), which overlaps the parent's work before the first run
-    (the C step's build, the ETA's measurements, which then run in the workers). ``threads``: (per worker,
-    fixed), as ``worker_threads`` gives them."""
+    (the C step's build, the ETA's measurements, which then run in the workers). ``split``: (threads per worker,
+    fixed), as ``worker_threads`` gives it. On an error or Ctrl-C the work not started is dropped and the parent
+    does not wait for the workers (they end with it)."""
     if workers <= 1:
         yield None
         return
-    threads = threads or worker_threads(workers)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=threads) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                               initargs=split or worker_threads(workers))
+    try:
         for _ in range(workers):  # a spawn pool starts a worker per task waiting
             pool.submit(_warm_up)
         yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _warm_up() -> None:
     """A worker's first task: the import each run's optimizer makes (torch.optim imports torch._dynamo, about a
     second), made while the parent still works."""
-    import torch._dynamo  # noqa: F401
-
-    _newest_exit()
+    try:
+        import torch._dynamo  # noqa: F401
+    finally:
+        _newest_exit()
 
 
 def _run_rate_remote(shape: dict, threads: int, micro_batch: int) -> float:
@@ -199,6 +205,11 @@ def status(sweep_dir: str | Path) -> list[dict]:
     return out
 
 
+def unfinished(sweep_dir: str | Path, specs: list[RunSpec]) -> list[RunSpec]:
+    """The runs of ``specs`` without a final.json in ``sweep_dir`` (not started, or stopped before their end)."""
+    return [s for s in specs if not (Path(sweep_dir) / s.name / "final.json").exists()]
+
+
 def run_sweep(sweep_dir: str | Path, workers: int = 1, threads: int | None = None, ray_address: str | None = None,
               progress=None, pool: ProcessPoolExecutor | None = None) -> list[dict]:
     """Train every run of the sweep that has no final.json; ``progress(done_flops, total_flops, n_done, n)``.
@@ -207,7 +218,7 @@ def run_sweep(sweep_dir: str | Path, workers: int = 1, threads: int | None = Non
     specs, meta = read_design(sweep_dir)
     threads, fixed = (threads, True) if threads else worker_threads(workers)
     total = sum(s.flops for s in specs)
-    todo = [s for s in specs if not (sweep_dir / s.name / "final.json").exists()]
+    todo = unfinished(sweep_dir, specs)
     done_flops = total - sum(s.flops for s in todo)
     n_done = len(specs) - len(todo)
     if progress:

@@ -358,8 +358,9 @@ def measured_peak(device: torch.device, precision: str) -> float:
 
 ETA_OVERHEAD = 1.15  # wall time over measured step time: evaluation, checkpoints, process start-up
 # A run on the C step: its evaluation is the C forward and its update one C call, and its steady steps outrun the
-# three steps measured; the default demo's final run took 124 s against 133 s at its measured rate (1.15 had put it
-# at 2.5 min). A sweep keeps ETA_OVERHEAD: its short runs' fixed costs and its workers' start add about that much.
+# three steps measured; the default demo's final run (one run, measured once) took 124 s against 133 s at its
+# measured rate (1.15 had put it at 2.5 min). A sweep keeps ETA_OVERHEAD: its short runs' fixed costs and its
+# workers' start add about that much (the bundled sweep's runs took 1.06x their measured rates in sum).
 C_STEP_ETA_OVERHEAD = 1.0
 
 
