@@ -236,6 +236,24 @@ def read_metrics(run_dir: Path, before_step: int) -> list[str]:
     return keep
 
 
+def trained_flops(run_dir: str | Path) -> float:
+    """The training FLOPs a run had counted at its last logged step (0 before its first): its progress while it
+    trains, read from the end of metrics.jsonl (a torn last line is skipped)."""
+    try:
+        with open(Path(run_dir) / "metrics.jsonl", "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))  # a line is a few hundred bytes
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return 0.0
+    for line in reversed(lines):
+        try:
+            return float(json.loads(line)["flops"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    return 0.0
+
+
 def read_final(run_dir: str | Path) -> dict | None:
     """final.json of a finished run, None while it is not finished."""
     path = Path(run_dir) / "final.json"

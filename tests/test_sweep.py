@@ -56,11 +56,18 @@ def _make_sweep(path: Path, corpus, budgets=(2e10, 6e10), sizes=3):
     return specs
 
 
-def test_sweep_runs_then_does_nothing_more(bundled, tmp_path):
+def test_sweep_runs_then_does_nothing_more(bundled, tmp_path, monkeypatch):
+    """A sweep trains every run once, reporting its progress as its runs train (not only as they finish: the bar's
+    ETA), and a second call trains nothing."""
+    from flopwise.sweep import runner
+
     specs = _make_sweep(tmp_path / "s", bundled)
     seen = []
-    run_sweep(tmp_path / "s", workers=2, threads=1, progress=lambda d, t, k, n: seen.append((k, n)))
-    assert seen[-1] == (len(specs), len(specs))
+    monkeypatch.setattr(runner, "PROGRESS_SECONDS", 0.02)
+    run_sweep(tmp_path / "s", workers=2, threads=1, progress=lambda d, t, k, n: seen.append((d, k, n)))
+    assert seen[-1] == (pytest.approx(total_flops(specs)), len(specs), len(specs))
+    assert any(d > 0 for d, k, _ in seen if k == 0)  # the first runs' steps counted before either finished
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:], strict=False))  # never backwards
     rows = status(tmp_path / "s")
     assert all(r["state"] == "done" for r in rows)
     runs = load_runs(tmp_path / "s")
@@ -301,6 +308,27 @@ def test_the_eta_measured_in_the_workers_is_remembered_for_the_runs(bundled, mon
     for remembered in (probe.faster_kernel, probe.faster_precision, probe.c_step_passes):
         remembered.cache_clear()
     assert sweep_seconds(specs, 2, 1) == remote > 0 and calls == []
+
+
+def test_a_runs_progress_is_read_from_its_last_logged_step(tmp_path):
+    """trained_flops reads the last whole line of metrics.jsonl (0 before the first); a WSD branch's progress
+    leaves out its trunk's part and stops at its own FLOPs."""
+    from flopwise.run import trained_flops
+    from flopwise.sweep.runner import _run_progress
+
+    run = tmp_path / "r"
+    run.mkdir()
+    assert trained_flops(run) == 0.0
+    lines = [json.dumps({"step": i, "flops": 1e9 * (i + 1), "note": "x" * 300}) for i in range(40)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"step": 40, "flo')  # torn: being written
+    assert trained_flops(run) == 40e9
+    shape = family_shape_at(16, 2, 1024, 64)
+    fpt = training_flops_per_token(shape)
+    branch = RunSpec(name="b", budget=0, shape=shape.to_dict(), n_params=1, n_tokens=int(60e9 / fpt),
+                     start_tokens=int(30e9 / fpt))
+    assert _run_progress(run, branch) == pytest.approx(10e9, rel=1e-4)  # 40e9 trained, 30e9 of them the trunk's
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 99, "flops": 99e9}) + "\n")
+    assert _run_progress(run, branch) == pytest.approx(branch.flops)
 
 
 def test_absurd_sweeps_are_refused_before_any_model_is_built(bundled, tmp_path):

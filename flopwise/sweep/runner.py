@@ -26,7 +26,7 @@ from flopwise.data.prepare import open_corpus
 from flopwise.errors import FlopwiseError, install_hint
 from flopwise.laws.flops import Shape
 from flopwise.model.llama import ModelConfig
-from flopwise.run import latest_checkpoint, new_run, read_final, run_is_locked
+from flopwise.run import latest_checkpoint, new_run, read_final, run_is_locked, trained_flops
 from flopwise.sweep.design import RunSpec, read_design
 from flopwise.training.native import builds
 from flopwise.training.probe import C_STEP_MAX_WIDTH, ETA_OVERHEAD, expected_seconds, run_rate
@@ -261,14 +261,23 @@ def _run_batch(sweep_dir: Path, todo: list[RunSpec], meta: dict, pool: ProcessPo
         return results, done_flops, n_done
     pending = {pool.submit(_wait_if_locked_remote, *a): s for a, s in zip(args, todo, strict=True)}
     while pending:
-        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+        finished, _ = wait(pending, timeout=PROGRESS_SECONDS, return_when=FIRST_COMPLETED)
         for fut in finished:
             spec = pending.pop(fut)
             results.append(fut.result())
             done_flops, n_done = done_flops + spec.flops, n_done + 1
-            if progress:
-                progress(done_flops, total, n_done, n_specs)
+        if progress:  # with the runs in flight: counting finished runs alone, the bar's first ETAs ran 2x long
+            running = sum(_run_progress(sweep_dir / s.name, s) for s in pending.values())
+            progress(done_flops + running, total, n_done, n_specs)
     return results, done_flops, n_done
+
+
+PROGRESS_SECONDS = 1.0  # how often a sweep reads its running runs' progress
+
+
+def _run_progress(run_dir: Path, spec: RunSpec) -> float:
+    """FLOPs of ``spec`` its run has trained so far (a WSD branch's trunk part not counted)."""
+    return min(spec.flops, max(0.0, trained_flops(run_dir) - (spec.full_flops - spec.flops)))
 
 
 def _wait_if_locked(run_dir: Path, fn, poll_seconds: float = 1.0):
