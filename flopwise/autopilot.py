@@ -110,7 +110,7 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     threads, _ = worker_threads(workers)
     remaining = cfg.budget_flops - sweep_flops
     todo = unfinished(sweep_dir, specs)
-    with worker_pool(workers if todo else 1) as pool:  # the workers start while this process builds and measures
+    with worker_pool(min(workers, len(todo))) as pool:  # the workers start while this process builds and measures
         eta = f"ETA ~{sweep_seconds(todo, workers, threads, pool) / 60:.1f} min (measured on this machine)" if todo \
             else "every run already done"
         log(f"sweep: {len(specs)} runs over {len(budgets)} budgets ({', '.join(f'{b:.2g}' for b in budgets)} FLOPs), "
@@ -119,7 +119,7 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
             + (f"at least {min(s.n_tokens // s.options['batch_tokens'] for s in specs)} steps per run, "
                if all("batch_tokens" in s.options for s in specs) else "")
             + f"{sweep_flops:.3g} FLOPs on {workers} worker(s); {eta}")
-        with Bar("sweep", sweep_flops, quiet=not progress) as bar:
+        with Bar("sweep", sweep_flops, sweep_flops - total_flops(todo), quiet=not progress) as bar:
             run_sweep(sweep_dir, workers, pool=pool,
                       progress=lambda done, total, k, n: bar.update(done, f"{k}/{n} runs"))
     t_sweep = time.time() - t_start
@@ -214,11 +214,12 @@ def _compare_optimizers(out: Path, specs, meta: dict, free: dict, cfg: Autopilot
     if not (sweep_dir / "sweep.json").exists():
         write_design(sweep_dir, specs, {**meta, "train_options": options})
     todo = unfinished(sweep_dir, specs)
-    with worker_pool(workers if todo else 1) as pool:
+    with worker_pool(min(workers, len(todo))) as pool:
         log(f"comparison sweep: the same {len(specs)} runs with {other} ({total_flops(specs):.3g} FLOPs beyond the "
             "budget); " + (f"ETA ~{sweep_seconds(todo, workers, threads, pool) / 60:.1f} min" if todo
                            else "every run already done"))
-        with Bar(f"sweep ({other})", total_flops(specs), quiet=not progress) as bar:
+        with Bar(f"sweep ({other})", total_flops(specs), total_flops(specs) - total_flops(todo),
+                 quiet=not progress) as bar:
             run_sweep(sweep_dir, workers, pool=pool,
                       progress=lambda done, total, k, n: bar.update(done, f"{k}/{n} runs"))
     runs = load_runs(sweep_dir)

@@ -26,12 +26,12 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
     callers then risk only repeated work."""
     f = None
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        f = open(path, "a")
-        fcntl.flock(f, fcntl.LOCK_EX)
-    except OSError:
-        pass
-    try:
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:
+            pass
         yield
     finally:
         if f is not None:

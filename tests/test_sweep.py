@@ -331,6 +331,20 @@ def test_a_runs_progress_is_read_from_its_last_logged_step(tmp_path):
     assert _run_progress(run, branch) == pytest.approx(branch.flops)
 
 
+def test_an_error_beside_a_running_run_ends_the_sweep_at_once(tmp_path):
+    """An error (or Ctrl-C) in the sweep's process while a worker trains ends the workers with it: the pool's own
+    shutdown had waited for the run in flight, and then the next one queued, before the process could exit."""
+    code = ("import time; from flopwise.sweep.runner import worker_pool\n"
+            "with worker_pool(2, (1, True)) as pool:\n"
+            "    pool.submit(time.sleep, 60); pool.submit(time.sleep, 60); pool.submit(time.sleep, 60)\n"
+            "    time.sleep(5)\n"  # the workers have started (imported torch) and sleep
+            "    raise SystemExit('stopped')\n")
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "stopped" in done.stderr
+    assert time.perf_counter() - t0 < 30  # not the 60 s of a run in flight
+
+
 def test_absurd_sweeps_are_refused_before_any_model_is_built(bundled, tmp_path):
     from flopwise.sweep.design import check_feasible
 

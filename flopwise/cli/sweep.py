@@ -141,7 +141,7 @@ def sweep_run(
                   f"{s.n_tokens / corpus.meta['n_tokens_train']:.2f}")
     todo = unfinished(sweep_dir, specs)
     # the workers start while this process builds the C step and measures (on Ray, or with nothing to train: none)
-    with worker_pool(workers if ray is None and todo else 1) as pool:
+    with worker_pool(min(workers, len(todo)) if ray is None else 1) as pool:
         if not quiet or dry_run:
             console.print(t)
             if schedule == "wsd":
@@ -155,7 +155,7 @@ def sweep_run(
             return
         if not (sweep_dir / "sweep.json").exists():
             write_design(sweep_dir, specs, meta)
-        with Bar("sweep", total_flops(specs), quiet=quiet) as bar:
+        with Bar("sweep", total_flops(specs), total_flops(specs) - total_flops(todo), quiet=quiet) as bar:
             run_sweep(sweep_dir, workers, ray_address=ray, pool=pool,
                       progress=lambda d, tot, k, n: bar.update(d, f"{k}/{n} runs"))
     sweep_status(out)

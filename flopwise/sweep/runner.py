@@ -58,7 +58,8 @@ def sweep_seconds(specs: list[RunSpec], workers: int, threads: int, pool: Proces
         return expected_seconds(s.flops / rate * ETA_OVERHEAD, rate, s.shape, micro, s.options.get("compile", "auto"),
                                 threads)
 
-    return sum(seconds(s) for s in specs) / workers
+    each = [seconds(s) for s in specs]
+    return max(sum(each) / min(workers, len(each)), max(each))  # no faster than its longest run
 
 
 def _build_c_step(specs: list[RunSpec]) -> None:
@@ -84,6 +85,10 @@ def worker_pool(workers: int, split: tuple[int, bool] | None = None) -> Iterator
             pool.submit(_warm_up)
         yield pool
     except BaseException:
+        # the runs in flight end now (they resume from their checkpoints): the pool's own shutdown would wait for
+        # them, and for the next run queued, before this process could exit
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
@@ -212,7 +217,8 @@ def unfinished(sweep_dir: str | Path, specs: list[RunSpec]) -> list[RunSpec]:
 
 def run_sweep(sweep_dir: str | Path, workers: int = 1, threads: int | None = None, ray_address: str | None = None,
               progress=None, pool: ProcessPoolExecutor | None = None) -> list[dict]:
-    """Train every run of the sweep that has no final.json; ``progress(done_flops, total_flops, n_done, n)``.
+    """Train every run of the sweep that has no final.json; ``progress(done_flops, total_flops, n_done, n)``, on a
+    pool every second with the runs in flight counted (their last logged step), else as each run finishes.
     ``pool``: the workers ``worker_pool`` started (else this call starts its own)."""
     sweep_dir = Path(sweep_dir)
     specs, meta = read_design(sweep_dir)
@@ -228,7 +234,7 @@ def run_sweep(sweep_dir: str | Path, workers: int = 1, threads: int | None = Non
     results = []
     with contextlib.ExitStack() as stack:
         if pool is None and ray_address is None:
-            pool = stack.enter_context(worker_pool(workers, (threads, fixed)))
+            pool = stack.enter_context(worker_pool(min(workers, len(todo)), (threads, fixed)))
         for phase in sorted({s.phase for s in todo}):  # WSD: trunks (phase 0) before their branches
             batch = sorted((s for s in todo if s.phase == phase), key=lambda s: -s.flops)  # largest first
             out, done_flops, n_done = _run_batch(sweep_dir, batch, meta, pool, (threads, fixed), ray_address,
@@ -260,6 +266,7 @@ def _run_batch(sweep_dir: Path, todo: list[RunSpec], meta: dict, pool: ProcessPo
                 os.environ[THREADS_ENV] = before
         return results, done_flops, n_done
     pending = {pool.submit(_wait_if_locked_remote, *a): s for a, s in zip(args, todo, strict=True)}
+    shown = done_flops
     while pending:
         finished, _ = wait(pending, timeout=PROGRESS_SECONDS, return_when=FIRST_COMPLETED)
         for fut in finished:
@@ -268,7 +275,9 @@ def _run_batch(sweep_dir: Path, todo: list[RunSpec], meta: dict, pool: ProcessPo
             done_flops, n_done = done_flops + spec.flops, n_done + 1
         if progress:  # with the runs in flight: counting finished runs alone, the bar's first ETAs ran 2x long
             running = sum(_run_progress(sweep_dir / s.name, s) for s in pending.values())
-            progress(done_flops + running, total, n_done, n_specs)
+            # never backwards: a resumed run's metrics past its checkpoint are cut when it starts again
+            shown = max(shown, done_flops + running)
+            progress(shown, total, n_done, n_specs)
     return results, done_flops, n_done
 
 
