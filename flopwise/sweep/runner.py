@@ -73,8 +73,8 @@ def worker_pool(workers: int, split: tuple[int, bool] | None = None) -> Iterator
     """The sweep's worker processes (None for one worker: the runs train in this process), started at once: each
     imports torch and the trainer (about 2 s on 2 cores), which overlaps the parent's work before the first run
     (the C step's build, the ETA's measurements, which then run in the workers). ``split``: (threads per worker,
-    fixed), as ``worker_threads`` gives it. On an error or Ctrl-C the work not started is dropped and the parent
-    does not wait for the workers (they end with it)."""
+    fixed), as ``worker_threads`` gives it. On an error or Ctrl-C the workers are killed (their runs resume from
+    their checkpoints) and the work not started is dropped."""
     if workers <= 1:
         yield None
         return
