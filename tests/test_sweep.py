@@ -337,7 +337,7 @@ def test_an_error_beside_a_running_run_ends_the_sweep_at_once(tmp_path):
     code = ("import time; from flopwise.sweep.runner import worker_pool\n"
             "with worker_pool(2, (1, True)) as pool:\n"
             "    pool.submit(time.sleep, 60); pool.submit(time.sleep, 60); pool.submit(time.sleep, 60)\n"
-            "    time.sleep(5)\n"  # the workers have started (imported torch) and sleep
+            "    time.sleep(1)\n"  # the workers start (import torch), then take the tasks queued for them
             "    raise SystemExit('stopped')\n")
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
