@@ -200,8 +200,9 @@ class TuneOptions:
                                 f"{','.join(BLOCK_PROJECTIONS)}")
 
 
-# FLOPs: the autopilot took 10-11 min on a 2-core CPU when chosen, 4.5 min now; twice it trained a worse final model
-# on the bundled sample (24 epochs of its 693K tokens against 20), so the time saved was not spent on a larger budget
+# FLOPs: the autopilot took 10-11 min on a 2-core CPU when chosen, 4.5 min now; at twice this budget (1e14) its final
+# model measured worse on the bundled sample (24 epochs of its 693K tokens against 20), so the time saved was not
+# spent on a larger budget
 DEFAULT_BUDGET = 5e13
 
 
