@@ -54,9 +54,9 @@ def sweep_seconds(specs: list[RunSpec], workers: int, threads: int, pool: Proces
         rates = {k: run_rate(dict(k[0]), threads, k[1]) for k in shapes}
 
     def seconds(s: RunSpec) -> float:
-        rate, micro = rates[key(s)], key(s)[1]
-        return expected_seconds(s.flops / rate * ETA_OVERHEAD, rate, s.shape, micro, s.options.get("compile", "auto"),
-                                threads)
+        k = key(s)
+        return expected_seconds(s.flops / rates[k] * ETA_OVERHEAD, rates[k], s.shape, k[1],
+                                s.options.get("compile", "auto"), threads)
 
     each = [seconds(s) for s in specs]
     return max(sum(each) / min(workers, len(each)), max(each))  # no faster than its longest run
