@@ -102,13 +102,13 @@ def test_auto_precision_is_the_faster_one_measured_per_shape(monkeypatch, tmp_pa
     monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path))
     measured = []
 
-    def fake_rate(shape, threads, micro_batch, steps, precision):
-        measured.append((shape["d_model"], precision))
-        return {("fp32", 16): 2.0, ("bf16", 16): 1.0, ("fp32", 512): 1.0, ("bf16", 512): 3.0}[precision,
-                                                                                           shape["d_model"]]
+    def fake_rate(shape, threads, micro_batch, precisions):
+        rates = {("fp32", 16): 2.0, ("bf16", 16): 1.0, ("fp32", 512): 1.0, ("bf16", 512): 3.0}
+        measured.extend((shape["d_model"], p) for p in precisions)
+        return {p: rates[p, shape["d_model"]] for p in precisions}
 
     monkeypatch.setattr(probe, "cpu_has_fast_bf16", lambda: True)
-    monkeypatch.setattr(probe, "training_rate", fake_rate)
+    monkeypatch.setattr(probe, "eager_best_rates", fake_rate)
     probe.faster_precision.cache_clear()
     cpu = torch.device("cpu")
     tiny, wide = ({"d_model": d, "n_layers": 2} for d in (16, 512))
@@ -135,14 +135,14 @@ def test_the_remembered_precision_survives_old_registries_and_a_worker_measuring
     monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path))
     (tmp_path / "compiled.json").write_text(json.dumps(["an old compiled key"]))
     shape = (("d_model", 24), ("n_layers", 1))
-    key = json.dumps([probe.__version__, probe.torch.__version__, probe._cpu_name(), list(shape), 8, 1])
+    key = json.dumps([probe.__version__, probe.torch.__version__, probe._cpu_name(), list(shape), 8, 1,
+                      probe.CHOICE_METHOD])
 
-    def rate(shape, threads, micro_batch, steps, precision):
-        if precision == "bf16":  # meanwhile another worker saves bf16 for this shape
-            registry.update(lambda reg: reg["precision"].__setitem__(key, "bf16"))
-        return {"fp32": 2.0, "bf16": 1.0}[precision]
+    def rate(shape, threads, micro_batch, precisions):
+        registry.update(lambda reg: reg["precision"].__setitem__(key, "bf16"))  # another worker saves bf16 meanwhile
+        return {"fp32": 2.0, "bf16": 1.0}
 
-    monkeypatch.setattr(probe, "training_rate", rate)
+    monkeypatch.setattr(probe, "eager_best_rates", rate)
     probe.faster_precision.cache_clear()
     assert probe.faster_precision(shape, 8, 1) == "bf16"  # measured fp32 faster, but the first saved answer wins
     reg = registry.read()
@@ -151,3 +151,39 @@ def test_the_remembered_precision_survives_old_registries_and_a_worker_measuring
     probe.faster_precision.cache_clear()
     assert probe.faster_precision(shape, 8, 1) == "bf16" and registry.read()["precision"][key] == "bf16"
     probe.faster_precision.cache_clear()
+
+
+def test_competing_steps_are_raced_and_compared_by_their_fastest_step(monkeypatch):
+    """_race times one step of each variant a round, after a warm-up step of each, and reports each one's rate at
+    its fastest and at its mean step. A slow phase of the machine (here 3x, over three steps' time) that fell
+    whole on one variant measured after the other made the slower variant win by the mean; raced, the faster
+    variant wins."""
+    import flopwise.training.probe as pr
+    from flopwise.laws.flops import training_flops_per_token
+    from flopwise.model.llama import ModelConfig
+
+    clock, calls = {"t": 0.0}, []
+    cost = {"fp32": 1.0, "bf16": 0.8}  # seconds a step, outside the slow phase
+
+    def fake_step(mc, micro_batch, bf16, **kw):
+        name = "bf16" if bf16 else "fp32"
+
+        def step():
+            calls.append(name)
+            slow = 3.0 if 2.0 <= clock["t"] < 5.0 else 1.0
+            clock["t"] += cost[name] * slow
+        return step
+
+    monkeypatch.setattr(pr, "_training_step", fake_step)
+    monkeypatch.setattr(pr.time, "perf_counter", lambda: clock["t"])
+    mc = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=32, seq_len=8)
+    flops = training_flops_per_token(mc) * 4 * 8
+    rates = pr._race(mc, 4, {"fp32": dict(bf16=False), "bf16": dict(bf16=True)}, rounds=3)
+    assert calls == ["fp32", "bf16"] + ["fp32", "bf16"] * 3  # warm-ups, then in turn
+    # timed: fp32 from t=1.8 (1 s), bf16 from 2.8 (2.4 s: the slow phase), then 1, 0.8, 1, 0.8
+    assert rates["bf16"] == pytest.approx((flops / 0.8, flops * 3 / 4.0))
+    assert rates["fp32"] == pytest.approx((flops / 1.0, flops / 1.0))
+    assert max(rates, key=lambda p: rates[p][0]) == "bf16"
+    clock["t"] = 0.0  # measured one after another (as before): bf16 whole in the slow phase loses by its mean
+    one = {p: pr._measure_rate(mc, 4, 3, p == "bf16") for p in ("bf16", "fp32")}
+    assert one["fp32"] > one["bf16"]

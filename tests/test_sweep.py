@@ -299,8 +299,8 @@ def test_the_eta_measured_in_the_workers_is_remembered_for_the_runs(bundled, mon
     if not builds():
         pytest.skip("the C step does not build here: PyTorch's rates are measured per process")
     specs = design_sweep([4e11, 1e12], bundled.vocab_size, 64, 3)
-    calls, measure = [], probe._measure_rate
-    monkeypatch.setattr(probe, "_measure_rate", lambda *a, **k: calls.append(a) or measure(*a, **k))
+    calls, measure = [], probe._race
+    monkeypatch.setattr(probe, "_race", lambda *a, **k: calls.append(a) or measure(*a, **k))
     with worker_pool(2, (1, True)) as pool:
         remote = sweep_seconds(specs, 2, 1, pool)
     assert calls == []  # measured in the workers

@@ -246,11 +246,13 @@ def test_the_kernel_choice_is_measured_once_and_remembered(tmp_path, monkeypatch
     measured = []
     c_rates = {"fp32": 2e9, "bf16": 3e9}
     monkeypatch.setattr(probe, "has_bf16", lambda: True)
-    monkeypatch.setattr(probe, "native_rate", lambda shape, th, mb, p: measured.append(p) or c_rates[p])
-    monkeypatch.setattr(probe, "training_rate", lambda *a, **k: measured.append("torch") or 1e9)
+    monkeypatch.setattr(probe, "native_best_rates", lambda shape, th, mb, ps: measured.extend(ps) or
+                        {p: c_rates[p] for p in ps})
+    monkeypatch.setattr(probe, "pick_precision", lambda p, *a: "fp32" if p == "auto" else p)
+    monkeypatch.setattr(probe, "eager_best_rates", lambda shape, th, mb, ps: measured.append(ps) or {ps[0]: 1e9})
     shape = tuple(sorted(SHAPES[0].items()))
     assert probe.faster_kernel.__wrapped__(shape, 8, 1, "auto") == ("c", "bf16")
-    assert measured == ["fp32", "bf16", "torch"]
+    assert measured == ["fp32", "bf16", ("fp32",)]  # PyTorch at the precision it would train in
     assert probe.faster_kernel.__wrapped__(shape, 8, 1, "auto") == ("c", "bf16") and len(measured) == 3
     assert probe.faster_kernel.__wrapped__(shape, 8, 1, "fp32") == ("c", "fp32")  # --precision fp32: fp32 only
     saved = json.loads((tmp_path / "compiled.json").read_text())["kernel"]

@@ -154,21 +154,25 @@ def pick_precision(name: str, device: torch.device, shape: dict | None = None, m
 @functools.lru_cache(maxsize=64)
 def faster_precision(shape_items: tuple, micro_batch: int, threads: int) -> str:
     """bf16 or fp32, whichever trains this shape faster on this CPU: measured once per shape, micro-batch, thread
-    count, CPU and flopwise and torch version (a few steps of each) and remembered in compiled.json. Measured
-    afresh in every run, near-equal rates flipped from run to run, and a sweep's losses with them (the same run,
-    the same seed, another precision)."""
-    key = _choice_key(shape_items, micro_batch, threads)
+    count, CPU and flopwise and torch version (a few steps of each, raced: ``_race``) and remembered in
+    compiled.json. Measured afresh in every run, near-equal rates flipped from run to run, and a sweep's losses
+    with them (the same run, the same seed, another precision)."""
+    key = _choice_key(shape_items, micro_batch, threads, CHOICE_METHOD)
     known = registry.read()["precision"].get(key)
     if known is not None:
         return known
-    shape = dict(shape_items)
-    rates = {p: training_rate(shape, threads, micro_batch, steps=3, precision=p) for p in ("fp32", "bf16")}
+    best = eager_best_rates(dict(shape_items), threads, micro_batch, ("fp32", "bf16"))
     # the first answer saved wins: a sweep worker that measured the same shape at the same time takes it too
-    return registry.update(lambda reg: reg["precision"].setdefault(key, max(rates, key=rates.get)))
+    return registry.update(lambda reg: reg["precision"].setdefault(key, max(best, key=best.get)))
 
 
 def _choice_key(shape_items: tuple, micro_batch: int, threads: int, *more) -> str:
     return json.dumps([__version__, torch.__version__, _cpu_name(), list(shape_items), micro_batch, threads, *more])
+
+
+# Part of the precision and kernel choices' keys: choices made before they were raced (measured one after another
+# by their mean step) are measured again.
+CHOICE_METHOD = "raced"
 
 
 # The C step is for the small models whose PyTorch steps are mostly overhead: 2.6x PyTorch eager at d_model 16,
@@ -187,16 +191,18 @@ def faster_kernel(shape_items: tuple, micro_batch: int, threads: int, precision:
     shape = dict(shape_items)
     if shape["d_model"] > C_STEP_MAX_WIDTH:
         return "torch", precision
-    key = _choice_key(shape_items, micro_batch, threads, precision, source_digest(), has_bf16())
+    key = _choice_key(shape_items, micro_batch, threads, precision, source_digest(), has_bf16(), CHOICE_METHOD)
     known = registry.read()["kernel"].get(key)
     if known is None:
-        rates = {p: native_rate(shape, threads, micro_batch, p) for p in ("fp32", "bf16")
-                 if precision in ("auto", p) and (p == "fp32" or has_bf16())}
-        rates = {p: r for p, r in rates.items() if r is not None}
+        wanted = [p for p in ("fp32", "bf16") if precision in ("auto", p) and (p == "fp32" or has_bf16())]
+        rates = native_best_rates(shape, threads, micro_batch, wanted)
         if not rates:
             return "torch", precision
         best = max(rates, key=rates.get)
-        faster = f"c:{best}" if rates[best] > training_rate(shape, threads, micro_batch, 3, precision) else "torch"
+        with _threads(threads):
+            torch_precision = pick_precision(precision, torch.device("cpu"), shape, micro_batch)
+        torch_rate = eager_best_rates(shape, threads, micro_batch, (torch_precision,))[torch_precision]
+        faster = f"c:{best}" if rates[best] > torch_rate else "torch"
         known = registry.update(lambda reg: reg["kernel"].setdefault(key, faster))
     kernel, _, chosen = known.partition(":")
     return kernel, chosen or precision
@@ -204,13 +210,13 @@ def faster_kernel(shape_items: tuple, micro_batch: int, threads: int, precision:
 
 def native_rate(shape_dict: dict, threads: int | None = None, micro_batch: int = 16,
                 precision: str = "fp32", seqs_per_pass: int = 0) -> float | None:
-    """Measured training FLOP/s of the C training step at this shape and precision (None where it does not build
-    here, or has no bf16), remembered in compiled.json: a sweep's ETA reads it instead of measuring again."""
+    """Measured training FLOP/s of the C training step at this shape and precision (its mean step: what a run
+    averages), None where it does not build here, or has no bf16; remembered in compiled.json: a sweep's ETA reads
+    it instead of measuring again."""
     with _threads(threads):
         key = (tuple(sorted(shape_dict.items())), torch.get_num_threads(), micro_batch, "c", precision, seqs_per_pass)
         if key not in _RATES:
-            saved = _choice_key(key[0], micro_batch, key[1], "c", precision, seqs_per_pass, source_digest())
-            rate = registry.read()["rates"].get(saved)
+            rate = registry.read()["rates"].get(_native_key(key))
             if rate is not None and (precision == "bf16" and not has_bf16() or not builds()):
                 return None  # remembered, but no longer builds here
             if rate is None:
@@ -219,9 +225,31 @@ def native_rate(shape_dict: dict, threads: int | None = None, micro_batch: int =
                                          native=True, seqs_per_pass=seqs_per_pass)
                 except (NativeUnavailable, RuntimeError):  # no build here; out of memory for its workspace
                     return None
-                registry.update(lambda reg: reg["rates"].__setitem__(saved, rate))
+                registry.update(lambda reg: reg["rates"].__setitem__(_native_key(key), rate))
             _RATES[key] = rate
         return _RATES[key]
+
+
+def _native_key(key: tuple) -> str:
+    shape_items, threads, micro_batch, _, precision, seqs_per_pass = key
+    return _choice_key(shape_items, micro_batch, threads, "c", precision, seqs_per_pass, source_digest())
+
+
+def native_best_rates(shape_dict: dict, threads: int | None, micro_batch: int,
+                      precisions: list[str]) -> dict[str, float]:
+    """{precision: the C step's FLOP/s at its fastest step}, the precisions raced (``_race``), each a whole share
+    a pass; those that do not build here are left out. Their mean rates are remembered as ``native_rate``'s."""
+    with _threads(threads):
+        shape_items, n = tuple(sorted(shape_dict.items())), torch.get_num_threads()
+        variants = {p: dict(bf16=p == "bf16", native=True) for p in precisions}
+        try:
+            rates = _race(ModelConfig(**shape_dict), micro_batch, variants)
+        except (NativeUnavailable, RuntimeError):  # no build here; out of memory for its workspace
+            return {}
+        means = {(shape_items, n, micro_batch, "c", p, 0): mean for p, (_, mean) in rates.items()}
+        _RATES.update(means)
+        registry.update(lambda reg: reg["rates"].update({_native_key(k): r for k, r in means.items()}))
+        return {p: best for p, (best, _) in rates.items()}
 
 
 # A pass of the C step over this many tokens a thread (2 sequences of 128) is measured against one over its whole
@@ -365,17 +393,33 @@ C_STEP_ETA_OVERHEAD = 1.0
 
 
 _RATES: dict[tuple, float] = {}  # measured once per process: precision auto and the ETA measure the same steps
+_BEST: dict[tuple, float] = {}  # PyTorch eager's fastest step, beside its mean in _RATES: what the choices compare
 
 
 def training_rate(shape_dict: dict, threads: int | None = None, micro_batch: int = 16, steps: int = 3,
                   precision: str = "auto") -> float:
-    """Measured training FLOP/s (exact count) of a model of this shape on this CPU: a few real steps (eager)."""
+    """Measured training FLOP/s (exact count) of a model of this shape on this CPU: a few real steps (eager), their
+    mean (what a run averages, for its ETA)."""
     with _threads(threads):
         bf16 = pick_precision(precision, torch.device("cpu"), shape_dict, micro_batch) == "bf16"  # auto: as trained
         key = (tuple(sorted(shape_dict.items())), torch.get_num_threads(), micro_batch, bf16)
         if key not in _RATES:
             _RATES[key] = _measure_rate(ModelConfig(**shape_dict), micro_batch, steps, bf16)
         return _RATES[key]
+
+
+def eager_best_rates(shape_dict: dict, threads: int | None, micro_batch: int,
+                     precisions: tuple[str, ...]) -> dict[str, float]:
+    """{precision: PyTorch eager's FLOP/s at its fastest step}, the precisions not yet measured in this process
+    raced (``_race``); their mean rates are ``training_rate``'s."""
+    with _threads(threads):
+        shape_items, n = tuple(sorted(shape_dict.items())), torch.get_num_threads()
+        keys = {p: (shape_items, n, micro_batch, p == "bf16") for p in precisions}
+        todo = {p: dict(bf16=p == "bf16") for p in precisions if keys[p] not in _BEST}
+        if todo:
+            for p, (best, mean) in _race(ModelConfig(**shape_dict), micro_batch, todo).items():
+                _BEST[keys[p]], _RATES[keys[p]] = best, mean
+        return {p: _BEST[keys[p]] for p in precisions}
 
 
 @contextlib.contextmanager
@@ -392,7 +436,42 @@ def _threads(threads: int | None):
 
 def _measure_rate(mc: ModelConfig, micro_batch: int, steps: int, bf16: bool, compiled: bool = False,
                   native: bool = False, seqs_per_pass: int = 0) -> float:
+    """Training FLOP/s of one kind of step, its mean over ``steps`` steps after a warm-up."""
+    variant = dict(bf16=bf16, compiled=compiled, native=native, seqs_per_pass=seqs_per_pass)
+    return _race(mc, micro_batch, {"only": variant}, steps)["only"][1]
+
+
+# Kinds of step that compete (fp32 against bf16, the C step against PyTorch) are timed in turn, a step of each a
+# round, and compared by their fastest steps: a slow phase of the machine (another tenant of a VM) then falls on
+# all of them, and mostly on steps that are not their fastest. Measured one after another by their means, a
+# 2-core VM's slow phase once made the C step choose fp32 at d128 L4 (bf16 measured at 145 GFLOP/s, half its
+# rate), which then trained at 26K tokens a second where bf16 trains 42K; the choice is remembered per machine.
+RACE_ROUNDS = 3
+
+
+def _race(mc: ModelConfig, micro_batch: int, variants: dict[str, dict], rounds: int = RACE_ROUNDS,
+          ) -> dict[str, tuple[float, float]]:
+    """{name: (FLOP/s at its fastest step, FLOP/s at its mean step)} of each variant (``_training_step``'s
+    keywords) over ``rounds`` rounds, one step of each a round, after a warm-up step of each."""
     keep_freed_memory()  # as the trainer allocates: with glibc's default, small models ran 1.35x slower
+    steps = {name: _training_step(mc, micro_batch, **kw) for name, kw in variants.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for name, kw in variants.items():
+        steps[name]()
+        if kw.get("compiled"):
+            steps[name]()  # the second call may compile again (e.g. the backward's grad mode)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            seconds[name].append(time.perf_counter() - t0)
+    flops = training_flops_per_token(mc) * micro_batch * mc.seq_len
+    return {name: (flops / min(s), flops * len(s) / sum(s)) for name, s in seconds.items()}
+
+
+def _training_step(mc: ModelConfig, micro_batch: int, bf16: bool, compiled: bool = False, native: bool = False,
+                   seqs_per_pass: int = 0):
+    """One training step of a new model as the trainer takes it (forward, backward, AdamW), as a function."""
     model = Llama(mc)
     net = torch.compile(model) if compiled else model
     c_step = NativeTrainStep(model, bf16, seqs_per_pass) if native else None
@@ -411,14 +490,7 @@ def _measure_rate(mc: ModelConfig, micro_batch: int, steps: int, bf16: bool, com
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()
-    if compiled:
-        step()  # the second call may compile again (e.g. the backward's grad mode)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    seconds = (time.perf_counter() - t0) / steps
-    return training_flops_per_token(mc) * micro_batch * mc.seq_len / seconds
+    return step
 
 
 # ---- torch.compile: when it pays, by measurement ----
