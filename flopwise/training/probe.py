@@ -194,7 +194,7 @@ def faster_kernel(shape_items: tuple, micro_batch: int, threads: int, precision:
     key = _choice_key(shape_items, micro_batch, threads, precision, source_digest(), has_bf16(), CHOICE_METHOD)
     known = registry.read()["kernel"].get(key)
     if known is None:
-        wanted = [p for p in ("fp32", "bf16") if precision in ("auto", p) and (p == "fp32" or has_bf16())]
+        wanted = tuple(p for p in ("fp32", "bf16") if precision in ("auto", p) and (p == "fp32" or has_bf16()))
         rates = native_best_rates(shape, threads, micro_batch, wanted)
         if not rates:
             return "torch", precision
@@ -236,7 +236,7 @@ def _native_key(key: tuple) -> str:
 
 
 def native_best_rates(shape_dict: dict, threads: int | None, micro_batch: int,
-                      precisions: list[str]) -> dict[str, float]:
+                      precisions: tuple[str, ...]) -> dict[str, float]:
     """{precision: the C step's FLOP/s at its fastest step}, the precisions raced (``_race``), each a whole share
     a pass; those that do not build here are left out. Their mean rates are remembered as ``native_rate``'s."""
     with _threads(threads):
