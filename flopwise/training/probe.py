@@ -185,8 +185,9 @@ C_STEP_MAX_WIDTH = 512
 def faster_kernel(shape_items: tuple, micro_batch: int, threads: int, precision: str = "auto") -> tuple[str, str]:
     """("c", its precision) where the C training step (``training/step.c``: fp32, or bf16 products where the CPU
     has AVX512_BF16) trains this shape faster than PyTorch eager at ``precision`` (auto: the faster of fp32 and
-    bf16), else ("torch", precision): measured once per shape, micro-batch, thread count, CPU, version, C source and
-    whether its build has bf16, and remembered in compiled.json as the precision is. Where the step does not
+    bf16), else ("torch", precision), by their fastest steps (the C step's precisions raced: ``_race``): measured once
+    per shape, micro-batch, thread count, CPU, version, C source and whether its build has bf16, and remembered in
+    compiled.json as the precision is. Where the step does not
     build, "torch" (not remembered: a compiler may be installed later)."""
     shape = dict(shape_items)
     if shape["d_model"] > C_STEP_MAX_WIDTH:
