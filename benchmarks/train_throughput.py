@@ -58,7 +58,7 @@ def plain_setup(mc: ModelConfig, tc: TrainConfig, corpus, r, model: torch.nn.Mod
     """The plain loop's model (flopwise's Llama unless given), default AdamW (decay on matrices) and batches:
     flopwise's init seed and data order."""
     torch.manual_seed(tc.seed)
-    model = model or Llama(mc)
+    model = model if model is not None else Llama(mc)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
@@ -120,6 +120,9 @@ class _GPT2(torch.nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
+        for blk in self.blocks:  # the residual branches' outputs, scaled down with depth
+            for out in (blk.proj, blk.down):
+                nn.init.normal_(out.weight, std=0.02 / (2 * mc.n_layers) ** 0.5)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         b, t = idx.shape
@@ -163,13 +166,14 @@ def main() -> None:
         mc = ModelConfig(vocab_size=corpus.vocab_size, tie_embeddings=True, **shape)
         micro = 32 if name in SWEEP_SIZED else args.micro_batch
         tokens_per_step = micro * mc.seq_len
-        rows = []
+        rows, speeds = [], {}
         for mode in ("off", "auto") if args.no_compile else ("off", "auto", "on"):
             tc = TrainConfig(n_tokens=tokens_per_step * args.steps, batch_tokens=tokens_per_step,
                              micro_batch=micro, eval_every=10**9, ckpt_every=10**9, log_every=1,
                              final_eval_windows=1, eval_windows=1, precision=args.precision,
                              compile=mode, optimizer="adamw")  # the loop's optimizer
             tok_s, loss, how, first_s = _flopwise(corpus, mc, tc)
+            speeds[mode] = tok_s
             label = f"flopwise {MODES[mode]} ({args.precision} -> {how})"
             rows.append((label + (f", compiling {first_s:.0f} s" if mode == "on" else ""), tok_s, loss))
         r = resolve(mc, tc)
@@ -189,7 +193,7 @@ def main() -> None:
             nano, then = ISSUE[name]
             today = gpt2_tok_s * then / nano
             print(f"  issue 12's 'today' here: {then:,} / {nano:,} of the GPT-2 loop = {today:,.0f} tok/s; flopwise "
-                  f"auto {rows[1][1] / today:.2f}x that ({rows[1][1] / then:.2f}x the issue's {then:,} tok/s)")
+                  f"auto {speeds['auto'] / today:.2f}x that ({speeds['auto'] / then:.2f}x the issue's {then:,} tok/s)")
 
 
 def _flopwise(corpus, mc: ModelConfig, tc: TrainConfig) -> tuple[float, float, str, float]:

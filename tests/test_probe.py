@@ -187,3 +187,38 @@ def test_competing_steps_are_raced_and_compared_by_their_fastest_step(monkeypatc
     clock["t"] = 0.0  # measured one after another (as before): bf16 whole in the slow phase loses by its mean
     one = {p: pr._measure_rate(mc, 4, 3, p == "bf16") for p in ("bf16", "fp32")}
     assert one["fp32"] > one["bf16"]
+
+
+def test_the_c_steps_race_leaves_out_a_failing_precision_and_remembers_the_mean_rates(monkeypatch, tmp_path):
+    """native_best_rates: a precision whose C step fails (out of memory for its workspace) is left out and the
+    other still measured; the race's mean rates are native_rate's (the ETA's), read without measuring again, here
+    and in a later process."""
+    import flopwise.training.probe as pr
+    from flopwise.laws.flops import training_flops_per_token
+    from flopwise.model.llama import ModelConfig
+
+    monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path))
+    monkeypatch.setattr(pr, "_RATES", {})
+    clock = {"t": 0.0}
+    seconds = iter([0.5, 0.5, 0.7, 0.6])  # fp32: the warm-up, then three steps
+
+    def fake_step(mc, micro_batch, bf16, native=False, **kw):
+        assert native
+        if bf16:
+            raise RuntimeError("could not allocate the C step's workspace")
+        return lambda: clock.__setitem__("t", clock["t"] + next(seconds))
+
+    monkeypatch.setattr(pr, "_training_step", fake_step)
+    monkeypatch.setattr(pr.time, "perf_counter", lambda: clock["t"])
+    shape = dict(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=32, seq_len=8)
+    flops = training_flops_per_token(ModelConfig(**shape)) * 4 * 8
+    assert pr.native_best_rates(shape, 1, 4, ("fp32", "bf16")) == {"fp32": pytest.approx(flops / 0.5)}
+
+    def no_more(*a, **k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(pr, "_measure_rate", no_more)
+    assert pr.native_rate(shape, 1, 4, "fp32") == pytest.approx(flops * 3 / 1.8)
+    monkeypatch.setattr(pr, "_RATES", {})  # a new process: from compiled.json
+    monkeypatch.setattr(pr, "builds", lambda: True)
+    assert pr.native_rate(shape, 1, 4, "fp32") == pytest.approx(flops * 3 / 1.8)

@@ -305,6 +305,7 @@ def test_the_eta_measured_in_the_workers_is_remembered_for_the_runs(bundled, mon
         remote = sweep_seconds(specs, 2, 1, pool)
     assert calls == []  # measured in the workers
     monkeypatch.setattr(probe, "_RATES", {})  # what this process remembers: only compiled.json is left
+    monkeypatch.setattr(probe, "_BEST", {})
     for remembered in (probe.faster_kernel, probe.faster_precision, probe.c_step_passes):
         remembered.cache_clear()
     assert sweep_seconds(specs, 2, 1) == remote > 0 and calls == []

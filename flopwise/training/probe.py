@@ -187,8 +187,8 @@ def faster_kernel(shape_items: tuple, micro_batch: int, threads: int, precision:
     has AVX512_BF16) trains this shape faster than PyTorch eager at ``precision`` (auto: the faster of fp32 and
     bf16), else ("torch", precision), by their fastest steps (the C step's precisions raced: ``_race``): measured once
     per shape, micro-batch, thread count, CPU, version, C source and whether its build has bf16, and remembered in
-    compiled.json as the precision is. Where the step does not
-    build, "torch" (not remembered: a compiler may be installed later)."""
+    compiled.json as the precision is. Where the step does not build, "torch" (not remembered: a compiler may be
+    installed later)."""
     shape = dict(shape_items)
     if shape["d_model"] > C_STEP_MAX_WIDTH:
         return "torch", precision
@@ -196,7 +196,7 @@ def faster_kernel(shape_items: tuple, micro_batch: int, threads: int, precision:
     known = registry.read()["kernel"].get(key)
     if known is None:
         wanted = tuple(p for p in ("fp32", "bf16") if precision in ("auto", p) and (p == "fp32" or has_bf16()))
-        rates = native_best_rates(shape, threads, micro_batch, wanted)
+        rates = native_best_rates(shape, threads, micro_batch, wanted) if wanted else {}
         if not rates:
             return "torch", precision
         best = max(rates, key=rates.get)
@@ -243,10 +243,7 @@ def native_best_rates(shape_dict: dict, threads: int | None, micro_batch: int,
     with _threads(threads):
         shape_items, n = tuple(sorted(shape_dict.items())), torch.get_num_threads()
         variants = {p: dict(bf16=p == "bf16", native=True) for p in precisions}
-        try:
-            rates = _race(ModelConfig(**shape_dict), micro_batch, variants)
-        except (NativeUnavailable, RuntimeError):  # no build here; out of memory for its workspace
-            return {}
+        rates = _race(ModelConfig(**shape_dict), micro_batch, variants, failing=(NativeUnavailable, RuntimeError))
         means = {(shape_items, n, micro_batch, "c", p, 0): mean for p, (_, mean) in rates.items()}
         _RATES.update(means)
         registry.update(lambda reg: reg["rates"].update({_native_key(k): r for k, r in means.items()}))
@@ -416,8 +413,8 @@ def eager_best_rates(shape_dict: dict, threads: int | None, micro_batch: int,
     with _threads(threads):
         shape_items, n = tuple(sorted(shape_dict.items())), torch.get_num_threads()
         keys = {p: (shape_items, n, micro_batch, p == "bf16") for p in precisions}
-        todo = {p: dict(bf16=p == "bf16") for p in precisions if keys[p] not in _BEST}
-        if todo:
+        if any(keys[p] not in _BEST for p in precisions):  # all raced again: their steps timed side by side
+            todo = {p: dict(bf16=p == "bf16") for p in precisions}
             for p, (best, mean) in _race(ModelConfig(**shape_dict), micro_batch, todo).items():
                 _BEST[keys[p]], _RATES[keys[p]] = best, mean
         return {p: _BEST[keys[p]] for p in precisions}
@@ -437,30 +434,37 @@ def _threads(threads: int | None):
 
 def _measure_rate(mc: ModelConfig, micro_batch: int, steps: int, bf16: bool, compiled: bool = False,
                   native: bool = False, seqs_per_pass: int = 0) -> float:
-    """Training FLOP/s of one kind of step, its mean over ``steps`` steps after a warm-up."""
+    """Training FLOP/s of one kind of step, its mean over ``steps`` steps after its warm-up (``_race``)."""
     variant = dict(bf16=bf16, compiled=compiled, native=native, seqs_per_pass=seqs_per_pass)
     return _race(mc, micro_batch, {"only": variant}, steps)["only"][1]
 
 
-# Kinds of step that compete (fp32 against bf16, the C step against PyTorch) are timed in turn, a step of each a
-# round, and compared by their fastest steps: a slow phase of the machine (another tenant of a VM) then falls on
-# all of them, and mostly on steps that are not their fastest. Measured one after another by their means, a
-# 2-core VM's slow phase once made the C step choose fp32 at d128 L4 (bf16 measured at 145 GFLOP/s, half its
+# Precisions that compete (PyTorch's fp32 and bf16; the C step's fp32 and bf16) are raced: timed in turn, a step
+# of each a round, and compared by their fastest steps, so a slow phase of the machine (another tenant of a VM)
+# falls on all of them, and mostly on steps that are not their fastest. Measured one after another by their means,
+# a 2-core VM's slow phase once made the C step choose fp32 at d128 L4 (bf16 measured at 145 GFLOP/s, half its
 # rate), which then trained at 26K tokens a second where bf16 trains 42K; the choice is remembered per machine.
+# The C step's fastest is then compared with PyTorch's fastest from its own race (2-4x apart where the C step is
+# measured at all).
 RACE_ROUNDS = 3
 
 
 def _race(mc: ModelConfig, micro_batch: int, variants: dict[str, dict], rounds: int = RACE_ROUNDS,
-          ) -> dict[str, tuple[float, float]]:
+          failing: tuple[type[Exception], ...] = ()) -> dict[str, tuple[float, float]]:
     """{name: (FLOP/s at its fastest step, FLOP/s at its mean step)} of each variant (``_training_step``'s
-    keywords) over ``rounds`` rounds, one step of each a round, after a warm-up step of each."""
+    keywords) over ``rounds`` rounds, one step of each a round, after a warm-up step of each; a variant whose
+    set-up or warm-up raises one of ``failing`` is left out (others raise)."""
     keep_freed_memory()  # as the trainer allocates: with glibc's default, small models ran 1.35x slower
-    steps = {name: _training_step(mc, micro_batch, **kw) for name, kw in variants.items()}
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    steps = {}
     for name, kw in variants.items():
-        steps[name]()
-        if kw.get("compiled"):
-            steps[name]()  # the second call may compile again (e.g. the backward's grad mode)
+        try:
+            steps[name] = _training_step(mc, micro_batch, **kw)
+            steps[name]()
+            if kw.get("compiled"):
+                steps[name]()  # the second call may compile again (e.g. the backward's grad mode)
+        except failing:
+            steps.pop(name, None)  # e.g. the C step in bf16 out of memory for its workspace: the others still race
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
             t0 = time.perf_counter()
