@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -408,8 +409,8 @@ def training_rate(shape_dict: dict, threads: int | None = None, micro_batch: int
 
 def eager_best_rates(shape_dict: dict, threads: int | None, micro_batch: int,
                      precisions: tuple[str, ...]) -> dict[str, float]:
-    """{precision: PyTorch eager's FLOP/s at its fastest step}, the precisions not yet measured in this process
-    raced (``_race``); their mean rates are ``training_rate``'s."""
+    """{precision: PyTorch eager's FLOP/s at its fastest step}, the precisions raced (``_race``; all of them again
+    where one was not measured in this process); their mean rates are ``training_rate``'s."""
     with _threads(threads):
         shape_items, n = tuple(sorted(shape_dict.items())), torch.get_num_threads()
         keys = {p: (shape_items, n, micro_batch, p == "bf16") for p in precisions}
@@ -475,7 +476,7 @@ def _race(mc: ModelConfig, micro_batch: int, variants: dict[str, dict], rounds: 
 
 
 def _training_step(mc: ModelConfig, micro_batch: int, bf16: bool, compiled: bool = False, native: bool = False,
-                   seqs_per_pass: int = 0):
+                   seqs_per_pass: int = 0) -> Callable[[], None]:
     """One training step of a new model as the trainer takes it (forward, backward, AdamW), as a function."""
     model = Llama(mc)
     net = torch.compile(model) if compiled else model
