@@ -262,7 +262,7 @@ def test_wsd_branch_continues_its_trunk_exactly(bundled, tmp_path):
 def test_compiled_run_tracks_eager_and_keeps_its_choice(bundled, tmp_path):
     """--compile on: the same run as eager (same seed) to within compiled-kernel rounding, the choice recorded in
     speed.json and in final.json; where this machine cannot compile, the run says so and trains eager."""
-    from flopwise.training.probe import can_compile
+    from flopwise.model.compiling import can_compile
     mc = ModelConfig(vocab_size=bundled.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=96,
                      seq_len=32, tie_embeddings=True)
     tc = dict(n_tokens=32 * 8 * 20, batch_tokens=32 * 8, micro_batch=8, eval_every=10, eval_windows=8,
@@ -279,7 +279,7 @@ def test_compiled_run_tracks_eager_and_keeps_its_choice(bundled, tmp_path):
 
 def test_compile_option_values_and_legacy_runs(bundled, tmp_path):
     from flopwise.run import read_speed
-    from flopwise.training.probe import choose_compile
+    from flopwise.training.compile_choice import choose_compile
     assert TrainConfig.from_dict({"n_tokens": 10, "compile": True}).compile == "on"
     assert TrainConfig.from_dict({"n_tokens": 10, "compile": False}).compile == "off"
     with pytest.raises(FlopwiseError, match="--compile must be auto, on or off, got 'yes'"):
@@ -296,11 +296,12 @@ def test_compile_option_values_and_legacy_runs(bundled, tmp_path):
 def test_auto_compiles_where_the_measured_compiled_rate_repays_the_compile(monkeypatch, tmp_path):
     """auto's decision from measured rates (compiled FLOP/s per precision, measured once per shape and remembered)
     against the run's measured eager rate: never by an assumed speed-up once measured."""
+    import flopwise.training.compile_choice as cc
     import flopwise.training.probe as pr
     from flopwise.training import registry
     monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path))
-    monkeypatch.setattr(pr, "use_compile_cache", lambda: None)
-    monkeypatch.setattr(pr, "can_compile", lambda device: True)
+    monkeypatch.setattr(cc, "use_compile_cache", lambda: None)
+    monkeypatch.setattr(cc, "can_compile", lambda device: True)
     monkeypatch.setattr(pr, "cpu_has_fast_bf16", lambda: True)
     measured = []
     speeds = {"fp32": 1.2e9, "bf16": 2.0e9}  # FLOP/s, compiled; eager: 1e9
@@ -315,7 +316,7 @@ def test_auto_compiles_where_the_measured_compiled_rate_repays_the_compile(monke
     shape = dict(vocab_size=512, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=96, seq_len=32)
 
     def choose(seconds, measure=True):
-        return pr.choose_compile("auto", cpu, shape, 4, lambda: seconds, eager_precision="fp32",
+        return cc.choose_compile("auto", cpu, shape, 4, lambda: seconds, eager_precision="fp32",
                                  eager_rate=lambda: 1e9, measure=measure)
 
     # too short to repay even a compile at the usual speed-up: nothing is measured
@@ -323,13 +324,13 @@ def test_auto_compiles_where_the_measured_compiled_rate_repays_the_compile(monke
     # long enough: both precisions are measured once; bf16 compiled is 2x eager: 10 s + 300 / 2 < 300
     assert choose(300.0) == (True, "bf16") and sorted(measured) == ["bf16", "fp32"]
     assert choose(300.0) == (True, "bf16") and len(measured) == 2  # remembered, not measured again
-    assert pr.recorded_compiled_rate(shape, 4, "bf16", torch.get_num_threads()) == 2.0e9
+    assert cc.recorded_compiled_rate(shape, 4, "bf16", torch.get_num_threads()) == 2.0e9
     assert choose(15.0) == (False, "fp32")  # measured, but 10 s + 7.5 s > 15 s
     # measured slower than eager: never compiled, however long the run
     speeds.update(fp32=0.8e9, bf16=0.9e9)
     monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path / "other"))
     assert choose(1e5) == (False, "fp32") and len(measured) == 4
-    assert pr.expected_seconds(1e5, 1e9, shape, 4) == 1e5  # and the estimate knows it
+    assert cc.expected_seconds(1e5, 1e9, shape, 4) == 1e5  # and the estimate knows it
     # a compile that fails while measuring leaves the run eager
     monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path / "failing"))
 
@@ -340,18 +341,18 @@ def test_auto_compiles_where_the_measured_compiled_rate_repays_the_compile(monke
     assert choose(1e5) == (False, "fp32")
     # tuning runs (their graphs differ from the measured one) are never measured
     monkeypatch.setattr(pr, "_measure_rate", fake_measure)
-    assert pr.choose_compile("auto", cpu, shape, 4, lambda: 1e5, eager_rate=lambda: 1e9, tuning=True) == (False, "fp32")
+    assert cc.choose_compile("auto", cpu, shape, 4, lambda: 1e5, eager_rate=lambda: 1e9, tuning=True) == (False, "fp32")
     assert len(measured) == 4
     # the sweep's estimate measures nothing: an unmeasured shape is estimated at the usual speed-up
     monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path / "third"))
     monkeypatch.setattr(pr, "_measure_rate", fake_measure)
-    assert pr.expected_seconds(300.0, 1e9, shape, 4) == pytest.approx(pr.compiled_seconds(300.0, False) + 40)
+    assert cc.expected_seconds(300.0, 1e9, shape, 4) == pytest.approx(cc.compiled_seconds(300.0, False) + 40)
     assert len(measured) == 4
     # an older registry (a list of compiled keys) still reads, as graphs compiled before
-    key = pr.compile_key(shape, 4, "fp32")
+    key = cc.compile_key(shape, 4, "fp32")
     (tmp_path / "third").mkdir(exist_ok=True)
     (tmp_path / "third" / "compiled.json").write_text(json.dumps([key]))
-    assert registry.compiled_before(key) and pr.recorded_compiled_rate(shape, 4, "fp32", 1) is None
+    assert registry.compiled_before(key) and cc.recorded_compiled_rate(shape, 4, "fp32", 1) is None
 
 
 def test_a_failed_compile_trains_eager_and_says_so(bundled, tmp_path, monkeypatch):

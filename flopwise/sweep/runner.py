@@ -28,8 +28,9 @@ from flopwise.laws.flops import Shape
 from flopwise.model.llama import ModelConfig
 from flopwise.run import latest_checkpoint, new_run, read_final, run_is_locked, trained_flops
 from flopwise.sweep.design import RunSpec, read_design
+from flopwise.training.compile_choice import expected_seconds
 from flopwise.training.native import builds
-from flopwise.training.probe import C_STEP_MAX_WIDTH, ETA_OVERHEAD, expected_seconds, run_rate
+from flopwise.training.probe import C_STEP_MAX_WIDTH, ETA_OVERHEAD, run_rate
 from flopwise.training.trainer import train
 
 

@@ -45,6 +45,7 @@ from flopwise.run import (
 )
 from flopwise.training import distributed as dist
 from flopwise.training.batches import TrainingData, training_data
+from flopwise.training.compile_choice import choose_compile, compile_key, compiled_seconds, recorded_compiled_rate
 from flopwise.training.malloc import keep_freed_memory
 from flopwise.training.native import NativeTrainStep, NativeUpdate
 from flopwise.training.probe import (
@@ -52,15 +53,11 @@ from flopwise.training.probe import (
     ETA_OVERHEAD,
     CpuShare,
     c_step_passes,
-    choose_compile,
-    compile_key,
-    compiled_seconds,
     faster_kernel,
     measured_peak,
     native_rate,
     pick_device,
     pick_precision,
-    recorded_compiled_rate,
     requested_threads,
     training_rate,
 )
