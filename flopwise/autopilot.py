@@ -58,7 +58,7 @@ from flopwise.sweep.design import (
     total_flops,
     write_design,
 )
-from flopwise.sweep.runner import default_workers, run_sweep, sweep_seconds, unfinished, worker_pool, worker_threads
+from flopwise.sweep.runner import default_workers, eta_line, run_sweep, unfinished, worker_pool, worker_threads
 from flopwise.training.trainer import train
 
 
@@ -111,14 +111,13 @@ def autopilot(out: str | Path, data: str | None = None, cfg: AutopilotConfig | N
     remaining = cfg.budget_flops - sweep_flops
     todo = unfinished(sweep_dir, specs)
     with worker_pool(min(workers, len(todo))) as pool:  # the workers start while this process builds and measures
-        eta = f"ETA ~{sweep_seconds(todo, workers, threads, pool) / 60:.1f} min (measured on this machine)" if todo \
-            else "every run already done"
+        eta = eta_line(todo, workers, threads, pool)
         log(f"sweep: {len(specs)} runs over {len(budgets)} budgets ({', '.join(f'{b:.2g}' for b in budgets)} FLOPs), "
             f"sizes {min(s.n_params for s in specs):,}-{max(s.n_params for s in specs):,} params "
             f"({specs[0].shape['n_layers']} layers, width the one dial), "
             + (f"at least {min(s.n_tokens // s.options['batch_tokens'] for s in specs)} steps per run, "
                if all("batch_tokens" in s.options for s in specs) else "")
-            + f"{sweep_flops:.3g} FLOPs on {workers} worker(s); {eta}")
+            + f"{sweep_flops:.3g} FLOPs; {eta}")
         with Bar("sweep", sweep_flops, sweep_flops - total_flops(todo), quiet=not progress) as bar:
             run_sweep(sweep_dir, workers, pool=pool,
                       progress=lambda done, total, k, n: bar.update(done, f"{k}/{n} runs"))
@@ -216,8 +215,7 @@ def _compare_optimizers(out: Path, specs, meta: dict, free: dict, cfg: Autopilot
     todo = unfinished(sweep_dir, specs)
     with worker_pool(min(workers, len(todo))) as pool:
         log(f"comparison sweep: the same {len(specs)} runs with {other} ({total_flops(specs):.3g} FLOPs beyond the "
-            "budget); " + (f"ETA ~{sweep_seconds(todo, workers, threads, pool) / 60:.1f} min" if todo
-                           else "every run already done"))
+            f"budget); {eta_line(todo, workers, threads, pool)}")
         with Bar(f"sweep ({other})", total_flops(specs), total_flops(specs) - total_flops(todo),
                  quiet=not progress) as bar:
             run_sweep(sweep_dir, workers, pool=pool,

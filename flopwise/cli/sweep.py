@@ -91,7 +91,7 @@ def sweep_run(
     load_law(prior)  # an unknown --prior fails here, naming the laws there are
     set_threads(threads)
     # torch-heavy modules load when the command runs, so the CLI starts fast for plan and fit
-    from flopwise.sweep.runner import default_workers, run_sweep, sweep_seconds, unfinished, worker_pool, worker_threads
+    from flopwise.sweep.runner import default_workers, eta_line, run_sweep, unfinished, worker_pool, worker_threads
 
     sweep_dir = Path(out)
     check_output_dir(sweep_dir, "--out", lambda p: (p / "sweep.json").exists())
@@ -148,9 +148,7 @@ def sweep_run(
                 cos = equivalent_cosine_flops(specs)
                 console.print(f"WSD: {total_flops(specs):.3g} FLOPs for runs that cost {cos:.3g} FLOPs as "
                               f"independent cosine runs ({1 - total_flops(specs) / cos:.0%} saved)")
-            console.print(f"ETA about {sweep_seconds(todo, workers, threads, pool) / 60:.1f} min on {workers} "
-                          f"worker(s) for {plural(len(todo), 'run')} (measured on this machine)" if todo else
-                          "every run is done")
+            console.print(eta_line(todo, workers, threads, pool))
         if dry_run:
             return
         if not (sweep_dir / "sweep.json").exists():

@@ -63,6 +63,15 @@ def sweep_seconds(specs: list[RunSpec], workers: int, threads: int, pool: Proces
     return max(sum(each) / min(workers, len(each)), max(each))  # no faster than its longest run
 
 
+def eta_line(todo: list[RunSpec], workers: int, threads: int, pool: ProcessPoolExecutor | None = None) -> str:
+    """The ETA of the runs left (``sweep_seconds``) as the sweep commands print it, or that none is left."""
+    if not todo:
+        return "every run already done"
+    runs = f"{len(todo)} run" + "s" * (len(todo) != 1)
+    return (f"ETA about {sweep_seconds(todo, workers, threads, pool) / 60:.1f} min for {runs} on {workers} worker(s) "
+            "(measured on this machine)")
+
+
 def _build_c_step(specs: list[RunSpec]) -> None:
     """The C training step built (or found built) where a run of the sweep would use it."""
     if min(s.shape["d_model"] for s in specs) <= C_STEP_MAX_WIDTH:
