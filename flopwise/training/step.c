@@ -743,28 +743,32 @@ static void transpose(int t, int hd, const float *b, long ldb, float *bt) {
         for (int j = 0; j < t; j++) bt[(long)e * t + j] = b[(long)j * ldb + e];
 }
 
-/* s (t x t, row stride t) = a b for rows i and columns j <= i of each block; a: t x hd, b: hd x t (a transpose) */
-static void causal_ab(int t, int hd, const float *a, long lda, const float *b, float *s, const Scratch *bp) {
+/* attention's causal products, in bf16 with lowp (a bf16 step's: as flash attention's on GPUs; the softmax between
+   them stays fp32). s (t x t, row stride t) = a b for rows i and columns j <= i of each block; a: t x hd, b: hd x t
+   (a transpose) */
+static void causal_ab(int t, int hd, const float *a, long lda, const float *b, float *s, const Scratch *bp, int lowp) {
     for (int i0 = 0; i0 < t; i0 += CB) {
         const int rows = imin(CB, t - i0);
-        gemm(rows, i0 + rows, hd, a + (long)i0 * lda, lda, 0, b, t, 0, s + (long)i0 * t, t, 0, bp, 0);
+        gemm(rows, i0 + rows, hd, a + (long)i0 * lda, lda, 0, b, t, 0, s + (long)i0 * t, t, 0, bp, lowp);
     }
 }
 
 /* out (t x hd, =) = s b, s lower-triangular (t x t) */
-static void causal_sb(int t, int hd, const float *s, const float *b, long ldb, float *out, long ldo, const Scratch *bp) {
+static void causal_sb(int t, int hd, const float *s, const float *b, long ldb, float *out, long ldo, const Scratch *bp,
+                      int lowp) {
     for (int i0 = 0; i0 < t; i0 += CB) {
         const int rows = imin(CB, t - i0);
-        gemm(rows, hd, i0 + rows, s + (long)i0 * t, t, 0, b, ldb, 0, out + (long)i0 * ldo, ldo, 0, bp, 0);
+        gemm(rows, hd, i0 + rows, s + (long)i0 * t, t, 0, b, ldb, 0, out + (long)i0 * ldo, ldo, 0, bp, lowp);
     }
 }
 
 /* out (t x hd, +=) = s^T b, s lower-triangular (t x t): row j of out sums rows i >= j of s */
-static void causal_stb(int t, int hd, const float *s, const float *b, long ldb, float *out, long ldo, const Scratch *bp) {
+static void causal_stb(int t, int hd, const float *s, const float *b, long ldb, float *out, long ldo, const Scratch *bp,
+                       int lowp) {
     for (int j0 = 0; j0 < t; j0 += CB) {
         const int cols = imin(CB, t - j0);
         gemm(cols, hd, t - j0, s + (long)j0 * t + j0, t, 1, b + (long)j0 * ldb, ldb, 0, out + (long)j0 * ldo, ldo, 1,
-             bp, 0);
+             bp, lowp);
     }
 }
 
@@ -780,7 +784,7 @@ static void attention(const Net *m, int b, int t, const Work *w, int l, float *o
             const long row0 = (long)bi * t;
             const int g = hh / (h / hk);
             if (hh % (h / hk) == 0) transpose(t, hd, k + row0 * kvd + g * hd, kvd, w->kt); /* once a group */
-            causal_ab(t, hd, q + row0 * d + hh * hd, d, w->kt, s, bp);
+            causal_ab(t, hd, q + row0 * d + hh * hd, d, w->kt, s, bp, m->bf16);
             for (int i = 0; i < t; i++) {
                 float *si = s + (long)i * t;
                 const float mx = row_max(si, i + 1) * scale, sum = row_exp(si, i + 1, scale, mx);
@@ -788,7 +792,7 @@ static void attention(const Net *m, int b, int t, const Work *w, int l, float *o
                 for (int j = i + 1; j < imin(t, (i / CB + 1) * CB); j++) si[j] = 0.0f; /* read by the block */
                 lse_out[(row0 + i) * h + hh] = mx + logf(sum);
             }
-            causal_sb(t, hd, s, v + row0 * kvd + g * hd, kvd, out + row0 * d + hh * hd, d, bp);
+            causal_sb(t, hd, s, v + row0 * kvd + g * hd, kvd, out + row0 * d + hh * hd, d, bp, m->bf16);
         }
 }
 
@@ -813,8 +817,8 @@ static void attention_back(const Net *m, int b, int t, const Work *w, int l) {
                 transpose(t, hd, kh, kvd, w->kt);
                 transpose(t, hd, vh, kvd, w->kt + (long)hd * t);
             }
-            causal_ab(t, hd, qh, d, w->kt, p, bp);
-            causal_ab(t, hd, dy, d, w->kt + (long)hd * t, ds, bp); /* dP = dY V^T */
+            causal_ab(t, hd, qh, d, w->kt, p, bp, m->bf16);
+            causal_ab(t, hd, dy, d, w->kt + (long)hd * t, ds, bp, m->bf16); /* dP = dY V^T */
             for (int i = 0; i < t; i++) {
                 float *pi = p + (long)i * t, *di = ds + (long)i * t;
                 const float li = lse[(row0 + i) * h + hh];
@@ -824,9 +828,9 @@ static void attention_back(const Net *m, int b, int t, const Work *w, int l) {
                 row_softmax_back(pi, di, i + 1, scale, li, dd);
                 for (int j = i + 1; j < imin(t, (i / CB + 1) * CB); j++) pi[j] = di[j] = 0.0f; /* read by the block */
             }
-            causal_sb(t, hd, ds, kh, kvd, w->dq + row0 * d + hh * hd, d, bp);     /* dQ = dS K */
-            causal_stb(t, hd, ds, qh, d, w->dk + row0 * kvd + g * hd, kvd, bp);   /* dK += dS^T Q */
-            causal_stb(t, hd, p, dy, d, w->dv + row0 * kvd + g * hd, kvd, bp);    /* dV += P^T dY */
+            causal_sb(t, hd, ds, kh, kvd, w->dq + row0 * d + hh * hd, d, bp, m->bf16);     /* dQ = dS K */
+            causal_stb(t, hd, ds, qh, d, w->dk + row0 * kvd + g * hd, kvd, bp, m->bf16);   /* dK += dS^T Q */
+            causal_stb(t, hd, p, dy, d, w->dv + row0 * kvd + g * hd, kvd, bp, m->bf16);    /* dV += P^T dY */
         }
     }
 }
