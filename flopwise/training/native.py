@@ -118,7 +118,7 @@ class NativeTrainStep:
     """``model``'s training micro-step in C, in fp32, or with ``bf16`` every product in bf16 (operands rounded to
     bf16, sums and outputs fp32, where bf16 autocast also rounds the outputs): the linear layers', the head's and
     attention's (QK^T, PV and their gradients, as flash attention runs them on GPUs; the softmax and its statistics
-    stay fp32; steps 4-8% faster at d_model 16-128 than with fp32 attention products). With ``seqs_per_pass``, each
+    stay fp32; steps 2-8% faster at d_model 16-128 than with fp32 attention products). With ``seqs_per_pass``, each
     thread runs that many sequences forward and backward at a time (activations that stay in the core's cache; only
     the order of the gradients' sums changes). The model's parameters must stay where they are (the optimizer
     updates them in place); each parameter's gradient lives in one buffer bound here, handed back to ``.grad``

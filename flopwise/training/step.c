@@ -499,7 +499,7 @@ typedef struct {
 
 typedef struct {
     int dim, n_layers, n_heads, n_kv_heads, head_dim, d_ff, vocab, seq_len;
-    int bf16;  /* the linear layers' and the head's products in bf16 (a build with fw_build() bit 2) */
+    int bf16;  /* every product in bf16: the linear layers', the head's, attention's (a build with fw_build() bit 2) */
     int seqs_per_pass; /* sequences a thread runs forward and backward at a time (0: its whole share): activations
                           that stay in the core's cache, against more passes over the weights (changes the order of
                           the gradients' sums only) */
