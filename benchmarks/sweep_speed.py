@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from flopwise.fsutil import cache_root
+
 REPO = Path(__file__).resolve().parent.parent
 BUDGETS = "410256410256.4103,1025641025641.0256,2564102564102.5645"  # the demo's three budgets (autopilot default)
 ISSUE_SECONDS, TARGET_SECONDS = 279.0, 120.0
@@ -60,7 +62,7 @@ def main() -> None:
     codes = {"this": REPO, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
     if args.baseline and not (args.baseline / "flopwise" / "__init__.py").exists():
         sys.exit(f"--baseline {args.baseline}: not a flopwise checkout")
-    corpora = Path(os.environ.get("FLOPWISE_CACHE") or Path.home() / ".cache" / "flopwise") / "corpora"
+    corpora = cache_root() / "corpora"
     results: dict[str, list[dict]] = {name: [] for name in codes}
     print(f"{'checkout':>9} {'round':>5} {'wall':>8} {'to 1st run':>10} {'summed':>8} {'ETA':>7} {'runs':>4}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -46,6 +46,7 @@ def compiled_rate(shape: dict, micro_batch: int, precision: str, threads: int | 
     use_compile_cache()
     with probe._threads(threads):
         rate = probe._measure_rate(ModelConfig(**shape), micro_batch, steps, precision == "bf16", compiled=True)
+
     def record(reg: dict) -> None:  # the rate, and that this graph is in inductor's cache now: one write
         reg["rates"][_rate_key(shape, micro_batch, precision, threads)] = rate
         registry.add_key(reg, compile_key(shape, micro_batch, precision))
