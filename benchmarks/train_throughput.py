@@ -7,20 +7,28 @@ fastest of eager and the C training step, measured per shape; torch.compile only
 repay it) and compiled (--compile on). Prints tokens/s of each, the ratios,
 the compile time, final losses and MFU against this machine's measured bf16 and fp32 matmul peaks. Where issue 12
 has a figure, the same loop also trains GPT-2's architecture (nanoGPT's model, the issue's baseline), and flopwise
-is compared with the issue's figure scaled by that loop's speed today.
+is compared with the issue's figure scaled by that loop's speed today. With --baseline DIR, another checkout's code
+(say the commit issue 12 was filed against, 44af72c, from `git worktree add /tmp/base 44af72c`) also trains each
+model through its own `flopwise train` with its defaults, same shape, batch and steps: the before-and-after figure
+from this machine. The scaled figure assumes this machine's bf16 runs as much faster than its fp32 loop as the
+filing machine's did; on a 2-core EPYC VM the filing code's bf16 ran 1.4-1.65x the fp32 loop at 10M, where the
+issue measured 2.29x, so only the checkout's row says whether a model trains slower than it did.
 Sweep-sized models (d32L1, d64L2, d128L4) use the autopilot's vocabulary (1,024) and a batch of
 32 x 128 tokens. Issue 12's targets: >= 2.5x the fp32 loop at d_model <= 64, >= 2x at d128L4.
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 100] [--only 10M|1M|d32L1|d64L2|d128L4]
-        [--precision auto|bf16|fp32] [--no-compile]
+        [--precision auto|bf16|fp32] [--no-compile] [--baseline DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -151,7 +159,14 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip flopwise's compiled run")
     ap.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                     help="flopwise's run (auto: the faster of fp32 and bf16, measured for the shape)")
+    ap.add_argument("--baseline", metavar="DIR", type=Path,
+                    help="also train through another checkout's `flopwise train` (its defaults), e.g. a worktree of "
+                         "the commit issue 12 was filed against")
     args = ap.parse_args()
+    if args.baseline and not (args.baseline / "flopwise" / "__main__.py").is_file():
+        sys.exit(f"--baseline {args.baseline}: not a flopwise checkout (no flopwise/__main__.py); "
+                 "make one with `git worktree add /tmp/base <commit>`")
+    checkout_cache = Path(tempfile.mkdtemp())  # the baseline prepares the corpus in its own format, once
     corpora = {}
     peaks = probe("cpu", size=2048, repeats=5)
     print(f"machine: {peaks['device']}, {peaks['threads']} threads; matmul peak fp32 {peaks['fp32_flops'] / 1e9:.0f}, "
@@ -176,6 +191,10 @@ def main() -> None:
             speeds[mode] = tok_s
             label = f"flopwise {MODES[mode]} ({args.precision} -> {how})"
             rows.append((label + (f", compiling {first_s:.0f} s" if mode == "on" else ""), tok_s, loss))
+        if args.baseline:
+            tok_s, loss = _checkout(args.baseline, checkout_cache, mc, tc)
+            speeds["checkout"] = tok_s
+            rows.append((f"{args.baseline.name} checkout's flopwise train (defaults)", tok_s, loss))
         r = resolve(mc, tc)
         base_tok_s, base_loss = in_fresh_process(baseline, mc, tc, corpus, r)
         rows.append(("baseline (fp32 eager loop)", base_tok_s, base_loss))
@@ -194,6 +213,9 @@ def main() -> None:
             today = gpt2_tok_s * then / nano
             print(f"  issue 12's 'today' here: {then:,} / {nano:,} of the GPT-2 loop = {today:,.0f} tok/s; flopwise "
                   f"auto {speeds['auto'] / today:.2f}x that ({speeds['auto'] / then:.2f}x the issue's {then:,} tok/s)")
+        if args.baseline:
+            print(f"  flopwise auto {speeds['auto'] / speeds['checkout']:.2f}x the {args.baseline.name} checkout's")
+    shutil.rmtree(checkout_cache, ignore_errors=True)
 
 
 def _flopwise(corpus, mc: ModelConfig, tc: TrainConfig) -> tuple[float, float, str, float]:
@@ -207,6 +229,29 @@ def _flopwise(corpus, mc: ModelConfig, tc: TrainConfig) -> tuple[float, float, s
         # the median step, without the first two (compilation, allocator warm-up) and the last (the final eval)
         how = final["precision"] + (", C step" if final["kernel"] == "c" else ", compiled" if final["compiled"] else "")
         return statistics.median(m["tok_per_s"] for m in lines[2:-1]), final["train_loss"], how, first_s
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _checkout(code: Path, cache: Path, mc: ModelConfig, tc: TrainConfig) -> tuple[float, float]:
+    """(median tok/s, final train loss) of `flopwise train` run by another checkout's code, from an empty folder so
+    that PYTHONPATH decides the code (python -m puts the working directory first). Only options every version
+    has: the bundled corpus at this vocabulary, this shape, batch and token count; evaluation and checkpoints
+    only at the end."""
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        (tmp / "model.json").write_text(json.dumps(mc.to_dict()))
+        cmd = [sys.executable, "-m", "flopwise", "train", "--config", "model.json", "--vocab-size",
+               str(mc.vocab_size), "--tokens", str(tc.n_tokens), "--batch-tokens", str(tc.batch_tokens),
+               "--micro-batch", str(tc.micro_batch), "--eval-every", "1000000000", "--ckpt-every", "1000000000",
+               "--out", "run", "--quiet"]
+        env = dict(os.environ, PYTHONPATH=str(code.resolve()), FLOPWISE_CACHE=str(cache))
+        done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"--baseline {code}: flopwise train failed: {(done.stderr or done.stdout).strip()[-400:]}")
+        lines = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+        final = json.loads((tmp / "run" / "final.json").read_text())
+        return statistics.median(m["tok_per_s"] for m in lines[2:-1]), final["train_loss"]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
