@@ -23,6 +23,7 @@ Sweep-sized models (d32L1, d64L2, d128L4) use the autopilot's vocabulary (1,024)
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -164,9 +165,10 @@ def main() -> None:
                          "the commit issue 12 was filed against")
     args = ap.parse_args()
     if args.baseline and not (args.baseline / "flopwise" / "__main__.py").is_file():
-        sys.exit(f"--baseline {args.baseline}: not a flopwise checkout (no flopwise/__main__.py); "
+        ap.error(f"--baseline {args.baseline}: not a flopwise checkout (no flopwise/__main__.py); "
                  "make one with `git worktree add /tmp/base <commit>`")
     checkout_cache = Path(tempfile.mkdtemp())  # the baseline prepares the corpus in its own format, once
+    atexit.register(shutil.rmtree, checkout_cache, True)  # also when a run fails
     corpora = {}
     peaks = probe("cpu", size=2048, repeats=5)
     print(f"machine: {peaks['device']}, {peaks['threads']} threads; matmul peak fp32 {peaks['fp32_flops'] / 1e9:.0f}, "
@@ -215,7 +217,6 @@ def main() -> None:
                   f"auto {speeds['auto'] / today:.2f}x that ({speeds['auto'] / then:.2f}x the issue's {then:,} tok/s)")
         if args.baseline:
             print(f"  flopwise auto {speeds['auto'] / speeds['checkout']:.2f}x the {args.baseline.name} checkout's")
-    shutil.rmtree(checkout_cache, ignore_errors=True)
 
 
 def _flopwise(corpus, mc: ModelConfig, tc: TrainConfig) -> tuple[float, float, str, float]:
