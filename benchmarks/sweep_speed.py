@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+# another checkout beside this one (benchmarks/ is on the path of a script)
+from checkout import require_checkout, run_flopwise
 
 from flopwise.fsutil import cache_root
 
@@ -39,13 +39,9 @@ def sweep(code: Path, cache: Path, work: Path) -> dict:
     """One sweep with ``code`` on PYTHONPATH and ``cache`` as FLOPWISE_CACHE: its timings."""
     out = work / "sweep"
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": str(code), "FLOPWISE_CACHE": str(cache), "COLUMNS": "400"}
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "flopwise", "sweep", "run", "--out", str(out), "--budgets", BUDGETS],
-                       cwd=work, env=env, capture_output=True, text=True)
+    r = run_flopwise(code, cache, work, ["sweep", "run", "--out", str(out), "--budgets", BUDGETS])
     wall = time.time() - t0
-    if r.returncode:
-        sys.exit(f"sweep with {code} failed:\n{r.stderr[-2000:]}")
     runs = [p for p in out.iterdir() if (p / "final.json").exists()]
     eta = re.search(r"ETA about ([0-9.]+) min", r.stdout)
     return {"wall": wall, "first_run": min((p / "config.json").stat().st_mtime for p in runs) - t0,
@@ -59,9 +55,7 @@ def main() -> None:
     ap.add_argument("--warm", action="store_true", help="one cache per checkout, kept across its rounds")
     ap.add_argument("--baseline", type=Path, help="another checkout (e.g. a git worktree of an older commit)")
     args = ap.parse_args()
-    codes = {"this": REPO, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
-    if args.baseline and not (args.baseline / "flopwise" / "__init__.py").exists():
-        sys.exit(f"--baseline {args.baseline}: not a flopwise checkout")
+    codes = {"this": REPO, **({"baseline": require_checkout(ap, args.baseline)} if args.baseline else {})}
     corpora = cache_root() / "corpora"
     results: dict[str, list[dict]] = {name: [] for name in codes}
     print(f"{'checkout':>9} {'round':>5} {'wall':>8} {'to 1st run':>10} {'summed':>8} {'ETA':>7} {'runs':>4}")

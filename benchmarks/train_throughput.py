@@ -25,11 +25,8 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
-import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -37,6 +34,9 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+
+# another checkout beside this one (benchmarks/ is on the path of a script)
+from checkout import require_checkout, run_flopwise
 
 from flopwise.config import TrainConfig, resolve
 from flopwise.data.prepare import prepare
@@ -164,11 +164,12 @@ def main() -> None:
                     help="also train through another checkout's `flopwise train` (its defaults), e.g. a worktree of "
                          "the commit issue 12 was filed against")
     args = ap.parse_args()
-    if args.baseline and not (args.baseline / "flopwise" / "__main__.py").is_file():
-        ap.error(f"--baseline {args.baseline}: not a flopwise checkout (no flopwise/__main__.py); "
-                 "make one with `git worktree add /tmp/base <commit>`")
-    checkout_cache = Path(tempfile.mkdtemp())  # the baseline prepares the corpus in its own format, once
-    atexit.register(shutil.rmtree, checkout_cache, True)  # also when a run fails
+    if args.steps < 4:
+        ap.error("--steps: at least 4 (the first two steps and the last are not timed)")
+    if args.baseline:
+        args.baseline = require_checkout(ap, args.baseline)
+        checkout_cache = Path(tempfile.mkdtemp())  # the baseline prepares the corpus in its own format, once
+        atexit.register(shutil.rmtree, checkout_cache, True)  # also when a run fails
     corpora = {}
     peaks = probe("cpu", size=2048, repeats=5)
     print(f"machine: {peaks['device']}, {peaks['threads']} threads; matmul peak fp32 {peaks['fp32_flops'] / 1e9:.0f}, "
@@ -194,9 +195,9 @@ def main() -> None:
             label = f"flopwise {MODES[mode]} ({args.precision} -> {how})"
             rows.append((label + (f", compiling {first_s:.0f} s" if mode == "on" else ""), tok_s, loss))
         if args.baseline:
-            tok_s, loss = _checkout(args.baseline, checkout_cache, mc, tc)
+            tok_s, loss, how = _checkout(args.baseline, checkout_cache, mc, tc)
             speeds["checkout"] = tok_s
-            rows.append((f"{args.baseline.name} checkout's flopwise train (defaults)", tok_s, loss))
+            rows.append((f"{args.baseline.name} checkout, its defaults ({how})", tok_s, loss))
         r = resolve(mc, tc)
         base_tok_s, base_loss = in_fresh_process(baseline, mc, tc, corpus, r)
         rows.append(("baseline (fp32 eager loop)", base_tok_s, base_loss))
@@ -228,31 +229,34 @@ def _flopwise(corpus, mc: ModelConfig, tc: TrainConfig) -> tuple[float, float, s
         lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         first_s = tc.batch_tokens / lines[0]["tok_per_s"]
         # the median step, without the first two (compilation, allocator warm-up) and the last (the final eval)
-        how = final["precision"] + (", C step" if final["kernel"] == "c" else ", compiled" if final["compiled"] else "")
-        return statistics.median(m["tok_per_s"] for m in lines[2:-1]), final["train_loss"], how, first_s
+        return statistics.median(m["tok_per_s"] for m in lines[2:-1]), final["train_loss"], _how(final), first_s
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _checkout(code: Path, cache: Path, mc: ModelConfig, tc: TrainConfig) -> tuple[float, float]:
-    """(median tok/s, final train loss) of `flopwise train` run by another checkout's code, from an empty folder so
-    that PYTHONPATH decides the code (python -m puts the working directory first). Only options every version
-    has: the bundled corpus at this vocabulary, this shape, batch and token count; evaluation and checkpoints
-    only at the end."""
+def _how(final: dict) -> str:
+    """How a run trained, from its final.json (older checkouts have no kernel or compiled field)."""
+    compiled = ", compiled" if final.get("compiled") else ""
+    return final["precision"] + (", C step" if final.get("kernel") == "c" else compiled)
+
+
+def _checkout(code: Path, cache: Path, mc: ModelConfig, tc: TrainConfig) -> tuple[float, float, str]:
+    """(median tok/s, final train loss, how) of `flopwise train` run by another checkout's code with its own
+    defaults (optimizer, learning rate, precision, compile), named in ``how``. Only options every version has:
+    the bundled corpus at this vocabulary, this shape, batch and token count; evaluation and checkpoints only at
+    the end."""
     tmp = Path(tempfile.mkdtemp())
     try:
         (tmp / "model.json").write_text(json.dumps(mc.to_dict()))
-        cmd = [sys.executable, "-m", "flopwise", "train", "--config", "model.json", "--vocab-size",
-               str(mc.vocab_size), "--tokens", str(tc.n_tokens), "--batch-tokens", str(tc.batch_tokens),
-               "--micro-batch", str(tc.micro_batch), "--eval-every", "1000000000", "--ckpt-every", "1000000000",
-               "--out", "run", "--quiet"]
-        env = dict(os.environ, PYTHONPATH=str(code.resolve()), FLOPWISE_CACHE=str(cache))
-        done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(f"--baseline {code}: flopwise train failed: {(done.stderr or done.stdout).strip()[-400:]}")
+        run_flopwise(code, cache, tmp, [
+            "train", "--config", "model.json", "--vocab-size", str(mc.vocab_size), "--tokens", str(tc.n_tokens),
+            "--batch-tokens", str(tc.batch_tokens), "--micro-batch", str(tc.micro_batch),
+            "--eval-every", "1000000000", "--ckpt-every", "1000000000", "--out", "run", "--quiet"])
         lines = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
         final = json.loads((tmp / "run" / "final.json").read_text())
-        return statistics.median(m["tok_per_s"] for m in lines[2:-1]), final["train_loss"]
+        optimizer = json.loads((tmp / "run" / "config.json").read_text())["train"].get("optimizer", "adamw")
+        how = f"{optimizer}, {_how(final)}" + ("" if "kernel" in final or final.get("compiled") else " eager")
+        return statistics.median(m["tok_per_s"] for m in lines[2:-1]), final["train_loss"], how
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
