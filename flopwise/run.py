@@ -44,9 +44,12 @@ INSTRUCTIONS_FILE = "instructions.npz"  # a tuning run's data, inside the run
 
 # ---- config.json ----
 
+# made first when a new run is set up and removed once config.json is written, so a set-up that was killed
+# part-way (a tokenizer copied, config.json not yet there) is recognisably flopwise's and may be replaced
+SETTING_UP = ".setting-up"
 RUN_FILES = {"config.json", INSTRUCTIONS_FILE, "tokenizer.model", "metrics.jsonl", "ckpt", "final.json", ".lock",
              "speed.json", "precision.txt", "tune_eval.json", "instructions-train.jsonl",
-             "instructions-heldout.jsonl", "INSTRUCTIONS.md"}
+             "instructions-heldout.jsonl", "INSTRUCTIONS.md", SETTING_UP}
 
 
 def is_run(run_dir: str | Path) -> bool:
@@ -61,12 +64,13 @@ def is_run(run_dir: str | Path) -> bool:
 
 def never_trained(run_dir: Path) -> bool:
     """A run folder left by a failed start (e.g. the first step ran out of memory, or the start was interrupted):
-    a readable flopwise config.json, nothing but flopwise's own plain files beside it, an empty ckpt/, no step
-    logged, not finished, and nobody holding its lock."""
-    if not run_dir.is_dir() or run_dir.is_symlink() or not is_run(run_dir):
+    a readable flopwise config.json, or the mark of a set-up killed before it (SETTING_UP); nothing but
+    flopwise's own plain files (and their temporary siblings) beside it, an empty ckpt/, no step logged, not
+    finished, and nobody holding its lock."""
+    if not run_dir.is_dir() or run_dir.is_symlink() or not (is_run(run_dir) or (run_dir / SETTING_UP).is_file()):
         return False
     for p in run_dir.iterdir():
-        if p.name not in RUN_FILES or p.is_symlink():
+        if not (p.name in RUN_FILES or _temp_of_run_file(p.name)) or p.is_symlink():
             return False
         if p.name == "ckpt" and not (p.is_dir() and not any(p.iterdir())):
             return False
@@ -74,6 +78,17 @@ def never_trained(run_dir: Path) -> bool:
             return False
     return not (run_dir / "final.json").exists() and not read_metrics(run_dir, 1 << 62) and \
         not run_is_locked(run_dir)
+
+
+def _temp_of_run_file(name: str) -> bool:
+    """A temporary sibling of a run file (fsutil's atomic writes: '.config.json.k2j4x9.tmp'), left by a kill."""
+    return name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in RUN_FILES)
+
+
+def start_run_dir(run_dir: Path) -> None:
+    """Make a new run's folder (check_new has allowed it) and mark it as being set up; write_config unmarks."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / SETTING_UP).touch()
 
 
 def check_new(run_dir: Path, resume_hint: str, log=print) -> None:
@@ -95,6 +110,7 @@ def write_config(run_dir: Path, model: ModelConfig, train: TrainConfig, data: di
     config = {"version": CONFIG_VERSION, "flopwise_version": __version__, "model": model.to_dict(),
               "train": asdict(train), "resolved": resolve(model, train).to_dict(), "data": data, **extra}
     atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    (run_dir / SETTING_UP).unlink(missing_ok=True)
     return config
 
 
@@ -110,7 +126,7 @@ def new_run(run_dir: str | Path, model: ModelConfig, train: TrainConfig, corpus:
                           torch.cuda.get_device_properties(0).total_memory if gpu else None)
     corpus.tokens("train"), corpus.tokens("val")  # a damaged corpus fails here, before the run folder exists
     check_new(run_dir, f"'flopwise train {run_dir}'", log)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    start_run_dir(run_dir)
     shutil.copyfile(corpus.tokenizer_path, run_dir / "tokenizer.model")
     write_config(run_dir, model, train, {"path": str(corpus.path.resolve()), "hash": corpus.meta["hash"],
                                          "n_tokens_train": corpus.meta["n_tokens_train"],

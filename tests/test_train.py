@@ -18,7 +18,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.infer.generate import Engine, Sampling
 from flopwise.laws.flops import training_flops_per_token
 from flopwise.model.llama import Llama, ModelConfig
-from flopwise.run import load_model, new_run, read_run_config
+from flopwise.run import SETTING_UP, load_model, new_run, read_run_config
 from flopwise.training.native import NativeTrainStep
 from flopwise.training.trainer import KILL_AT_STEP_ENV, train
 
@@ -237,6 +237,31 @@ def test_oom_failed_start_is_replaced_and_a_trained_run_is_not(bundled, tmp_path
     with pytest.raises(FlopwiseError, match="holds other files"):
         new_run(tmp_path / "mine", mc, tc, bundled)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
+def test_set_up_killed_before_config_is_replaced_and_user_files_are_not(bundled, tmp_path):
+    """A new run's set-up killed part-way (a sweep's parent killed: its workers die mid-set-up) leaves a marked
+    folder with a partial tokenizer and a temp config; a new run replaces it. Unmarked files stay refused."""
+    mc, tc = small(bundled, n_tokens=64 * 8 * 4)
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / SETTING_UP).touch()
+    (killed / "tokenizer.model").write_bytes(bundled.tokenizer_path.read_bytes()[:1000])
+    (killed / ".config.json.x7k2.tmp").write_text('{"version": 1, "mo')
+    notes = []
+    new_run(killed, mc, tc, bundled, log=notes.append)
+    assert "never trained a step" in notes[0]
+    assert sorted(p.name for p in killed.iterdir()) == [".lock", "config.json", "tokenizer.model"]
+    assert (killed / "tokenizer.model").read_bytes() == bundled.tokenizer_path.read_bytes()
+    assert not (new_run(tmp_path / "fresh", mc, tc, bundled) / SETTING_UP).exists()
+    for name, files in (("theirs", {"tokenizer.model": "my tokenizer"}),  # no mark: the user's, not ours
+                        ("mixed", {SETTING_UP: "", "tokenizer.model": "x", "notes.txt": "mine"})):
+        (tmp_path / name).mkdir()
+        for f, text in files.items():
+            (tmp_path / name / f).write_text(text)
+        with pytest.raises(FlopwiseError, match="holds other files"):
+            new_run(tmp_path / name, mc, tc, bundled)
+        assert {p.name: p.read_text() for p in (tmp_path / name).iterdir()} == files
 
 
 def test_wsd_branch_continues_its_trunk_exactly(bundled, tmp_path):

@@ -38,7 +38,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.infer.generate import Engine, Sampling
 from flopwise.model.llama import Llama
 from flopwise.model.lora import parse_targets
-from flopwise.run import INSTRUCTIONS_FILE, check_new, latest_checkpoint, read_run_config, write_config
+from flopwise.run import INSTRUCTIONS_FILE, check_new, latest_checkpoint, read_run_config, start_run_dir, write_config
 from flopwise.training.batches import content_hash, read_instructions
 from flopwise.training.trainer import evaluate
 
@@ -116,7 +116,7 @@ def new_tune_run(out: str | Path, base_run: str | Path, data: str | Path | None 
                             "heldout_examples": len(held_ex)})
     resolve(mc, tc)  # validates before anything is written
     check_new(out, f"'flopwise tune --out {out}' alone", log)
-    out.mkdir(parents=True, exist_ok=True)
+    start_run_dir(out)
     buf = io.BytesIO()
     np.savez(buf, train_tokens=_narrow(train_enc.tokens), train_mask=train_enc.mask,
              heldout_tokens=_narrow(held_enc.tokens), heldout_mask=held_enc.mask)
