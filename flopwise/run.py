@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,12 +45,15 @@ INSTRUCTIONS_FILE = "instructions.npz"  # a tuning run's data, inside the run
 
 # ---- config.json ----
 
-# made first when a new run is set up and removed once config.json is written, so a set-up that was killed
-# part-way (a tokenizer copied, config.json not yet there) is recognisably flopwise's and may be replaced
+# A new run's set-up marks its folder first and unmarks it once config.json is written, so a set-up killed part-way
+# (a tokenizer copied, config.json not yet there) is recognisably flopwise's and the next start may replace it. The
+# mark names the process setting up, so a set-up still running is not taken for a killed one.
 SETTING_UP = ".setting-up"
-RUN_FILES = {"config.json", INSTRUCTIONS_FILE, "tokenizer.model", "metrics.jsonl", "ckpt", "final.json", ".lock",
-             "speed.json", "precision.txt", "tune_eval.json", "instructions-train.jsonl",
-             "instructions-heldout.jsonl", "INSTRUCTIONS.md", SETTING_UP}
+# all a marked folder without config.json may hold: what a set-up writes before it (and their temp siblings)
+BEFORE_CONFIG = {"tokenizer.model", INSTRUCTIONS_FILE, "instructions-train.jsonl", "instructions-heldout.jsonl",
+                 "INSTRUCTIONS.md", ".lock", SETTING_UP}
+RUN_FILES = {"config.json", "metrics.jsonl", "ckpt", "final.json", "speed.json", "precision.txt", "tune_eval.json",
+             *BEFORE_CONFIG}
 
 
 def is_run(run_dir: str | Path) -> bool:
@@ -64,13 +68,21 @@ def is_run(run_dir: str | Path) -> bool:
 
 def never_trained(run_dir: Path) -> bool:
     """A run folder left by a failed start (e.g. the first step ran out of memory, or the start was interrupted):
-    a readable flopwise config.json, or the mark of a set-up killed before it (SETTING_UP); nothing but
-    flopwise's own plain files (and their temporary siblings) beside it, an empty ckpt/, no step logged, not
-    finished, and nobody holding its lock."""
-    if not run_dir.is_dir() or run_dir.is_symlink() or not (is_run(run_dir) or (run_dir / SETTING_UP).is_file()):
+    a readable flopwise config.json, nothing but flopwise's own plain files (and their temp siblings) beside it,
+    an empty ckpt/, no step logged, not finished, and nobody holding its lock. Or a set-up killed before its
+    config.json: the mark of a process no longer running, beside only what a set-up writes first."""
+    if not run_dir.is_dir() or run_dir.is_symlink():
+        return False
+    if is_run(run_dir):
+        allowed, temps_of = RUN_FILES, RUN_FILES
+    elif _killed_set_up(run_dir):
+        allowed, temps_of = BEFORE_CONFIG, BEFORE_CONFIG | {"config.json"}
+    elif any(_temp_sibling(p.name, SETTING_UP) for p in run_dir.iterdir()):  # killed writing the mark itself
+        allowed, temps_of = {".lock"}, {SETTING_UP}
+    else:
         return False
     for p in run_dir.iterdir():
-        if not (p.name in RUN_FILES or _temp_of_run_file(p.name)) or p.is_symlink():
+        if not (p.name in allowed or _temp_sibling(p.name, *temps_of)) or p.is_symlink():
             return False
         if p.name == "ckpt" and not (p.is_dir() and not any(p.iterdir())):
             return False
@@ -80,15 +92,39 @@ def never_trained(run_dir: Path) -> bool:
         not run_is_locked(run_dir)
 
 
-def _temp_of_run_file(name: str) -> bool:
-    """A temporary sibling of a run file (fsutil's atomic writes: '.config.json.k2j4x9.tmp'), left by a kill."""
-    return name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in RUN_FILES)
+def _temp_sibling(name: str, *of: str) -> bool:
+    """A temp sibling of one of the files ``of`` (fsutil's atomic writes: '.config.json.k2j4x9.tmp'), left by a
+    kill."""
+    return name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in of)
+
+
+def _killed_set_up(run_dir: Path) -> bool:
+    """Whether ``run_dir`` carries the mark of a set-up whose process is gone (or ran on another host)."""
+    try:
+        mark = (run_dir / SETTING_UP).read_text().split()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if len(mark) != 6 or mark[:3] != ["flopwise", "set-up:", "pid"] or not mark[3].isdigit() or mark[4] != "on":
+        return False
+    if mark[5] != socket.gethostname():
+        return True
+    try:
+        os.kill(int(mark[3]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        pass
+    return False
+
+
+def _mark_setting_up(run_dir: Path) -> None:
+    atomic_write_text(run_dir / SETTING_UP, f"flopwise set-up: pid {os.getpid()} on {socket.gethostname()}\n")
 
 
 def start_run_dir(run_dir: Path) -> None:
     """Make a new run's folder (check_new has allowed it) and mark it as being set up; write_config unmarks."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / SETTING_UP).touch()
+    _mark_setting_up(run_dir)
 
 
 def check_new(run_dir: Path, resume_hint: str, log=print) -> None:
@@ -96,9 +132,12 @@ def check_new(run_dir: Path, resume_hint: str, log=print) -> None:
     if never_trained(run_dir):
         log(f"note: {run_dir} holds a run that never trained a step (a failed start): replacing it")
         with run_lock(run_dir):  # nobody starts or trains it while it is cleared
+            # marked first and config.json last, so a kill part-way leaves a folder the next start replaces
+            _mark_setting_up(run_dir)
             for p in run_dir.iterdir():
-                if p.name != ".lock":
+                if p.name not in (".lock", SETTING_UP, "config.json"):
                     p.rmdir() if p.name == "ckpt" else p.unlink()  # only plain files and an empty ckpt/
+            (run_dir / "config.json").unlink(missing_ok=True)
         return
     if is_run(run_dir):
         raise FlopwiseError(f"{run_dir} already holds a run: resume it with {resume_hint}, or choose another --out")

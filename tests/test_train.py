@@ -240,22 +240,30 @@ def test_oom_failed_start_is_replaced_and_a_trained_run_is_not(bundled, tmp_path
 
 
 def test_set_up_killed_before_config_is_replaced_and_user_files_are_not(bundled, tmp_path):
-    """A new run's set-up killed part-way (a sweep's parent killed: its workers die mid-set-up) leaves a marked
-    folder with a partial tokenizer and a temp config; a new run replaces it. Unmarked files stay refused."""
+    """A new run's set-up killed part-way (a sweep's parent killed: its workers die mid-set-up) leaves its tokenizer
+    and no config.json; the next start replaces it. A set-up still running, or files without flopwise's mark, are
+    refused and left as they were."""
     mc, tc = small(bundled, n_tokens=64 * 8 * 4)
     killed = tmp_path / "killed"
-    killed.mkdir()
-    (killed / SETTING_UP).touch()
-    (killed / "tokenizer.model").write_bytes(bundled.tokenizer_path.read_bytes()[:1000])
-    (killed / ".config.json.x7k2.tmp").write_text('{"version": 1, "mo')
+    code = ("import os, signal, flopwise.run as run; from flopwise.data.prepare import open_corpus; "
+            "from flopwise.config import TrainConfig; from flopwise.model.llama import ModelConfig; "
+            "run.write_config = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "
+            f"run.new_run({str(killed)!r}, ModelConfig(**{mc.to_dict()!r}), TrainConfig(**{dataclasses.asdict(tc)!r}), "
+            f"open_corpus({str(bundled.path)!r}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert sorted(p.name for p in killed.iterdir()) == [SETTING_UP, "tokenizer.model"]
+    dead_mark = (killed / SETTING_UP).read_text()
     notes = []
     new_run(killed, mc, tc, bundled, log=notes.append)
     assert "never trained a step" in notes[0]
     assert sorted(p.name for p in killed.iterdir()) == [".lock", "config.json", "tokenizer.model"]
-    assert (killed / "tokenizer.model").read_bytes() == bundled.tokenizer_path.read_bytes()
-    assert not (new_run(tmp_path / "fresh", mc, tc, bundled) / SETTING_UP).exists()
-    for name, files in (("theirs", {"tokenizer.model": "my tokenizer"}),  # no mark: the user's, not ours
-                        ("mixed", {SETTING_UP: "", "tokenizer.model": "x", "notes.txt": "mine"})):
+    assert read_run_config(killed)[0] == mc
+    live_mark = f"flopwise set-up: pid {os.getpid()} on {socket.gethostname()}\n"
+    for name, files in (("live", {SETTING_UP: live_mark, "tokenizer.model": "x"}),  # a set-up still running
+                        ("theirs", {"tokenizer.model": "my tokenizer"}),  # no mark: the user's
+                        ("mixed", {SETTING_UP: dead_mark, "tokenizer.model": "x", "notes.txt": "mine"}),
+                        ("model", {SETTING_UP: dead_mark, "config.json": "{}", "tokenizer.model": "x"})):
         (tmp_path / name).mkdir()
         for f, text in files.items():
             (tmp_path / name / f).write_text(text)

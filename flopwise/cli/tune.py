@@ -72,7 +72,7 @@ def tune(
     opts.check()
     if is_run(out_dir) and not is_tuning(read_run_config(out_dir)[2]):
         raise FlopwiseError(f"{out_dir} is a pre-training run, not a tuning run: choose another --out")
-    check_output_dir(out_dir, "--out", is_run)
+    check_output_dir(out_dir, "--out", lambda p: is_run(p) or never_trained(p))
     set_threads(threads)
     changed = given(ctx, "base", "data", "eval_data", "lora", "rank", "alpha", "targets", "epochs", "max_steps",
                     "lr", "batch_size", "seed", "log_to")
