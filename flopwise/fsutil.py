@@ -72,6 +72,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def is_temp_sibling(name: str, of: str) -> bool:
+    """Whether the file name ``name`` is a temp sibling of the file ``of`` as atomic_write_text (and the writes
+    that follow it) names one: '.config.json.k2j4x9.tmp'. A kill between the write and the rename leaves one."""
+    return name.startswith(f".{of}.") and name.endswith(".tmp")
+
+
 def usual_mode(path: str | os.PathLike) -> None:
     """Give a temp file (mkstemp: 0600) or folder (mkdtemp: 0700) the mode the user's umask gives new ones."""
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_umask())

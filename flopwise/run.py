@@ -33,7 +33,7 @@ from flopwise import __version__
 from flopwise.config import TrainConfig, resolve
 from flopwise.data.prepare import Corpus
 from flopwise.errors import FlopwiseError
-from flopwise.fsutil import atomic_write_text, check_output_dir
+from flopwise.fsutil import atomic_write_text, check_output_dir, is_temp_sibling
 from flopwise.laws.flops import n_params_total
 from flopwise.laws.hardware import check_training_memory
 from flopwise.model.llama import Llama, ModelConfig
@@ -77,12 +77,12 @@ def never_trained(run_dir: Path) -> bool:
         allowed, temps_of = RUN_FILES, RUN_FILES
     elif _killed_set_up(run_dir):
         allowed, temps_of = BEFORE_CONFIG, BEFORE_CONFIG | {"config.json"}
-    elif any(_temp_sibling(p.name, SETTING_UP) for p in run_dir.iterdir()):  # killed writing the mark itself
+    elif any(is_temp_sibling(p.name, SETTING_UP) for p in run_dir.iterdir()):  # killed writing the mark itself
         allowed, temps_of = {".lock"}, {SETTING_UP}
     else:
         return False
     for p in run_dir.iterdir():
-        if not (p.name in allowed or _temp_sibling(p.name, *temps_of)) or p.is_symlink():
+        if not (p.name in allowed or any(is_temp_sibling(p.name, f) for f in temps_of)) or p.is_symlink():
             return False
         if p.name == "ckpt" and not (p.is_dir() and not any(p.iterdir())):
             return False
@@ -90,12 +90,6 @@ def never_trained(run_dir: Path) -> bool:
             return False
     return not (run_dir / "final.json").exists() and not read_metrics(run_dir, 1 << 62) and \
         not run_is_locked(run_dir)
-
-
-def _temp_sibling(name: str, *of: str) -> bool:
-    """A temp sibling of one of the files ``of`` (fsutil's atomic writes: '.config.json.k2j4x9.tmp'), left by a
-    kill."""
-    return name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in of)
 
 
 def _killed_set_up(run_dir: Path) -> bool:
